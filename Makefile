@@ -1,0 +1,34 @@
+# btrfsdrv: run as root (sudo make test, sudo make demo); kernel tests need
+# loop devices and mount.
+PYTHON ?= python3
+PYTEST ?= $(PYTHON) -m pytest
+PYTEST_ARGS ?=
+APT_GET = DEBIAN_FRONTEND=noninteractive apt-get
+
+.PHONY: test test-deps test-source test-vendored vendor demo bench lint clean
+
+# The README's test command: prepare the machine, then run the whole suite
+# against the source tree and against the vendored single file.
+test: test-deps test-source test-vendored
+
+# Installs what the kernel tests need when it is missing (Debian and Ubuntu).
+test-deps:
+	@if ! command -v mkfs.btrfs >/dev/null 2>&1; then \
+		$(APT_GET) update -qq && $(APT_GET) install -y -qq btrfs-progs; \
+	fi
+	@$(PYTHON) -c 'import pytest' 2>/dev/null || $(PYTHON) -m pip install -q pytest
+
+test-source:
+	$(PYTEST) $(PYTEST_ARGS)
+
+test-vendored: vendor
+	BTRFSDRV_PATH=dist $(PYTEST) -p no:cacheprovider $(PYTEST_ARGS)
+
+vendor:
+	$(PYTHON) tools/vendor.py --output dist/btrfsdrv.py
+
+demo: test-deps
+	$(PYTHON) tools/demo.py
+
+clean:
+	rm -rf dist build *.egg-info .pytest_cache .mypy_cache .ruff_cache
