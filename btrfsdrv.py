@@ -192,9 +192,12 @@ class _Fd:
 def _encode_name(name: PathArg, limit: int, what: str) -> bytes:
     encoded = os.fsencode(name)
     if not encoded or b"/" in encoded or b"\0" in encoded or encoded in (b".", b".."):
-        raise ValueError(f"invalid {what} {encoded!r}: it must be a single path component")
+        raise ValueError(
+            f"invalid {what} {name!r}: it must be a single path component, not empty, "
+            "'.' or '..', without '/' or NUL"
+        )
     if len(encoded) > limit:
-        raise ValueError(f"invalid {what} {encoded!r}: it is longer than {limit} bytes")
+        raise ValueError(f"invalid {what} {name!r}: it is {len(encoded)} bytes, the maximum is {limit}")
     return encoded
 
 
@@ -1296,7 +1299,9 @@ class Driver:
                 st = os.stat(name, dir_fd=subvolumes_fd, follow_symlinks=False)
             except FileNotFoundError:
                 self._remove_quota_file(layer_id)
-                raise FileNotFoundError(errno.ENOENT, f"layer {os.fsdecode(name)!r} not found", path) from None
+                raise FileNotFoundError(
+                    errno.ENOENT, f"layer {os.fsdecode(name)!r} not found; list the layers to check the id",
+                    path) from None
             if not stat.S_ISDIR(st.st_mode):
                 os.unlink(name, dir_fd=subvolumes_fd)
                 log.debug("removed %s, which was not a directory", path)
@@ -1380,7 +1385,8 @@ class Driver:
         try:
             st = os.lstat(path)
         except FileNotFoundError:
-            raise FileNotFoundError(errno.ENOENT, f"layer {layer_id!r} not found", path) from None
+            raise FileNotFoundError(
+                errno.ENOENT, f"layer {layer_id!r} not found; list the layers to check the id", path) from None
         if not stat.S_ISDIR(st.st_mode):
             raise NotADirectoryError(errno.ENOTDIR, f"layer {layer_id!r} is not a directory", path)
         return st
@@ -1604,3 +1610,178 @@ def subvolume_id(path: PathArg) -> int:
 
 
 # -- Command line ------------------------------------------------------------------------
+
+EXIT_SUCCESS = 0
+EXIT_NO = 1
+EXIT_USAGE = 2
+EXIT_FAILURE = 3
+
+_EPILOG = """\
+exit status:
+  0  success
+  1  the layer does not exist (exists command only)
+  2  usage error or invalid value (a bad id, size or option)
+  3  any other failure; the message on stderr says what failed
+"""
+
+
+def _command_create(driver: Driver, args: Any) -> Any:
+    storage_opt = {"size": args.size} if args.size is not None else None
+    create = driver.create_read_write if args.read_write else driver.create
+    create(args.id, args.parent, storage_opt=storage_opt)
+    return {"id": args.id, "path": driver.get(args.id)}
+
+
+def _command_remove(driver: Driver, args: Any) -> Any:
+    driver.remove(args.id)
+    return {"id": args.id, "removed": True}
+
+
+def _command_get(driver: Driver, args: Any) -> Any:
+    return driver.get(args.id)
+
+
+def _command_exists(driver: Driver, args: Any) -> Any:
+    return driver.exists(args.id)
+
+
+def _command_list(driver: Driver, args: Any) -> Any:
+    return driver.list_layers()
+
+
+def _command_status(driver: Driver, args: Any) -> Any:
+    return dict(driver.status())
+
+
+def _command_metadata(driver: Driver, args: Any) -> Any:
+    return driver.metadata(args.id)
+
+
+def _command_usage(driver: Driver, args: Any) -> Any:
+    return driver.read_write_disk_usage(args.id)._asdict()
+
+
+def _command_cleanup(driver: Driver, args: Any) -> Any:
+    driver.cleanup()
+    home = os.fsencode(os.path.realpath(driver.home))
+    if _is_self_bind_mount(home):
+        # A bind mount that a killed btrfsdrv or containers/storage process left.
+        _umount(home, _MNT_DETACH)
+        log.debug("unmounted leftover bind mount of %s", driver.home)
+    return {"home": driver.home, "mounted": _is_mount_point(home)}
+
+
+def _is_self_bind_mount(directory: bytes) -> bool:
+    """Return whether directory is a bind mount of itself (as Driver init makes)."""
+    mounts = {mount.mount_id: mount for mount in _read_mountinfo()}
+    for mount in mounts.values():
+        parent = mounts.get(mount.parent_id)
+        if mount.mount_point != directory or parent is None or parent.device != mount.device:
+            continue
+        if not directory.startswith(parent.mount_point.rstrip(b"/") + b"/"):
+            continue
+        inside = directory[len(parent.mount_point.rstrip(b"/")):]
+        if mount.root == parent.root.rstrip(b"/") + inside:
+            return True
+    return False
+
+
+def _add_id(parser: Any, parent: bool = False) -> None:
+    parser.add_argument("id", help="layer id: one path component, at most 255 bytes")
+    if parent:
+        parser.add_argument("--parent", help="id of the parent layer")
+
+
+def _build_parser() -> Any:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="btrfsdrv",
+        description="Manage container image and container layers stored as btrfs subvolumes.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--home", required=True, help="driver home directory on btrfs (HOME/subvolumes, HOME/quotas)")
+    parser.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="driver option: btrfs.min_space=SIZE, btrfs.size=SIZE or btrfs.quota_mode=full|simple")
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every change made to the filesystem")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    def add(name: str, handler: Any, help_text: str) -> Any:
+        command = commands.add_parser(name, help=help_text, description=help_text, epilog=_EPILOG,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.set_defaults(handler=handler)
+        return command
+
+    create = add("create", _command_create, "create a layer, empty or as a snapshot of --parent")
+    _add_id(create, parent=True)
+    create.add_argument("--size", help="size limit such as 10G (powers of 1024); turns quota on")
+    create.add_argument("--read-write", action="store_true",
+                        help="create a container layer (btrfs.size applies when --size is not given)")
+    _add_id(add("remove", _command_remove, "delete a layer with its nested subvolumes and quota"))
+    _add_id(add("get", _command_get, "print the layer's directory, re-applying its size limit"))
+    _add_id(add("exists", _command_exists, "exit 0 when the layer exists, 1 when it does not"))
+    add("list", _command_list, "list the layer ids")
+    add("status", _command_status, "print filesystem UUID, kernel version and quota state")
+    _add_id(add("metadata", _command_metadata, "print the layer's path, subvolume id and size limit"))
+    _add_id(add("usage", _command_usage, "print bytes and inodes used by a layer"))
+    add("cleanup", _command_cleanup, "unmount the bind mount of home made by btrfsdrv or containers/storage")
+    _add_diff_commands(add)
+    return parser
+
+
+def _add_diff_commands(add: Any) -> None:
+    """Register the layer diff commands; filled in by the diff section."""
+
+
+def _print_result(command: str, result: Any, as_json: bool) -> None:
+    import json
+
+    if as_json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    elif isinstance(result, bool):
+        print("true" if result else "false")
+    elif isinstance(result, dict):
+        for key, value in result.items():
+            print(f"{key}: {value}")
+    elif isinstance(result, list):
+        for item in result:
+            print(item)
+    elif result is not None:
+        print(result)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line and return its exit status."""
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(format="btrfsdrv: %(message)s", level=logging.DEBUG if args.verbose else logging.WARNING)
+    try:
+        with Driver(args.home, args.option) as driver:
+            result = args.handler(driver, args)
+    except ValueError as error:
+        print(f"btrfsdrv: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (OSError, DriverError) as error:
+        print(f"btrfsdrv: {_describe_error(error)}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    if args.command == "exists":
+        if args.json:
+            _print_result(args.command, result, True)
+        return EXIT_SUCCESS if result else EXIT_NO
+    _print_result(args.command, result, args.json)
+    return EXIT_SUCCESS
+
+
+def _describe_error(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
