@@ -971,8 +971,9 @@ def _read_quota_file(path: str) -> Optional[int]:
     except FileNotFoundError:
         return None
     stripped = text.strip()
-    if not stripped.isdigit() or not stripped.isascii():
-        log.warning("ignoring quota file %s: it must contain a decimal byte count, found %r", path, text)
+    if not stripped.isdigit() or not stripped.isascii() or int(stripped) >= _SIZE_LIMIT:
+        log.warning("ignoring quota file %s: it must contain a decimal byte count below 2**63, found %r",
+                    path, text)
         return None
     return int(stripped)
 
