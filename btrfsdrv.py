@@ -1057,6 +1057,10 @@ def _relabel(layer_fd: int, label: str, path: Any) -> None:
 
 # -- The driver ------------------------------------------------------------------------
 
+# How many times remove lists and deletes nested subvolumes before it gives up
+# on a layer whose subvolumes keep moving under it.
+_REMOVE_ATTEMPTS = 3
+
 
 class Driver:
     """The btrfs graph driver: layers as subvolumes below one home directory.
@@ -1386,11 +1390,29 @@ class Driver:
                 subvolume_ids.append(_subvolume_id_of_fd(layer_fd, path))
                 _clear_read_only(layer_fd, path)
         if subvolume_ids:
-            _delete_subvolume_or_contents(subvolumes_fd, name, path)
+            self._destroy_layer_subvolume(subvolumes_fd, name, path, subvolume_ids)
         else:
             _unlink_at(subvolumes_fd, name, is_dir=True)
             log.debug("removed directory %s", path)
         self._destroy_qgroups(subvolume_ids)
+
+    def _destroy_layer_subvolume(self, subvolumes_fd: int, name: bytes, path: str, subvolume_ids: List[int]) -> None:
+        """Destroy the layer's subvolume, first deleting nested subvolumes listed too early.
+
+        A nested subvolume renamed inside the layer after it was listed makes
+        SNAP_DESTROY fail with ENOTEMPTY, so the layer is listed again, up to
+        _REMOVE_ATTEMPTS times.  The ids deleted on the way join subvolume_ids.
+        """
+        for attempt in range(1, _REMOVE_ATTEMPTS + 1):
+            try:
+                _delete_subvolume_or_contents(subvolumes_fd, name, path)
+                return
+            except OSError as error:
+                if error.errno != errno.ENOTEMPTY or attempt == _REMOVE_ATTEMPTS:
+                    raise
+                log.warning("nested subvolumes of %s changed during remove, listing them again", path)
+            with _Fd(_open_directory(name, dir_fd=subvolumes_fd)) as layer_fd:
+                subvolume_ids[:0] = self._remove_nested(layer_fd, path)
 
     def _remove_nested(self, layer_fd: int, path: str) -> List[int]:
         """Delete the subvolumes below the layer, deepest first, and return their ids."""
