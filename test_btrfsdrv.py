@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -19,6 +20,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import uuid
 
 import pytest
@@ -1672,6 +1674,461 @@ def test_quota_file_reader_random_contents(tmp_path):
 
 
 # -- Hardening -----------------------------------------------------------------
+
+
+def tree_digest(top):
+    """Return a digest of the names, modes, contents and link targets below top."""
+    digest = hashlib.sha256()
+    for directory, dirnames, filenames in os.walk(top, followlinks=False):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            path = os.path.join(directory, name)
+            st = os.lstat(path)
+            digest.update(os.fsencode(os.path.relpath(path, top)) + b"\0" + str(st.st_mode).encode())
+            if stat.S_ISLNK(st.st_mode):
+                digest.update(os.fsencode(os.readlink(path)))
+            elif stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as data:
+                    digest.update(data.read())
+    return digest.hexdigest()
+
+
+def make_sentinel(directory):
+    """Create a small tree beside a layer that no operation may change; return its digest."""
+    os.makedirs(os.path.join(directory, "sub"), exist_ok=True)
+    for name, data in (("precious", b"keep"), (os.path.join("sub", "deeper"), b"keep too")):
+        with open(os.path.join(directory, name), "wb") as output:
+            output.write(data)
+    os.symlink("precious", os.path.join(directory, "link"))
+    return tree_digest(directory)
+
+
+def write_at(dir_fd, name, data=b"data"):
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def make_deep_path(root, sentinel, levels=300, name=b"d" * 20):
+    """Nest levels directories below root with fd-relative calls; return the path length.
+
+    The bottom holds a file and a symlink to the sentinel, so a walk that
+    gives up at PATH_MAX leaves something behind.
+    """
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(levels):
+            os.mkdir(name, dir_fd=fd)
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        write_at(fd, b"bottom")
+        os.symlink(sentinel, b"escape", dir_fd=fd)
+    finally:
+        os.close(fd)
+    return levels * (len(name) + 1)
+
+
+def chattr(flags, *paths):
+    subprocess.run(["chattr", flags, *paths], check=True, capture_output=True)
+
+
+def populate_hostile(root, sentinel, entries=1000):
+    """Fill root with what a hostile container can leave in its layer."""
+    join = os.path.join
+    os.symlink(sentinel, join(root, "to-sentinel"))
+    os.symlink(join(sentinel, "precious"), join(root, "to-sentinel-file"))
+    os.symlink("/", join(root, "to-root"))
+    os.symlink("../../../../../../..", join(root, "up"))
+    os.symlink("loop-b", join(root, "loop-a"))
+    os.symlink("loop-a", join(root, "loop-b"))
+    os.symlink("self", join(root, "self"))
+    os.mkfifo(join(root, "fifo"))
+    os.mknod(join(root, "null"), 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+
+    long_file = join(root, "n" * 255)
+    with open(long_file, "wb") as output:
+        output.write(b"long")
+    long_dir = join(root, "m" * 255)
+    os.mkdir(long_dir)
+    os.symlink(sentinel, join(long_dir, "l" * 255))
+
+    bad = os.fsencode(root) + b"/\xff\xfe-not-utf8"
+    os.mkdir(bad)
+    with open(bad + b"/\x80\xc3\x28", "wb") as output:
+        output.write(b"bytes")
+
+    many = join(root, "many")
+    os.mkdir(many)
+    many_fd = os.open(many, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for index in range(entries):
+            os.close(os.open(str(index), os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=many_fd))
+    finally:
+        os.close(many_fd)
+
+    depth = make_deep_path(root, sentinel)
+    assert depth > 4096
+
+    closed = join(root, "closed")
+    os.mkdir(closed)
+    with open(join(closed, "inside"), "wb") as output:
+        output.write(b"x")
+    os.chmod(closed, 0)
+
+    frozen = join(root, "frozen")
+    with open(frozen, "wb") as output:
+        output.write(b"immutable")
+    appended = join(root, "appended")
+    with open(appended, "wb") as output:
+        output.write(b"append-only")
+    append_dir = join(root, "append-dir")
+    os.mkdir(append_dir)
+    with open(join(append_dir, "kept"), "wb") as output:
+        output.write(b"x")
+    frozen_dir = join(root, "frozen-dir")
+    os.mkdir(frozen_dir)
+    with open(join(frozen_dir, "kept"), "wb") as output:
+        output.write(b"x")
+    chattr("+i", frozen, frozen_dir)
+    chattr("+a", appended, append_dir)
+
+
+def sync_subvolumes(filesystem):
+    """Wait until deleted subvolumes are cleaned; the commit first spares a 30-second wait."""
+    filesystem.btrfs("filesystem", "sync", filesystem.mountpoint)
+    filesystem.btrfs("subvolume", "sync", filesystem.mountpoint)
+
+
+def assert_no_subvolumes(filesystem):
+    sync_subvolumes(filesystem)
+    assert filesystem.btrfs("subvolume", "list", filesystem.mountpoint).strip() == ""
+
+
+def _refuse_snap_destroy(monkeypatch):
+    """Make SNAP_DESTROY fail as it does without privilege, so the file-by-file path runs."""
+    def refuse(dir_fd, name, path):
+        raise btrfsdrv._os_error(errno.EPERM, "delete subvolume", path)
+
+    monkeypatch.setattr(btrfsdrv, "_subvolume_destroy_at", refuse)
+
+
+def _refuse_tree_search(monkeypatch):
+    """Make TREE_SEARCH fail as it does without CAP_SYS_ADMIN, so root refs come from GET_SUBVOL_ROOTREF."""
+    def refuse(top_fd, top_id, path):
+        raise btrfsdrv._os_error(errno.EPERM, "search btrfs tree", path)
+
+    monkeypatch.setattr(btrfsdrv, "_find_nested_privileged", refuse)
+
+
+def make_layer_of_kind(driver, layer_id, kind, monkeypatch):
+    """Create a layer and return its writable root.
+
+    kind is "subvolume" (SNAP_DESTROY), "fallback" (a subvolume whose
+    removal goes file by file) or "plain" (a plain directory under
+    HOME/subvolumes, as an older store may hold).
+    """
+    if kind == "plain":
+        root = os.path.join(driver.home, "subvolumes", layer_id)
+        os.mkdir(root)
+        return root
+    driver.create(layer_id)
+    root = driver.get(layer_id)
+    os.chmod(root, 0o755)
+    if kind == "fallback":
+        _refuse_snap_destroy(monkeypatch)
+        _refuse_tree_search(monkeypatch)
+    return root
+
+
+LAYER_KINDS = ["subvolume", "fallback", "plain"]
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_remove_hostile_layer(driver, fs, tmp_path, monkeypatch, kind):
+    sentinel = str(tmp_path / "sentinel")
+    digest = make_sentinel(sentinel)
+    root = make_layer_of_kind(driver, "hostile", kind, monkeypatch)
+    populate_hostile(root, sentinel)
+    # A hard link to a file outside the layer, possible only within one subvolume.
+    outside = os.path.join(driver.home, "outside-file")
+    with open(outside, "wb") as output:
+        output.write(b"outside")
+    if kind == "plain":
+        os.link(outside, os.path.join(root, "hardlink"))
+
+    usage = driver.read_write_disk_usage("hostile")
+    assert usage.inode_count > 1300
+    assert driver.get("hostile") == root
+
+    driver.remove("hostile")
+
+    assert not os.path.lexists(root)
+    assert driver.list_layers() == []
+    assert tree_digest(sentinel) == digest
+    with open(outside, "rb") as data:
+        assert data.read() == b"outside"
+    assert os.path.isdir("/proc/self")
+    assert_no_subvolumes(fs)
+
+
+@pytest.mark.parametrize("kind", ["fallback", "plain"])
+def test_remove_directory_of_100000_entries(driver, fs, monkeypatch, kind):
+    root = make_layer_of_kind(driver, "wide", kind, monkeypatch)
+    wide = os.path.join(root, "wide")
+    os.mkdir(wide)
+    wide_fd = os.open(wide, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for index in range(100_000):
+            os.close(os.open(f"entry-{index:06d}", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=wide_fd))
+    finally:
+        os.close(wide_fd)
+
+    assert driver.read_write_disk_usage("wide").inode_count == 100_002
+    driver.remove("wide")
+
+    assert not os.path.lexists(root)
+    assert_no_subvolumes(fs)
+
+
+def test_layer_replaced_by_symlink(driver, fs, tmp_path):
+    sentinel = str(tmp_path / "sentinel")
+    digest = make_sentinel(sentinel)
+    driver.create("real")
+    link = os.path.join(driver.home, "subvolumes", "evil")
+    os.symlink(sentinel, link)
+
+    assert not driver.exists("evil")
+    assert driver.list_layers() == ["real"]
+    with pytest.raises(NotADirectoryError):
+        driver.get("evil")
+    with pytest.raises(NotADirectoryError):
+        driver.read_write_disk_usage("evil")
+    with pytest.raises(NotADirectoryError):
+        driver.metadata("evil")
+    with pytest.raises(FileExistsError):
+        driver.create("evil")
+    with pytest.raises(OSError) as raised:
+        driver.create("child", "evil")
+    assert raised.value.errno in (errno.ELOOP, errno.ENOTDIR)
+    assert raised.value.filename == link
+    assert not driver.exists("child")
+
+    driver.remove("evil")
+
+    assert not os.path.lexists(link)
+    assert tree_digest(sentinel) == digest
+    assert driver.list_layers() == ["real"]
+
+
+def make_nested_subvolumes(root, sentinel):
+    """Create subvolumes at depths 1, 3 and 4 below root, one read-only; return their paths."""
+    direct = os.path.join(root, "direct")
+    btrfsdrv.create_subvolume(direct)
+    os.makedirs(os.path.join(root, "a", "b"))
+    deep = os.path.join(root, "a", "b", "deep")
+    btrfsdrv.create_subvolume(deep)
+    deeper = os.path.join(deep, "deeper")
+    btrfsdrv.create_subvolume(deeper)
+    for subvolume in (direct, deep, deeper):
+        with open(os.path.join(subvolume, "file"), "wb") as output:
+            output.write(b"nested")
+        os.symlink(sentinel, os.path.join(subvolume, "to-sentinel"))
+    frozen = os.path.join(deeper, "frozen")
+    with open(frozen, "wb") as output:
+        output.write(b"x")
+    chattr("+i", frozen)
+    read_only = os.path.join(root, "a", "read-only")
+    btrfsdrv.create_snapshot(direct, read_only, read_only=True)
+    return [direct, deep, deeper, read_only]
+
+
+@pytest.mark.parametrize("kind", ["subvolume", "fallback"])
+def test_remove_nested_subvolumes_and_placeholders(driver, fs, tmp_path, monkeypatch, kind):
+    sentinel = str(tmp_path / "sentinel")
+    digest = make_sentinel(sentinel)
+    driver.create("base")
+    root = driver.get("base")
+    os.chmod(root, 0o755)
+    make_nested_subvolumes(root, sentinel)
+    driver.create("child", "base")
+    child = driver.get("child")
+    # A snapshot holds an empty directory (inode 2) where each nested subvolume was.
+    for placeholder in ("direct", os.path.join("a", "b", "deep"), os.path.join("a", "read-only")):
+        assert os.stat(os.path.join(child, placeholder)).st_ino == btrfsdrv.BTRFS_EMPTY_SUBVOL_DIR_OBJECTID
+    if kind == "fallback":
+        _refuse_snap_destroy(monkeypatch)
+        _refuse_tree_search(monkeypatch)
+
+    assert driver.read_write_disk_usage("child").inode_count > 0
+    driver.remove("child")
+    driver.remove("base")
+
+    assert driver.list_layers() == []
+    assert tree_digest(sentinel) == digest
+    assert_no_subvolumes(fs)
+
+
+def _after_discovery(monkeypatch, action):
+    """Run action once between finding the nested subvolumes and deleting them."""
+    original = btrfsdrv.find_nested_subvolumes
+    pending = [action]
+
+    def find_then_act(top_fd, top_id, path=None):
+        found = original(top_fd, top_id, path)
+        if pending:
+            pending.pop()()
+        return found
+
+    monkeypatch.setattr(btrfsdrv, "find_nested_subvolumes", find_then_act)
+
+
+@pytest.mark.parametrize("kind", ["subvolume", "fallback"])
+def test_remove_nested_deleted_during_remove(driver, fs, tmp_path, monkeypatch, kind):
+    driver.create("layer")
+    root = driver.get("layer")
+    os.chmod(root, 0o755)
+    nested = make_nested_subvolumes(root, str(tmp_path))
+    chattr("-i", os.path.join(nested[2], "frozen"))
+    # nested[2] lies inside nested[1]; the btrfs CLI deletes the deepest first.
+    _after_discovery(monkeypatch, lambda: fs.btrfs("subvolume", "delete", nested[2], nested[1]))
+    if kind == "fallback":
+        _refuse_snap_destroy(monkeypatch)
+
+    driver.remove("layer")
+
+    assert not driver.exists("layer")
+    assert_no_subvolumes(fs)
+
+
+@pytest.mark.parametrize("kind", ["subvolume", "fallback"])
+def test_remove_nested_renamed_during_remove(driver, fs, tmp_path, monkeypatch, kind):
+    driver.create("layer")
+    root = driver.get("layer")
+    os.chmod(root, 0o755)
+    nested = make_nested_subvolumes(root, str(tmp_path))
+    _after_discovery(monkeypatch, lambda: os.rename(nested[0], os.path.join(root, "a", "moved")))
+    if kind == "fallback":
+        _refuse_snap_destroy(monkeypatch)
+
+    driver.remove("layer")
+
+    assert not driver.exists("layer")
+    assert_no_subvolumes(fs)
+
+
+def test_remove_keeps_nested_moved_out(driver, fs, tmp_path, monkeypatch):
+    driver.create("layer")
+    root = driver.get("layer")
+    os.chmod(root, 0o755)
+    nested = make_nested_subvolumes(root, str(tmp_path))
+    escaped = os.path.join(driver.home, "escaped")
+    _after_discovery(monkeypatch, lambda: os.rename(nested[1], escaped))
+
+    driver.remove("layer")
+
+    assert not driver.exists("layer")
+    assert btrfsdrv.is_subvolume(escaped)
+    assert btrfsdrv.is_subvolume(os.path.join(escaped, "deeper"))
+    with open(os.path.join(escaped, "file"), "rb") as data:
+        assert data.read() == b"nested"
+
+
+def test_remove_never_destroys_swapped_in_subvolume(driver, fs, tmp_path, monkeypatch):
+    driver.create("layer")
+    root = driver.get("layer")
+    os.chmod(root, 0o755)
+    nested = make_nested_subvolumes(root, str(tmp_path))
+    foreign = os.path.join(driver.home, "foreign")
+    btrfsdrv.create_subvolume(foreign)
+    with open(os.path.join(foreign, "precious"), "wb") as output:
+        output.write(b"keep")
+    foreign_id = btrfsdrv.subvolume_id(foreign)
+
+    def swap():
+        os.rename(nested[0], os.path.join(driver.home, "direct-out"))
+        os.rename(foreign, nested[0])
+
+    _after_discovery(monkeypatch, swap)
+    with pytest.raises(OSError) as raised:
+        driver.remove("layer")
+
+    assert raised.value.errno == errno.ESTALE
+    assert raised.value.filename == os.path.join(root, "direct")
+    assert btrfsdrv.subvolume_id(nested[0]) == foreign_id
+    with open(os.path.join(nested[0], "precious"), "rb") as data:
+        assert data.read() == b"keep"
+
+
+def _bind_mount(source, target):
+    subprocess.run(["mount", "--bind", source, target], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+@pytest.mark.parametrize("source", ["host", "subvolume"])
+def test_remove_refuses_mount_inside_layer(driver, fs, tmp_path, monkeypatch, kind, source):
+    if source == "host":
+        mounted = str(tmp_path / "host")
+    else:
+        mounted = fs.path("other")
+        btrfsdrv.create_subvolume(mounted)
+    digest = make_sentinel(mounted)
+    root = make_layer_of_kind(driver, "busy", kind, monkeypatch)
+    populate_hostile(root, mounted, entries=10)
+    target = os.path.join(root, "a", "b", "mnt")
+    os.makedirs(target)
+    _bind_mount(mounted, target)
+    try:
+        with pytest.raises(OSError) as raised:
+            driver.remove("busy")
+        assert raised.value.errno == errno.EBUSY
+        assert target in str(raised.value)
+        assert os.path.isdir(os.path.join(root, "many"))
+    finally:
+        subprocess.run(["umount", target], check=True)
+
+    assert tree_digest(mounted) == digest
+    driver.remove("busy")
+    assert not driver.exists("busy")
+    assert tree_digest(mounted) == digest
+    if source == "subvolume":
+        assert btrfsdrv.is_subvolume(mounted)
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+@pytest.mark.parametrize("source", ["host", "subvolume"])
+def test_remove_mount_made_after_check(driver, fs, tmp_path, monkeypatch, kind, source):
+    if source == "host":
+        mounted = str(tmp_path / "host")
+    else:
+        mounted = fs.path("other")
+        btrfsdrv.create_subvolume(mounted)
+    digest = make_sentinel(mounted)
+    root = make_layer_of_kind(driver, "busy", kind, monkeypatch)
+    target = os.path.join(root, "dir", "mnt")
+    os.makedirs(target)
+    original = btrfsdrv.Driver._check_no_mounts
+
+    def check_then_mount(self, path):
+        original(self, path)
+        _bind_mount(mounted, target)
+
+    monkeypatch.setattr(btrfsdrv.Driver, "_check_no_mounts", check_then_mount)
+    try:
+        try:
+            driver.remove("busy")
+        except OSError as error:
+            assert error.errno == errno.EBUSY
+            assert error.filename is not None
+    finally:
+        for point in _mounts_below(root):
+            subprocess.run(["umount", "-l", point], check=False)
+
+    assert tree_digest(mounted) == digest
+    if source == "subvolume":
+        assert btrfsdrv.is_subvolume(mounted)
 
 
 # -- Vendoring, packaging and interoperation ------------------------------------
