@@ -1389,6 +1389,7 @@ class Driver:
                 subvolume_ids = self._remove_nested(layer_fd, path)
                 subvolume_ids.append(_subvolume_id_of_fd(layer_fd, path))
                 _clear_read_only(layer_fd, path)
+                self._clear_limit(subvolume_ids[-1], path)
         if subvolume_ids:
             self._destroy_layer_subvolume(subvolumes_fd, name, path, subvolume_ids)
         else:
@@ -1423,6 +1424,23 @@ class Driver:
             if _delete_nested_subvolume(layer_fd, subvolume, path):
                 removed.append(subvolume.id)
         return removed
+
+    def _clear_limit(self, subvolume: int, path: str) -> None:
+        """Clear the limit of a layer's qgroup before the layer is deleted.
+
+        The kernel rejects (EBUSY) destroying the qgroup of a deleted
+        subvolume until its cleaner has dropped it, and Linux 6.18 then
+        sometimes keeps the qgroup, limit included, for the next subvolume
+        that gets the same id.  Failing here never fails the remove.
+        """
+        try:
+            with self._open_home() as home_fd:
+                if quota_enabled(home_fd, self.home) and _qgroup_limit(home_fd, subvolume, path) is not None:
+                    _set_qgroup_limit(home_fd, subvolume, None, path)
+        except PermissionError as error:
+            log.debug("cannot clear the qgroup limit of %s: %s", path, error)
+        except OSError as error:
+            log.warning("could not clear the qgroup limit of %s before removing it: %s", path, error)
 
     def _destroy_qgroups(self, subvolume_ids: List[int]) -> None:
         if not subvolume_ids:
