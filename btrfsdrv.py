@@ -1312,6 +1312,9 @@ class Driver:
                 _write_file_atomically(self._quotas_dir, os.fsdecode(name), str(size).encode())
                 log.debug("wrote quota file for %s: %d bytes", path, size)
             else:
+                # While this layer's subvolume exists no other create can take
+                # its id, so a quota file of that name is a remove's leftover.
+                self._remove_quota_file(os.fsdecode(name))
                 self._clear_inherited_limit(layer_fd, path)
             if mount_label and _selinux_enabled():
                 _relabel(layer_fd, mount_label, path)
