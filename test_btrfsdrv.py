@@ -17,10 +17,12 @@ import json
 import os
 import platform
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 
 import pytest
@@ -1797,9 +1799,19 @@ def populate_hostile(root, sentinel, entries=1000):
 
 
 def sync_subvolumes(filesystem):
-    """Wait until deleted subvolumes are cleaned; the commit first spares a 30-second wait."""
-    filesystem.btrfs("filesystem", "sync", filesystem.mountpoint)
-    filesystem.btrfs("subvolume", "sync", filesystem.mountpoint)
+    """Wait until deleted subvolumes are cleaned.
+
+    Each commit wakes the cleaner, which otherwise waits for the 30-second
+    commit interval, and the short polls spare `subvolume sync` its 1-second
+    sleeps; `subvolume sync` then waits for whatever is left.
+    """
+    mountpoint = filesystem.mountpoint
+    for _ in range(100):
+        filesystem.btrfs("filesystem", "sync", mountpoint)
+        if not filesystem.btrfs("subvolume", "list", "-d", mountpoint).strip():
+            break
+        time.sleep(0.01)
+    filesystem.btrfs("subvolume", "sync", mountpoint)
 
 
 def assert_no_subvolumes(filesystem):
@@ -2129,6 +2141,186 @@ def test_remove_mount_made_after_check(driver, fs, tmp_path, monkeypatch, kind, 
     assert tree_digest(mounted) == digest
     if source == "subvolume":
         assert btrfsdrv.is_subvolume(mounted)
+
+
+# A child that runs one driver operation and SIGKILLs itself at the Nth line
+# event inside btrfsdrv.py (with N 0, it runs to the end and prints the count).
+_KILL_CHILD = r"""
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import btrfsdrv
+
+home, operation, kill_at = sys.argv[2], sys.argv[3], int(sys.argv[4])
+module_file = btrfsdrv.__file__
+count = 0
+
+
+def trace_lines(frame, event, arg):
+    global count
+    if event == "line":
+        count += 1
+        if count == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return trace_lines
+
+
+def trace_calls(frame, event, arg):
+    return trace_lines if frame.f_code.co_filename == module_file else None
+
+
+sys.settrace(trace_calls)
+driver = btrfsdrv.Driver(home)
+if operation == "create":
+    driver.create("victim", "base")
+elif operation == "create-size":
+    driver.create("victim", "base", storage_opt={"size": "16m"})
+else:
+    driver.remove("victim")
+print(operation, "returned", flush=True)
+driver.cleanup()
+sys.settrace(None)
+print("lines", count, flush=True)
+"""
+
+VICTIM_SIZE = 16 * 1024**2
+
+
+def run_kill_child(home, operation, kill_at):
+    module_dir = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
+    return subprocess.run(
+        [sys.executable, "-c", _KILL_CHILD, module_dir, home, operation, str(kill_at)],
+        capture_output=True, text=True,
+    )
+
+
+def make_victim(home):
+    """Create the layer that the remove child deletes: sized, with nested subvolumes."""
+    with btrfsdrv.Driver(home) as driver:
+        driver.create("victim", "base", storage_opt={"size": "16m"})
+        root = driver.get("victim")
+        btrfsdrv.create_subvolume(os.path.join(root, "nested"))
+        btrfsdrv.create_snapshot(os.path.join(root, "nested"), os.path.join(root, "ro"), read_only=True)
+
+
+def check_store_after_kill(fs, home, operation, returned):
+    """Open the store a killed child left, check it, and remove the layer it worked on."""
+    real_home = os.path.realpath(home)
+    assert _mounts_below(home).count(real_home) <= 1
+    quotas = os.path.join(home, "quotas")
+    with btrfsdrv.Driver(home) as driver:
+        names = os.listdir(quotas) if os.path.isdir(quotas) else []
+        assert [name for name in names if name.endswith(".tmp")] == []
+        for name in names:
+            with open(os.path.join(quotas, name), "rb") as quota:
+                assert quota.read() == str(VICTIM_SIZE).encode(), name
+        if returned and operation != "remove":
+            assert driver.exists("victim")
+        if returned and operation == "create-size":
+            assert "victim" in names
+            victim_id = btrfsdrv.subvolume_id(driver.get("victim"))
+            assert qgroup_limits(fs)[victim_id] == VICTIM_SIZE
+        if returned and operation == "remove":
+            assert not driver.exists("victim")
+            assert "victim" not in names
+
+        for layer_id in driver.list_layers():
+            assert driver.exists(layer_id)
+            assert os.path.isdir(driver.get(layer_id))
+        if driver.exists("victim"):
+            driver.remove("victim")
+        else:
+            with pytest.raises(FileNotFoundError):
+                driver.remove("victim")
+        assert driver.list_layers() == ["base"]
+        base_id = btrfsdrv.subvolume_id(driver.get("base"))
+
+    assert not os.path.exists(os.path.join(quotas, "victim"))
+    sync_subvolumes(fs)
+    listed = fs.btrfs("subvolume", "list", fs.mountpoint).split("\n")
+    assert [line.split()[1] for line in listed if line] == [str(base_id)]
+    if quota_is_enabled(fs):
+        limits = qgroup_limits(fs)
+        assert {qgroup: limit for qgroup, limit in limits.items() if limit is not None} == {}
+
+
+@pytest.mark.parametrize("operation", ["create", "create-size", "remove"])
+def test_kill_at_every_step(fs, operation, record_property):
+    home = fs.path("home")
+    with btrfsdrv.Driver(home) as driver:
+        driver.create("base")
+        os.chmod(driver.get("base"), 0o755)
+        with open(os.path.join(driver.get("base"), "file"), "wb") as output:
+            output.write(b"base")
+    if operation == "remove":
+        make_victim(home)
+    full = run_kill_child(home, operation, 0)
+    assert full.returncode == 0, full.stderr
+    lines = int(full.stdout.split()[-1])
+    check_store_after_kill(fs, home, operation, returned=True)
+
+    # About 100 kill points for each operation, spread evenly over its lines.
+    stride = max(1, lines // 100)
+    kills = 0
+    for kill_at in range(1, lines + 1, stride):
+        if operation == "remove":
+            make_victim(home)
+        result = run_kill_child(home, operation, kill_at)
+        assert result.returncode in (-signal.SIGKILL, 0), result.stderr
+        kills += result.returncode == -signal.SIGKILL
+        check_store_after_kill(fs, home, operation, returned=f"{operation} returned" in result.stdout)
+    record_property("kill_points", kills)
+    print(f"{operation}: {lines} lines, {kills} kills")
+    assert kills >= min(lines, 100) // 2
+
+    assert _mounts_below(home).count(os.path.realpath(home)) <= 1
+    cleanup = run_cli(home, "cleanup")
+    assert cleanup.returncode == 0, cleanup.stderr
+    assert _mounts_below(home) == []
+
+
+def test_create_ignores_stale_quota_file(fs):
+    home = fs.path("home")
+    with btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as driver:
+        # A remove killed after deleting the subvolume leaves the quota file.
+        os.makedirs(os.path.join(home, "quotas"))
+        with open(os.path.join(home, "quotas", "reused"), "w") as quota:
+            quota.write(str(VICTIM_SIZE))
+        driver.create("reused")
+        layer = btrfsdrv.subvolume_id(driver.get("reused"))
+
+        assert not os.path.exists(os.path.join(home, "quotas", "reused"))
+        assert "SizeLimit" not in driver.metadata("reused")
+        assert qgroup_limits(fs).get(layer) is None
+
+
+def test_init_and_cleanup_1000_times(fs):
+    home = fs.path("home")
+    with open("/proc/self/mountinfo", "rb") as mountinfo:
+        before = mountinfo.read()
+    for _ in range(1000):
+        driver = btrfsdrv.Driver(home)
+        driver.cleanup()
+    with open("/proc/self/mountinfo", "rb") as mountinfo:
+        assert mountinfo.read() == before
+
+
+def test_cli_cleanup_removes_leftover_bind_mount(fs):
+    home = fs.path("home")
+    # A process killed after Driver init leaves its bind mount of home behind.
+    script = (
+        "import os, signal, sys; sys.path.insert(0, sys.argv[1]); import btrfsdrv; "
+        "btrfsdrv.Driver(sys.argv[2]); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    module_dir = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
+    for _ in range(5):
+        result = subprocess.run([sys.executable, "-c", script, module_dir, home], capture_output=True)
+        assert result.returncode == -signal.SIGKILL
+        assert _mounts_below(home) == [os.path.realpath(home)]
+
+    cleanup = run_cli(home, "cleanup")
+
+    assert cleanup.returncode == 0, cleanup.stderr
+    assert _mounts_below(home) == []
 
 
 # -- Vendoring, packaging and interoperation ------------------------------------
