@@ -2323,4 +2323,151 @@ def test_cli_cleanup_removes_leftover_bind_mount(fs):
     assert _mounts_below(home) == []
 
 
+_FORK = __import__("multiprocessing").get_context("fork")
+
+
+def is_clear_error(error):
+    """Tell whether a failed call raised an error that names its errno and path."""
+    return isinstance(error, OSError) and error.errno is not None and error.filename is not None
+
+
+def _create_and_remove_layers(home, worker, count):
+    """Create, use and remove count layers in one process; return the failures as text."""
+    failures = []
+    with btrfsdrv.Driver(home) as driver:
+        for index in range(count):
+            layer_id = f"w{worker}-{index}"
+            storage_opt = {"size": "8m"} if index % 2 else None
+            try:
+                driver.create_read_write(layer_id, "base", storage_opt=storage_opt)
+                with open(os.path.join(driver.get(layer_id), "written"), "w") as output:
+                    output.write(layer_id)
+                driver.remove(layer_id)
+            except Exception as error:  # reported to the parent, which asserts on it
+                failures.append(f"{layer_id}: {error!r}")
+    return failures
+
+
+def assert_store_consistent(fs, driver, expected_layers):
+    """Check that every layer gets and that no quota file, limit or subvolume is left over."""
+    layers = driver.list_layers()
+    assert layers == sorted(expected_layers)
+    for layer_id in layers:
+        assert os.path.isdir(driver.get(layer_id))
+    quotas = os.path.join(driver.home, "quotas")
+    leftover = sorted(set(os.listdir(quotas)) - set(layers)) if os.path.isdir(quotas) else []
+    assert leftover == []
+    sync_subvolumes(fs)
+    listed = [line for line in fs.btrfs("subvolume", "list", fs.mountpoint).splitlines() if line]
+    assert len(listed) == len(layers)
+    if quota_is_enabled(fs):
+        live = {btrfsdrv.subvolume_id(driver.get(layer_id)) for layer_id in layers}
+        limits = qgroup_limits(fs)
+        assert {qgroup for qgroup, limit in limits.items() if limit is not None} <= live
+
+
+def test_processes_create_and_remove_hundreds(fs):
+    home = fs.path("home")
+    workers, count = 4, 60
+    with btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as driver:
+        driver.create("base")
+        with _FORK.Pool(workers) as pool:
+            results = pool.starmap(_create_and_remove_layers, [(home, worker, count) for worker in range(workers)])
+
+        assert [failure for failures in results for failure in failures] == []
+        assert_store_consistent(fs, driver, ["base"])
+
+
+def _create_same_id(home, barrier, size, queue):
+    with btrfsdrv.Driver(home) as driver:
+        barrier.wait()
+        try:
+            parent = "base" if size % 2 == 0 else None
+            driver.create("same", parent, storage_opt={"size": str(size)})
+            queue.put((size, "created"))
+        except Exception as error:  # reported to the parent, which asserts on it
+            queue.put((size, type(error).__name__))
+
+
+def test_processes_create_same_id(fs):
+    home = fs.path("home")
+    rounds = 40
+    with btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as driver:
+        driver.create("base")
+        for round_number in range(rounds):
+            barrier = _FORK.Barrier(2)
+            queue = _FORK.Queue()
+            # Even sizes snapshot base and odd ones create an empty layer.
+            sizes = (8 * 1024**2 + round_number % 2, 12 * 1024**2 + round_number % 2)
+            processes = [_FORK.Process(target=_create_same_id, args=(home, barrier, size, queue)) for size in sizes]
+            for process in processes:
+                process.start()
+            outcomes = dict(queue.get() for _ in processes)
+            for process in processes:
+                process.join()
+
+            winners = [size for size, outcome in outcomes.items() if outcome == "created"]
+            losers = [outcome for outcome in outcomes.values() if outcome != "created"]
+            assert len(winners) == 1, outcomes
+            assert losers == ["FileExistsError"], outcomes
+            with open(os.path.join(home, "quotas", "same"), "rb") as quota:
+                assert quota.read() == str(winners[0]).encode()
+            layer = btrfsdrv.subvolume_id(driver.get("same"))
+            assert qgroup_limits(fs)[layer] == winners[0]
+            driver.remove("same")
+
+        assert_store_consistent(fs, driver, ["base"])
+
+
+def _race_on_layer(home, role, layer_id, barrier, queue):
+    """Remove layer_id, get it, or snapshot it, as the role says; report each outcome."""
+    outcomes = []
+    with btrfsdrv.Driver(home) as driver:
+        barrier.wait()
+        for attempt in range(20 if role != "remove" else 1):
+            try:
+                if role == "remove":
+                    driver.remove(layer_id)
+                elif role == "get":
+                    driver.get(layer_id)
+                else:
+                    driver.create(f"{layer_id}-child-{attempt}", layer_id, storage_opt={"size": "8m"})
+                outcomes.append("ok")
+            except Exception as error:  # reported to the parent, which asserts on it
+                outcomes.append("clear" if is_clear_error(error) else repr(error))
+    queue.put((role, outcomes))
+
+
+def test_remove_races_get_and_create_child(fs):
+    home = fs.path("home")
+    with btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as driver:
+        driver.create("base")
+        for round_number in range(15):
+            layer_id = f"doomed{round_number}"
+            driver.create(layer_id, "base", storage_opt={"size": "16m"})
+            btrfsdrv.create_subvolume(os.path.join(driver.get(layer_id), "nested"))
+            barrier = _FORK.Barrier(3)
+            queue = _FORK.Queue()
+            processes = [
+                _FORK.Process(target=_race_on_layer, args=(home, role, layer_id, barrier, queue))
+                for role in ("remove", "get", "create")
+            ]
+            for process in processes:
+                process.start()
+            outcomes = dict(queue.get() for _ in processes)
+            for process in processes:
+                process.join()
+
+            assert outcomes["remove"] == ["ok"]
+            for role in ("get", "create"):
+                assert set(outcomes[role]) <= {"ok", "clear"}, outcomes[role]
+            assert not driver.exists(layer_id)
+
+        survivors = [layer for layer in driver.list_layers() if layer != "base"]
+        assert_store_consistent(fs, driver, ["base", *survivors])
+        for layer_id in survivors:
+            driver.remove(layer_id)
+        assert_store_consistent(fs, driver, ["base"])
+
+
 # -- Vendoring, packaging and interoperation ------------------------------------
