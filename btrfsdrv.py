@@ -790,7 +790,12 @@ def _set_qgroup_limit(fd: int, qgroup_id: int, max_rfer: Optional[int], path: An
     args.lim.flags = BTRFS_QGROUP_LIMIT_MAX_RFER
     # The kernel clears a limit when it is given as (u64)-1 with its flag set.
     args.lim.max_rfer = _U64_MAX if max_rfer is None else max_rfer
-    _ioctl(fd, _structs.BTRFS_IOC_QGROUP_LIMIT, args, "set qgroup limit", path)
+    try:
+        _ioctl(fd, _structs.BTRFS_IOC_QGROUP_LIMIT, args, "set qgroup limit", path)
+    except PermissionError:
+        raise _os_error(errno.EPERM, "set qgroup limit", path,
+                        "size limits need CAP_SYS_ADMIN in the initial user namespace; "
+                        "create the layer without a size") from None
     log.debug("set limit of qgroup 0/%d (%s) to %s", qgroup_id, os.fsdecode(path),
               "none" if max_rfer is None else max_rfer)
 
