@@ -576,6 +576,10 @@ def _enter_directory(fd: int, name: bytes, top_mount: Optional[int], path: Any) 
         child = _open_directory(name, dir_fd=fd)
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except PermissionError:
+        if not _make_owner_accessible(fd, name):
+            raise
+        return _enter_directory(fd, name, top_mount, path)
     except OSError as error:
         if error.errno == errno.ELOOP:  # replaced by a symlink since it was listed
             return None
@@ -626,6 +630,29 @@ def _clear_inode_flags(dir_fd: int, name: Optional[bytes]) -> bool:
     return True
 
 
+def _make_owner_accessible(dir_fd: int, name: Optional[bytes]) -> bool:
+    """Add owner read, write and search permission to directory name (or dir_fd itself).
+
+    Return True when the mode changed.  Only a directory that the caller owns
+    and that lacks one of those bits is changed, so an unprivileged owner can
+    delete read-only and mode-0 directories, as root can without this.
+    """
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(b"." if name is None else name, flags, dir_fd=dir_fd)
+    except OSError:
+        return False
+    with _Fd(fd):
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o700 == 0o700:
+            return False
+        # fchmod rejects O_PATH descriptors, and the /proc link reaches the
+        # opened inode itself, never a symlink swapped in since.
+        os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(st.st_mode) | 0o700)
+    log.debug("made %s accessible to its owner", os.fsdecode(name or b"."))
+    return True
+
+
 def _unlink_at(dir_fd: int, name: bytes, is_dir: bool) -> None:
     """Unlink name (rmdir when is_dir), clearing chattr +i/+a flags when they block it."""
     for attempt in range(2):
@@ -636,7 +663,8 @@ def _unlink_at(dir_fd: int, name: bytes, is_dir: bool) -> None:
                 os.unlink(name, dir_fd=dir_fd)
             return
         except PermissionError:
-            if attempt or not (_clear_inode_flags(dir_fd, name) | _clear_inode_flags(dir_fd, None)):
+            changed = _clear_inode_flags(dir_fd, name) | _clear_inode_flags(dir_fd, None)
+            if attempt or not (changed | _make_owner_accessible(dir_fd, None)):
                 raise
 
 
