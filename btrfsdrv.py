@@ -1678,7 +1678,15 @@ def _delete_subvolume_or_contents(dir_fd: int, name: bytes, path: Any) -> None:
             raise
         log.debug("cannot destroy subvolume %s (%s); deleting its files", os.fsdecode(path), error)
     with _Fd(_open_directory(name, dir_fd=dir_fd)) as fd:
-        _remove_contents(fd, path)
+        try:
+            _remove_contents(fd, path)
+        except PermissionError as error:
+            raise _os_error(
+                error.errno, "delete subvolume", path,
+                f"emptying it failed at {os.fsdecode(error.filename or b'?')!r}: deleting a subvolume "
+                "that holds other users' files needs CAP_SYS_ADMIN, or the user_subvol_rm_allowed "
+                "mount option and write access to its top directory",
+            ) from None
     try:
         _unlink_at(dir_fd, name, is_dir=True)
     except OSError as error:
