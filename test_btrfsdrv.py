@@ -2470,4 +2470,165 @@ def test_remove_races_get_and_create_child(fs):
         assert_store_consistent(fs, driver, ["base"])
 
 
+NOBODY = 65534
+
+# Runs as a user without CAP_SYS_ADMIN and prints what each step did as JSON.
+_UNPRIVILEGED_CHILD = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import btrfsdrv
+
+home = sys.argv[2]
+results = {}
+
+
+def attempt(step, call):
+    try:
+        call()
+        results[step] = "ok"
+    except Exception as error:
+        results[step] = f"{type(error).__name__}: {error}"
+
+
+def fill(layer_id):
+    root = driver.get(layer_id)
+    os.chmod(root, 0o755)
+    with open(os.path.join(root, "file"), "w") as output:
+        output.write("data")
+    os.symlink("/", os.path.join(root, "to-root"))
+
+
+def close(layer_id):
+    root = driver.get(layer_id)
+    for name, mode in (("read-only", 0o555), ("closed", 0)):
+        os.mkdir(os.path.join(root, name))
+        with open(os.path.join(root, name, "file"), "w") as output:
+            output.write("data")
+        os.chmod(os.path.join(root, name), mode)
+
+
+def nest(layer_id):
+    root = driver.get(layer_id)
+    btrfsdrv.create_subvolume(os.path.join(root, "nested"))
+    with open(os.path.join(root, "nested", "file"), "w") as output:
+        output.write("data")
+    btrfsdrv.create_snapshot(os.path.join(root, "nested"), os.path.join(root, "read-only-nested"), read_only=True)
+
+
+driver = btrfsdrv.Driver(home)
+attempt("create", lambda: driver.create("base"))
+attempt("fill", lambda: fill("base"))
+attempt("snapshot", lambda: driver.create("box", "base"))
+attempt("nest", lambda: nest("box"))
+attempt("usage", lambda: driver.read_write_disk_usage("box"))
+attempt("close", lambda: close("box"))
+attempt("remove box", lambda: driver.remove("box"))
+attempt("remove base", lambda: driver.remove("base"))
+attempt("create sized", lambda: driver.create("sized", storage_opt={"size": "8m"}))
+results["sized exists"] = driver.exists("sized")
+attempt("remove limited", lambda: driver.remove("limited"))
+attempt("remove mixed", lambda: driver.remove("mixed"))
+driver.cleanup()
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(params=[(), ("user_subvol_rm_allowed",)], ids=["default", "user_subvol_rm_allowed"])
+def open_fs(request):
+    """A loopback btrfs whose mount point every user can reach (pytest's tmp_path is 0700)."""
+    directory = tempfile.mkdtemp(prefix="btrfsdrv-test-")
+    os.chmod(directory, 0o755)
+    try:
+        with loopback_btrfs(directory, mount_options=request.param) as filesystem:
+            os.chmod(filesystem.mountpoint, 0o755)
+            yield filesystem
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def prepare_unprivileged_home(filesystem, owner):
+    """Make a home owned by owner with a sized layer and a layer holding a root-owned subvolume."""
+    home = filesystem.path("home")
+    with btrfsdrv.Driver(home, ["btrfs.min_space=1m"], uid_maps=[(0, owner, 1)], gid_maps=[(0, owner, 1)]) as driver:
+        driver.create("limited", storage_opt={"size": "8m"})
+        driver.create("mixed")
+        mixed = driver.get("mixed")
+        os.chmod(mixed, 0o755)
+        btrfsdrv.create_subvolume(os.path.join(mixed, "root-owned"))
+        with open(os.path.join(mixed, "root-owned", "file"), "w") as output:
+            output.write("root's")
+    for path in (home, os.path.join(home, "quotas"), os.path.join(home, "quotas", "limited")):
+        os.chown(path, owner, owner)
+    return home
+
+
+def _copy_module(directory):
+    """Copy the module under test where every user can read it; return that directory."""
+    module_dir = os.path.join(directory, "module")
+    os.mkdir(module_dir)
+    source_dir = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
+    for name in ("btrfsdrv.py", "ioctl_structs.py"):
+        if os.path.exists(os.path.join(source_dir, name)):
+            shutil.copy(os.path.join(source_dir, name), module_dir)
+    os.chmod(module_dir, 0o755)
+    return module_dir
+
+
+def _interpreter_for(user):
+    """Return a Python interpreter that user can run (pyenv builds under /root are not)."""
+    for candidate in (sys.executable, "/usr/bin/python3"):
+        try:
+            probe = subprocess.run([candidate, "-c", "pass"], capture_output=True, user=user, group=user,
+                                   extra_groups=[])
+        except OSError:
+            continue
+        if probe.returncode == 0:
+            return candidate
+    reason = f"no Python interpreter that uid {user} can run"
+    if IN_CI:
+        pytest.fail(f"CI=true but {reason}")
+    pytest.skip(reason)
+
+
+def run_unprivileged(filesystem, home, how):
+    module_dir = _copy_module(filesystem.directory)
+    if how == "unshare":
+        command = ["unshare", "-Ur", sys.executable, "-c", _UNPRIVILEGED_CHILD, module_dir, home]
+        result = subprocess.run(command, capture_output=True, text=True)
+    else:
+        command = [_interpreter_for(NOBODY), "-c", _UNPRIVILEGED_CHILD, module_dir, home]
+        result = subprocess.run(command, capture_output=True, text=True, user=NOBODY, group=NOBODY, extra_groups=[])
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("how", ["unshare", "setuid"])
+def test_unprivileged_store(open_fs, how):
+    owner = 0 if how == "unshare" else NOBODY
+    home = prepare_unprivileged_home(open_fs, owner)
+    limited_id = btrfsdrv.subvolume_id(os.path.join(home, "subvolumes", "limited"))
+
+    results = run_unprivileged(open_fs, home, how)
+
+    for step in ("create", "fill", "snapshot", "nest", "usage", "close", "remove box", "remove base", "remove limited"):
+        assert results[step] == "ok", (step, results[step])
+    assert "CAP_SYS_ADMIN" in results["create sized"]
+    assert results["sized exists"] is False
+    assert not os.path.exists(os.path.join(home, "quotas", "limited"))
+    if how == "unshare":
+        assert results["remove mixed"] == "ok"
+        expected = []
+    else:
+        # The layer's owner cannot empty a subvolume that root owns.
+        assert "PermissionError" in results["remove mixed"]
+        assert "CAP_SYS_ADMIN" in results["remove mixed"]
+        assert "root-owned" in results["remove mixed"]
+        expected = ["mixed", "root-owned"]
+    sync_subvolumes(open_fs)
+    listed = open_fs.btrfs("subvolume", "list", open_fs.mountpoint)
+    assert [os.path.basename(line.split()[-1]) for line in listed.splitlines() if line] == expected
+    assert qgroup_limits(open_fs).get(limited_id) is None
+    assert _mounts_below(home) == []
+
+
 # -- Vendoring, packaging and interoperation ------------------------------------
