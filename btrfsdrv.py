@@ -1023,8 +1023,13 @@ def _write_file_atomically(directory: str, name: str, data: bytes) -> None:
     fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=_TEMPORARY_SUFFIX, dir=directory)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, data)
-        os.fsync(fd)
+        try:
+            # A short write would leave a torn file behind the rename.
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(fd)
+        except OSError as error:
+            raise _os_error(error.errno, "write file", os.path.join(directory, name)) from None
         os.fchmod(fd, 0o644)
         os.rename(temporary, os.path.join(directory, name))
     except BaseException:
