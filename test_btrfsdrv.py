@@ -2631,4 +2631,119 @@ def test_unprivileged_store(open_fs, how):
     assert _mounts_below(home) == []
 
 
+SMALL_IMAGE = 256 * 1024**2
+
+
+def assert_clean_outcome(driver, layer_id, call):
+    """Run a create that may fail; if it fails, no part of the layer may remain."""
+    try:
+        call()
+    except OSError as error:
+        assert is_clear_error(error), repr(error)
+        assert not driver.exists(layer_id)
+        assert not os.path.exists(os.path.join(driver.home, "quotas", layer_id))
+        return False
+    assert os.path.isdir(driver.get(layer_id))
+    return True
+
+
+def test_full_filesystem(tmp_path):
+    with loopback_btrfs(tmp_path, size=SMALL_IMAGE) as small:
+        with btrfsdrv.Driver(small.path("home"), ["btrfs.min_space=1m"]) as driver:
+            driver.create("base")
+            driver.create("big", "base", storage_opt={"size": "64m"})
+            big = driver.get("big")
+            os.chmod(big, 0o755)
+            with open(os.path.join(big, "data"), "wb") as output:
+                output.write(os.urandom(32 * 1024**2))
+            assert write_until_error(small.path("filler"), maximum=SMALL_IMAGE) == errno.ENOSPC
+            sync_subvolumes(small)
+
+            created = {
+                "empty": assert_clean_outcome(driver, "empty", lambda: driver.create("empty")),
+                "snapshot": assert_clean_outcome(driver, "snapshot", lambda: driver.create("snapshot", "base")),
+                "sized": assert_clean_outcome(
+                    driver, "sized", lambda: driver.create("sized", "base", storage_opt={"size": "8m"})),
+            }
+            print(f"created on a full filesystem: {created}")
+            free_before = os.statvfs(small.mountpoint).f_bavail
+
+            driver.remove("big")
+
+            sync_subvolumes(small)
+            assert os.statvfs(small.mountpoint).f_bavail > free_before
+            assert not os.path.exists(os.path.join(driver.home, "quotas", "big"))
+            for layer_id in driver.list_layers():
+                driver.remove(layer_id)
+            assert driver.list_layers() == []
+        os.unlink(small.path("filler"))
+        assert_no_subvolumes(small)
+
+
+def test_layer_at_its_limit(fs):
+    with btrfsdrv.Driver(fs.path("home"), ["btrfs.min_space=1m"]) as driver:
+        driver.create("base")
+        driver.create_read_write("box", "base", storage_opt={"size": "16m"})
+        root = driver.get("box")
+        os.chmod(root, 0o755)
+        assert write_until_error(os.path.join(root, "fill")) == errno.EDQUOT
+
+        assert assert_clean_outcome(driver, "child", lambda: driver.create("child", "box"))
+        assert_clean_outcome(
+            driver, "sized-child", lambda: driver.create("sized-child", "box", storage_opt={"size": "32m"}))
+        assert driver.get("box") == root
+        assert qgroup_limits(fs)[btrfsdrv.subvolume_id(root)] == 16 * 1024**2
+
+        driver.remove("box")
+
+        assert not driver.exists("box")
+        assert os.path.getsize(os.path.join(driver.get("child"), "fill")) > 0
+        assert_store_consistent(fs, driver, driver.list_layers())
+
+
+@pytest.mark.parametrize("change", [
+    ("qgroup", "limit", "none"),
+    ("qgroup", "limit", "1G"),
+    ("qgroup", "destroy"),
+    ("quota", "disable"),
+], ids=" ".join)
+def test_get_restores_limit_changed_outside(fs, change):
+    with btrfsdrv.Driver(fs.path("home"), ["btrfs.min_space=1m"]) as driver:
+        driver.create("box", storage_opt={"size": "12m"})
+        root = driver.get("box")
+        layer = btrfsdrv.subvolume_id(root)
+        if change[0] == "qgroup" and change[1] == "limit":
+            fs.btrfs(*change, root)
+        elif change[0] == "qgroup":
+            # Linux 6.x rejects destroying the qgroup of a live subvolume (EBUSY).
+            subprocess.run(["btrfs", *change, f"0/{layer}", fs.mountpoint], capture_output=True)
+        else:
+            fs.btrfs(*change, fs.mountpoint)
+
+        driver.get("box")
+
+        assert quota_is_enabled(fs)
+        assert qgroup_limits(fs)[layer] == 12 * 1024**2
+
+
+def test_reused_subvolume_id_has_no_limit(fs):
+    home = fs.path("home")
+    with btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as driver:
+        driver.create("old")
+        driver.create("limited", storage_opt={"size": "12m"})
+        limited_id = btrfsdrv.subvolume_id(driver.get("limited"))
+        assert limited_id > btrfsdrv.subvolume_id(driver.get("old"))
+        driver.remove("limited")
+    sync_subvolumes(fs)
+    fs.remount()
+
+    with btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as driver:
+        driver.create("new")
+        new_id = btrfsdrv.subvolume_id(driver.get("new"))
+
+        assert new_id == limited_id
+        assert qgroup_limits(fs).get(new_id) is None
+        assert "SizeLimit" not in driver.metadata("new")
+
+
 # -- Vendoring, packaging and interoperation ------------------------------------
