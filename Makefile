@@ -5,18 +5,33 @@ PYTEST ?= $(PYTHON) -m pytest
 PYTEST_ARGS ?=
 APT_GET = DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: test test-deps test-source test-vendored vendor demo bench lint clean
+.PHONY: test test-deps test-source test-vendored vendor demo bench lint clean packages
 
 # The README's test command: prepare the machine, then run the whole suite
 # against the source tree and against the vendored single file.
 test: test-deps test-source test-vendored
 
+# Debian packages whose data tarballs the layer round-trip tests apply.
+DEBS_DIR = .cache/debs
+ROUND_TRIP_PACKAGES = busybox-static tzdata python3-minimal
+
 # Installs what the kernel tests need when it is missing (Debian and Ubuntu).
-test-deps:
+test-deps: packages
 	@if ! command -v mkfs.btrfs >/dev/null 2>&1; then \
 		$(APT_GET) update -qq && $(APT_GET) install -y -qq btrfs-progs; \
 	fi
 	@$(PYTHON) -c 'import pytest' 2>/dev/null || $(PYTHON) -m pip install -q pytest
+
+# Downloads the round-trip packages into $(DEBS_DIR) unless they are there.
+packages:
+	@mkdir -p $(DEBS_DIR)
+	@missing=""; for package in $(ROUND_TRIP_PACKAGES); do \
+		ls $(DEBS_DIR)/$${package}_*.deb >/dev/null 2>&1 || missing="$$missing $$package"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		$(APT_GET) update -qq && cd $(DEBS_DIR) && \
+		$(APT_GET) -o APT::Sandbox::User=root download $$missing; \
+	fi
 
 test-source:
 	$(PYTEST) $(PYTEST_ARGS)
