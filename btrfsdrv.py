@@ -1489,15 +1489,18 @@ class Driver:
 
     def changes(self, layer_id: str, parent: Optional[str] = None) -> "List[Change]":
         """Return the changes of a layer against parent (or all of it), sorted by path."""
-        return layer_changes(self._existing_layer_dir(layer_id), self._parent_dir(parent))
+        return _layer_changes_fast(self._existing_layer_dir(layer_id), self._parent_dir(parent))
 
     def diff(self, layer_id: str, parent: Optional[str] = None) -> io.BufferedReader:
         """Stream the layer's changes against parent (or all of it) as an uncompressed tar.
 
         Closing the returned file stops the writer and releases the layer.
         """
-        return layer_diff(self._existing_layer_dir(layer_id), self._parent_dir(parent),
-                          self.uid_maps, self.gid_maps, release=lambda: self.put(layer_id))
+        layer_dir = self._existing_layer_dir(layer_id)
+        parent_dir = self._parent_dir(parent)
+        changes = None if parent_dir is None else _layer_changes_fast(layer_dir, parent_dir)
+        return layer_diff(layer_dir, parent_dir, self.uid_maps, self.gid_maps,
+                          release=lambda: self.put(layer_id), changes=changes)
 
     def apply_diff(self, layer_id: str, diff: Any, *, parent: Optional[str] = None,
                    uid_maps: Optional[Iterable[Any]] = None, gid_maps: Optional[Iterable[Any]] = None,
@@ -1516,7 +1519,11 @@ class Driver:
 
     def diff_size(self, layer_id: str, parent: Optional[str] = None) -> int:
         """Sum the sizes of the non-directories that the layer adds or modifies."""
-        return layer_diff_size(self._existing_layer_dir(layer_id), self._parent_dir(parent))
+        layer_dir = self._existing_layer_dir(layer_id)
+        parent_dir = self._parent_dir(parent)
+        if parent_dir is None:
+            return layer_diff_size(layer_dir)
+        return _changes_size(layer_dir, _layer_changes_fast(layer_dir, parent_dir))
 
     def update_layer_id_map(self, layer_id: str, to_container: Any, to_host: Any) -> None:
         """Rewrite the layer's owners from one ID mapping to another.
@@ -1693,6 +1700,23 @@ _COPY_CHUNK = 1024 * 1024
 _PROGRESS_INTERVAL = 0.5  # seconds; progress must be reported at least once a second
 
 
+def _open_for_reading(name, flags: int, dir_fd: Optional[int] = None) -> int:
+    """Open with O_NOATIME where allowed, so that reading a layer does not change it.
+
+    O_NOATIME needs ownership of the file or CAP_FOWNER. Without it an atime
+    update would dirty the inode, which also makes the tree-search fast path
+    of changes compare more directories.
+    """
+    try:
+        return os.open(name, flags | os.O_NOATIME, dir_fd=dir_fd)
+    except PermissionError:
+        return os.open(name, flags, dir_fd=dir_fd)
+
+
+def _open_directory_for_reading(name, dir_fd: Optional[int] = None) -> int:
+    return _open_for_reading(name, _OPEN_DIRECTORY, dir_fd)
+
+
 def _fd_path(dir_fd: int, name) -> bytes:
     """Return a /proc path naming name inside dir_fd, for calls without dir_fd."""
     return b"/proc/self/fd/%d/%s" % (dir_fd, os.fsencode(name))
@@ -1705,19 +1729,21 @@ def _lstat_at(dir_fd: int, name) -> Optional[os.stat_result]:
         return None
 
 
-def _list_dir(dir_fd: int) -> List[Tuple[str, os.stat_result]]:
-    """List a directory's entries with their lstat, sorted by name bytes."""
-    entries = []
+def _list_dir(dir_fd: int) -> "List[Tuple[str, os.DirEntry]]":
+    """List a directory's entries, sorted by name bytes.
+
+    Each entry's stat() is an fstatat() on dir_fd, so dir_fd must stay open
+    until the entries are used.
+    """
     with os.scandir(dir_fd) as scan:
-        for entry in scan:
-            entries.append((entry.name, entry.stat(follow_symlinks=False)))
+        entries = [(entry.name, entry) for entry in scan]
     entries.sort(key=lambda item: os.fsencode(item[0]))
     return entries
 
 
 def _open_listed_dir(dir_fd: int, name: str, listed: os.stat_result, path: str) -> int:
     """Open a subdirectory and check that it is still the one that was listed."""
-    fd = _open_directory(name, dir_fd)
+    fd = _open_directory_for_reading(name, dir_fd)
     if not os.path.samestat(os.fstat(fd), listed):
         os.close(fd)
         raise OSError(errno.ESTALE, "directory was replaced during the walk", path)
@@ -1932,27 +1958,37 @@ class _DirFrame:
         self.name = name
 
 
-def _walk_changes(layer_root_fd: int, parent_root_fd: Optional[int]) -> Iterator[_WalkedChange]:
+def _walk_changes(layer_root_fd: int, parent_root_fd: Optional[int], top: str = "",
+                  changed_inodes: Optional[Set[int]] = None) -> Iterator[_WalkedChange]:
     """Walk a layer and its parent together and yield their differences.
 
     With parent_root_fd None every entry is an ADD, in depth-first order with
     each directory before its contents. Otherwise the order is unspecified
-    (callers sort); a directory that contains a change and is not itself
-    reported is yielded as MODIFY after its contents. The root is never
-    reported. Memory grows with the depth and the size of one directory, not
-    with the whole tree.
+    (callers sort), and a directory that contains a change and is not itself
+    reported is yielded as MODIFY after its contents. The walk's top (path
+    top, "" for the root) is never reported. Memory grows with the depth and
+    the size of one directory, not with the whole tree.
+
+    With changed_inodes (the tree-search fast path) only the top directory's
+    own entries are compared, and an entry that is the same inode on both
+    sides and not in changed_inodes counts as unchanged without a look.
     """
     count = 0
-    stack = [_DirFrame("", os.dup(layer_root_fd),
+    stack = [_DirFrame(top, os.dup(layer_root_fd),
                        os.dup(parent_root_fd) if parent_root_fd is not None else None,
                        False, None, None, 0)]
     try:
         while stack:
             frame = stack[-1]
             descended = False
-            for name, new in frame.entries:
+            for name, entry in frame.entries:
                 path = frame.path + "/" + name
-                old = frame.parent_entries.pop(name, None)
+                parent_entry = frame.parent_entries.pop(name, None)
+                if (changed_inodes is not None and parent_entry is not None
+                        and entry.inode() == parent_entry.inode() and entry.inode() not in changed_inodes):
+                    continue  # the same inode, unchanged since the snapshot
+                new = entry.stat(follow_symlinks=False)
+                old = parent_entry.stat(follow_symlinks=False) if parent_entry is not None else None
                 reported = False
                 if old is None:
                     count += 1
@@ -1964,6 +2000,8 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: Optional[int]) -> Iterator
                     yield _WalkedChange(path, ChangeKind.MODIFY, new, frame.layer_fd, name)
                 if not stat.S_ISDIR(new.st_mode):
                     continue
+                if changed_inodes is not None and old is not None and stat.S_ISDIR(old.st_mode):
+                    continue  # the fast path compares each changed directory on its own
                 child_fd = _open_listed_dir(frame.layer_fd, name, new, path)
                 child_parent_fd = None
                 if old is not None and stat.S_ISDIR(old.st_mode):
@@ -2009,11 +2047,11 @@ def _change_sort_key(change) -> bytes:
 
 def layer_changes(layer_dir, parent_dir=None) -> List[Change]:
     """Return the changes of a layer directory against its parent, sorted by path."""
-    layer_fd = _open_directory(layer_dir)
+    layer_fd = _open_directory_for_reading(layer_dir)
     parent_fd = None
     try:
         if parent_dir is not None:
-            parent_fd = _open_directory(parent_dir)
+            parent_fd = _open_directory_for_reading(parent_dir)
         changes = [Change(item.path, item.kind) for item in _walk_changes(layer_fd, parent_fd)]
     finally:
         os.close(layer_fd)
@@ -2029,27 +2067,246 @@ def layer_diff_size(layer_dir, parent_dir=None) -> int:
     Sizes are lstat sizes (a symlink counts its target's length), and an inode
     with several links counts once.
     """
-    layer_fd = _open_directory(layer_dir)
+    layer_fd = _open_directory_for_reading(layer_dir)
     parent_fd = None
-    total = 0
-    seen_inodes = set()
     try:
         if parent_dir is not None:
-            parent_fd = _open_directory(parent_dir)
-        for item in _walk_changes(layer_fd, parent_fd):
-            if item.kind == ChangeKind.DELETE or stat.S_ISDIR(item.st.st_mode):
-                continue
-            if item.st.st_nlink > 1:
-                inode = (item.st.st_dev, item.st.st_ino)
-                if inode in seen_inodes:
-                    continue
-                seen_inodes.add(inode)
-            total += item.st.st_size
+            parent_fd = _open_directory_for_reading(parent_dir)
+        return _sum_sizes(item.st for item in _walk_changes(layer_fd, parent_fd)
+                          if item.kind != ChangeKind.DELETE)
     finally:
         os.close(layer_fd)
         if parent_fd is not None:
             os.close(parent_fd)
+
+
+def _sum_sizes(stats: Iterable[os.stat_result]) -> int:
+    """Sum the sizes of non-directories, counting an inode with several links once."""
+    total = 0
+    seen_inodes = set()
+    for st in stats:
+        if stat.S_ISDIR(st.st_mode):
+            continue
+        if st.st_nlink > 1:
+            inode = (st.st_dev, st.st_ino)
+            if inode in seen_inodes:
+                continue
+            seen_inodes.add(inode)
+        total += st.st_size
     return total
+
+
+def _changes_size(layer_dir, changes: List[Change]) -> int:
+    """Sum the sizes of the non-directories that changes add or modify, as layer_diff_size does."""
+    layer_fd = _open_directory_for_reading(layer_dir)
+    try:
+        return _sum_sizes(_lstat_changes(layer_fd, changes))
+    finally:
+        os.close(layer_fd)
+
+
+def _lstat_changes(layer_fd: int, changes: List[Change]) -> Iterator[os.stat_result]:
+    for change in changes:
+        if change.kind == ChangeKind.DELETE:
+            continue
+        parts = _path_parts(change.path)
+        dir_fd = _open_entry_parent(layer_fd, parts, change.path)
+        if dir_fd is None:
+            raise FileNotFoundError(errno.ENOENT, "changed entry vanished", change.path)
+        try:
+            yield os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
+        finally:
+            os.close(dir_fd)
+
+
+def _layer_changes_fast(layer_dir, parent_dir=None) -> List[Change]:
+    """Return layer_changes(layer_dir, parent_dir), by tree search when the layer is a snapshot of parent_dir."""
+    if parent_dir is not None:
+        changes = _snapshot_changes(layer_dir, parent_dir)
+        if changes is not None:
+            return changes
+    return layer_changes(layer_dir, parent_dir)
+
+
+# Changes of a snapshot through tree search --------------------------------
+
+_INODE_TRANSID = struct.Struct("<Q")  # btrfs_inode_item.transid, at offset 8
+_INODE_MODE = struct.Struct("<I")  # btrfs_inode_item.mode, at offset 52
+_INODE_EXTREF_HEADER = struct.Struct("<QQH")  # parent_objectid, index, name_len
+
+
+def _sync_filesystem(fd: int, path: str) -> None:
+    """Write back dirty data and commit the running transaction (BTRFS_IOC_SYNC).
+
+    TREE_SEARCH reads only the b-tree, and btrfs updates the inode item of a
+    file written through the page cache only at writeback, and other recent
+    inode updates only at a commit (they wait as delayed items until then).
+    """
+    _ioctl(fd, _structs.BTRFS_IOC_SYNC, 0, "sync filesystem", path)
+
+
+def _changed_inodes(fd: int, tree_id: int, generation: int, path: str) -> Tuple[Set[int], Set[int]]:
+    """Return the inodes of a subvolume tree changed after generation, and which are directories.
+
+    min_transid makes the kernel skip tree blocks not written since the
+    snapshot. Those blocks that remain also contain unchanged items, so each
+    inode item's own transid decides.
+    """
+    changed: Set[int] = set()
+    directories: Set[int] = set()
+    items = tree_search(fd, tree_id, (BTRFS_FIRST_FREE_OBJECTID, 0, 0),
+                        (_structs.BTRFS_LAST_FREE_OBJECTID, 255, _U64_MAX),
+                        min_transid=generation + 1, path=path)
+    for item in items:
+        if item.type != _structs.BTRFS_INODE_ITEM_KEY:
+            continue
+        if _INODE_TRANSID.unpack_from(item.data, 8)[0] <= generation:
+            continue
+        changed.add(item.objectid)
+        if stat.S_ISDIR(_INODE_MODE.unpack_from(item.data, 52)[0]):
+            directories.add(item.objectid)
+    return changed, directories
+
+
+def _parent_directories(fd: int, tree_id: int, inode: int, path: str) -> Set[int]:
+    """Return the directories that contain a name of inode, from its INODE_REF and INODE_EXTREF items."""
+    parents = set()
+    items = tree_search(fd, tree_id, (inode, _structs.BTRFS_INODE_REF_KEY, 0),
+                        (inode, _structs.BTRFS_INODE_EXTREF_KEY, _U64_MAX), path=path)
+    for item in items:
+        if item.type == _structs.BTRFS_INODE_REF_KEY:
+            parents.add(item.offset)
+        elif item.type == _structs.BTRFS_INODE_EXTREF_KEY:
+            position = 0
+            while position + _INODE_EXTREF_HEADER.size <= len(item.data):
+                parent, _, name_length = _INODE_EXTREF_HEADER.unpack_from(item.data, position)
+                parents.add(parent)
+                position += _INODE_EXTREF_HEADER.size + name_length
+    return parents
+
+
+def _dirty_directory_paths(fd: int, tree_id: int, generation: int, path: str) -> Tuple[Set[str], Set[int]]:
+    """Return the paths of directories whose entries may differ since generation, and the changed inodes.
+
+    A directory is dirty when it changed itself (an entry was added, removed
+    or renamed) or when it contains a name of a changed inode.
+    """
+    changed, directories = _changed_inodes(fd, tree_id, generation, path)
+    dirty = set(directories)
+    for inode in changed:
+        if inode != BTRFS_FIRST_FREE_OBJECTID:
+            dirty |= _parent_directories(fd, tree_id, inode, path)
+    paths = set()
+    for directory in dirty:
+        try:
+            relative = _ino_lookup_path(fd, tree_id, directory, path)
+        except FileNotFoundError:
+            continue  # deleted while we looked
+        paths.add("/" + os.fsdecode(relative).strip("/") if relative else "")
+    return paths, changed
+
+
+def _open_directory_path(root_fd: int, path: str) -> Optional[int]:
+    """Open a directory below root_fd without following symlinks; None if it is not one."""
+    parts = _path_parts(path)
+    if not parts:
+        return os.dup(root_fd)
+    try:
+        parent_fd = _open_entry_parent(root_fd, parts, path)
+    except ValueError:
+        return None
+    if parent_fd is None:
+        return None
+    try:
+        return _open_directory_for_reading(parts[-1], parent_fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return None
+        raise
+    finally:
+        os.close(parent_fd)
+
+
+def _snapshot_changes(layer_dir: str, parent_dir: str) -> Optional[List[Change]]:
+    """Return the changes of a snapshot against its source by tree search, or None.
+
+    Only directories that the search finds dirty on either side are compared,
+    entry by entry, so the cost follows the size of the changes, not of the
+    layer. Returns None when the fast path does not apply: the layer is not a
+    snapshot of parent_dir, or the kernel rejects the search (it needs
+    CAP_SYS_ADMIN). The result equals layer_changes(layer_dir, parent_dir).
+    """
+    layer_fd = _open_directory_for_reading(layer_dir)
+    parent_fd = None
+    try:
+        parent_fd = _open_directory_for_reading(parent_dir)
+        if not (_is_subvolume_stat(os.fstat(layer_fd)) and _is_subvolume_stat(os.fstat(parent_fd))):
+            return None
+        try:
+            if bytes(_fs_info(layer_fd, layer_dir).fsid) != bytes(_fs_info(parent_fd, parent_dir).fsid):
+                return None
+            layer_info = _subvolume_info(layer_fd, layer_dir)
+            parent_info = _subvolume_info(parent_fd, parent_dir)
+            if bytes(layer_info.parent_uuid) != bytes(parent_info.uuid):
+                return None
+            generation = int(layer_info.otransid)
+            _sync_filesystem(layer_fd, layer_dir)
+            layer_paths, layer_changed = _dirty_directory_paths(
+                layer_fd, int(layer_info.treeid), generation, layer_dir)
+            parent_paths, parent_changed = _dirty_directory_paths(
+                parent_fd, int(parent_info.treeid), generation, parent_dir)
+        except OSError as error:
+            if error.errno in (errno.EPERM, errno.EACCES, errno.ENOTTY, errno.EINVAL,
+                               errno.EOPNOTSUPP, errno.ENAMETOOLONG):
+                log.debug("comparing %s with %s file by file: tree search failed: %s",
+                          layer_dir, parent_dir, error)
+                return None
+            raise
+        return _compare_dirty_directories(layer_fd, parent_fd, layer_paths | parent_paths,
+                                          layer_changed | parent_changed)
+    finally:
+        os.close(layer_fd)
+        if parent_fd is not None:
+            os.close(parent_fd)
+
+
+def _compare_dirty_directories(layer_fd: int, parent_fd: int, paths: Set[str],
+                               changed_inodes: Set[int]) -> List[Change]:
+    """Compare the entries of each dirty directory and add the MODIFY of their ancestors.
+
+    A dirty directory that is not a directory on both sides is skipped,
+    because the comparison of one of its ancestors covers it.
+    """
+    changes: Dict[str, Change] = {}
+    containing: Set[str] = set()
+    for path in sorted(paths, key=os.fsencode):
+        layer_dir_fd = _open_directory_path(layer_fd, path)
+        if layer_dir_fd is None:
+            continue
+        try:
+            parent_dir_fd = _open_directory_path(parent_fd, path)
+            if parent_dir_fd is None:
+                continue
+            try:
+                found = False
+                for item in _walk_changes(layer_dir_fd, parent_dir_fd, path, changed_inodes):
+                    changes[item.path] = Change(item.path, item.kind)
+                    found = True
+            finally:
+                os.close(parent_dir_fd)
+        finally:
+            os.close(layer_dir_fd)
+        if found:
+            containing.add(path)
+
+    # As in the full walk, a directory that contains a change is reported.
+    for path in containing:
+        while path and path not in changes:
+            changes[path] = Change(path, ChangeKind.MODIFY)
+            path = path.rpartition("/")[0]
+    return sorted(changes.values(), key=_change_sort_key)
 
 
 # Diff (writing a layer tar) -------------------------------------------------
@@ -2115,7 +2372,7 @@ class _TarEntryWriter:
 
     @staticmethod
     def _open_file(dir_fd: int, name: str, st: os.stat_result, path: str):
-        fd = os.open(name, _FILE_READ_FLAGS, dir_fd=dir_fd)
+        fd = _open_for_reading(name, _FILE_READ_FLAGS, dir_fd)
         if not os.path.samestat(os.fstat(fd), st):
             os.close(fd)
             raise OSError(errno.ESTALE, "file was replaced while the diff was written", path)
@@ -2216,15 +2473,15 @@ class _PipeReader(io.RawIOBase):
 
 
 def layer_diff(layer_dir, parent_dir=None, uid_maps=(), gid_maps=(),
-               release: Optional[Callable[[], None]] = None):
+               release: Optional[Callable[[], None]] = None, changes: Optional[List[Change]] = None):
     """Stream a layer as an uncompressed PAX tar, as a readable binary file.
 
     Without a parent the tar contains the whole layer. Otherwise it contains
-    the changed entries and a whiteout for each deletion. Owners are mapped back
+    the changed entries and a whiteout for each deletion; changes, when given,
+    are those of layer_changes(layer_dir, parent_dir). Owners are mapped back
     to container ids with the given maps. Closing the file calls release.
     """
-    layer_fd = _open_directory(layer_dir)
-    parent_fd = None
+    layer_fd = _open_directory_for_reading(layer_dir)
     try:
         if parent_dir is None:
             def write(out):
@@ -2233,12 +2490,8 @@ def layer_diff(layer_dir, parent_dir=None, uid_maps=(), gid_maps=(),
                 finally:
                     os.close(layer_fd)
         else:
-            parent_fd = _open_directory(parent_dir)
-            try:
-                changes = [Change(item.path, item.kind) for item in _walk_changes(layer_fd, parent_fd)]
-            finally:
-                os.close(parent_fd)
-            changes.sort(key=_change_sort_key)
+            if changes is None:
+                changes = layer_changes(layer_dir, parent_dir)
 
             def write(out):
                 try:
@@ -2644,7 +2897,8 @@ class _LayerApplier:
         came from the parent is older. NOTE: a hard link that this layer adds
         to an inode of the parent also makes that inode's other names look new.
         """
-        for name, st in _list_dir(dir_fd):
+        for name, entry in _list_dir(dir_fd):
+            st = entry.stat(follow_symlinks=False)
             if st.st_ctime_ns < self.epoch_ns:
                 _remove_tree(dir_fd, name)
             elif stat.S_ISDIR(st.st_mode):

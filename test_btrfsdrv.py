@@ -1078,6 +1078,118 @@ def edit_package_tree(root):
     os.chmod(rng.choice(files[:-1]) if files[-1] == victim else files[-1], 0o4711)
 
 
+# Tree-search fast path against the full walk ---------------------------------
+
+
+def build_random_tree(rng, root, entries=60):
+    directories = [root]
+    files = []
+    for index in range(entries):
+        parent = rng.choice(directories)
+        name = "%s%d" % (rng.choice(["d", "f", "x"]), index)
+        path = os.path.join(parent, name)
+        if rng.random() < 0.25 and path.count("/") - root.count("/") < 5:
+            os.mkdir(path)
+            directories.append(path)
+        else:
+            write(path, random_content(rng.randrange(0, 300), index))
+            files.append(path)
+    for _ in range(5):
+        source = rng.choice(files)
+        link = os.path.join(rng.choice(directories), "link%d" % rng.randrange(10**6))
+        if not os.path.lexists(link):
+            os.link(source, link)
+    os.symlink("f0", os.path.join(root, "symlink"))
+
+
+def random_edit(rng, root):
+    """Apply one random edit below root and return a description of it."""
+    everything = []
+    for directory, dirnames, filenames in os.walk(root):
+        everything.extend(os.path.join(directory, name) for name in dirnames + filenames)
+    if not everything:
+        return "empty"
+    path = rng.choice(everything)
+    is_dir = os.path.isdir(path) and not os.path.islink(path)
+    is_file = os.path.isfile(path) and not os.path.islink(path)
+    directory = path if is_dir else os.path.dirname(path)
+
+    edit = rng.choice(["append", "same", "chmod", "same_mode", "chown", "delete", "add", "mkdir",
+                       "rename", "retype", "hard_link", "xattr", "symlink", "fifo", "touch"])
+    new_name = os.path.join(directory, "new%d" % rng.randrange(10**6))
+
+    if edit == "append" and is_file:
+        with open(path, "ab") as out:
+            out.write(b"more")
+    elif edit == "same" and is_file:
+        # New data, same size and mtime: the inode changes, no compared attribute does.
+        st = os.stat(path)
+        with open(path, "r+b") as out:
+            out.write(bytes(st.st_size))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    elif edit == "chmod" and not os.path.islink(path):
+        os.chmod(path, 0o4750)
+    elif edit == "same_mode" and not os.path.islink(path):
+        os.chmod(path, stat.S_IMODE(os.stat(path).st_mode))
+    elif edit == "chown":
+        os.chown(path, rng.randrange(5), rng.randrange(5), follow_symlinks=False)
+    elif edit == "delete" and is_dir:
+        shutil.rmtree(path)
+    elif edit == "delete":
+        os.unlink(path)
+    elif edit == "add":
+        write(new_name, b"added")
+    elif edit == "mkdir":
+        os.makedirs(os.path.join(new_name, "sub"))
+        write(os.path.join(new_name, "sub", "file"), b"x")
+    elif edit == "rename":
+        target = rng.choice([root, os.path.dirname(path)])
+        os.rename(path, os.path.join(target, "moved%d" % rng.randrange(10**6)))
+    elif edit == "retype":
+        if is_dir:
+            shutil.rmtree(path)
+            write(path, b"now a file")
+        else:
+            os.unlink(path)
+            os.mkdir(path)
+    elif edit == "hard_link" and is_file:
+        os.link(path, new_name)
+    elif edit == "xattr" and (is_file or is_dir):
+        os.setxattr(path, "user.edit", b"%d" % rng.randrange(100))
+    elif edit == "symlink":
+        os.symlink(rng.choice(["f1", "/etc/passwd", "../up"]), new_name)
+    elif edit == "fifo":
+        os.mkfifo(new_name)
+    elif edit == "touch":
+        os.utime(path, (rng.randrange(10**9), rng.randrange(10**9)), follow_symlinks=False)
+    return "%s %s" % (edit, os.path.relpath(path, root))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_fast_path_matches_full_walk(driver, seed):
+    seed = int(os.environ.get("BTRFSDRV_SEED", seed))
+    rng = random.Random(seed)
+    driver.create("base")
+    build_random_tree(rng, driver.get("base"))
+    driver.create("upper", "base")
+    upper = driver.get("upper")
+    edits = [random_edit(rng, upper) for _ in range(rng.randrange(1, 12))]
+    if seed % 3 == 0:
+        edits += ["parent: " + random_edit(rng, driver.get("base")) for _ in range(2)]
+    fast = btrfsdrv._snapshot_changes(upper, driver.get("base"))
+    full = btrfsdrv.layer_changes(upper, driver.get("base"))
+    assert fast is not None, f"seed {seed}: the fast path did not apply"
+    assert fast == full, f"seed {seed}, edits {edits}"
+
+
+def test_fast_path_declines_unrelated_layers(driver):
+    driver.create("one")
+    driver.create("two")
+    assert btrfsdrv._snapshot_changes(driver.get("two"), driver.get("one")) is None
+    driver.create("child", "one")
+    assert btrfsdrv._snapshot_changes(driver.get("child"), driver.get("two")) is None
+
+
 # -- Hardening -----------------------------------------------------------------
 
 
