@@ -2776,8 +2776,10 @@ class _LayerApplier:
         self.epoch_ns = _layer_epoch(root_fd)
         self.temporary_name = ".btrfsdrv-apply-%d-%d" % (os.getpid(), id(self))
         self.warned_chown = False
+        self.parent_cache: Optional[Tuple[Tuple[str, ...], int]] = None
 
     def close(self) -> None:
+        self.forget_parent()
         self.dir_times.close()
 
     # Owners and metadata -------------------------------------------------
@@ -2863,14 +2865,37 @@ class _LayerApplier:
         if member.isreg():
             self.apply_file(parts, member, data_reader, path)
             return
-        parent_fd = _open_entry_parent(self.root_fd, parts, path, create=True)
-        try:
-            if member.isdir():
-                self.apply_directory(parent_fd, parts[-1], parts, member, path)
-            else:
-                self.apply_special(parent_fd, parts[-1], member, path)
-        finally:
-            os.close(parent_fd)
+
+        # Reject a bad entry before its parent directories are created.
+        if member.islnk():
+            os.close(self.link_target(member, path)[0])
+        elif not (member.isdir() or member.issym() or member.ischr() or member.isblk() or member.isfifo()):
+            raise ValueError(f"unsupported tar entry type {member.type!r}")
+        parent_fd = self.entry_parent(parts, path)
+        if member.isdir():
+            self.apply_directory(parent_fd, parts[-1], parts, member, path)
+        else:
+            self.apply_special(parent_fd, parts, member, path)
+
+    def entry_parent(self, parts: List[str], path: str) -> int:
+        """Return an fd of the directory that contains parts[-1], creating missing ones.
+
+        The fd of the last parent is kept for the next entry, which is mostly in
+        the same directory. It belongs to the applier: callers do not close it.
+        """
+        key = tuple(parts[:-1])
+        if self.parent_cache is not None and self.parent_cache[0] == key:
+            return self.parent_cache[1]
+        fd = _open_entry_parent(self.root_fd, parts, path, create=True)
+        self.forget_parent()
+        self.parent_cache = (key, fd)
+        return fd
+
+    def forget_parent(self) -> None:
+        """Drop the kept parent fd, because a removal may have taken its directory."""
+        if self.parent_cache is not None:
+            os.close(self.parent_cache[1])
+            self.parent_cache = None
 
     def apply_whiteout(self, parts: List[str], path: str) -> None:
         base = parts[-1]
@@ -2879,6 +2904,7 @@ class _LayerApplier:
         target = base[len(WHITEOUT_PREFIX):]
         if base != WHITEOUT_OPAQUE_DIR and target in ("", ".", ".."):
             raise ValueError(f"whiteout {path!r} does not name an entry")
+        self.forget_parent()
         parent_fd = _open_entry_parent(self.root_fd, parts, path)
         if parent_fd is None:
             return
@@ -2908,13 +2934,17 @@ class _LayerApplier:
                 finally:
                     os.close(child)
 
-    def remove_existing(self, dir_fd: int, name: str, keep_directory: bool) -> Optional[os.stat_result]:
-        """Remove what is at name unless both it and the new entry are directories."""
+    def remove_existing(self, dir_fd: int, parts: List[str], keep_directory: bool) -> Optional[os.stat_result]:
+        """Remove what is at parts (inside dir_fd) unless both it and the new entry are directories."""
+        name = parts[-1]
         st = _lstat_at(dir_fd, name)
         if st is None:
             return None
         if keep_directory and stat.S_ISDIR(st.st_mode):
             return st
+        if stat.S_ISDIR(st.st_mode) and self.parent_cache is not None:
+            if self.parent_cache[0][:len(parts)] == tuple(parts):
+                self.forget_parent()  # the kept directory is inside the one removed
         _remove_tree(dir_fd, name)
         return None
 
@@ -2922,7 +2952,7 @@ class _LayerApplier:
         if name is None:
             fd = os.dup(parent_fd)
         else:
-            if self.remove_existing(parent_fd, name, keep_directory=True) is None:
+            if self.remove_existing(parent_fd, parts, keep_directory=True) is None:
                 os.mkdir(name, 0o700, dir_fd=parent_fd)
             fd = _open_directory(name, parent_fd)
         try:
@@ -2943,20 +2973,17 @@ class _LayerApplier:
             with open(fd, "wb", closefd=False) as out:
                 data_reader(member, out)
             self.set_fd_metadata(fd, member, path)
-            parent_fd = _open_entry_parent(self.root_fd, parts, path, create=True)
-            try:
-                self.remove_existing(parent_fd, parts[-1], keep_directory=False)
-                os.rename(temporary, parts[-1], src_dir_fd=self.root_fd, dst_dir_fd=parent_fd)
-                installed = True
-            finally:
-                os.close(parent_fd)
+            parent_fd = self.entry_parent(parts, path)
+            self.remove_existing(parent_fd, parts, keep_directory=False)
+            os.rename(temporary, parts[-1], src_dir_fd=self.root_fd, dst_dir_fd=parent_fd)
+            installed = True
         finally:
             os.close(fd)
             if not installed:
                 with _suppress_missing():
                     os.unlink(temporary, dir_fd=self.root_fd)
 
-    def apply_special(self, parent_fd: int, name: str, member, path: str) -> None:
+    def apply_special(self, parent_fd: int, parts: List[str], member, path: str) -> None:
         """Create a symlink, hard link, device node or FIFO under a temporary name, then rename it."""
         import tarfile
 
@@ -2966,26 +2993,29 @@ class _LayerApplier:
             os.symlink(member.linkname, temporary, dir_fd=parent_fd)
         elif member.islnk():
             self.link(parent_fd, temporary, member, path)
-        elif member.type in (tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE):
+        else:
             kind = {tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK,
                     tarfile.FIFOTYPE: stat.S_IFIFO}[member.type]
             device = os.makedev(member.devmajor, member.devminor) if kind != stat.S_IFIFO else 0
             os.mknod(temporary, kind | 0o600, device, dir_fd=parent_fd)
-        else:
-            raise ValueError(f"entry {path!r} has unsupported tar type {member.type!r}")
         try:
             if not member.islnk():
                 # A hard link shares the metadata of its target, as with GNU tar.
                 self.set_path_metadata(parent_fd, temporary, member, path)
-            self.remove_existing(parent_fd, name, keep_directory=False)
-            os.rename(temporary, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+            self.remove_existing(parent_fd, parts, keep_directory=False)
+            os.rename(temporary, parts[-1], src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
         finally:
             # rename() does nothing when both names are links to one inode,
             # so the temporary name can remain even after success.
             with _suppress_missing():
                 os.unlink(temporary, dir_fd=parent_fd)
 
-    def link(self, parent_fd: int, temporary: str, member, path: str) -> None:
+    def link_target(self, member, path: str) -> Tuple[int, str]:
+        """Resolve a hard link's target inside the layer; return its directory fd and name.
+
+        The target must exist and be neither a directory nor a symlink. The
+        caller closes the fd.
+        """
         target = member.linkname
         target_parts = _path_parts(target)
         if not target_parts:
@@ -2993,13 +3023,17 @@ class _LayerApplier:
         target_dir_fd = _open_entry_parent(self.root_fd, target_parts, target)
         if target_dir_fd is None:
             raise ValueError(f"hard link {path!r}: target {target!r} does not exist in the layer")
+        st = _lstat_at(target_dir_fd, target_parts[-1])
+        if st is None or stat.S_ISLNK(st.st_mode) or stat.S_ISDIR(st.st_mode):
+            os.close(target_dir_fd)
+            problem = "does not exist in the layer" if st is None else "is a symlink or directory"
+            raise ValueError(f"hard link {path!r}: target {target!r} {problem}")
+        return target_dir_fd, target_parts[-1]
+
+    def link(self, parent_fd: int, temporary: str, member, path: str) -> None:
+        target_dir_fd, target_name = self.link_target(member, path)
         try:
-            st = _lstat_at(target_dir_fd, target_parts[-1])
-            if st is None:
-                raise ValueError(f"hard link {path!r}: target {target!r} does not exist in the layer")
-            if stat.S_ISLNK(st.st_mode) or stat.S_ISDIR(st.st_mode):
-                raise ValueError(f"hard link {path!r}: target {target!r} is a symlink or directory")
-            os.link(target_parts[-1], temporary, src_dir_fd=target_dir_fd, dst_dir_fd=parent_fd,
+            os.link(target_name, temporary, src_dir_fd=target_dir_fd, dst_dir_fd=parent_fd,
                     follow_symlinks=False)
         finally:
             os.close(target_dir_fd)

@@ -656,6 +656,14 @@ def test_hostile_hard_link_outside(trees):
     assert_sentinel_intact(sentinel, digest)
 
 
+def test_hostile_hard_link_creates_nothing_on_failure(trees):
+    layer, sentinel, digest = trees
+    with pytest.raises(ValueError, match="does not exist"):
+        apply(layer, make_tar([entry("new/dir/h", tarfile.LNKTYPE, linkname="missing")]))
+    assert not (layer / "new").exists()
+    assert_sentinel_intact(sentinel, digest)
+
+
 def test_hostile_hard_link_to_symlink(trees):
     layer, sentinel, digest = trees
     raw = make_tar([entry("s", tarfile.SYMTYPE, linkname=str(sentinel / "secret")),
