@@ -2369,6 +2369,7 @@ class _TarEntryWriter:
         finally:
             if data is not None:
                 data.close()
+        self.tar.members.clear()  # tarfile keeps every member written; memory must stay flat
 
     @staticmethod
     def _open_file(dir_fd: int, name: str, st: os.stat_result, path: str):
@@ -2386,6 +2387,7 @@ class _TarEntryWriter:
         info.type = tarfile.REGTYPE
         info.mode = 0
         self.tar.addfile(info)
+        self.tar.members.clear()
 
 
 def _write_full_tar(out, layer_fd: int, uid_maps, gid_maps) -> None:
