@@ -3,8 +3,9 @@
 Run as root from the repository root: python3 bench/diffs.py [DEB]...
 Each DEB's data tarball is applied with Driver.apply_diff and extracted with
 "tar -x --xattrs", both onto the same btrfs, and then diffed and applied
-again. Then changes() is timed on a large layer with few changes. Results
-are printed and written to bench/results.json.
+again. Then changes() is timed on a large layer with few changes, and the peak
+Python memory of apply_diff, diff and changes on layers of growing size
+is traced. Results are printed and written to bench/results.json.
 """
 
 import argparse
@@ -100,6 +101,48 @@ def bench_few_changes(driver, files, changed):
             "speedup": round(walk_seconds / seconds, 1)}
 
 
+def bench_memory(driver, work, counts=(10000, 100000)):
+    """Return the peak Python memory of apply_diff, diff and changes for growing layers."""
+    import io
+    import tarfile
+    import tracemalloc
+
+    rows = []
+    for count in counts:
+        path = os.path.join(work, "flat-%d.tar" % count)
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+            for index in range(count):
+                if index % 100 == 0:
+                    directory = tarfile.TarInfo("d%d" % (index // 100))
+                    directory.type = tarfile.DIRTYPE
+                    directory.mode = 0o755
+                    tar.addfile(directory)
+                info = tarfile.TarInfo("d%d/f%d" % (index // 100, index))
+                info.size = 1
+                tar.addfile(info, io.BytesIO(b"x"))
+        layer, upper = "flat-%d" % count, "flat-upper-%d" % count
+        driver.create(layer)
+        row = {"entries": count}
+        tracemalloc.start()
+        with open(path, "rb") as stream:
+            driver.apply_diff(layer, stream)
+        row["apply_diff_peak_kib"] = tracemalloc.get_traced_memory()[1] // 1024
+        tracemalloc.stop()
+        tracemalloc.start()
+        _drain(driver.diff(layer))
+        row["diff_peak_kib"] = tracemalloc.get_traced_memory()[1] // 1024
+        tracemalloc.stop()
+        driver.create(upper, layer)
+        with open(os.path.join(driver.get(upper), "d3", "new"), "wb"):
+            pass
+        tracemalloc.start()
+        btrfsdrv.layer_changes(driver.get(upper), driver.get(layer))
+        row["changes_full_walk_peak_kib"] = tracemalloc.get_traced_memory()[1] // 1024
+        tracemalloc.stop()
+        rows.append(row)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("debs", nargs="*", help="Debian packages (default: .cache/debs/*.deb)")
@@ -118,6 +161,9 @@ def main():
                 print(json.dumps(results["packages"][-1]))
             results["few_changes"] = bench_few_changes(driver, args.files, args.changed)
             print(json.dumps(results["few_changes"]))
+            results["memory"] = bench_memory(driver, work)
+            for row in results["memory"]:
+                print(json.dumps(row))
     finally:
         fs.teardown()
         shutil.rmtree(work, ignore_errors=True)
