@@ -3358,12 +3358,11 @@ def _command_diff(driver: Driver, args: Any) -> Any:
 
 
 def _command_apply(driver: Driver, args: Any) -> Any:
-    progress = None
-    if sys.stderr.isatty():
-        def progress(bytes_read: int, entries: int) -> None:
-            sys.stderr.write(f"\rapplying {args.id}: {bytes_read / 1048576:.1f} MiB read, {entries} entries")
-            sys.stderr.flush()
+    def show_progress(bytes_read: int, entries: int) -> None:
+        sys.stderr.write(f"\rapplying {args.id}: {bytes_read / 1048576:.1f} MiB read, {entries} entries")
+        sys.stderr.flush()
 
+    progress = show_progress if sys.stderr.isatty() else None
     try:
         size = driver.apply_diff(args.id, sys.stdin.buffer, parent=args.parent, progress=progress)
     finally:
