@@ -21,8 +21,13 @@ test-deps:
 test-source:
 	$(PYTEST) $(PYTEST_ARGS)
 
+# The same tests against dist/btrfsdrv.py. pytest runs from dist/ in
+# importlib mode, so neither pytest nor "python -m" puts the repository,
+# and with it ioctl_structs.py, on sys.path. Tests find repository files
+# through their own __file__.
 test-vendored: vendor
-	BTRFSDRV_PATH=dist $(PYTEST) -p no:cacheprovider $(PYTEST_ARGS)
+	cd dist && BTRFSDRV_PATH=. BTRFSDRV_VENDORED=1 $(PYTEST) -c ../setup.cfg --rootdir .. \
+		-p no:cacheprovider --import-mode=importlib $(PYTEST_ARGS) ../test_btrfsdrv.py
 
 vendor:
 	$(PYTHON) tools/vendor.py --output dist/btrfsdrv.py

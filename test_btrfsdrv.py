@@ -179,3 +179,132 @@ def unique_id(prefix="layer"):
 
 
 # -- Vendoring, packaging and interoperation ------------------------------------
+
+# These tests also run against the vendored single file (make test-vendored),
+# which runs pytest from dist/ with BTRFSDRV_VENDORED=1. Repository files are
+# found next to this file, never through sys.path.
+
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import textwrap  # noqa: E402
+
+REPOSITORY = os.path.dirname(os.path.abspath(__file__))
+VENDORED = os.environ.get("BTRFSDRV_VENDORED") == "1"
+MODULE_DIR = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
+
+
+def _vendor_to(path):
+    """Run tools/vendor.py and return the bytes of the file it wrote."""
+    subprocess.run(
+        [sys.executable, os.path.join(REPOSITORY, "tools", "vendor.py"), "--output", str(path)],
+        check=True, capture_output=True, text=True,
+    )
+    with open(path, "rb") as vendored:
+        return vendored.read()
+
+
+@pytest.fixture
+def vendored_dir(tmp_path):
+    """A directory that holds a fresh dist/btrfsdrv.py and nothing else."""
+    directory = tmp_path / "vendored"
+    directory.mkdir()
+    _vendor_to(directory / "btrfsdrv.py")
+    return str(directory)
+
+
+def _run_python(code, import_dir, *args, check=True):
+    """Run code in an isolated interpreter that imports modules from import_dir only.
+
+    -I leaves the current directory, PYTHONPATH and user site-packages off
+    sys.path, so the test's own imports cannot leak in.
+    """
+    prelude = f"import sys\nsys.path.insert(0, {import_dir!r})\n"
+    return subprocess.run(
+        [sys.executable, "-I", "-c", prelude + textwrap.dedent(code), *args],
+        check=check, capture_output=True, text=True,
+    )
+
+
+def test_vendored_run_tests_the_right_module():
+    if VENDORED:
+        assert btrfsdrv.__file__ == os.path.join(os.path.abspath(os.environ["BTRFSDRV_PATH"]), "btrfsdrv.py")
+        assert importlib.util.find_spec("ioctl_structs") is None
+        assert btrfsdrv._structs is btrfsdrv
+    else:
+        assert btrfsdrv.__file__ == os.path.join(REPOSITORY, "btrfsdrv.py")
+        assert btrfsdrv._structs.__name__ == "ioctl_structs"
+
+
+def test_vendor_output_is_reproducible(tmp_path):
+    first = _vendor_to(tmp_path / "first.py")
+    second = _vendor_to(tmp_path / "second.py")
+    assert first == second
+    if VENDORED:
+        with open(btrfsdrv.__file__, "rb") as tested:
+            assert tested.read() == first, "dist/btrfsdrv.py is stale: run make vendor"
+
+
+def test_vendored_file_layout(vendored_dir):
+    with open(os.path.join(vendored_dir, "btrfsdrv.py"), encoding="utf-8") as vendored:
+        text = vendored.read()
+    with open(os.path.join(REPOSITORY, "btrfsdrv.py"), encoding="utf-8") as source:
+        source_text = source.read()
+    header = text[:text.index('"""')]
+    assert f"btrfsdrv {btrfsdrv.__version__}," in header
+    assert f"Linux {btrfsdrv._structs.PORTED_HEADERS_VERSION} UAPI headers" in " ".join(header.replace("#", " ").split())
+    assert "linux/btrfs.h" in header
+
+    docstring_end = text.index('"""', text.index('"""') + 3) + 3
+    assert text[docstring_end:].startswith("\nfrom __future__ import annotations\n")
+    assert text.count("from __future__ import") == 1
+    assert "import ioctl_structs" not in text
+    assert "from ioctl_structs import" not in text
+    assert text.count("\n__all__ = ") == 1
+    assert "\n_structs = sys.modules[__name__]\n" in text
+    # Outside the inlined block, the lines are btrfsdrv.py's own.
+    assert text[text.index("# -- End of ioctl_structs.py"):].split("\n", 1)[1] in source_text
+
+
+@pytest.mark.parametrize("variant", ["source", "vendored"])
+def test_module_imports_on_unknown_machine(variant, vendored_dir):
+    import_dir = REPOSITORY if variant == "source" else vendored_dir
+    result = _run_python(
+        """
+        import platform
+        platform.machine = lambda: "vax"
+        import btrfsdrv
+        print(btrfsdrv.__file__)
+        try:
+            btrfsdrv._structs.BTRFS_IOC_SYNC
+        except ValueError as error:
+            print(type(error).__name__, error)
+        """,
+        import_dir,
+    )
+    imported_from, error_line = result.stdout.splitlines()
+    assert imported_from == os.path.join(import_dir, "btrfsdrv.py")
+    assert error_line.startswith("UnknownMachineError unknown machine 'vax'")
+
+
+def test_vendored_module_keeps_every_name(vendored_dir):
+    code = """
+        import json, btrfsdrv
+        names = {"dir": sorted(dir(btrfsdrv)), "all": btrfsdrv.__all__}
+        try:
+            import ioctl_structs
+        except ImportError:
+            pass
+        else:
+            names["structs"] = sorted(set(dir(ioctl_structs)) - {"__all__"})
+            names["structs_all"] = ioctl_structs.__all__
+        print(json.dumps(names))
+    """
+    source = json.loads(_run_python(code, REPOSITORY).stdout)
+    vendored = json.loads(_run_python(code, vendored_dir).stdout)
+    assert "structs" not in vendored
+    assert vendored["all"] == source["all"]
+    missing_driver_names = set(source["dir"]) - set(vendored["dir"]) - {"_structs"}
+    assert not missing_driver_names
+    missing_structs_names = set(source["structs"]) - set(vendored["dir"]) - {"__builtins__", "__cached__"}
+    assert not missing_structs_names
+    assert not set(source["structs_all"]) - set(vendored["dir"])
