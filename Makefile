@@ -5,7 +5,8 @@ PYTEST ?= $(PYTHON) -m pytest
 PYTEST_ARGS ?=
 APT_GET = DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: test test-deps test-source test-vendored vendor demo bench lint clean
+.PHONY: test test-deps test-source test-vendored vendor demo bench lint clean \
+	struct-table crosscheck
 
 # The README's test command: prepare the machine, then run the whole suite
 # against the source tree and against the vendored single file.
@@ -34,6 +35,25 @@ vendor:
 
 demo: test-deps
 	$(PYTHON) tools/demo.py
+
+# Regenerates the table of struct layouts and constants that the kernel
+# interface tests compare against where no C compiler or headers exist.
+# Cross compilers that are installed add their architectures to it.
+struct-table:
+	$(PYTHON) tools/structprobe.py --table --output tools/struct_table.json
+
+# Installs the missing Debian cross compilers, then checks every request
+# number of ioctl_structs against each architecture's compiled headers.
+crosscheck: test-deps
+	@missing=""; \
+	for package in $$($(PYTHON) tools/structprobe.py --list-cross-packages); do \
+		dpkg-query -W -f='$${Status}' "$$package" 2>/dev/null | grep -q "ok installed" \
+			|| missing="$$missing $$package"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		$(APT_GET) update -qq && $(APT_GET) install -y -qq $$missing; \
+	fi
+	BTRFSDRV_CROSSCHECK=1 $(PYTEST) $(PYTEST_ARGS) -k crosscheck
 
 clean:
 	rm -rf dist build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -773,18 +773,21 @@ def _enable_quota(fd: int, simple: bool, path: Any) -> None:
     log.debug("enabled btrfs %s on %s", mode, os.fsdecode(path))
 
 
-def _set_qgroup_limit(subvolume_fd: int, qgroup_id: int, max_rfer: Optional[int], path: Any) -> None:
-    """Set (or with max_rfer None, clear) the referenced-bytes limit of a qgroup.
+def _set_qgroup_limit(fd: int, qgroup_id: int, max_rfer: Optional[int], path: Any) -> None:
+    """Set (or with max_rfer None, clear) the referenced-bytes limit of qgroup 0/qgroup_id.
 
-    qgroup_id 0 means the qgroup of the subvolume that subvolume_fd is in.
+    fd must not be inside the limited subvolume: the ioctl starts a
+    transaction charged to fd's subvolume, which fails with EDQUOT when that
+    subvolume is already over its limit.
     """
     args = btrfs_ioctl_qgroup_limit_args()
     args.qgroupid = qgroup_id
     args.lim.flags = BTRFS_QGROUP_LIMIT_MAX_RFER
     # The kernel clears a limit when it is given as (u64)-1 with its flag set.
     args.lim.max_rfer = _U64_MAX if max_rfer is None else max_rfer
-    _ioctl(subvolume_fd, _structs.BTRFS_IOC_QGROUP_LIMIT, args, "set qgroup limit", path)
-    log.debug("set qgroup limit of %s to %s", os.fsdecode(path), "none" if max_rfer is None else max_rfer)
+    _ioctl(fd, _structs.BTRFS_IOC_QGROUP_LIMIT, args, "set qgroup limit", path)
+    log.debug("set limit of qgroup 0/%d (%s) to %s", qgroup_id, os.fsdecode(path),
+              "none" if max_rfer is None else max_rfer)
 
 
 def _create_qgroup(fd: int, qgroup_id: int, path: Any) -> None:
@@ -1137,11 +1140,13 @@ class Driver:
     def _apply_limit(self, layer_fd: int, size: int, path: str) -> None:
         """Set the layer's qgroup limit, re-creating its qgroup if it was destroyed."""
         self._ensure_quota()
-        try:
-            _set_qgroup_limit(layer_fd, 0, size, path)
-        except FileNotFoundError:
-            _create_qgroup(layer_fd, _subvolume_id_of_fd(layer_fd, path), path)
-            _set_qgroup_limit(layer_fd, 0, size, path)
+        qgroup_id = _subvolume_id_of_fd(layer_fd, path)
+        with self._open_home() as home_fd:
+            try:
+                _set_qgroup_limit(home_fd, qgroup_id, size, path)
+            except FileNotFoundError:
+                _create_qgroup(home_fd, qgroup_id, path)
+                _set_qgroup_limit(home_fd, qgroup_id, size, path)
 
     # -- Create
 
@@ -1274,7 +1279,7 @@ class Driver:
                     return
                 subvolume = _subvolume_id_of_fd(layer_fd, path)
                 if _qgroup_limit(home_fd, subvolume, path) is not None:
-                    _set_qgroup_limit(layer_fd, 0, None, path)
+                    _set_qgroup_limit(home_fd, subvolume, None, path)
         except PermissionError:
             return
 
