@@ -1535,7 +1535,6 @@ def test_cli_help_documents_exit_status():
 # found next to this file, never through sys.path.
 
 import importlib.util  # noqa: E402
-import json  # noqa: E402
 import textwrap  # noqa: E402
 
 REPOSITORY = os.path.dirname(os.path.abspath(__file__))
@@ -1562,7 +1561,7 @@ def vendored_dir(tmp_path):
     return str(directory)
 
 
-def _run_python(code, import_dir, *args, check=True):
+def _run_isolated(code, import_dir, *args, check=True):
     """Run code in an isolated interpreter that imports modules from import_dir only.
 
     -I leaves the current directory, PYTHONPATH and user site-packages off
@@ -1578,7 +1577,14 @@ def _run_python(code, import_dir, *args, check=True):
 def test_vendored_run_tests_the_right_module():
     if VENDORED:
         assert btrfsdrv.__file__ == os.path.join(os.path.abspath(os.environ["BTRFSDRV_PATH"]), "btrfsdrv.py")
-        assert importlib.util.find_spec("ioctl_structs") is None
+        # A fresh interpreter started like this run (same directory and
+        # environment) finds no ioctl_structs; this process's sys.path may
+        # have grown since, through tools that other tests import.
+        probe = subprocess.run(
+            [sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec('ioctl_structs'))"],
+            capture_output=True, text=True, check=True, cwd=MODULE_DIR,
+        )
+        assert probe.stdout.strip() == "None"
         assert btrfsdrv._structs is btrfsdrv
     else:
         assert btrfsdrv.__file__ == os.path.join(REPOSITORY, "btrfsdrv.py")
@@ -1601,7 +1607,8 @@ def test_vendored_file_layout(vendored_dir):
         source_text = source.read()
     header = text[:text.index('"""')]
     assert f"btrfsdrv {btrfsdrv.__version__}," in header
-    assert f"Linux {btrfsdrv._structs.PORTED_HEADERS_VERSION} UAPI headers" in " ".join(header.replace("#", " ").split())
+    header_words = " ".join(header.replace("#", " ").split())
+    assert f"Linux {btrfsdrv._structs.PORTED_HEADERS_VERSION} UAPI headers" in header_words
     assert "linux/btrfs.h" in header
 
     docstring_end = text.index('"""', text.index('"""') + 3) + 3
@@ -1618,7 +1625,7 @@ def test_vendored_file_layout(vendored_dir):
 @pytest.mark.parametrize("variant", ["source", "vendored"])
 def test_module_imports_on_unknown_machine(variant, vendored_dir):
     import_dir = REPOSITORY if variant == "source" else vendored_dir
-    result = _run_python(
+    result = _run_isolated(
         """
         import platform
         platform.machine = lambda: "vax"
@@ -1649,8 +1656,8 @@ def test_vendored_module_keeps_every_name(vendored_dir):
             names["structs_all"] = ioctl_structs.__all__
         print(json.dumps(names))
     """
-    source = json.loads(_run_python(code, REPOSITORY).stdout)
-    vendored = json.loads(_run_python(code, vendored_dir).stdout)
+    source = json.loads(_run_isolated(code, REPOSITORY).stdout)
+    vendored = json.loads(_run_isolated(code, vendored_dir).stdout)
     assert "structs" not in vendored
     assert vendored["all"] == source["all"]
     missing_driver_names = set(source["dir"]) - set(vendored["dir"]) - {"_structs"}
@@ -1658,3 +1665,189 @@ def test_vendored_module_keeps_every_name(vendored_dir):
     missing_structs_names = set(source["structs"]) - set(vendored["dir"]) - {"__builtins__", "__cached__"}
     assert not missing_structs_names
     assert not set(source["structs_all"]) - set(vendored["dir"])
+
+
+# - Command line
+
+
+def _cli(*args, check=False):
+    """Run python -m btrfsdrv, importing it from where the tests imported it."""
+    environment = dict(os.environ, PYTHONPATH=MODULE_DIR)
+    return subprocess.run(
+        [sys.executable, "-m", "btrfsdrv", *args],
+        check=check, capture_output=True, text=True, env=environment, cwd="/",
+    )
+
+
+def test_cli_help_lists_each_exit_status():
+    result = _cli("--help")
+    assert result.returncode == 0
+    for line in ("0  success", "1  the layer does not exist", "2  usage error", "3  any other failure"):
+        assert line in result.stdout
+
+
+@pytest.mark.parametrize("command", ["create", "remove", "get", "exists", "list", "status",
+                                     "metadata", "usage", "cleanup"])
+def test_cli_command_help_offers_json(command):
+    result = _cli("--home", "/nonexistent", command, "--help")
+    assert result.returncode == 0
+    assert "--json" in result.stdout
+    assert "--verbose" in result.stdout
+
+
+def test_cli_json_before_and_after_command(home):
+    assert _cli("--home", home, "create", "base").returncode == 0
+    for args in (["--json", "metadata", "base"], ["metadata", "base", "--json"]):
+        result = _cli("--home", home, *args)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["Path"] == os.path.join(home, "subvolumes", "base")
+
+
+def test_cli_every_command_prints_json(home):
+    outputs = {}
+    commands = [
+        ["create", "base", "--json"],
+        ["create", "top", "--parent", "base", "--size", "64M", "--read-write", "--json"],
+        ["get", "top", "--json"],
+        ["exists", "top", "--json"],
+        ["list", "--json"],
+        ["status", "--json"],
+        ["metadata", "top", "--json"],
+        ["usage", "top", "--json"],
+        ["remove", "top", "--json"],
+        ["cleanup", "--json"],
+    ]
+    for args in commands:
+        result = _cli("--home", home, *args)
+        assert result.returncode == 0, (args, result.stderr)
+        outputs[args[0] + ":" + args[1]] = json.loads(result.stdout)
+    assert outputs["create:top"]["path"] == os.path.join(home, "subvolumes", "top")
+    assert outputs["get:top"] == os.path.join(home, "subvolumes", "top")
+    assert outputs["exists:top"] is True
+    assert outputs["list:--json"] == ["base", "top"]
+    assert outputs["status:--json"]["Quota Enabled"] == "true"
+    assert outputs["metadata:top"]["SizeLimit"] == str(64 * 1024**2)
+    assert set(outputs["usage:top"]) == {"size", "inode_count"}
+    assert outputs["remove:top"] == {"id": "top", "removed": True}
+    assert outputs["cleanup:--json"]["home"] == home
+
+
+def test_cli_exit_statuses(home):
+    assert _cli("--home", home, "create", "base").returncode == 0
+    assert _cli("--home", home, "exists", "base").returncode == 0
+    assert _cli("--home", home, "exists", "missing").returncode == 1
+    assert _cli("--home", home, "create", "bad/id").returncode == 2
+    assert _cli("--home", home, "create", "sized", "--size", "ten").returncode == 2
+    assert _cli("--home", home, "no-such-command").returncode == 2
+    assert _cli("--home", home, "-o", "btrfs.unknown=1", "list").returncode == 2
+    missing = _cli("--home", home, "remove", "missing")
+    assert missing.returncode == 3
+    assert "not found" in missing.stderr
+
+
+def test_cli_verbose_logs_changes(home):
+    quiet = _cli("--home", home, "create", "quiet")
+    verbose = _cli("--home", home, "create", "loud", "-v")
+    assert quiet.returncode == 0
+    assert verbose.returncode == 0
+    assert quiet.stderr == ""
+    assert "btrfsdrv: created subvolume " + os.path.join(home, "subvolumes", "loud") in verbose.stderr
+
+
+# - Packaging
+
+
+def _copy_checkout(destination):
+    """Copy the repository's files, without build output, so builds leave it clean."""
+    ignore = shutil.ignore_patterns(".git", "dist", "build", "*.egg-info", "__pycache__", ".*_cache")
+    shutil.copytree(REPOSITORY, destination, ignore=ignore)
+    return str(destination)
+
+
+def _require_build_tools():
+    missing = [name for name in ("setuptools", "wheel", "pip") if importlib.util.find_spec(name) is None]
+    if not missing:
+        return
+    reason = f"building a wheel offline needs {', '.join(missing)} (make test-deps installs them)"
+    if IN_CI:
+        pytest.fail(f"CI=true but {reason}")
+    pytest.skip(reason)
+
+
+def test_wheel_builds_offline_and_installs(tmp_path):
+    _require_build_tools()
+    source = _copy_checkout(tmp_path / "source")
+    wheels = tmp_path / "wheels"
+    target = tmp_path / "target"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(wheels), source],
+                   check=True, capture_output=True, text=True)
+    (wheel,) = os.listdir(wheels)
+    assert wheel == f"btrfsdrv-{btrfsdrv.__version__}-py3-none-any.whl"
+
+    import zipfile
+    with zipfile.ZipFile(wheels / wheel) as archive:
+        names = set(archive.namelist())
+        entry_points = archive.read(f"btrfsdrv-{btrfsdrv.__version__}.dist-info/entry_points.txt").decode()
+    assert {"btrfsdrv.py", "ioctl_structs.py"} <= names
+    assert "btrfsdrv = btrfsdrv:main" in entry_points
+
+    subprocess.run(pip + ["install", "--no-deps", "--no-index", "--target", str(target), str(wheels / wheel)],
+                   check=True, capture_output=True, text=True)
+    environment = dict(os.environ, PYTHONPATH=str(target))
+    script = subprocess.run([str(target / "bin" / "btrfsdrv"), "--help"],
+                            capture_output=True, text=True, env=environment, cwd="/")
+    assert script.returncode == 0, script.stderr
+    assert "exit status:" in script.stdout
+    module = subprocess.run([sys.executable, "-m", "btrfsdrv", "--version"],
+                            capture_output=True, text=True, env=environment, cwd="/")
+    assert module.stdout.strip() == f"btrfsdrv {btrfsdrv.__version__}"
+    where = subprocess.run([sys.executable, "-c", "import btrfsdrv, ioctl_structs; print(btrfsdrv.__file__)"],
+                           capture_output=True, text=True, env=environment, cwd="/")
+    assert where.stdout.strip() == str(target / "btrfsdrv.py")
+
+
+# - No processes and no libraries but libc
+
+
+_AUDIT_SCRIPT = """
+    import json, os
+    process_events = {"subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn", "os.system",
+                      "os.fork", "os.forkpty"}
+    violations, libraries = [], []
+
+    def audit(event, args):
+        if event in process_events:
+            violations.append([event, repr(args)[:300]])
+        elif event == "ctypes.dlopen":
+            name = args[0]
+            libraries.append(repr(name))
+            allowed = name is None or os.path.basename(os.fsdecode(name)).startswith(("libc.so", "libzstd.so"))
+            if not allowed:
+                violations.append([event, repr(name)])
+
+    sys.addaudithook(audit)
+    import btrfsdrv
+    home = sys.argv[1]
+    with btrfsdrv.Driver(home) as driver:
+        driver.create("base")
+        driver.create_read_write("top", "base", storage_opt={"size": "64M"})
+        driver.get("top")
+        driver.metadata("top")
+        driver.read_write_disk_usage("top")
+        driver.status()
+        driver.remove("top")
+        driver.remove("base")
+    print(json.dumps({"file": btrfsdrv.__file__, "violations": violations, "libraries": libraries}))
+"""
+
+
+@pytest.mark.parametrize("variant", ["source", "vendored"])
+def test_driver_starts_no_process_and_loads_only_libc(variant, home, vendored_dir):
+    import_dir = REPOSITORY if variant == "source" else vendored_dir
+    result = _run_isolated(_AUDIT_SCRIPT, import_dir, home, check=False)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["file"] == os.path.join(import_dir, "btrfsdrv.py")
+    assert report["violations"] == []
+    assert "None" in report["libraries"]  # ctypes.CDLL(None): the hook saw libc load
