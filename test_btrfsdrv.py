@@ -1851,3 +1851,244 @@ def test_driver_starts_no_process_and_loads_only_libc(variant, home, vendored_di
     assert report["file"] == os.path.join(import_dir, "btrfsdrv.py")
     assert report["violations"] == []
     assert "None" in report["libraries"]  # ctypes.CDLL(None): the hook saw libc load
+
+
+# - Interoperation with Podman's btrfs driver (containers/storage)
+
+PODMAN_IMAGE = "localhost/btrfsdrv-test:latest"
+ROOTFS_FILES = {
+    "etc/greeting": b"hello from a podman layer\n",
+    "etc/passwd": b"root:x:0:0:root:/root:/bin/sh\n",
+    "usr/share/doc/readme": b"x" * 5000,
+}
+
+# Podman runs in a private mount namespace: mounts it makes end with it, and
+# a tmpfs over /var/lib there takes the blob info cache that Podman 4.3 keeps
+# in /var/lib/containers/cache for root whatever --root says.
+_PODMAN_WRAPPER = 'mount -t tmpfs -o mode=0755 btrfsdrv-test /var/lib && exec podman "$@"'
+
+
+def _require_podman():
+    missing = [tool for tool in ("podman", "unshare") if shutil.which(tool) is None]
+    if not missing:
+        return
+    reason = f"{', '.join(missing)} not installed (make test-deps runs apt-get install -y podman)"
+    if IN_CI:
+        pytest.fail(f"CI=true but {reason}")
+    pytest.skip(reason)
+
+
+class PodmanStore:
+    """A Podman store whose graph root is on the test's loopback btrfs.
+
+    Configuration, run root and temporary files live in a directory of the
+    test, so Podman touches none of the host's stores, locks or caches.
+    """
+
+    def __init__(self, fs, config):
+        self.fs = fs
+        self.root = fs.path("podman")
+        self.home = os.path.join(self.root, "btrfs")
+        with open(os.path.join(config, "containers.conf"), "w") as conf:
+            conf.write(textwrap.dedent(f"""\
+                [engine]
+                cgroup_manager = "cgroupfs"
+                events_logger = "file"
+                events_logfile_path = "{config}/events.log"
+                lock_type = "file"
+                tmp_dir = "{config}/tmp"
+                """))
+        with open(os.path.join(config, "storage.conf"), "w") as conf:
+            conf.write(textwrap.dedent(f"""\
+                [storage]
+                driver = "btrfs"
+                graphroot = "{self.root}"
+                runroot = "{config}/run"
+                """))
+        self.environment = dict(
+            os.environ,
+            CONTAINERS_CONF=os.path.join(config, "containers.conf"),
+            CONTAINERS_STORAGE_CONF=os.path.join(config, "storage.conf"),
+            HOME=config,
+        )
+        self.rootfs = os.path.join(config, "rootfs.tar")
+        _write_rootfs(self.rootfs)
+
+    def run(self, *args, driver_options=()):
+        command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", _PODMAN_WRAPPER, "podman",
+                   "--root", self.root, "--runroot", os.path.dirname(self.rootfs) + "/run",
+                   "--storage-driver", "btrfs"]
+        for option in driver_options:
+            command += ["--storage-opt", option]
+        result = subprocess.run(command + list(args), capture_output=True, text=True, env=self.environment)
+        assert result.returncode == 0, f"podman {' '.join(args)} failed: {result.stderr}"
+        return result.stdout.strip()
+
+    def layers(self):
+        """Return {layer id: parent id or None} from containers/storage's layers.json."""
+        with open(os.path.join(self.root, "btrfs-layers", "layers.json")) as layers_file:
+            return {layer["id"]: layer.get("parent") for layer in json.load(layers_file)}
+
+    def container_layer(self, name):
+        container_id = self.run("container", "inspect", "--format", "{{.ID}}", name)
+        with open(os.path.join(self.root, "btrfs-containers", "containers.json")) as containers_file:
+            (layer,) = [entry["layer"] for entry in json.load(containers_file) if entry["id"] == container_id]
+        return layer
+
+    def import_image_and_create(self, *names, driver_options=()):
+        """Import the test rootfs, create containers, and return (image layer, {name: layer})."""
+        self.run("import", self.rootfs, PODMAN_IMAGE, driver_options=driver_options)
+        for name in names:
+            self.run("create", "--pull=never", "--network", "none", "--name", name, PODMAN_IMAGE, "/bin/true",
+                     driver_options=driver_options)
+        (image_layer,) = [layer for layer, parent in self.layers().items() if parent is None]
+        return image_layer, {name: self.container_layer(name) for name in names}
+
+
+def _write_rootfs(path):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as archive:
+        for name, data in ROOTFS_FILES.items():
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            member.mode = 0o644
+            archive.addfile(member, io.BytesIO(data))
+
+
+def _qgroup_limits(fs):
+    """Return {subvolume path: (max referenced, max exclusive)} from btrfs qgroup show -re --raw."""
+    limits = {}
+    for line in fs.btrfs("qgroup", "show", "-re", "--raw", fs.mountpoint).splitlines():
+        fields = line.split()
+        if len(fields) == 6 and fields[0].startswith("0/"):
+            limits[fields[5]] = (fields[3], fields[4])
+    return limits
+
+
+def _layer_limit(fs, store, layer):
+    relative = os.path.relpath(os.path.join(store.home, "subvolumes", layer), fs.mountpoint)
+    return _qgroup_limits(fs)[relative]
+
+
+def _write_until_full(directory, limit):
+    """Write up to twice limit bytes into directory and return the errno that stopped it."""
+    chunk = b"\0" * 1024**2
+    with open(os.path.join(directory, "filler"), "wb") as filler:
+        try:
+            for _ in range(2 * limit // len(chunk)):
+                filler.write(chunk)
+                filler.flush()
+                os.fsync(filler.fileno())
+        except OSError as error:
+            return error.errno
+    return None
+
+
+@pytest.fixture
+def podman(fs):
+    _require_podman()
+    # Podman rejects a run root longer than 50 characters, and pytest's
+    # tmp_path is longer, so the configuration goes to a short directory.
+    import tempfile
+
+    config = tempfile.mkdtemp(prefix="btrfsdrv-podman-", dir="/tmp")
+    try:
+        yield PodmanStore(fs, config)
+    finally:
+        shutil.rmtree(config)
+
+
+def test_podman_layers_read_by_btrfsdrv(podman):
+    image_layer, containers = podman.import_image_and_create("first", "second")
+
+    with btrfsdrv.Driver(podman.home) as driver:
+        assert set(driver.list_layers()) == set(podman.layers())
+        for layer in (image_layer, containers["first"]):
+            path = driver.get(layer)
+            assert path == os.path.join(podman.home, "subvolumes", layer)
+            for name, data in ROOTFS_FILES.items():
+                with open(os.path.join(path, name), "rb") as layer_file:
+                    assert layer_file.read() == data
+
+        image_metadata = driver.metadata(image_layer)
+        container_metadata = driver.metadata(containers["first"])
+        assert container_metadata["ParentUUID"] == image_metadata["UUID"]
+        assert int(image_metadata["SubvolumeID"]) >= 256
+        usage = driver.read_write_disk_usage(image_layer)
+        assert usage.size == sum(len(data) for data in ROOTFS_FILES.values())
+        assert usage.inode_count == len(ROOTFS_FILES) + 5  # files, the layer, etc, usr, share, doc
+
+        driver.remove(containers["second"])
+        assert not driver.exists(containers["second"])
+        assert driver.exists(image_layer)
+        assert driver.exists(containers["first"])
+
+    # Podman still reads the layers that btrfsdrv left.
+    mounted = podman.run("mount", "first")
+    assert mounted == os.path.join(podman.home, "subvolumes", containers["first"])
+    assert PODMAN_IMAGE in podman.run("images", "--format", "{{.Repository}}:{{.Tag}}")
+    subvolumes = podman.fs.btrfs("subvolume", "list", podman.fs.mountpoint)
+    assert containers["second"] not in subvolumes
+    assert containers["first"] in subvolumes
+
+
+def test_podman_applies_quota_file_of_btrfsdrv(podman):
+    limit = 32 * 1024**2
+    image_layer, containers = podman.import_image_and_create("limited", "newline")
+    with btrfsdrv.Driver(podman.home) as driver:
+        driver.create_read_write("btrfsdrv-limited", image_layer, storage_opt={"size": "32M"})
+    with open(os.path.join(podman.home, "quotas", "btrfsdrv-limited"), "rb") as quota_file:
+        quota = quota_file.read()
+    assert quota == str(limit).encode()  # strconv.ParseUint(data, 10, 64) rejects anything else
+
+    # containers/storage's Get reads HOME/quotas/ID and sets the qgroup limit.
+    # The same bytes with a newline are rejected, which shows Get parsed them.
+    with open(os.path.join(podman.home, "quotas", containers["limited"]), "wb") as quota_file:
+        quota_file.write(quota)
+    with open(os.path.join(podman.home, "quotas", containers["newline"]), "wb") as quota_file:
+        quota_file.write(quota + b"\n")
+    podman.run("mount", "limited")
+    podman.run("mount", "newline")
+
+    btrfsdrv_limits = _layer_limit(podman.fs, podman, "btrfsdrv-limited")
+    assert btrfsdrv_limits == (str(limit), "none")
+    assert _layer_limit(podman.fs, podman, containers["limited"]) == btrfsdrv_limits
+    assert _layer_limit(podman.fs, podman, containers["newline"]) == ("none", "none")
+
+    # Both limits stop writes the same way.
+    for layer in ("btrfsdrv-limited", containers["limited"]):
+        assert _write_until_full(os.path.join(podman.home, "subvolumes", layer), limit) == errno.EDQUOT
+
+
+def test_podman_min_space_agrees_with_btrfsdrv(podman):
+    with btrfsdrv.Driver(podman.home) as driver:
+        assert dict(driver.status())["Quota Enabled"] == "false"
+
+    # btrfs.min_space makes containers/storage turn quota on at init.
+    image_layer, containers = podman.import_image_and_create("small", "large",
+                                                             driver_options=["btrfs.min_space=8M"])
+    with btrfsdrv.Driver(podman.home, ["btrfs.min_space=8M"]) as driver:
+        assert dict(driver.status())["Quota Enabled"] == "true"
+        with pytest.raises(ValueError, match="btrfs.min_space"):
+            driver.create_read_write("too-small", image_layer, storage_opt={"size": "4M"})
+
+    # Both drivers ignore a quota file below btrfs.min_space and apply one above it.
+    os.makedirs(os.path.join(podman.home, "quotas"), exist_ok=True)
+    for name, size in (("small", 4 * 1024**2), ("large", 16 * 1024**2)):
+        with open(os.path.join(podman.home, "quotas", containers[name]), "w") as quota_file:
+            quota_file.write(str(size))
+    podman.run("mount", "small", driver_options=["btrfs.min_space=8M"])
+    podman.run("mount", "large", driver_options=["btrfs.min_space=8M"])
+    podman_limits = {name: _layer_limit(podman.fs, podman, containers[name]) for name in containers}
+    assert podman_limits == {"small": ("none", "none"), "large": (str(16 * 1024**2), "none")}
+
+    with btrfsdrv.Driver(podman.home, ["btrfs.min_space=8M"]) as driver:
+        for name in ("small", "large"):
+            driver.create_read_write(name, image_layer)
+            with open(os.path.join(podman.home, "quotas", name), "wb") as quota_file:
+                quota_file.write(str(4 * 1024**2 if name == "small" else 16 * 1024**2).encode())
+            driver.get(name)
+    btrfsdrv_limits = {name: _layer_limit(podman.fs, podman, name) for name in ("small", "large")}
+    assert btrfsdrv_limits == podman_limits

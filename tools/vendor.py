@@ -146,7 +146,7 @@ def check_block(tree: ast.Module, first: int, last: int, structs_names: Set[str]
 
 
 def check_top_level(tree: ast.Module, path: str) -> None:
-    """Check that btrfsdrv imports sys before the block, for ``sys.modules``."""
+    """Check that btrfsdrv imports sys at module level, which ``sys.modules[__name__]`` needs."""
     if not any(isinstance(node, ast.Import) and any(alias.name == "sys" and alias.asname is None
                                                    for alias in node.names)
                for node in tree.body):
