@@ -1522,6 +1522,152 @@ def test_cli_help_documents_exit_status():
     assert "exit status" in result.stdout
 
 
+# -- Untrusted input at the edges (seeded property tests) ---------------------
+
+PROPERTY_SEED = int(os.environ.get("BTRFSDRV_SEED", "20261204"))
+PROPERTY_CASES = 5000
+
+
+def run_cases(check, seed=PROPERTY_SEED, cases=PROPERTY_CASES):
+    """Run check(rng) for many cases; a failure names the seed that replays it."""
+    import random
+    for case in range(cases):
+        case_seed = seed * 1_000_003 + case
+        try:
+            check(random.Random(case_seed))
+        except Exception as error:
+            raise AssertionError(
+                f"case {case} failed; replay with random.Random({case_seed}): {error!r}"
+            ) from error
+
+
+_SIZE_ALPHABET = "0123456789.kKmMgGtTpPbBiI -+xe_\t\u0661\u00b2"
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4, "p": 1024**5}
+
+
+def _random_unit(rng):
+    unit = rng.choice(list(_SIZE_UNITS))
+    suffix = rng.choice(["", "b", "ib"]) if unit not in ("", "b") else ""
+    text = unit + suffix
+    return "".join(c.upper() if rng.random() < 0.5 else c for c in text), _SIZE_UNITS[unit]
+
+
+def test_parse_size_random_strings_raise_only_value_error():
+    def check(rng):
+        text = "".join(rng.choice(_SIZE_ALPHABET) for _ in range(rng.randint(0, 12)))
+        try:
+            size = btrfsdrv.parse_size(text)
+        except ValueError as error:
+            assert repr(text) in str(error)
+            return
+        assert isinstance(size, int)
+        assert 0 <= size < 2**63
+
+    run_cases(check)
+
+
+def test_parse_size_matches_exact_arithmetic():
+    def check(rng):
+        whole = str(rng.randint(0, 10**rng.randint(0, 6)))
+        fraction = "".join(rng.choice("0123456789") for _ in range(rng.randint(0, 4)))
+        number = rng.choice([whole, f"{whole}.{fraction}", f".{fraction or '5'}"])
+        unit, multiplier = _random_unit(rng)
+        text = number + rng.choice(["", " "]) + unit if unit else number
+        integer, _, decimals = number.partition(".")
+        numerator = int((integer or "0") + decimals) * multiplier
+        expected = numerator // 10**len(decimals)
+        if expected >= 2**63:
+            with pytest.raises(ValueError):
+                btrfsdrv.parse_size(text)
+        else:
+            assert btrfsdrv.parse_size(text) == expected, text
+
+    run_cases(check)
+
+
+def test_parse_size_round_trips_integers():
+    def check(rng):
+        value = rng.randrange(0, 2**63)
+        assert btrfsdrv.parse_size(str(value)) == value
+        unit, multiplier = _random_unit(rng)
+        scaled = value // multiplier
+        assert btrfsdrv.parse_size(f"{scaled}{unit}") == scaled * multiplier
+
+    run_cases(check)
+
+
+_OPTION_KEYS = ["btrfs.min_space", "btrfs.size", "btrfs.quota_mode", "btrfs.mountopt", "BTRFS.SIZE",
+                " btrfs.min_space ", "size", "", "btrfs.", "overlay.mountopt"]
+_OPTION_VALUES = ["0", "1m", "10G", "full", "simple", "SIMPLE", "", " 5k ", "-1", "abc", "=", "1p", "8192p"]
+
+
+def test_parse_options_random_lists():
+    def check(rng):
+        options = []
+        for _ in range(rng.randint(0, 4)):
+            key = rng.choice(_OPTION_KEYS)
+            separator = rng.choice(["=", "=", "=", "", "=="])
+            options.append(key + separator + rng.choice(_OPTION_VALUES))
+        try:
+            parsed = btrfsdrv.parse_options(options)
+        except ValueError:
+            return
+        rebuilt = [f"btrfs.min_space={parsed.min_space}", f"btrfs.quota_mode={parsed.quota_mode}"]
+        if parsed.default_size is not None:
+            rebuilt.append(f"btrfs.size={parsed.default_size}")
+        again = btrfsdrv.parse_options(rebuilt)
+        assert (again.min_space, again.default_size, again.quota_mode) == (
+            parsed.min_space, parsed.default_size, parsed.quota_mode)
+        assert parsed.quota_required == any(
+            option.split("=", 1)[0].strip().lower() in ("btrfs.min_space", "btrfs.size") for option in options)
+
+    run_cases(check)
+
+
+def test_layer_id_random_bytes():
+    alphabet = b"ab./\0\xff\xc3\xa9-_: "
+
+    def check(rng):
+        raw = bytes(rng.choice(alphabet) for _ in range(rng.choice([0, 1, 2, 5, 40, 254, 255, 256, 300])))
+        candidate = raw if rng.random() < 0.5 else os.fsdecode(raw)
+        try:
+            encoded = btrfsdrv.validate_layer_id(candidate)
+        except ValueError as error:
+            assert "invalid layer id" in str(error)
+            assert not raw or b"/" in raw or b"\0" in raw or raw in (b".", b"..") or len(raw) > 255
+            return
+        assert encoded == raw
+        assert 0 < len(encoded) <= 255
+        assert b"/" not in encoded
+        assert b"\0" not in encoded
+        assert encoded not in (b".", b"..")
+        assert os.fsencode(os.fsdecode(encoded)) == encoded
+
+    run_cases(check)
+
+
+def test_quota_file_reader_random_contents(tmp_path):
+    path = str(tmp_path / "quota")
+    alphabet = b"0123456789 \n\t-+x.\xff\x00"
+
+    def check(rng):
+        data = bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
+        if rng.random() < 0.3:
+            data = str(rng.randrange(0, 2**63)).encode()
+        with open(path, "wb") as quota:
+            quota.write(data)
+        value = btrfsdrv._read_quota_file(path)
+        stripped = data.strip()
+        if stripped and all(48 <= byte <= 57 for byte in stripped) and int(stripped) < 2**63:
+            assert value == int(stripped)
+        else:
+            assert value is None
+
+    run_cases(check, cases=2000)
+    os.unlink(path)
+    assert btrfsdrv._read_quota_file(path) is None
+
+
 # -- Layer diffs ---------------------------------------------------------------
 
 
