@@ -22,6 +22,12 @@ test-deps: packages
 		$(APT_GET) update -qq && $(APT_GET) install -y -qq btrfs-progs; \
 	fi
 	@$(PYTHON) -c 'import pytest' 2>/dev/null || $(PYTHON) -m pip install -q pytest
+	@# The packaging test builds a wheel offline, without build isolation.
+	@$(PYTHON) -c 'import setuptools, wheel' 2>/dev/null || $(PYTHON) -m pip install -q setuptools wheel
+	@# The interoperation tests build stores with Podman's btrfs driver.
+	@if ! command -v podman >/dev/null 2>&1; then \
+		$(APT_GET) update -qq && $(APT_GET) install -y -qq podman; \
+	fi
 
 # Downloads the round-trip packages into $(DEBS_DIR) unless they are there.
 packages:
@@ -37,8 +43,13 @@ packages:
 test-source:
 	$(PYTEST) $(PYTEST_ARGS)
 
+# The same tests against dist/btrfsdrv.py. pytest runs from dist/ in
+# importlib mode, so neither pytest nor "python -m" puts the repository,
+# and with it ioctl_structs.py, on sys.path. Tests find repository files
+# through their own __file__.
 test-vendored: vendor
-	BTRFSDRV_PATH=dist $(PYTEST) -p no:cacheprovider $(PYTEST_ARGS)
+	cd dist && BTRFSDRV_PATH=. BTRFSDRV_VENDORED=1 $(PYTEST) -c ../setup.cfg --rootdir .. \
+		-p no:cacheprovider --import-mode=importlib $(PYTEST_ARGS) ../test_btrfsdrv.py
 
 vendor:
 	$(PYTHON) tools/vendor.py --output dist/btrfsdrv.py
@@ -64,6 +75,23 @@ crosscheck: test-deps
 		$(APT_GET) update -qq && $(APT_GET) install -y -qq $$missing; \
 	fi
 	BTRFSDRV_CROSSCHECK=1 $(PYTEST) $(PYTEST_ARGS) -k crosscheck
+
+# Static checks, run by hand: ruff, mypy --strict, and vermin for Python 3.8,
+# the oldest supported version. vermin evaluates annotations only in files
+# without "from __future__ import annotations", where Python evaluates them.
+LINT_FILES = btrfsdrv.py ioctl_structs.py tools/*.py
+VERMIN = $(PYTHON) -c 'import sys, vermin; sys.exit(vermin.main())'
+lint: vendor
+	@for tool in ruff mypy vermin; do \
+		$(PYTHON) -c "import $$tool" 2>/dev/null || $(PYTHON) -m pip install -q $$tool; \
+	done
+	$(PYTHON) -m ruff check $(LINT_FILES)
+	$(PYTHON) -m mypy --strict btrfsdrv.py ioctl_structs.py
+	@for file in $(LINT_FILES) dist/btrfsdrv.py; do \
+		if grep -q '^from __future__ import annotations' $$file; then flags=; else flags=--eval-annotations; fi; \
+		echo "vermin -t=3.8- $$flags $$file"; \
+		$(VERMIN) -q -t=3.8- --no-tips --violations $$flags $$file || exit 1; \
+	done
 
 clean:
 	rm -rf dist build *.egg-info .pytest_cache .mypy_cache .ruff_cache

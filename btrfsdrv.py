@@ -18,7 +18,6 @@ structures and request numbers come from ``ioctl_structs``, which
     ...     path = driver.get("container")
 """
 
-import collections
 import ctypes
 import enum
 import errno
@@ -44,7 +43,7 @@ from typing import (
 # the module itself, so the vendored single file needs no import.
 import ioctl_structs as _structs
 from ioctl_structs import (
-    BTRFS_EMPTY_SUBVOL_DIR_OBJECTID, BTRFS_FIRST_FREE_OBJECTID,
+    BTRFS_FIRST_FREE_OBJECTID,
     BTRFS_QGROUP_LIMIT_MAX_RFER, BTRFS_QGROUP_STATUS_FLAG_ON,
     BTRFS_QGROUP_STATUS_KEY, BTRFS_QGROUP_LIMIT_KEY, BTRFS_QUOTA_CTL_ENABLE,
     BTRFS_QUOTA_CTL_ENABLE_SIMPLE_QUOTA, BTRFS_QUOTA_TREE_OBJECTID,
@@ -129,8 +128,14 @@ def _get_libc() -> ctypes.CDLL:
     return _libc
 
 
-def _os_error(err: int, operation: str, path: Any, hint: str = "") -> OSError:
-    """Build the OSError subclass for errno err with a message naming the operation."""
+def _os_error(err: Optional[int], operation: str, path: Any, hint: str = "") -> OSError:
+    """Build the OSError subclass for errno err with a message naming the operation.
+
+    err is an OSError's errno, which is None for an OSError raised without
+    one; that case is reported as EIO.
+    """
+    if err is None:
+        err = errno.EIO
     message = f"{operation} failed: {os.strerror(err)}"
     if hint:
         message = f"{message}; {hint}"
@@ -3359,9 +3364,17 @@ def _build_parser() -> Any:
     parser.add_argument("-v", "--verbose", action="store_true", help="log every change made to the filesystem")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
+    # --json and -v also work after COMMAND. SUPPRESS keeps a command's
+    # default from overwriting the value given before COMMAND.
+    after_command = argparse.ArgumentParser(add_help=False)
+    after_command.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                               help="print results as JSON")
+    after_command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                               help="log every change made to the filesystem")
 
     def add(name: str, handler: Any, help_text: str) -> Any:
         command = commands.add_parser(name, help=help_text, description=help_text, epilog=_EPILOG,
+                                      parents=[after_command],
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
         command.set_defaults(handler=handler)
         return command

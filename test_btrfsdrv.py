@@ -2697,3 +2697,566 @@ def test_fast_path_declines_unrelated_layers(driver):
 
 
 # -- Vendoring, packaging and interoperation ------------------------------------
+
+# These tests also run against the vendored single file (make test-vendored),
+# which runs pytest from dist/ with BTRFSDRV_VENDORED=1. Repository files are
+# found next to this file, never through sys.path.
+
+import importlib.util  # noqa: E402
+import textwrap  # noqa: E402
+
+REPOSITORY = os.path.dirname(os.path.abspath(__file__))
+VENDORED = os.environ.get("BTRFSDRV_VENDORED") == "1"
+MODULE_DIR = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
+
+
+def _vendor_to(path):
+    """Run tools/vendor.py and return the bytes of the file it wrote."""
+    subprocess.run(
+        [sys.executable, os.path.join(REPOSITORY, "tools", "vendor.py"), "--output", str(path)],
+        check=True, capture_output=True, text=True,
+    )
+    with open(path, "rb") as vendored:
+        return vendored.read()
+
+
+@pytest.fixture
+def vendored_dir(tmp_path):
+    """A directory that holds a fresh dist/btrfsdrv.py and nothing else."""
+    directory = tmp_path / "vendored"
+    directory.mkdir()
+    _vendor_to(directory / "btrfsdrv.py")
+    return str(directory)
+
+
+def _run_isolated(code, import_dir, *args, check=True):
+    """Run code in an isolated interpreter that imports modules from import_dir only.
+
+    -I leaves the current directory, PYTHONPATH and user site-packages off
+    sys.path, so the test's own imports cannot leak in.
+    """
+    prelude = f"import sys\nsys.path.insert(0, {import_dir!r})\n"
+    return subprocess.run(
+        [sys.executable, "-I", "-c", prelude + textwrap.dedent(code), *args],
+        check=check, capture_output=True, text=True,
+    )
+
+
+def test_vendored_run_tests_the_right_module():
+    if VENDORED:
+        assert btrfsdrv.__file__ == os.path.join(os.path.abspath(os.environ["BTRFSDRV_PATH"]), "btrfsdrv.py")
+        # A fresh interpreter started like this run (same directory and
+        # environment) finds no ioctl_structs; this process's sys.path may
+        # have grown since, through tools that other tests import.
+        probe = subprocess.run(
+            [sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec('ioctl_structs'))"],
+            capture_output=True, text=True, check=True, cwd=MODULE_DIR,
+        )
+        assert probe.stdout.strip() == "None"
+        assert btrfsdrv._structs is btrfsdrv
+    else:
+        assert btrfsdrv.__file__ == os.path.join(REPOSITORY, "btrfsdrv.py")
+        assert btrfsdrv._structs.__name__ == "ioctl_structs"
+
+
+def test_vendor_output_is_reproducible(tmp_path):
+    first = _vendor_to(tmp_path / "first.py")
+    second = _vendor_to(tmp_path / "second.py")
+    assert first == second
+    if VENDORED:
+        with open(btrfsdrv.__file__, "rb") as tested:
+            assert tested.read() == first, "dist/btrfsdrv.py is stale: run make vendor"
+
+
+def test_vendored_file_layout(vendored_dir):
+    with open(os.path.join(vendored_dir, "btrfsdrv.py"), encoding="utf-8") as vendored:
+        text = vendored.read()
+    with open(os.path.join(REPOSITORY, "btrfsdrv.py"), encoding="utf-8") as source:
+        source_text = source.read()
+    header = text[:text.index('"""')]
+    assert f"btrfsdrv {btrfsdrv.__version__}," in header
+    header_words = " ".join(header.replace("#", " ").split())
+    assert f"Linux {btrfsdrv._structs.PORTED_HEADERS_VERSION} UAPI headers" in header_words
+    assert "linux/btrfs.h" in header
+
+    docstring_end = text.index('"""', text.index('"""') + 3) + 3
+    assert text[docstring_end:].startswith("\nfrom __future__ import annotations\n")
+    assert text.count("from __future__ import") == 1
+    assert "import ioctl_structs" not in text
+    assert "from ioctl_structs import" not in text
+    assert text.count("\n__all__ = ") == 1
+    assert "\n_structs = sys.modules[__name__]\n" in text
+    # Outside the inlined block, the lines are btrfsdrv.py's own.
+    assert text[text.index("# -- End of ioctl_structs.py"):].split("\n", 1)[1] in source_text
+
+
+@pytest.mark.parametrize("variant", ["source", "vendored"])
+def test_module_imports_on_unknown_machine(variant, vendored_dir):
+    import_dir = REPOSITORY if variant == "source" else vendored_dir
+    result = _run_isolated(
+        """
+        import platform
+        platform.machine = lambda: "vax"
+        import btrfsdrv
+        print(btrfsdrv.__file__)
+        try:
+            btrfsdrv._structs.BTRFS_IOC_SYNC
+        except ValueError as error:
+            print(type(error).__name__, error)
+        """,
+        import_dir,
+    )
+    imported_from, error_line = result.stdout.splitlines()
+    assert imported_from == os.path.join(import_dir, "btrfsdrv.py")
+    assert error_line.startswith("UnknownMachineError unknown machine 'vax'")
+
+
+def test_vendored_module_keeps_every_name(vendored_dir):
+    code = """
+        import json, btrfsdrv
+        names = {"dir": sorted(dir(btrfsdrv)), "all": btrfsdrv.__all__}
+        try:
+            import ioctl_structs
+        except ImportError:
+            pass
+        else:
+            names["structs"] = sorted(set(dir(ioctl_structs)) - {"__all__"})
+            names["structs_all"] = ioctl_structs.__all__
+        print(json.dumps(names))
+    """
+    source = json.loads(_run_isolated(code, REPOSITORY).stdout)
+    vendored = json.loads(_run_isolated(code, vendored_dir).stdout)
+    assert "structs" not in vendored
+    assert vendored["all"] == source["all"]
+    missing_driver_names = set(source["dir"]) - set(vendored["dir"]) - {"_structs"}
+    assert not missing_driver_names
+    missing_structs_names = set(source["structs"]) - set(vendored["dir"]) - {"__builtins__", "__cached__"}
+    assert not missing_structs_names
+    assert not set(source["structs_all"]) - set(vendored["dir"])
+
+
+# - Command line
+
+
+def _cli(*args, check=False):
+    """Run python -m btrfsdrv, importing it from where the tests imported it."""
+    environment = dict(os.environ, PYTHONPATH=MODULE_DIR)
+    return subprocess.run(
+        [sys.executable, "-m", "btrfsdrv", *args],
+        check=check, capture_output=True, text=True, env=environment, cwd="/",
+    )
+
+
+def test_cli_help_lists_each_exit_status():
+    result = _cli("--help")
+    assert result.returncode == 0
+    for line in ("0  success", "1  the layer does not exist", "2  usage error", "3  any other failure"):
+        assert line in result.stdout
+
+
+@pytest.mark.parametrize("command", ["create", "remove", "get", "exists", "list", "status",
+                                     "metadata", "usage", "cleanup"])
+def test_cli_command_help_offers_json(command):
+    result = _cli("--home", "/nonexistent", command, "--help")
+    assert result.returncode == 0
+    assert "--json" in result.stdout
+    assert "--verbose" in result.stdout
+
+
+def test_cli_json_before_and_after_command(home):
+    assert _cli("--home", home, "create", "base").returncode == 0
+    for args in (["--json", "metadata", "base"], ["metadata", "base", "--json"]):
+        result = _cli("--home", home, *args)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["Path"] == os.path.join(home, "subvolumes", "base")
+
+
+def test_cli_every_command_prints_json(home):
+    outputs = {}
+    commands = [
+        ["create", "base", "--json"],
+        ["create", "top", "--parent", "base", "--size", "64M", "--read-write", "--json"],
+        ["get", "top", "--json"],
+        ["exists", "top", "--json"],
+        ["list", "--json"],
+        ["status", "--json"],
+        ["metadata", "top", "--json"],
+        ["usage", "top", "--json"],
+        ["remove", "top", "--json"],
+        ["cleanup", "--json"],
+    ]
+    for args in commands:
+        result = _cli("--home", home, *args)
+        assert result.returncode == 0, (args, result.stderr)
+        outputs[args[0] + ":" + args[1]] = json.loads(result.stdout)
+    assert outputs["create:top"]["path"] == os.path.join(home, "subvolumes", "top")
+    assert outputs["get:top"] == os.path.join(home, "subvolumes", "top")
+    assert outputs["exists:top"] is True
+    assert outputs["list:--json"] == ["base", "top"]
+    assert outputs["status:--json"]["Quota Enabled"] == "true"
+    assert outputs["metadata:top"]["SizeLimit"] == str(64 * 1024**2)
+    assert set(outputs["usage:top"]) == {"size", "inode_count"}
+    assert outputs["remove:top"] == {"id": "top", "removed": True}
+    assert outputs["cleanup:--json"]["home"] == home
+
+
+def test_cli_exit_statuses(home):
+    assert _cli("--home", home, "create", "base").returncode == 0
+    assert _cli("--home", home, "exists", "base").returncode == 0
+    assert _cli("--home", home, "exists", "missing").returncode == 1
+    assert _cli("--home", home, "create", "bad/id").returncode == 2
+    assert _cli("--home", home, "create", "sized", "--size", "ten").returncode == 2
+    assert _cli("--home", home, "no-such-command").returncode == 2
+    assert _cli("--home", home, "-o", "btrfs.unknown=1", "list").returncode == 2
+    missing = _cli("--home", home, "remove", "missing")
+    assert missing.returncode == 3
+    assert "not found" in missing.stderr
+
+
+def test_cli_verbose_logs_changes(home):
+    quiet = _cli("--home", home, "create", "quiet")
+    verbose = _cli("--home", home, "create", "loud", "-v")
+    assert quiet.returncode == 0
+    assert verbose.returncode == 0
+    assert quiet.stderr == ""
+    assert "btrfsdrv: created subvolume " + os.path.join(home, "subvolumes", "loud") in verbose.stderr
+
+
+# - Packaging
+
+
+def _copy_checkout(destination):
+    """Copy the repository's files, without build output, so builds leave it clean."""
+    ignore = shutil.ignore_patterns(".git", "dist", "build", "*.egg-info", "__pycache__", ".*_cache")
+    shutil.copytree(REPOSITORY, destination, ignore=ignore)
+    return str(destination)
+
+
+def _require_build_tools():
+    missing = [name for name in ("setuptools", "wheel", "pip") if importlib.util.find_spec(name) is None]
+    if not missing:
+        return
+    reason = f"building a wheel offline needs {', '.join(missing)} (make test-deps installs them)"
+    if IN_CI:
+        pytest.fail(f"CI=true but {reason}")
+    pytest.skip(reason)
+
+
+def test_wheel_builds_offline_and_installs(tmp_path):
+    _require_build_tools()
+    source = _copy_checkout(tmp_path / "source")
+    wheels = tmp_path / "wheels"
+    target = tmp_path / "target"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(wheels), source],
+                   check=True, capture_output=True, text=True)
+    (wheel,) = os.listdir(wheels)
+    assert wheel == f"btrfsdrv-{btrfsdrv.__version__}-py3-none-any.whl"
+
+    import zipfile
+    with zipfile.ZipFile(wheels / wheel) as archive:
+        names = set(archive.namelist())
+        entry_points = archive.read(f"btrfsdrv-{btrfsdrv.__version__}.dist-info/entry_points.txt").decode()
+    assert {"btrfsdrv.py", "ioctl_structs.py"} <= names
+    assert "btrfsdrv = btrfsdrv:main" in entry_points
+
+    subprocess.run(pip + ["install", "--no-deps", "--no-index", "--target", str(target), str(wheels / wheel)],
+                   check=True, capture_output=True, text=True)
+    environment = dict(os.environ, PYTHONPATH=str(target))
+    script = subprocess.run([str(target / "bin" / "btrfsdrv"), "--help"],
+                            capture_output=True, text=True, env=environment, cwd="/")
+    assert script.returncode == 0, script.stderr
+    assert "exit status:" in script.stdout
+    module = subprocess.run([sys.executable, "-m", "btrfsdrv", "--version"],
+                            capture_output=True, text=True, env=environment, cwd="/")
+    assert module.stdout.strip() == f"btrfsdrv {btrfsdrv.__version__}"
+    where = subprocess.run([sys.executable, "-c", "import btrfsdrv, ioctl_structs; print(btrfsdrv.__file__)"],
+                           capture_output=True, text=True, env=environment, cwd="/")
+    assert where.stdout.strip() == str(target / "btrfsdrv.py")
+
+
+# - No processes and no libraries but libc
+
+
+_AUDIT_SCRIPT = """
+    import json, os
+    process_events = {"subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn", "os.system",
+                      "os.fork", "os.forkpty"}
+    violations, libraries = [], []
+
+    def audit(event, args):
+        if event in process_events:
+            violations.append([event, repr(args)[:300]])
+        elif event == "ctypes.dlopen":
+            name = args[0]
+            libraries.append(repr(name))
+            allowed = name is None or os.path.basename(os.fsdecode(name)).startswith(("libc.so", "libzstd.so"))
+            if not allowed:
+                violations.append([event, repr(name)])
+
+    sys.addaudithook(audit)
+    import btrfsdrv
+    home = sys.argv[1]
+    with btrfsdrv.Driver(home) as driver:
+        driver.create("base")
+        driver.create_read_write("top", "base", storage_opt={"size": "64M"})
+        driver.get("top")
+        driver.metadata("top")
+        driver.read_write_disk_usage("top")
+        driver.status()
+        driver.remove("top")
+        driver.remove("base")
+    print(json.dumps({"file": btrfsdrv.__file__, "violations": violations, "libraries": libraries}))
+"""
+
+
+@pytest.mark.parametrize("variant", ["source", "vendored"])
+def test_driver_starts_no_process_and_loads_only_libc(variant, home, vendored_dir):
+    import_dir = REPOSITORY if variant == "source" else vendored_dir
+    result = _run_isolated(_AUDIT_SCRIPT, import_dir, home, check=False)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["file"] == os.path.join(import_dir, "btrfsdrv.py")
+    assert report["violations"] == []
+    assert "None" in report["libraries"]  # ctypes.CDLL(None): the hook saw libc load
+
+
+# - Interoperation with Podman's btrfs driver (containers/storage)
+
+PODMAN_IMAGE = "localhost/btrfsdrv-test:latest"
+ROOTFS_FILES = {
+    "etc/greeting": b"hello from a podman layer\n",
+    "etc/passwd": b"root:x:0:0:root:/root:/bin/sh\n",
+    "usr/share/doc/readme": b"x" * 5000,
+}
+
+# Podman runs in a private mount namespace: mounts it makes end with it, and
+# a tmpfs over /var/lib there takes the blob info cache that Podman 4.3 keeps
+# in /var/lib/containers/cache for root whatever --root says.
+_PODMAN_WRAPPER = 'mount -t tmpfs -o mode=0755 btrfsdrv-test /var/lib && exec podman "$@"'
+
+
+def _require_podman():
+    missing = [tool for tool in ("podman", "unshare") if shutil.which(tool) is None]
+    if not missing:
+        return
+    reason = f"{', '.join(missing)} not installed (make test-deps runs apt-get install -y podman)"
+    if IN_CI:
+        pytest.fail(f"CI=true but {reason}")
+    pytest.skip(reason)
+
+
+class PodmanStore:
+    """A Podman store whose graph root is on the test's loopback btrfs.
+
+    Configuration, run root and temporary files live in a directory of the
+    test, so Podman touches none of the host's stores, locks or caches.
+    """
+
+    def __init__(self, fs, config):
+        self.fs = fs
+        self.root = fs.path("podman")
+        self.home = os.path.join(self.root, "btrfs")
+        with open(os.path.join(config, "containers.conf"), "w") as conf:
+            conf.write(textwrap.dedent(f"""\
+                [engine]
+                cgroup_manager = "cgroupfs"
+                events_logger = "file"
+                events_logfile_path = "{config}/events.log"
+                lock_type = "file"
+                tmp_dir = "{config}/tmp"
+                """))
+        with open(os.path.join(config, "storage.conf"), "w") as conf:
+            conf.write(textwrap.dedent(f"""\
+                [storage]
+                driver = "btrfs"
+                graphroot = "{self.root}"
+                runroot = "{config}/run"
+                """))
+        self.environment = dict(
+            os.environ,
+            CONTAINERS_CONF=os.path.join(config, "containers.conf"),
+            CONTAINERS_STORAGE_CONF=os.path.join(config, "storage.conf"),
+            HOME=config,
+        )
+        self.rootfs = os.path.join(config, "rootfs.tar")
+        _write_rootfs(self.rootfs)
+
+    def run(self, *args, driver_options=()):
+        command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", _PODMAN_WRAPPER, "podman",
+                   "--root", self.root, "--runroot", os.path.dirname(self.rootfs) + "/run",
+                   "--storage-driver", "btrfs"]
+        for option in driver_options:
+            command += ["--storage-opt", option]
+        result = subprocess.run(command + list(args), capture_output=True, text=True, env=self.environment)
+        assert result.returncode == 0, f"podman {' '.join(args)} failed: {result.stderr}"
+        return result.stdout.strip()
+
+    def layers(self):
+        """Return {layer id: parent id or None} from containers/storage's layers.json."""
+        with open(os.path.join(self.root, "btrfs-layers", "layers.json")) as layers_file:
+            return {layer["id"]: layer.get("parent") for layer in json.load(layers_file)}
+
+    def container_layer(self, name):
+        container_id = self.run("container", "inspect", "--format", "{{.ID}}", name)
+        with open(os.path.join(self.root, "btrfs-containers", "containers.json")) as containers_file:
+            (layer,) = [entry["layer"] for entry in json.load(containers_file) if entry["id"] == container_id]
+        return layer
+
+    def import_image_and_create(self, *names, driver_options=()):
+        """Import the test rootfs, create containers, and return (image layer, {name: layer})."""
+        self.run("import", self.rootfs, PODMAN_IMAGE, driver_options=driver_options)
+        for name in names:
+            self.run("create", "--pull=never", "--network", "none", "--name", name, PODMAN_IMAGE, "/bin/true",
+                     driver_options=driver_options)
+        (image_layer,) = [layer for layer, parent in self.layers().items() if parent is None]
+        return image_layer, {name: self.container_layer(name) for name in names}
+
+
+def _write_rootfs(path):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as archive:
+        for name, data in ROOTFS_FILES.items():
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            member.mode = 0o644
+            archive.addfile(member, io.BytesIO(data))
+
+
+def _qgroup_limits(fs):
+    """Return {subvolume path: (max referenced, max exclusive)} from btrfs qgroup show -re --raw."""
+    limits = {}
+    for line in fs.btrfs("qgroup", "show", "-re", "--raw", fs.mountpoint).splitlines():
+        fields = line.split()
+        if len(fields) == 6 and fields[0].startswith("0/"):
+            limits[fields[5]] = (fields[3], fields[4])
+    return limits
+
+
+def _layer_limit(fs, store, layer):
+    relative = os.path.relpath(os.path.join(store.home, "subvolumes", layer), fs.mountpoint)
+    return _qgroup_limits(fs)[relative]
+
+
+def _write_until_full(directory, limit):
+    """Write up to twice limit bytes into directory and return the errno that stopped it."""
+    chunk = b"\0" * 1024**2
+    with open(os.path.join(directory, "filler"), "wb") as filler:
+        try:
+            for _ in range(2 * limit // len(chunk)):
+                filler.write(chunk)
+                filler.flush()
+                os.fsync(filler.fileno())
+        except OSError as error:
+            return error.errno
+    return None
+
+
+@pytest.fixture
+def podman(fs):
+    _require_podman()
+    # Podman rejects a run root longer than 50 characters, and pytest's
+    # tmp_path is longer, so the configuration goes to a short directory.
+    import tempfile
+
+    config = tempfile.mkdtemp(prefix="btrfsdrv-podman-", dir="/tmp")
+    try:
+        yield PodmanStore(fs, config)
+    finally:
+        shutil.rmtree(config)
+
+
+def test_podman_layers_read_by_btrfsdrv(podman):
+    image_layer, containers = podman.import_image_and_create("first", "second")
+
+    with btrfsdrv.Driver(podman.home) as driver:
+        assert set(driver.list_layers()) == set(podman.layers())
+        for layer in (image_layer, containers["first"]):
+            path = driver.get(layer)
+            assert path == os.path.join(podman.home, "subvolumes", layer)
+            for name, data in ROOTFS_FILES.items():
+                with open(os.path.join(path, name), "rb") as layer_file:
+                    assert layer_file.read() == data
+
+        image_metadata = driver.metadata(image_layer)
+        container_metadata = driver.metadata(containers["first"])
+        assert container_metadata["ParentUUID"] == image_metadata["UUID"]
+        assert int(image_metadata["SubvolumeID"]) >= 256
+        usage = driver.read_write_disk_usage(image_layer)
+        assert usage.size == sum(len(data) for data in ROOTFS_FILES.values())
+        assert usage.inode_count == len(ROOTFS_FILES) + 5  # files, the layer, etc, usr, share, doc
+
+        driver.remove(containers["second"])
+        assert not driver.exists(containers["second"])
+        assert driver.exists(image_layer)
+        assert driver.exists(containers["first"])
+
+    # Podman still reads the layers that btrfsdrv left.
+    mounted = podman.run("mount", "first")
+    assert mounted == os.path.join(podman.home, "subvolumes", containers["first"])
+    assert PODMAN_IMAGE in podman.run("images", "--format", "{{.Repository}}:{{.Tag}}")
+    subvolumes = podman.fs.btrfs("subvolume", "list", podman.fs.mountpoint)
+    assert containers["second"] not in subvolumes
+    assert containers["first"] in subvolumes
+
+
+def test_podman_applies_quota_file_of_btrfsdrv(podman):
+    limit = 32 * 1024**2
+    image_layer, containers = podman.import_image_and_create("limited", "newline")
+    with btrfsdrv.Driver(podman.home) as driver:
+        driver.create_read_write("btrfsdrv-limited", image_layer, storage_opt={"size": "32M"})
+    with open(os.path.join(podman.home, "quotas", "btrfsdrv-limited"), "rb") as quota_file:
+        quota = quota_file.read()
+    assert quota == str(limit).encode()  # strconv.ParseUint(data, 10, 64) rejects anything else
+
+    # containers/storage's Get reads HOME/quotas/ID and sets the qgroup limit.
+    # The same bytes with a newline are rejected, which shows Get parsed them.
+    with open(os.path.join(podman.home, "quotas", containers["limited"]), "wb") as quota_file:
+        quota_file.write(quota)
+    with open(os.path.join(podman.home, "quotas", containers["newline"]), "wb") as quota_file:
+        quota_file.write(quota + b"\n")
+    podman.run("mount", "limited")
+    podman.run("mount", "newline")
+
+    btrfsdrv_limits = _layer_limit(podman.fs, podman, "btrfsdrv-limited")
+    assert btrfsdrv_limits == (str(limit), "none")
+    assert _layer_limit(podman.fs, podman, containers["limited"]) == btrfsdrv_limits
+    assert _layer_limit(podman.fs, podman, containers["newline"]) == ("none", "none")
+
+    # Both limits stop writes the same way.
+    for layer in ("btrfsdrv-limited", containers["limited"]):
+        assert _write_until_full(os.path.join(podman.home, "subvolumes", layer), limit) == errno.EDQUOT
+
+
+def test_podman_min_space_agrees_with_btrfsdrv(podman):
+    with btrfsdrv.Driver(podman.home) as driver:
+        assert dict(driver.status())["Quota Enabled"] == "false"
+
+    # btrfs.min_space makes containers/storage turn quota on at init.
+    image_layer, containers = podman.import_image_and_create("small", "large",
+                                                             driver_options=["btrfs.min_space=8M"])
+    with btrfsdrv.Driver(podman.home, ["btrfs.min_space=8M"]) as driver:
+        assert dict(driver.status())["Quota Enabled"] == "true"
+        with pytest.raises(ValueError, match="btrfs.min_space"):
+            driver.create_read_write("too-small", image_layer, storage_opt={"size": "4M"})
+
+    # Both drivers ignore a quota file below btrfs.min_space and apply one above it.
+    os.makedirs(os.path.join(podman.home, "quotas"), exist_ok=True)
+    for name, size in (("small", 4 * 1024**2), ("large", 16 * 1024**2)):
+        with open(os.path.join(podman.home, "quotas", containers[name]), "w") as quota_file:
+            quota_file.write(str(size))
+    podman.run("mount", "small", driver_options=["btrfs.min_space=8M"])
+    podman.run("mount", "large", driver_options=["btrfs.min_space=8M"])
+    podman_limits = {name: _layer_limit(podman.fs, podman, containers[name]) for name in containers}
+    assert podman_limits == {"small": ("none", "none"), "large": (str(16 * 1024**2), "none")}
+
+    with btrfsdrv.Driver(podman.home, ["btrfs.min_space=8M"]) as driver:
+        for name in ("small", "large"):
+            driver.create_read_write(name, image_layer)
+            with open(os.path.join(podman.home, "quotas", name), "wb") as quota_file:
+                quota_file.write(str(4 * 1024**2 if name == "small" else 16 * 1024**2).encode())
+            driver.get(name)
+    btrfsdrv_limits = {name: _layer_limit(podman.fs, podman, name) for name in ("small", "large")}
+    assert btrfsdrv_limits == podman_limits
