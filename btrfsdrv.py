@@ -1755,8 +1755,11 @@ class ChangeKind(enum.IntEnum):
     DELETE = 2
 
 
-Change = collections.namedtuple("Change", "path kind")
-Change.__doc__ = "A path inside a layer (absolute, like /etc/passwd) and its ChangeKind."
+class Change(NamedTuple):
+    """A path inside a layer (absolute, like /etc/passwd) and its ChangeKind."""
+
+    path: str
+    kind: ChangeKind
 
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
@@ -2813,7 +2816,7 @@ def _layer_epoch(root_fd: int) -> int:
     probe inode. The probe is repeated until that clock moves on, so every
     inode changed before this call has a smaller ctime than the result.
     """
-    name = ".btrfsdrv-epoch-%d" % os.getpid()
+    name = f".btrfsdrv-epoch-{os.getpid()}"
     first = None
     while True:
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -2846,7 +2849,7 @@ class _LayerApplier:
         self.ignore_chown_errors = ignore_chown_errors
         self.dir_times = _PendingDirTimes()
         self.epoch_ns = _layer_epoch(root_fd)
-        self.temporary_name = ".btrfsdrv-apply-%d-%d" % (os.getpid(), id(self))
+        self.temporary_name = f".btrfsdrv-apply-{os.getpid()}-{id(self)}"
         self.warned_chown = False
         self.parent_cache: Optional[Tuple[Tuple[str, ...], int]] = None
 
