@@ -3224,7 +3224,12 @@ def apply_layer_diff(layer_dir, diff, uid_maps=(), gid_maps=(), ignore_chown_err
     counting = _CountingReader(diff)
     tar_input = _decompressed(counting)
     root_fd = _open_directory(layer_dir)
-    applier = _LayerApplier(root_fd, uid_maps, gid_maps, ignore_chown_errors)
+    try:
+        applier = _LayerApplier(root_fd, uid_maps, gid_maps, ignore_chown_errors)
+    except BaseException:
+        # An open descriptor keeps a removed layer's subvolume from being cleaned.
+        os.close(root_fd)
+        raise
     applied = 0
     total_size = 0
     last_report = time.monotonic()
