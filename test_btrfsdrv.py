@@ -2836,7 +2836,9 @@ def sync_subvolumes(filesystem):
         if not filesystem.btrfs("subvolume", "list", "-d", mountpoint).strip():
             break
         time.sleep(0.01)
-    filesystem.btrfs("subvolume", "sync", mountpoint)
+    # A descriptor left open in a deleted subvolume keeps it forever, so a
+    # leak fails the test here instead of hanging it.
+    subprocess.run(["btrfs", "subvolume", "sync", mountpoint], check=True, capture_output=True, timeout=300)
 
 
 def assert_no_subvolumes(filesystem):
@@ -2994,7 +2996,7 @@ def test_remove_nested_subvolumes_and_placeholders(driver, fs, tmp_path, monkeyp
     child = driver.get("child")
     # A snapshot holds an empty directory (inode 2) where each nested subvolume was.
     for placeholder in ("direct", os.path.join("a", "b", "deep"), os.path.join("a", "read-only")):
-        assert os.stat(os.path.join(child, placeholder)).st_ino == btrfsdrv.BTRFS_EMPTY_SUBVOL_DIR_OBJECTID
+        assert os.stat(os.path.join(child, placeholder)).st_ino == ioctl_structs.BTRFS_EMPTY_SUBVOL_DIR_OBJECTID
     if kind == "fallback":
         _refuse_snap_destroy(monkeypatch)
         _refuse_tree_search(monkeypatch)
@@ -3199,6 +3201,9 @@ if operation == "create":
     driver.create("victim", "base")
 elif operation == "create-size":
     driver.create("victim", "base", storage_opt={"size": "16m"})
+elif operation == "apply":
+    with open(sys.argv[5], "rb") as diff:
+        driver.apply_diff("victim", diff)
 else:
     driver.remove("victim")
 print(operation, "returned", flush=True)
@@ -3210,10 +3215,33 @@ print("lines", count, flush=True)
 VICTIM_SIZE = 16 * 1024**2
 
 
+def make_diff(path, size=64 * 1024):
+    """Write a layer tar with a directory, a file of size bytes, a symlink and a whiteout."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        entries = [
+            (tarfile.TarInfo("dir"), None),
+            (tarfile.TarInfo("dir/data"), os.urandom(size)),
+            (tarfile.TarInfo("dir/link"), None),
+            (tarfile.TarInfo(".wh.file"), b""),
+        ]
+        entries[0][0].type = tarfile.DIRTYPE
+        entries[2][0].type = tarfile.SYMTYPE
+        entries[2][0].linkname = "/"
+        for info, data in entries:
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
 def run_kill_child(home, operation, kill_at):
     module_dir = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
+    diff = os.path.join(os.path.dirname(home), "diff.tar")
     return subprocess.run(
-        [sys.executable, "-c", _KILL_CHILD, module_dir, home, operation, str(kill_at)],
+        [sys.executable, "-c", _KILL_CHILD, module_dir, home, operation, str(kill_at), diff],
         capture_output=True, text=True,
     )
 
@@ -3247,6 +3275,9 @@ def check_store_after_kill(fs, home, operation, returned):
         if returned and operation == "remove":
             assert not driver.exists("victim")
             assert "victim" not in names
+        if returned and operation == "apply":
+            assert os.path.getsize(os.path.join(driver.get("victim"), "dir", "data")) == 64 * 1024
+            assert not os.path.lexists(os.path.join(driver.get("victim"), "file"))
 
         for layer_id in driver.list_layers():
             assert driver.exists(layer_id)
@@ -3268,7 +3299,7 @@ def check_store_after_kill(fs, home, operation, returned):
         assert {qgroup: limit for qgroup, limit in limits.items() if limit is not None} == {}
 
 
-@pytest.mark.parametrize("operation", ["create", "create-size", "remove"])
+@pytest.mark.parametrize("operation", ["create", "create-size", "remove", "apply"])
 def test_kill_at_every_step(fs, operation, record_property):
     home = fs.path("home")
     with btrfsdrv.Driver(home) as driver:
@@ -3276,7 +3307,8 @@ def test_kill_at_every_step(fs, operation, record_property):
         os.chmod(driver.get("base"), 0o755)
         with open(os.path.join(driver.get("base"), "file"), "wb") as output:
             output.write(b"base")
-    if operation == "remove":
+    make_diff(os.path.join(os.path.dirname(home), "diff.tar"))
+    if operation in ("remove", "apply"):
         make_victim(home)
     full = run_kill_child(home, operation, 0)
     assert full.returncode == 0, full.stderr
@@ -3287,7 +3319,7 @@ def test_kill_at_every_step(fs, operation, record_property):
     stride = max(1, lines // 100)
     kills = 0
     for kill_at in range(1, lines + 1, stride):
-        if operation == "remove":
+        if operation in ("remove", "apply"):
             make_victim(home)
         result = run_kill_child(home, operation, kill_at)
         assert result.returncode in (-signal.SIGKILL, 0), result.stderr
@@ -3718,6 +3750,11 @@ def test_layer_at_its_limit(fs):
             driver, "sized-child", lambda: driver.create("sized-child", "box", storage_opt={"size": "32m"}))
         assert driver.get("box") == root
         assert qgroup_limits(fs)[btrfsdrv.subvolume_id(root)] == 16 * 1024**2
+        diff = make_diff(os.path.join(os.path.dirname(driver.home), "big.tar"), size=8 * 1024**2)
+        with open(diff, "rb") as stream, pytest.raises(OSError) as raised:
+            driver.apply_diff("box", stream)
+        assert raised.value.errno == errno.EDQUOT
+        assert raised.value.filename is not None
 
         driver.remove("box")
 
