@@ -43,7 +43,7 @@ from typing import (
 # the module itself, so the vendored single file needs no import.
 import ioctl_structs as _structs
 from ioctl_structs import (
-    BTRFS_FIRST_FREE_OBJECTID,
+    BTRFS_FIRST_FREE_OBJECTID, BTRFS_INODE_REF_KEY,
     BTRFS_QGROUP_LIMIT_MAX_RFER, BTRFS_QGROUP_STATUS_FLAG_ON,
     BTRFS_QGROUP_STATUS_KEY, BTRFS_QGROUP_LIMIT_KEY, BTRFS_QUOTA_CTL_ENABLE,
     BTRFS_QUOTA_CTL_ENABLE_SIMPLE_QUOTA, BTRFS_QUOTA_TREE_OBJECTID,
@@ -54,7 +54,7 @@ from ioctl_structs import (
     btrfs_ioctl_ino_lookup_user_args, btrfs_ioctl_qgroup_create_args,
     btrfs_ioctl_qgroup_limit_args, btrfs_ioctl_quota_ctl_args,
     btrfs_ioctl_search_args, btrfs_ioctl_search_header,
-    btrfs_ioctl_vol_args, btrfs_ioctl_vol_args_v2, btrfs_qgroup_limit_item,
+    btrfs_inode_ref, btrfs_ioctl_vol_args, btrfs_ioctl_vol_args_v2, btrfs_qgroup_limit_item,
     btrfs_qgroup_status_item, btrfs_root_ref,
 )
 # end of ioctl_structs
@@ -197,6 +197,22 @@ class _Fd:
 
     def __exit__(self, *exc_info: Any) -> None:
         os.close(self.fd)
+
+
+class _OptionalFd:
+    """A file descriptor or None, closed on exit from a with-block."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: Optional[int]) -> None:
+        self.fd = fd
+
+    def __enter__(self) -> Optional[int]:
+        return self.fd
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
 
 
 def _encode_name(name: PathArg, limit: int, what: str) -> bytes:
@@ -362,12 +378,41 @@ class NestedSubvolume(NamedTuple):
 
 
 def _ino_lookup_path(fd: int, tree_id: int, dirid: int, path: Any) -> bytes:
-    """Return the path of directory dirid inside subvolume tree_id ('' for its root)."""
+    """Return the path of directory dirid inside subvolume tree_id, with a trailing slash.
+
+    The root directory of the subvolume gives b"".  INO_LOOKUP returns at
+    most BTRFS_INO_LOOKUP_PATH_MAX (4080) bytes and fails with ENAMETOOLONG
+    beyond, where the path is built from the directory's INODE_REF items.
+    """
     args = btrfs_ioctl_ino_lookup_args()
     args.treeid = tree_id
     args.objectid = dirid
-    _ioctl(fd, _structs.BTRFS_IOC_INO_LOOKUP, args, "look up directory path", path)
+    try:
+        _ioctl(fd, _structs.BTRFS_IOC_INO_LOOKUP, args, "look up directory path", path)
+    except OSError as error:
+        if error.errno != errno.ENAMETOOLONG:
+            raise
+        return _inode_ref_path(fd, tree_id, dirid, path)
     return bytes(args.name)
+
+
+def _inode_ref_path(fd: int, tree_id: int, dirid: int, path: Any) -> bytes:
+    """Build the path of directory dirid from INODE_REF items, any length (CAP_SYS_ADMIN)."""
+    components: List[bytes] = []
+    header = ctypes.sizeof(btrfs_inode_ref)
+    inode = dirid
+    while inode != BTRFS_FIRST_FREE_OBJECTID:
+        # A directory has exactly one INODE_REF: (inode, INODE_REF, parent inode).
+        items = tree_search(fd, tree_id, (inode, BTRFS_INODE_REF_KEY, 0),
+                            (inode, BTRFS_INODE_REF_KEY, _U64_MAX), path=path)
+        item = next((item for item in items if item.type == BTRFS_INODE_REF_KEY), None)
+        if item is None or len(components) > 1 << 20:
+            raise _os_error(errno.ENOENT, "look up directory path", path,
+                            f"directory inode {inode} of subvolume {tree_id} has no parent reference")
+        ref = btrfs_inode_ref.from_buffer_copy(item.data)
+        components.append(item.data[header:header + ref.name_len])
+        inode = item.offset
+    return b"".join(component + b"/" for component in reversed(components))
 
 
 def _child_refs_privileged(fd: int, parent_id: int, path: Any) -> Iterator[Tuple[int, bytes]]:
@@ -524,6 +569,7 @@ def walk_tree(
     leave: Any = None,
     *,
     path: Any = None,
+    skip_mounts: bool = False,
 ) -> None:
     """Walk the directories below top_fd depth-first, without following symlinks.
 
@@ -535,8 +581,9 @@ def walk_tree(
     Only one directory is open at a time: the walk climbs back with ".." and
     checks that it reaches the directory it came from, so trees deeper than
     PATH_MAX or than the open-file limit are walked too.  A directory on
-    another mount (a bind mount inside a layer) raises EBUSY instead of being
-    entered.
+    another mount (a bind mount inside a layer) is skipped with skip_mounts,
+    and otherwise raises EBUSY instead of being entered.  An OSError from
+    visit or leave names the full path of the entry it was about.
     """
     top_mount = _mount_id(top_fd)
     fd = os.dup(top_fd)
@@ -545,18 +592,18 @@ def walk_tree(
     # subdirectories still to walk, and the name of the child walked now.
     stack: List[Tuple[os.stat_result, bytes, List[bytes], bytes]] = []
     try:
-        pending = _visit_directory(fd, relative, visit)
+        pending = _visit_directory(fd, relative, visit, path)
         while True:
             if pending:
                 name = pending.pop()
-                child = _enter_directory(fd, name, top_mount, path)
+                child = _enter_directory(fd, name, top_mount, path, skip_mounts)
                 if child is None:
                     continue
                 stack.append((os.fstat(fd), relative, pending, name))
                 os.close(fd)
                 fd = child
                 relative = relative + b"/" + name if relative else name
-                pending = _visit_directory(fd, relative, visit)
+                pending = _visit_directory(fd, relative, visit, path)
                 continue
             if not stack:
                 return
@@ -569,19 +616,38 @@ def walk_tree(
                 raise _os_error(errno.ESTALE, "walk layer", path,
                                 "a directory was moved during the walk; run the operation again")
             if leave is not None:
-                leave(fd, name, child_st)
+                try:
+                    leave(fd, name, child_st)
+                except OSError as error:
+                    raise _with_full_path(error, path, relative, name) from None
     finally:
         os.close(fd)
 
 
-def _visit_directory(fd: int, relative: bytes, visit: Any) -> List[bytes]:
-    with os.scandir(fd) as iterator:
-        entries = list(iterator)
-    return list(visit(fd, relative, entries))
+def _visit_directory(fd: int, relative: bytes, visit: Any, path: Any) -> List[bytes]:
+    try:
+        with os.scandir(fd) as iterator:
+            entries = list(iterator)
+        return list(visit(fd, relative, entries))
+    except OSError as error:
+        raise _with_full_path(error, path, relative, error.filename) from None
 
 
-def _enter_directory(fd: int, name: bytes, top_mount: Optional[int], path: Any) -> Optional[int]:
-    """Open subdirectory name of fd; None when it is gone or no longer a directory."""
+def _with_full_path(error: OSError, path: Any, relative: bytes, name: Any) -> OSError:
+    """Return error with its filename made a full path below path (the walk's top)."""
+    parts = [os.fsencode(path if path is not None else ".")]
+    if relative:
+        parts.append(relative)
+    if isinstance(name, (str, bytes)) and name and not os.fsencode(name).startswith(b"/"):
+        parts.append(os.fsencode(name))
+    full = os.fsdecode(b"/".join(parts))
+    return OSError(error.errno, error.strerror, full)
+
+
+def _enter_directory(
+    fd: int, name: bytes, top_mount: Optional[int], path: Any, skip_mounts: bool,
+) -> Optional[int]:
+    """Open subdirectory name of fd; None when it is gone, no longer a directory or skipped."""
     try:
         child = _open_directory(name, dir_fd=fd)
     except (FileNotFoundError, NotADirectoryError):
@@ -592,6 +658,8 @@ def _enter_directory(fd: int, name: bytes, top_mount: Optional[int], path: Any) 
         raise
     if top_mount is not None and _mount_id(child) != top_mount:
         os.close(child)
+        if skip_mounts:
+            return None
         raise _os_error(errno.EBUSY, "walk layer", path,
                         f"{os.fsdecode(name)} is a mount point inside the layer; unmount it first")
     return child
@@ -658,15 +726,19 @@ def _remove_contents(top_fd: int, path: Any) -> None:
     """
 
     def visit(fd: int, relative: bytes, entries: List[Any]) -> List[bytes]:
-        if os.fstat(fd).st_ino == BTRFS_FIRST_FREE_OBJECTID:
+        st = os.fstat(fd)
+        if st.st_ino == BTRFS_FIRST_FREE_OBJECTID:
             try:
                 _clear_read_only(fd, path)
             except OSError:
                 pass  # not a btrfs subvolume, or not ours to change: unlink reports it
+        if st.st_mode & 0o700 != 0o700 and st.st_uid == os.geteuid():
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
         subdirectories = []
         for entry in entries:
             name = os.fsencode(entry.name)
             if entry.is_dir(follow_symlinks=False):
+                _allow_owner_to_enter(fd, name)
                 subdirectories.append(name)
                 continue
             try:
@@ -676,6 +748,25 @@ def _remove_contents(top_fd: int, path: Any) -> None:
         return subdirectories
 
     walk_tree(top_fd, visit, _remove_walked_directory, path=path)
+
+
+def _allow_owner_to_enter(dir_fd: int, name: bytes) -> None:
+    """Give the owner rwx on subdirectory name when the caller owns it and lacks them.
+
+    Without CAP_DAC_OVERRIDE, a 0555 or 0000 directory could not be emptied.
+    The directory is opened with O_PATH and O_NOFOLLOW and changed through
+    /proc/self/fd, so a symlink swapped in for it is never followed.
+    """
+    if os.geteuid() == 0:
+        return
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return
+    with _Fd(fd):
+        st = os.fstat(fd)
+        if st.st_uid == os.geteuid() and st.st_mode & 0o700 != 0o700:
+            os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(st.st_mode) | 0o700)
 
 
 def _remove_walked_directory(parent_fd: int, name: bytes, child_st: os.stat_result) -> None:
@@ -861,7 +952,9 @@ def parse_size(value: str) -> int:
     """
     if not isinstance(value, str):
         raise ValueError(f"invalid size {value!r}: expected a string such as '10G'")
-    match = _SIZE_PATTERN.fullmatch(value)
+    # The longest valid size below 2**63 bytes has 19 digits; far longer
+    # input would only make int() raise its own digit-limit error.
+    match = _SIZE_PATTERN.fullmatch(value) if len(value) <= 64 else None
     if match is None:
         raise ValueError(
             f"invalid size {value!r}: use a number with an optional unit b, k, m, g, t or p "
@@ -937,6 +1030,8 @@ def parse_storage_opt(storage_opt: Optional[Mapping[str, str]]) -> Optional[int]
     """Return the size limit requested by a layer's storage options, if any."""
     if not storage_opt:
         return None
+    if not isinstance(storage_opt, Mapping):
+        raise ValueError(f"invalid storage options {storage_opt!r}: expected a mapping such as {{'size': '10G'}}")
     size = None
     for key, value in storage_opt.items():
         if not isinstance(key, str) or key.strip().lower() != "size":
@@ -973,13 +1068,32 @@ def _host_id(maps: Optional[Sequence[IDMap]], container_id: int, what: str) -> i
 # -- Quota files -------------------------------------------------------------------
 
 
-def _read_quota_file(path: str) -> Optional[int]:
-    """Return the byte count in a quota file, None when it is missing or unreadable."""
+_QUOTA_FILE_MAX = 64  # bytes read from a quota file; a valid one has at most 19 digits
+_TEMPORARY_SUFFIX = ".tmp"
+
+
+def _read_quota_file(quotas_fd: Optional[int], name: bytes, path: str) -> Optional[int]:
+    """Return the byte count in quotas/name, None when it is missing or invalid.
+
+    The file is opened without following a symlink and without blocking, and
+    anything but a regular file holding decimal digits below 2**63 (spaces
+    around them allowed) is logged as a warning and ignored.
+    """
+    if quotas_fd is None:
+        return None
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        with open(path, "rb") as quota_file:
-            text = quota_file.read(64)
+        fd = os.open(name, flags, dir_fd=quotas_fd)
     except FileNotFoundError:
         return None
+    except OSError as error:
+        log.warning("ignoring quota file %s: %s", path, error.strerror)
+        return None
+    with _Fd(fd):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            log.warning("ignoring quota file %s: it is not a regular file", path)
+            return None
+        text = os.read(fd, _QUOTA_FILE_MAX)
     stripped = text.strip()
     if not stripped.isdigit() or not stripped.isascii() or int(stripped) >= _SIZE_LIMIT:
         log.warning("ignoring quota file %s: it must contain a decimal byte count below 2**63, found %r",
@@ -988,45 +1102,43 @@ def _read_quota_file(path: str) -> Optional[int]:
     return int(stripped)
 
 
-_TEMPORARY_SUFFIX = ".tmp"
-
-
-def _write_file_atomically(directory: str, name: str, data: bytes) -> None:
-    """Write directory/name with temporary file, fsync, rename and fsync of directory.
+def _write_file_atomically(directory_fd: int, name: bytes, data: bytes, path: str) -> None:
+    """Write name below directory_fd: temporary file, fsync, rename, fsync of the directory.
 
     The temporary file is locked (flock) while it exists, so a process that
     finds it unlocked knows its writer died and may delete it.
     """
-    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=_TEMPORARY_SUFFIX, dir=directory)
+    temporary = b".%s.%s%s" % (name, os.urandom(6).hex().encode(), _TEMPORARY_SUFFIX.encode())
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, data)
-        os.fsync(fd)
-        os.fchmod(fd, 0o644)
-        os.rename(temporary, os.path.join(directory, name))
-    except BaseException:
+        fd = os.open(temporary, flags, 0o644, dir_fd=directory_fd)
         try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-    finally:
-        os.close(fd)
-    directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    with _Fd(directory_fd):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, data)
+            os.fsync(fd)
+            os.rename(temporary, name, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
+        except BaseException:
+            try:
+                os.unlink(temporary, dir_fd=directory_fd)
+            except FileNotFoundError:
+                pass
+            raise
+        finally:
+            os.close(fd)
         os.fsync(directory_fd)
+    except OSError as error:
+        raise _os_error(error.errno, "write quota file", path) from None
 
 
-def _remove_stale_temporary_files(directory: str) -> None:
-    """Delete temporary files in directory whose writer died before renaming them."""
-    try:
-        entries = [entry for entry in os.scandir(directory)
-                   if entry.name.startswith(".") and entry.name.endswith(_TEMPORARY_SUFFIX)]
-    except FileNotFoundError:
-        return
-    for entry in entries:
+def _remove_stale_temporary_files(directory_fd: int, directory: str) -> None:
+    """Delete temporary files below directory_fd whose writer died before renaming them."""
+    with os.scandir(directory_fd) as iterator:
+        names = [entry.name for entry in iterator
+                 if entry.name.startswith(".") and entry.name.endswith(_TEMPORARY_SUFFIX)]
+    for name in names:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         try:
-            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            fd = os.open(name, flags, dir_fd=directory_fd)
         except OSError:
             continue
         with _Fd(fd):
@@ -1034,9 +1146,14 @@ def _remove_stale_temporary_files(directory: str) -> None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # its writer is alive
-            if os.path.samestat(os.fstat(fd), os.lstat(entry.path)):
-                os.unlink(entry.path)
-                log.warning("removed %s, left by a process that died while writing it", entry.path)
+            try:
+                current = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if os.path.samestat(os.fstat(fd), current):
+                os.unlink(name, dir_fd=directory_fd)
+                log.warning("removed %s, left by a process that died while writing it",
+                            os.path.join(directory, name))
 
 
 # -- SELinux labels ----------------------------------------------------------------
@@ -1085,7 +1202,9 @@ class Driver:
         uid_maps: Optional[Iterable[Any]] = None,
         gid_maps: Optional[Iterable[Any]] = None,
     ) -> None:
-        self.home = os.path.abspath(os.fsdecode(os.fspath(home)))
+        # Resolved once, so that a home reached through a symlink works with
+        # the O_NOFOLLOW opens below and with the mount table's paths.
+        self.home = os.path.realpath(os.fsdecode(os.fspath(home)))
         self.options = parse_options(list(options))
         self.uid_maps = _id_maps(uid_maps, "uid_maps")
         self.gid_maps = _id_maps(gid_maps, "gid_maps")
@@ -1098,8 +1217,11 @@ class Driver:
         _require_btrfs(self.home)
         self._make_directory(self.home)
         self._make_directory(self._subvolumes_dir)
+        self._check_layout()
         self._make_private_mount()
-        _remove_stale_temporary_files(self._quotas_dir)
+        with self._open_quotas() as quotas_fd:
+            if quotas_fd is not None:
+                _remove_stale_temporary_files(quotas_fd, self._quotas_dir)
         if self.options.quota_required:
             try:
                 self._ensure_quota()
@@ -1136,6 +1258,40 @@ class Driver:
     def _quota_file(self, layer_id: Any) -> str:
         return os.path.join(self._quotas_dir, os.fsdecode(validate_layer_id(layer_id)))
 
+    def _check_layout(self) -> None:
+        """Raise DriverError when subvolumes or quotas in home is not a real directory.
+
+        Every path below them is trusted not to lead elsewhere, so a symlink
+        in their place (which only a writer of home can make) is rejected.
+        """
+        for directory in (self._subvolumes_dir, self._quotas_dir):
+            try:
+                st = os.lstat(directory)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise DriverError(
+                    f"{directory} is not a directory (a symlink or another file is in its place); "
+                    "move it away so the driver can create the directory"
+                )
+
+    def _open_quotas(self, create: bool = False) -> "_OptionalFd":
+        """Open HOME/quotas without following a symlink; None when it does not exist."""
+        if create:
+            self._make_directory(self._quotas_dir)
+        try:
+            return _OptionalFd(_open_directory(self._quotas_dir))
+        except FileNotFoundError:
+            return _OptionalFd(None)
+        except OSError as error:
+            raise _os_error(error.errno, "open quotas directory", self._quotas_dir,
+                            "it must be a directory, not a symlink") from None
+
+    def _read_quota(self, layer_id: Any) -> Optional[int]:
+        name = validate_layer_id(layer_id)
+        with self._open_quotas() as quotas_fd:
+            return _read_quota_file(quotas_fd, name, self._quota_file(layer_id))
+
     def _make_directory(self, path: str) -> None:
         try:
             os.mkdir(path, 0o700)
@@ -1149,13 +1305,21 @@ class Driver:
     # -- Home mount
 
     def _make_private_mount(self) -> None:
-        home = os.fsencode(os.path.realpath(self.home))
+        home = os.fsencode(self.home)
         try:
-            if not _is_mount_point(home):
-                _mount(home, home, _MS_BIND, "bind mount home onto itself")
-                self._made_mount = True
-                log.debug("bind-mounted %s onto itself", self.home)
-            _mount(None, home, _MS_PRIVATE, "make home a private mount")
+            for attempt in range(3):
+                if not _is_mount_point(home):
+                    _mount(home, home, _MS_BIND, "bind mount home onto itself")
+                    self._made_mount = True
+                    log.debug("bind-mounted %s onto itself", self.home)
+                try:
+                    _mount(None, home, _MS_PRIVATE, "make home a private mount")
+                    return
+                except OSError as error:
+                    # EINVAL: the bind mount another process made was
+                    # unmounted by its cleanup after the check above.
+                    if error.errno != errno.EINVAL or self._made_mount or attempt == 2:
+                        raise
         except PermissionError as error:
             # Without CAP_SYS_ADMIN (rootless use) mounts inside layers are
             # the caller's own, so the store works without a private mount.
@@ -1169,7 +1333,7 @@ class Driver:
         if not self._made_mount:
             return
         try:
-            _umount(os.path.realpath(self.home), _MNT_DETACH)
+            _umount(self.home, _MNT_DETACH)
         except OSError as error:
             if error.errno != errno.EINVAL:  # EINVAL: no longer mounted
                 raise
@@ -1311,11 +1475,18 @@ class Driver:
                 os.fchmod(layer_fd, 0o555)
             st = os.fstat(layer_fd)
             if (st.st_uid, st.st_gid) != (self.root_uid, self.root_gid):
-                os.fchown(layer_fd, self.root_uid, self.root_gid)
+                try:
+                    os.fchown(layer_fd, self.root_uid, self.root_gid)
+                except OSError as error:
+                    raise _os_error(
+                        error.errno, f"change owner of layer to {self.root_uid}:{self.root_gid}", path,
+                        "run as root, or pass uid_maps and gid_maps that map container root to your ids",
+                    ) from None
             if size is not None:
                 self._apply_limit(layer_fd, size, path)
-                self._make_directory(self._quotas_dir)
-                _write_file_atomically(self._quotas_dir, os.fsdecode(name), str(size).encode())
+                with self._open_quotas(create=True) as quotas_fd:
+                    assert quotas_fd is not None
+                    _write_file_atomically(quotas_fd, name, str(size).encode(), self._quota_file(name))
                 log.debug("wrote quota file for %s: %d bytes", path, size)
             else:
                 self._clear_inherited_limit(layer_fd, path)
@@ -1344,13 +1515,10 @@ class Driver:
         While the subvolume exists no other create can take its id, so the
         quota file with that name can only be this layer's.
         """
-        quota_file = os.path.join(self._quotas_dir, os.fsdecode(name))
         try:
-            os.unlink(quota_file)
-        except (FileNotFoundError, NotADirectoryError):
-            pass
+            self._remove_quota_file(name)
         except OSError as error:
-            log.warning("could not delete %s after a failed create: %s", quota_file, error)
+            log.warning("could not delete the quota file of %s after a failed create: %s", path, error)
         try:
             _delete_subvolume_or_contents(subvolumes_fd, name, path)
         except OSError as error:
@@ -1366,7 +1534,10 @@ class Driver:
             try:
                 st = os.stat(name, dir_fd=subvolumes_fd, follow_symlinks=False)
             except FileNotFoundError:
-                self._remove_quota_file(layer_id)
+                try:
+                    self._remove_quota_file(layer_id)
+                except OSError as error:
+                    log.warning("could not delete the leftover quota file of %s: %s", path, error)
                 raise FileNotFoundError(
                     errno.ENOENT, f"layer {os.fsdecode(name)!r} not found; list the layers to check the id",
                     path) from None
@@ -1424,12 +1595,16 @@ class Driver:
         except OSError as error:
             log.warning("could not destroy qgroups %s of removed layer: %s", subvolume_ids, error)
 
-    def _remove_quota_file(self, layer_id: str) -> None:
-        try:
-            os.unlink(self._quota_file(layer_id))
-            log.debug("removed quota file of %s", layer_id)
-        except FileNotFoundError:
-            pass
+    def _remove_quota_file(self, layer_id: Any) -> None:
+        name = validate_layer_id(layer_id)
+        with self._open_quotas() as quotas_fd:
+            if quotas_fd is None:
+                return
+            try:
+                os.unlink(name, dir_fd=quotas_fd)
+            except FileNotFoundError:
+                return
+        log.debug("removed quota file of %s", os.fsdecode(name))
 
     # -- Get, put and queries
 
@@ -1440,7 +1615,7 @@ class Driver:
                 raise ValueError(f"invalid mount option {option!r}: btrfs layers take only 'ro'")
         path = self._layer_dir(layer_id)
         self._require_layer(layer_id, path)
-        size = _read_quota_file(self._quota_file(layer_id))
+        size = self._read_quota(layer_id)
         if size is not None and size >= self.options.min_space:
             if size == 0:
                 log.warning("ignoring quota file of %s: a limit of 0 bytes is not valid", layer_id)
@@ -1507,7 +1682,7 @@ class Driver:
                     result["ParentUUID"] = str(uuid_module.UUID(bytes=bytes(info.parent_uuid)))
                 result["Generation"] = str(info.generation)
                 result["ReadOnly"] = "true" if info.flags & BTRFS_SUBVOL_RDONLY else "false"
-        size = _read_quota_file(self._quota_file(layer_id))
+        size = self._read_quota(layer_id)
         if size is not None:
             result["SizeLimit"] = str(size)
         return result
@@ -1538,7 +1713,7 @@ class Driver:
             return subdirectories
 
         with _Fd(_open_directory(path)) as layer_fd:
-            walk_tree(layer_fd, visit, path=path)
+            walk_tree(layer_fd, visit, path=path, skip_mounts=True)
         return DiskUsage(total[0], len(seen))
 
     def additional_image_stores(self) -> List[str]:
@@ -1620,12 +1795,15 @@ def init(
 def _require_btrfs(home: str) -> None:
     """Raise PrerequisiteError unless home (or, until it exists, its parent) is on btrfs."""
     probe = home
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
+    while True:
+        try:
+            magic = _statfs_type(probe)
             break
-        probe = parent
-    magic = _statfs_type(probe)
+        except FileNotFoundError:
+            parent = os.path.dirname(probe)
+            if parent == probe:
+                raise
+            probe = parent
     if magic != BTRFS_SUPER_MAGIC:
         raise PrerequisiteError(
             f"{home} is not on a btrfs filesystem ({probe} has filesystem magic {magic:#x}); "
@@ -1700,8 +1878,9 @@ def _split_path(path: PathArg) -> Tuple[bytes, bytes]:
 
 
 def _open_parent(path: PathArg) -> Tuple[int, bytes]:
+    """Open the directory that contains path, following symlinks the caller put in it."""
     parent, name = _split_path(path)
-    return _open_directory(parent or b"."), name
+    return os.open(parent or b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), name
 
 
 def create_subvolume(path: PathArg) -> None:
@@ -1714,7 +1893,8 @@ def create_subvolume(path: PathArg) -> None:
 def create_snapshot(source: PathArg, path: PathArg, *, read_only: bool = False) -> None:
     """Create a snapshot of the subvolume source at path."""
     parent_fd, name = _open_parent(path)
-    with _Fd(parent_fd), _Fd(_open_directory(os.fsencode(source))) as source_fd:
+    source_fd = os.open(os.fsencode(source), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    with _Fd(parent_fd), _Fd(source_fd):
         _snapshot_create_at(source_fd, parent_fd, name, read_only, path)
 
 
