@@ -35,8 +35,8 @@ import time
 import uuid as uuid_module
 from fractions import Fraction
 from typing import (
-    Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional,
-    Sequence, Set, Tuple, Union,
+    Any, Callable, Dict, IO, Iterable, Iterator, List, Mapping, NamedTuple, Optional,
+    Sequence, Set, TYPE_CHECKING, Tuple, Type, Union,
 )
 
 # tools/vendor.py replaces the lines from here to "end of ioctl_structs" with
@@ -58,6 +58,13 @@ from ioctl_structs import (
     btrfs_qgroup_status_item, btrfs_root_ref,
 )
 # end of ioctl_structs
+
+if TYPE_CHECKING:
+    # Only for annotations: the layer diff functions import tarfile when they run.
+    import tarfile
+    from types import TracebackType
+
+    from _typeshed import WriteableBuffer
 
 __version__ = "0.1.0"
 
@@ -1951,7 +1958,7 @@ _COPY_CHUNK = 1024 * 1024
 _PROGRESS_INTERVAL = 0.5  # seconds; progress must be reported at least once a second
 
 
-def _open_for_reading(name, flags: int, dir_fd: Optional[int] = None) -> int:
+def _open_for_reading(name: PathArg, flags: int, dir_fd: Optional[int] = None) -> int:
     """Open with O_NOATIME where allowed, so that reading a layer does not change it.
 
     O_NOATIME needs ownership of the file or CAP_FOWNER. Without it an atime
@@ -1964,23 +1971,23 @@ def _open_for_reading(name, flags: int, dir_fd: Optional[int] = None) -> int:
         return os.open(name, flags, dir_fd=dir_fd)
 
 
-def _open_directory_for_reading(name, dir_fd: Optional[int] = None) -> int:
+def _open_directory_for_reading(name: PathArg, dir_fd: Optional[int] = None) -> int:
     return _open_for_reading(name, _OPEN_DIRECTORY, dir_fd)
 
 
-def _fd_path(dir_fd: int, name) -> bytes:
+def _fd_path(dir_fd: int, name: str) -> bytes:
     """Return a /proc path naming name inside dir_fd, for calls without dir_fd."""
     return b"/proc/self/fd/%d/%s" % (dir_fd, os.fsencode(name))
 
 
-def _lstat_at(dir_fd: int, name) -> Optional[os.stat_result]:
+def _lstat_at(dir_fd: int, name: str) -> Optional[os.stat_result]:
     try:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
 
 
-def _list_dir(dir_fd: int) -> "List[Tuple[str, os.DirEntry]]":
+def _list_dir(dir_fd: int) -> "List[Tuple[str, os.DirEntry[str]]]":
     """List a directory's entries, sorted by name bytes.
 
     Each entry's stat() is an fstatat() on dir_fd, so dir_fd must stay open
@@ -2085,10 +2092,10 @@ def _remove_tree(dir_fd: int, name: str) -> None:
 # ID maps -----------------------------------------------------------------
 
 
-def _map_id(maps: Sequence[IDMap], value: int, to_host: bool) -> Optional[int]:
+def _map_id(maps: Optional[Sequence[IDMap]], value: int, to_host: bool) -> Optional[int]:
     """Map an id between container and host; None when no map covers it.
 
-    An empty map list is the identity, as in containers/storage.
+    None or an empty map list is the identity, as in containers/storage.
     """
     if not maps:
         return value
@@ -2099,7 +2106,8 @@ def _map_id(maps: Sequence[IDMap], value: int, to_host: bool) -> Optional[int]:
     return None
 
 
-def _map_owner(uid_maps, gid_maps, uid: int, gid: int, to_host: bool, path: str) -> Tuple[int, int]:
+def _map_owner(uid_maps: Optional[Sequence[IDMap]], gid_maps: Optional[Sequence[IDMap]], uid: int, gid: int,
+               to_host: bool, path: str) -> Tuple[int, int]:
     mapped_uid = _map_id(uid_maps, uid, to_host)
     mapped_gid = _map_id(gid_maps, gid, to_host)
     if mapped_uid is None or mapped_gid is None:
@@ -2116,7 +2124,7 @@ def _is_carried_xattr(name: str) -> bool:
     return name == "security.capability" or name.startswith("user.")
 
 
-def _read_xattrs(target) -> Dict[str, bytes]:
+def _read_xattrs(target: Union[int, bytes]) -> Dict[str, bytes]:
     """Read the carried extended attributes of an fd or a path (not followed)."""
     follow = isinstance(target, int)
     try:
@@ -2180,12 +2188,12 @@ class _WalkedChange:
     """A change found by _walk_changes, with a handle on the layer entry.
 
     dir_fd and name locate the entry in the layer (not in the parent, for a
-    DELETE) and stay valid only until the walk goes on.
+    DELETE) and stay valid only until the walk goes on. st is None for a DELETE.
     """
 
     __slots__ = ("path", "kind", "st", "dir_fd", "name")
 
-    def __init__(self, path, kind, st, dir_fd, name):
+    def __init__(self, path: str, kind: ChangeKind, st: Optional[os.stat_result], dir_fd: int, name: str) -> None:
         self.path = path
         self.kind = kind
         self.st = st
@@ -2194,10 +2202,13 @@ class _WalkedChange:
 
 
 class _DirFrame:
+    """A directory on the stack of _walk_changes. The walk's top, never reported, has st None and name ""."""
+
     __slots__ = ("path", "layer_fd", "parent_fd", "entries", "parent_entries",
                  "changes_at_entry", "report_when_changed", "st", "name")
 
-    def __init__(self, path, layer_fd, parent_fd, report_when_changed, st, name, changes_at_entry):
+    def __init__(self, path: str, layer_fd: int, parent_fd: Optional[int], report_when_changed: bool,
+                 st: Optional[os.stat_result], name: str, changes_at_entry: int) -> None:
         self.path = path
         self.layer_fd = layer_fd
         self.parent_fd = parent_fd
@@ -2229,7 +2240,7 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: Optional[int], top: str = 
     count = 0
     stack = [_DirFrame(top, os.dup(layer_root_fd),
                        os.dup(parent_root_fd) if parent_root_fd is not None else None,
-                       False, None, None, 0)]
+                       False, None, "", 0)]
     try:
         while stack:
             frame = stack[-1]
@@ -2247,10 +2258,12 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: Optional[int], top: str = 
                     count += 1
                     reported = True
                     yield _WalkedChange(path, ChangeKind.ADD, new, frame.layer_fd, name)
-                elif _entry_modified(frame.layer_fd, frame.parent_fd, name, new, old):
-                    count += 1
-                    reported = True
-                    yield _WalkedChange(path, ChangeKind.MODIFY, new, frame.layer_fd, name)
+                else:
+                    assert frame.parent_fd is not None  # parent_entries is empty without a parent_fd
+                    if _entry_modified(frame.layer_fd, frame.parent_fd, name, new, old):
+                        count += 1
+                        reported = True
+                        yield _WalkedChange(path, ChangeKind.MODIFY, new, frame.layer_fd, name)
                 if not stat.S_ISDIR(new.st_mode):
                     continue
                 if changed_inodes is not None and old is not None and stat.S_ISDIR(old.st_mode):
@@ -2258,6 +2271,7 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: Optional[int], top: str = 
                 child_fd = _open_listed_dir(frame.layer_fd, name, new, path)
                 child_parent_fd = None
                 if old is not None and stat.S_ISDIR(old.st_mode):
+                    assert frame.parent_fd is not None  # parent_entries is empty without a parent_fd
                     try:
                         child_parent_fd = _open_listed_dir(frame.parent_fd, name, old, path)
                     except BaseException:
@@ -2294,11 +2308,11 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: Optional[int], top: str = 
                 os.close(frame.parent_fd)
 
 
-def _change_sort_key(change) -> bytes:
+def _change_sort_key(change: Change) -> bytes:
     return os.fsencode(change.path)
 
 
-def layer_changes(layer_dir, parent_dir=None) -> List[Change]:
+def layer_changes(layer_dir: PathArg, parent_dir: Optional[PathArg] = None) -> List[Change]:
     """Return the changes of a layer directory against its parent, sorted by path."""
     layer_fd = _open_directory_for_reading(layer_dir)
     parent_fd = None
@@ -2314,7 +2328,7 @@ def layer_changes(layer_dir, parent_dir=None) -> List[Change]:
     return changes
 
 
-def layer_diff_size(layer_dir, parent_dir=None) -> int:
+def layer_diff_size(layer_dir: PathArg, parent_dir: Optional[PathArg] = None) -> int:
     """Sum the sizes of the non-directories that a layer adds or modifies.
 
     Sizes are lstat sizes (a symlink counts its target's length), and an inode
@@ -2326,7 +2340,7 @@ def layer_diff_size(layer_dir, parent_dir=None) -> int:
         if parent_dir is not None:
             parent_fd = _open_directory_for_reading(parent_dir)
         return _sum_sizes(item.st for item in _walk_changes(layer_fd, parent_fd)
-                          if item.kind != ChangeKind.DELETE)
+                          if item.kind != ChangeKind.DELETE and item.st is not None)
     finally:
         os.close(layer_fd)
         if parent_fd is not None:
@@ -2349,7 +2363,7 @@ def _sum_sizes(stats: Iterable[os.stat_result]) -> int:
     return total
 
 
-def _changes_size(layer_dir, changes: List[Change]) -> int:
+def _changes_size(layer_dir: str, changes: List[Change]) -> int:
     """Sum the sizes of the non-directories that changes add or modify, as layer_diff_size does."""
     layer_fd = _open_directory_for_reading(layer_dir)
     try:
@@ -2372,7 +2386,7 @@ def _lstat_changes(layer_fd: int, changes: List[Change]) -> Iterator[os.stat_res
             os.close(dir_fd)
 
 
-def _layer_changes_fast(layer_dir, parent_dir=None) -> List[Change]:
+def _layer_changes_fast(layer_dir: str, parent_dir: Optional[str] = None) -> List[Change]:
     """Return layer_changes(layer_dir, parent_dir), by tree search when the layer is a snapshot of parent_dir."""
     if parent_dir is not None:
         changes = _snapshot_changes(layer_dir, parent_dir)
@@ -2573,7 +2587,8 @@ class _TarEntryWriter:
     does, because finding the other names would take a walk of the whole layer.
     """
 
-    def __init__(self, tar, uid_maps, gid_maps):
+    def __init__(self, tar: "tarfile.TarFile", uid_maps: Optional[Sequence[IDMap]],
+                 gid_maps: Optional[Sequence[IDMap]]) -> None:
         self.tar = tar
         self.uid_maps = uid_maps
         self.gid_maps = gid_maps
@@ -2615,17 +2630,17 @@ class _TarEntryWriter:
             return
         if info.type != tarfile.LNKTYPE:
             xattrs = _read_xattrs(data.fileno()) if data is not None else _entry_xattrs(dir_fd, name, st)
-            for key, value in xattrs.items():
-                info.pax_headers["SCHILY.xattr." + key] = value.decode("utf-8", "surrogateescape")
+            info.pax_headers = {"SCHILY.xattr." + key: value.decode("utf-8", "surrogateescape")
+                                for key, value in xattrs.items()}
         try:
             self.tar.addfile(info, data)
         finally:
             if data is not None:
                 data.close()
-        self.tar.members.clear()  # tarfile keeps every member written; memory must stay flat
+        _forget_tar_members(self.tar)  # tarfile keeps every member written; memory must stay flat
 
     @staticmethod
-    def _open_file(dir_fd: int, name: str, st: os.stat_result, path: str):
+    def _open_file(dir_fd: int, name: str, st: os.stat_result, path: str) -> io.BufferedReader:
         fd = _open_for_reading(name, _FILE_READ_FLAGS, dir_fd)
         if not os.path.samestat(os.fstat(fd), st):
             os.close(fd)
@@ -2640,20 +2655,32 @@ class _TarEntryWriter:
         info.type = tarfile.REGTYPE
         info.mode = 0
         self.tar.addfile(info)
-        self.tar.members.clear()
+        _forget_tar_members(self.tar)
 
 
-def _write_full_tar(out, layer_fd: int, uid_maps, gid_maps) -> None:
+def _forget_tar_members(tar: "tarfile.TarFile") -> None:
+    """Empty the list of members that a TarFile keeps, without reading the rest of a stream.
+
+    getmembers() returns the same list, but on a stream being read it first
+    reads to the end. typeshed does not declare TarFile.members.
+    """
+    tar.members.clear()  # type: ignore[attr-defined]
+
+
+def _write_full_tar(out: io.BufferedWriter, layer_fd: int, uid_maps: Optional[Sequence[IDMap]],
+                    gid_maps: Optional[Sequence[IDMap]]) -> None:
     import tarfile
 
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
                       encoding="utf-8", errors="surrogateescape") as tar:
         writer = _TarEntryWriter(tar, uid_maps, gid_maps)
         for item in _walk_changes(layer_fd, None):
+            assert item.st is not None  # a walk without a parent yields only ADDs
             writer.add(item.path.lstrip("/"), item.path, item.dir_fd, item.name, item.st)
 
 
-def _write_changes_tar(out, layer_fd: int, changes: List[Change], uid_maps, gid_maps) -> None:
+def _write_changes_tar(out: io.BufferedWriter, layer_fd: int, changes: List[Change],
+                       uid_maps: Optional[Sequence[IDMap]], gid_maps: Optional[Sequence[IDMap]]) -> None:
     import tarfile
 
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
@@ -2693,7 +2720,7 @@ class _PipeReader(io.RawIOBase):
                                         name="btrfsdrv-diff", daemon=True)
         self._thread.start()
 
-    def _run(self, write, write_fd: int) -> None:
+    def _run(self, write: Callable[[io.BufferedWriter], None], write_fd: int) -> None:
         try:
             with open(write_fd, "wb", closefd=True) as out:
                 write(out)
@@ -2705,14 +2732,15 @@ class _PipeReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
-        data = os.read(self._read_fd, len(buffer))
+    def readinto(self, buffer: "WriteableBuffer") -> int:
+        view = memoryview(buffer)
+        data = os.read(self._read_fd, len(view))
         if not data:
             self._thread.join()
             if self._error is not None:
                 raise self._error
             return 0
-        buffer[:len(data)] = data
+        view[:len(data)] = data
         return len(data)
 
     def close(self) -> None:
@@ -2727,8 +2755,9 @@ class _PipeReader(io.RawIOBase):
                 self._release()
 
 
-def layer_diff(layer_dir, parent_dir=None, uid_maps=(), gid_maps=(),
-               release: Optional[Callable[[], None]] = None, changes: Optional[List[Change]] = None):
+def layer_diff(layer_dir: PathArg, parent_dir: Optional[PathArg] = None, uid_maps: Optional[Sequence[IDMap]] = (),
+               gid_maps: Optional[Sequence[IDMap]] = (), release: Optional[Callable[[], None]] = None,
+               changes: Optional[List[Change]] = None) -> io.BufferedReader:
     """Stream a layer as an uncompressed PAX tar, as a readable binary file.
 
     Without a parent the tar contains the whole layer. Otherwise it contains
@@ -2739,7 +2768,7 @@ def layer_diff(layer_dir, parent_dir=None, uid_maps=(), gid_maps=(),
     layer_fd = _open_directory_for_reading(layer_dir)
     try:
         if parent_dir is None:
-            def write(out):
+            def write(out: io.BufferedWriter) -> None:
                 try:
                     _write_full_tar(out, layer_fd, uid_maps, gid_maps)
                 finally:
@@ -2748,7 +2777,7 @@ def layer_diff(layer_dir, parent_dir=None, uid_maps=(), gid_maps=(),
             if changes is None:
                 changes = layer_changes(layer_dir, parent_dir)
 
-            def write(out):
+            def write(out: io.BufferedWriter) -> None:
                 try:
                     _write_changes_tar(out, layer_fd, changes, uid_maps, gid_maps)
                 finally:
@@ -2766,7 +2795,7 @@ def layer_diff(layer_dir, parent_dir=None, uid_maps=(), gid_maps=(),
 class _CountingReader(io.RawIOBase):
     """Counts the bytes read from the caller's stream, for progress reports."""
 
-    def __init__(self, source):
+    def __init__(self, source: IO[bytes]) -> None:
         super().__init__()
         self.source = source
         self.count = 0
@@ -2775,17 +2804,18 @@ class _CountingReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: "WriteableBuffer") -> int:
+        view = memoryview(buffer)
         if self.prefix:
-            size = min(len(buffer), len(self.prefix))
-            buffer[:size] = self.prefix[:size]
+            size = min(len(view), len(self.prefix))
+            view[:size] = self.prefix[:size]
             self.prefix = self.prefix[size:]
             return size
-        data = self.source.read(len(buffer))
+        data = self.source.read(len(view))
         if not data:
             return 0
         self.count += len(data)
-        buffer[:len(data)] = data
+        view[:len(data)] = data
         return len(data)
 
     def peek_magic(self, size: int) -> bytes:
@@ -2812,7 +2842,8 @@ class _TarInput(io.RawIOBase):
 
     _TAIL = 64 * 1024
 
-    def __init__(self, source, decompression_errors):
+    def __init__(self, source: io.BufferedIOBase,
+                 decompression_errors: Tuple[Type[BaseException], ...]) -> None:
         super().__init__()
         self.source = source
         self.errors = decompression_errors
@@ -2822,14 +2853,15 @@ class _TarInput(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: "WriteableBuffer") -> int:
+        view = memoryview(buffer)
         try:
-            data = self.source.read(len(buffer))
+            data = self.source.read(len(view))
         except self.errors as error:
             raise _CorruptStream(f"corrupt compressed data: {error}") from None
         if not data:
             return 0
-        buffer[:len(data)] = data
+        view[:len(data)] = data
         self.position += len(data)
         self.tail += data
         if len(self.tail) > 2 * self._TAIL:
@@ -2847,7 +2879,7 @@ class _TarInput(io.RawIOBase):
 class _ZstdReader(io.RawIOBase):
     """Decompresses a zstd stream with the system's libzstd through ctypes."""
 
-    def __init__(self, source):
+    def __init__(self, source: io.BufferedIOBase) -> None:
         super().__init__()
         import ctypes
 
@@ -2892,10 +2924,11 @@ class _ZstdReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: "WriteableBuffer") -> int:
         ctypes = self._ctypes
-        target = (ctypes.c_char * len(buffer)).from_buffer(buffer)
-        out = self._buffer_type(ctypes.addressof(target), len(buffer), 0)
+        view = memoryview(buffer)
+        target = (ctypes.c_char * len(view)).from_buffer(view)
+        out = self._buffer_type(ctypes.addressof(target), len(view), 0)
         while out.pos == 0:
             if self._in.pos == self._in.size:
                 data = self._source.read(_COPY_CHUNK)
@@ -2908,7 +2941,7 @@ class _ZstdReader(io.RawIOBase):
             result = self._check(self._lib.ZSTD_decompressStream(self._stream, ctypes.byref(out),
                                                                  ctypes.byref(self._in)))
             self._frame_complete = result == 0
-        return out.pos
+        return int(out.pos)
 
     def close(self) -> None:
         if not self.closed and self._stream:
@@ -2949,7 +2982,7 @@ class _PendingDirTimes:
 
     _HEADER = struct.Struct("=qqI")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.file = tempfile.TemporaryFile()
 
     def add(self, parts: Sequence[str], atime_ns: int, mtime_ns: int) -> None:
@@ -3013,6 +3046,10 @@ def _layer_epoch(root_fd: int) -> int:
         time.sleep(0.001)
 
 
+# Callback that copies a regular-file entry's data from the tar into the given file.
+_DataReader = Callable[["tarfile.TarInfo", io.BufferedWriter], None]
+
+
 class _LayerApplier:
     """Applies the entries of a layer tar to a layer directory.
 
@@ -3022,7 +3059,8 @@ class _LayerApplier:
     entry leaves the layer as it was before it.
     """
 
-    def __init__(self, root_fd: int, uid_maps, gid_maps, ignore_chown_errors: bool):
+    def __init__(self, root_fd: int, uid_maps: Optional[Sequence[IDMap]], gid_maps: Optional[Sequence[IDMap]],
+                 ignore_chown_errors: bool) -> None:
         self.root_fd = root_fd
         self.uid_maps = uid_maps
         self.gid_maps = gid_maps
@@ -3039,7 +3077,7 @@ class _LayerApplier:
 
     # Owners and metadata -------------------------------------------------
 
-    def host_owner(self, member, path: str) -> Optional[Tuple[int, int]]:
+    def host_owner(self, member: "tarfile.TarInfo", path: str) -> Optional[Tuple[int, int]]:
         """Map an entry's owner to host ids; None means leave the owner as created."""
         uid = _map_id(self.uid_maps, member.uid, True)
         gid = _map_id(self.gid_maps, member.gid, True)
@@ -3054,7 +3092,7 @@ class _LayerApplier:
             return None
         return (uid if uid is not None else root_uid), (gid if gid is not None else root_gid)
 
-    def chown(self, function, path: str) -> None:
+    def chown(self, function: Callable[[], None], path: str) -> None:
         try:
             function()
         except OSError as error:
@@ -3066,7 +3104,7 @@ class _LayerApplier:
                 self.warned_chown = True
 
     @staticmethod
-    def xattrs(member) -> Dict[str, bytes]:
+    def xattrs(member: "tarfile.TarInfo") -> Dict[str, bytes]:
         values = {}
         for key, value in member.pax_headers.items():
             if not key.startswith("SCHILY.xattr."):
@@ -3078,7 +3116,7 @@ class _LayerApplier:
                 log.debug("skipping extended attribute %s of %s", name, member.name)
         return values
 
-    def set_fd_metadata(self, fd: int, member, path: str) -> None:
+    def set_fd_metadata(self, fd: int, member: "tarfile.TarInfo", path: str) -> None:
         """Set owner, mode, extended attributes and (for files) times through an fd."""
         owner = self.host_owner(member, path)
         if owner is not None:
@@ -3091,7 +3129,7 @@ class _LayerApplier:
         if not member.isdir():
             os.utime(fd, ns=(int(member.mtime * _NS_PER_SECOND),) * 2)
 
-    def set_path_metadata(self, dir_fd: int, name: str, member, path: str) -> None:
+    def set_path_metadata(self, dir_fd: int, name: str, member: "tarfile.TarInfo", path: str) -> None:
         """Set metadata on a new symlink, device node or FIFO, which are never opened."""
         owner = self.host_owner(member, path)
         if owner is not None:
@@ -3104,7 +3142,7 @@ class _LayerApplier:
 
     # Entries ------------------------------------------------------------
 
-    def apply(self, member, data_reader) -> None:
+    def apply(self, member: "tarfile.TarInfo", data_reader: "_DataReader") -> None:
         path = member.name
         parts = _path_parts(path)
         if parts and parts[0].startswith(WHITEOUT_META_PREFIX) and parts[-1] != WHITEOUT_OPAQUE_DIR:
@@ -3142,6 +3180,7 @@ class _LayerApplier:
         if self.parent_cache is not None and self.parent_cache[0] == key:
             return self.parent_cache[1]
         fd = _open_entry_parent(self.root_fd, parts, path, create=True)
+        assert fd is not None  # with create, missing directories are made
         self.forget_parent()
         self.parent_cache = (key, fd)
         return fd
@@ -3203,7 +3242,8 @@ class _LayerApplier:
         _remove_tree(dir_fd, name)
         return None
 
-    def apply_directory(self, parent_fd: int, name: Optional[str], parts: List[str], member, path: str) -> None:
+    def apply_directory(self, parent_fd: int, name: Optional[str], parts: List[str], member: "tarfile.TarInfo",
+                        path: str) -> None:
         if name is None:
             fd = os.dup(parent_fd)
         else:
@@ -3217,7 +3257,7 @@ class _LayerApplier:
         mtime_ns = int(member.mtime * _NS_PER_SECOND)
         self.dir_times.add(parts, mtime_ns, mtime_ns)
 
-    def apply_file(self, parts: List[str], member, data_reader, path: str) -> None:
+    def apply_file(self, parts: List[str], member: "tarfile.TarInfo", data_reader: "_DataReader", path: str) -> None:
         # The data goes to a temporary file in the layer root first, so that a
         # truncated stream fails before any parent directory is created.
         temporary = self.temporary_name
@@ -3238,7 +3278,7 @@ class _LayerApplier:
                 with _suppress_missing():
                     os.unlink(temporary, dir_fd=self.root_fd)
 
-    def apply_special(self, parent_fd: int, parts: List[str], member, path: str) -> None:
+    def apply_special(self, parent_fd: int, parts: List[str], member: "tarfile.TarInfo", path: str) -> None:
         """Create a symlink, hard link, device node or FIFO under a temporary name, then rename it."""
         import tarfile
 
@@ -3265,7 +3305,7 @@ class _LayerApplier:
             with _suppress_missing():
                 os.unlink(temporary, dir_fd=parent_fd)
 
-    def link_target(self, member, path: str) -> Tuple[int, str]:
+    def link_target(self, member: "tarfile.TarInfo", path: str) -> Tuple[int, str]:
         """Resolve a hard link's target inside the layer; return its directory fd and name.
 
         The target must exist and be neither a directory nor a symlink. The
@@ -3285,7 +3325,7 @@ class _LayerApplier:
             raise ValueError(f"hard link {path!r}: target {target!r} {problem}")
         return target_dir_fd, target_parts[-1]
 
-    def link(self, parent_fd: int, temporary: str, member, path: str) -> None:
+    def link(self, parent_fd: int, temporary: str, member: "tarfile.TarInfo", path: str) -> None:
         target_dir_fd, target_name = self.link_target(member, path)
         try:
             os.link(target_name, temporary, src_dir_fd=target_dir_fd, dst_dir_fd=parent_fd,
@@ -3295,15 +3335,17 @@ class _LayerApplier:
 
 
 class _suppress_missing:
-    def __enter__(self):
+    def __enter__(self) -> "_suppress_missing":
         return self
 
-    def __exit__(self, kind, value, traceback):
+    def __exit__(self, kind: Optional[Type[BaseException]], value: Optional[BaseException],
+                 traceback: "Optional[TracebackType]") -> bool:
         return kind is not None and issubclass(kind, FileNotFoundError)
 
 
-def apply_layer_diff(layer_dir, diff, uid_maps=(), gid_maps=(), ignore_chown_errors: bool = False,
-                    progress: Optional[Callable[[int, int], None]] = None) -> int:
+def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Optional[Sequence[IDMap]] = (),
+                     gid_maps: Optional[Sequence[IDMap]] = (), ignore_chown_errors: bool = False,
+                     progress: Optional[Callable[[int, int], None]] = None) -> int:
     """Apply a layer tar (uncompressed, gzip, bzip2, xz or zstd) to a layer directory.
 
     Returns the sum of the regular files' sizes in the tar. Raises ValueError
@@ -3330,8 +3372,9 @@ def apply_layer_diff(layer_dir, diff, uid_maps=(), gid_maps=(), ignore_chown_err
             last_report = now
             progress(counting.count, applied)
 
-    def copy_data(member, out) -> None:
+    def copy_data(member: "tarfile.TarInfo", out: io.BufferedWriter) -> None:
         source = tar.extractfile(member)
+        assert source is not None  # copy_data is called only for regular files
         remaining = member.size
         while remaining:
             try:
@@ -3361,7 +3404,7 @@ def apply_layer_diff(layer_dir, diff, uid_maps=(), gid_maps=(), ignore_chown_err
                                  f"{last_name!r}): {error}") from None
             if member is None:
                 break
-            tar.members.clear()  # tarfile keeps every member read; memory must stay flat
+            _forget_tar_members(tar)  # tarfile keeps every member read; memory must stay flat
             last_name = member.name
             try:
                 applier.apply(member, copy_data)
@@ -3412,7 +3455,8 @@ def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int)
         os.setxattr(_fd_path(dir_fd, name), "security.capability", capability, follow_symlinks=False)
 
 
-def remap_layer_owners(layer_dir, to_container, to_host) -> None:
+def remap_layer_owners(layer_dir: PathArg, to_container: Optional[Tuple[Sequence[IDMap], Sequence[IDMap]]],
+                       to_host: Optional[Tuple[Sequence[IDMap], Sequence[IDMap]]]) -> None:
     """Rewrite every owner below a layer's root from one ID mapping to another.
 
     to_container is the (uid_maps, gid_maps) pair that maps the current host
@@ -3427,6 +3471,7 @@ def remap_layer_owners(layer_dir, to_container, to_host) -> None:
     try:
         for item in _walk_changes(root_fd, None):
             st = item.st
+            assert st is not None  # a walk without a parent yields only ADDs
             if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
                 inode = (st.st_dev, st.st_ino)
                 if inode in seen_inodes:
