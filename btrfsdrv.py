@@ -2883,6 +2883,7 @@ class _ZstdReader(io.RawIOBase):
         super().__init__()
         import ctypes
 
+        self._stream: Optional[int] = None  # close() runs from the finalizer even if loading fails
         try:
             lib = ctypes.CDLL("libzstd.so.1")
         except OSError as error:
@@ -2944,7 +2945,7 @@ class _ZstdReader(io.RawIOBase):
         return int(out.pos)
 
     def close(self) -> None:
-        if not self.closed and self._stream:
+        if not self.closed and self._stream is not None:
             self._lib.ZSTD_freeDStream(self._stream)
             self._stream = None
         super().close()
