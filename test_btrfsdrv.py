@@ -2967,7 +2967,7 @@ def write_at(dir_fd, name, data=b"data"):
 def make_deep_path(root, sentinel, levels=300, name=b"d" * 20):
     """Nest levels directories below root with fd-relative calls; return the path length.
 
-    The bottom holds a file and a symlink to the sentinel, so a walk that
+    The bottom contains a file and a symlink to the sentinel, so a walk that
     gives up at PATH_MAX leaves something behind.
     """
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
@@ -3053,8 +3053,8 @@ def sync_subvolumes(filesystem):
     """Wait until deleted subvolumes are cleaned.
 
     Each commit wakes the cleaner, which otherwise waits for the 30-second
-    commit interval, and the short polls spare `subvolume sync` its 1-second
-    sleeps; `subvolume sync` then waits for whatever is left.
+    commit interval.  The short polls spare `subvolume sync` its 1-second
+    sleeps, and it then waits only for whatever is left.
     """
     mountpoint = filesystem.mountpoint
     for _ in range(100):
@@ -3220,7 +3220,7 @@ def test_remove_nested_subvolumes_and_placeholders(driver, fs, tmp_path, monkeyp
     make_nested_subvolumes(root, sentinel)
     driver.create("child", "base")
     child = driver.get("child")
-    # A snapshot holds an empty directory (inode 2) where each nested subvolume was.
+    # A snapshot contains an empty directory (inode 2) where each nested subvolume was.
     for placeholder in ("direct", os.path.join("a", "b", "deep"), os.path.join("a", "read-only")):
         assert os.stat(os.path.join(child, placeholder)).st_ino == ioctl_structs.BTRFS_EMPTY_SUBVOL_DIR_OBJECTID
     if kind == "fallback":
@@ -3703,7 +3703,7 @@ def test_processes_create_same_id(fs):
 
 
 def _race_on_layer(home, role, layer_id, barrier, queue):
-    """Remove layer_id, get it, or snapshot it, as the role says; report each outcome."""
+    """Remove layer_id, get it, or snapshot it, as role selects, and report each outcome."""
     outcomes = []
     with btrfsdrv.Driver(home) as driver:
         barrier.wait()
