@@ -180,6 +180,24 @@ def unique_id(prefix="layer"):
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
+def sync_subvolumes(filesystem):
+    """Wait until deleted subvolumes are cleaned.
+
+    Each commit wakes the cleaner, which otherwise waits for the 30-second
+    commit interval.  The short polls spare `subvolume sync` its 1-second
+    sleeps, and it then waits only for whatever is left.
+    """
+    mountpoint = filesystem.mountpoint
+    for _ in range(100):
+        filesystem.btrfs("filesystem", "sync", mountpoint)
+        if not filesystem.btrfs("subvolume", "list", "-d", mountpoint).strip():
+            break
+        time.sleep(0.01)
+    # A descriptor left open in a deleted subvolume keeps it forever, so a
+    # leak fails the test here instead of hanging it.
+    subprocess.run(["btrfs", "subvolume", "sync", mountpoint], check=True, capture_output=True, timeout=300)
+
+
 # -- Kernel interface (ioctl_structs) -----------------------------------------
 
 TOOLS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools")
@@ -1176,7 +1194,7 @@ def test_failed_create_leaves_nothing(driver, fs):
         driver.create("doomed", storage_opt={"size": "10m"})
     assert not driver.exists("doomed")
     assert driver.list_layers() == []
-    fs.btrfs("subvolume", "sync", fs.mountpoint)
+    sync_subvolumes(fs)
     assert "doomed" not in fs.btrfs("subvolume", "list", fs.mountpoint)
 
 
@@ -1200,7 +1218,7 @@ def test_remove_layer(driver, fs):
     driver.create("gone")
     driver.remove("gone")
     assert not driver.exists("gone")
-    fs.btrfs("subvolume", "sync", fs.mountpoint)
+    sync_subvolumes(fs)
     assert "gone" not in fs.btrfs("subvolume", "list", fs.mountpoint)
 
 
@@ -1226,7 +1244,7 @@ def test_remove_deletes_nested_subvolumes(driver, fs):
     driver.remove("outer")
     assert not driver.exists("outer")
     driver.put("outer")
-    fs.btrfs("subvolume", "sync", fs.mountpoint)
+    sync_subvolumes(fs)
     assert fs.btrfs("subvolume", "list", fs.mountpoint).strip() == ""
 
 
@@ -1274,7 +1292,7 @@ def test_remove_destroys_qgroups(fs):
         assert qgroup_limits(fs)[layer] == 20 * 1024**2
         driver.remove("limited")
         assert not os.path.exists(os.path.join(driver.home, "quotas", "limited"))
-        fs.btrfs("subvolume", "sync", fs.mountpoint)
+        sync_subvolumes(fs)
         limits = qgroup_limits(fs)
         assert layer not in limits
         assert nested not in limits
@@ -1625,7 +1643,7 @@ def test_remove_nested_subvolume_beyond_ino_lookup_limit(driver, fs):
         os.close(fd)
     driver.remove("deep")
     assert not driver.exists("deep")
-    fs.btrfs("subvolume", "sync", fs.mountpoint)
+    sync_subvolumes(fs)
     assert fs.btrfs("subvolume", "list", fs.mountpoint).strip() == ""
 
 
@@ -3047,24 +3065,6 @@ def populate_hostile(root, sentinel, entries=1000):
         output.write(b"x")
     chattr("+i", frozen, frozen_dir)
     chattr("+a", appended, append_dir)
-
-
-def sync_subvolumes(filesystem):
-    """Wait until deleted subvolumes are cleaned.
-
-    Each commit wakes the cleaner, which otherwise waits for the 30-second
-    commit interval.  The short polls spare `subvolume sync` its 1-second
-    sleeps, and it then waits only for whatever is left.
-    """
-    mountpoint = filesystem.mountpoint
-    for _ in range(100):
-        filesystem.btrfs("filesystem", "sync", mountpoint)
-        if not filesystem.btrfs("subvolume", "list", "-d", mountpoint).strip():
-            break
-        time.sleep(0.01)
-    # A descriptor left open in a deleted subvolume keeps it forever, so a
-    # leak fails the test here instead of hanging it.
-    subprocess.run(["btrfs", "subvolume", "sync", mountpoint], check=True, capture_output=True, timeout=300)
 
 
 def assert_no_subvolumes(filesystem):
