@@ -29,6 +29,7 @@ import re
 import stat
 import sys
 import tempfile
+import threading
 import uuid as uuid_module
 from fractions import Fraction
 from typing import (
@@ -264,6 +265,12 @@ def _subvolume_info(fd: int, path: Any) -> Any:
     args = btrfs_ioctl_get_subvol_info_args()
     _ioctl(fd, _structs.BTRFS_IOC_GET_SUBVOL_INFO, args, "read subvolume info", path)
     return args
+
+
+def _is_empty_directory(fd: int) -> bool:
+    """Return whether the directory fd has no entries, reading at most one."""
+    with os.scandir(fd) as entries:
+        return next(entries, None) is None
 
 
 def _is_subvolume_stat(st: os.stat_result) -> bool:
@@ -678,6 +685,8 @@ def _mount_id_of_parent(fd: int) -> Optional[int]:
 
 def _unescape_mountinfo(field: bytes) -> bytes:
     """Decode the octal escapes (\\040 for a space) that /proc/self/mountinfo uses."""
+    if b"\\" not in field:
+        return field
     return re.sub(rb"\\([0-7]{3})", lambda match: bytes([int(match.group(1), 8)]), field)
 
 
@@ -691,16 +700,80 @@ class MountInfo(NamedTuple):
     mount_point: bytes
 
 
-def _read_mountinfo() -> List[MountInfo]:
+def _parse_mountinfo(text: bytes) -> List[MountInfo]:
     mounts = []
-    with open("/proc/self/mountinfo", "rb") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            mounts.append(MountInfo(
-                int(fields[0]), int(fields[1]), fields[2].decode(),
-                _unescape_mountinfo(fields[3]), _unescape_mountinfo(fields[4]),
-            ))
+    for line in text.splitlines():
+        fields = line.split()
+        mounts.append(MountInfo(
+            int(fields[0]), int(fields[1]), fields[2].decode(),
+            _unescape_mountinfo(fields[3]), _unescape_mountinfo(fields[4]),
+        ))
     return mounts
+
+
+class _MountTable:
+    """The parsed /proc/self/mountinfo, read again only after the table changed.
+
+    The kernel flags an open mountinfo file with POLLPRI when a mount or
+    unmount happens in its mount namespace (Linux 2.6.15 and later), so an
+    unchanged table costs one poll(2) in place of a read and a parse.  A
+    child process after fork() opens its own file, because a shared file
+    offset would mix the two processes' reads.
+
+    NOTE: the open file stays bound to the mount namespace it was opened in,
+    so a process that calls unshare(CLONE_NEWNS) or setns() afterwards must
+    call invalidate().
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._file: Optional[Any] = None
+        self._poller: Optional[Any] = None
+        self._pid = 0
+        self._mounts: Optional[List[MountInfo]] = None
+
+    def mounts(self) -> List[MountInfo]:
+        with self._lock:
+            if self._file is None or self._pid != os.getpid():
+                self._open()
+            elif self._poller.poll(0):
+                self._mounts = None
+            if self._mounts is None:
+                self._file.seek(0)
+                self._mounts = _parse_mountinfo(self._read_all())
+            return self._mounts
+
+    def invalidate(self) -> None:
+        """Close the file, so that the next read opens it in the current namespace."""
+        with self._lock:
+            if self._file is not None and self._pid == os.getpid():
+                self._file.close()
+            self._file = None
+            self._mounts = None
+
+    def _open(self) -> None:
+        import select
+
+        self._file = open("/proc/self/mountinfo", "rb", buffering=0)
+        self._pid = os.getpid()
+        self._poller = select.poll()
+        self._poller.register(self._file, select.POLLPRI)
+        self._mounts = None
+
+    def _read_all(self) -> bytes:
+        chunks = []
+        while True:
+            chunk = self._file.read(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+_mount_table = _MountTable()
+
+
+def _read_mountinfo() -> List[MountInfo]:
+    return _mount_table.mounts()
 
 
 def _mount_points_below(directory: bytes, include_self: bool = True) -> List[bytes]:
@@ -785,6 +858,15 @@ def _set_qgroup_limit(subvolume_fd: int, qgroup_id: int, max_rfer: Optional[int]
     args.lim.max_rfer = _U64_MAX if max_rfer is None else max_rfer
     _ioctl(subvolume_fd, _structs.BTRFS_IOC_QGROUP_LIMIT, args, "set qgroup limit", path)
     log.debug("set qgroup limit of %s to %s", os.fsdecode(path), "none" if max_rfer is None else max_rfer)
+
+
+def _set_layer_limit(layer_fd: int, size: int, path: Any) -> None:
+    """Set the limit of the layer's own qgroup, re-creating the qgroup if it was destroyed."""
+    try:
+        _set_qgroup_limit(layer_fd, 0, size, path)
+    except FileNotFoundError:
+        _create_qgroup(layer_fd, _subvolume_id_of_fd(layer_fd, path), path)
+        _set_qgroup_limit(layer_fd, 0, size, path)
 
 
 def _create_qgroup(fd: int, qgroup_id: int, path: Any) -> None:
@@ -1043,6 +1125,9 @@ class Driver:
         _require_btrfs(self.home)
         self._make_directory(self.home)
         self._make_directory(self._subvolumes_dir)
+        # Mount points in /proc/self/mountinfo are resolved paths.  Home is
+        # resolved once: the driver owns it, and a layer id is one component.
+        self._real_home = os.path.realpath(self.home)
         self._make_private_mount()
         if self.options.quota_required:
             try:
@@ -1093,7 +1178,7 @@ class Driver:
     # -- Home mount
 
     def _make_private_mount(self) -> None:
-        home = os.fsencode(os.path.realpath(self.home))
+        home = os.fsencode(self._real_home)
         try:
             if not _is_mount_point(home):
                 _mount(home, home, _MS_BIND, "bind mount home onto itself")
@@ -1113,7 +1198,7 @@ class Driver:
         if not self._made_mount:
             return
         try:
-            _umount(os.path.realpath(self.home), _MNT_DETACH)
+            _umount(self._real_home, _MNT_DETACH)
         except OSError as error:
             if error.errno != errno.EINVAL:  # EINVAL: no longer mounted
                 raise
@@ -1125,23 +1210,33 @@ class Driver:
     def _open_home(self) -> _Fd:
         return _Fd(_open_directory(self.home))
 
-    def _ensure_quota(self) -> None:
-        with self._open_home() as fd:
-            if not quota_enabled(fd, self.home):
-                _enable_quota(fd, self.options.quota_mode == "simple", self.home)
+    def _ensure_quota(self, fd: Optional[int] = None) -> None:
+        """Turn quota on unless it is on; fd is any directory on home's filesystem."""
+        if fd is None:
+            with self._open_home() as home_fd:
+                self._ensure_quota(home_fd)
+            return
+        if not quota_enabled(fd, self.home):
+            _enable_quota(fd, self.options.quota_mode == "simple", self.home)
 
     def _quota_on(self) -> bool:
         with self._open_home() as fd:
             return quota_enabled(fd, self.home)
 
     def _apply_limit(self, layer_fd: int, size: int, path: str) -> None:
-        """Set the layer's qgroup limit, re-creating its qgroup if it was destroyed."""
-        self._ensure_quota()
+        """Set the layer's qgroup limit, turning quota on first when it is off.
+
+        The limit ioctl doubles as the quota check, because it fails with
+        ENOTCONN while quota is off, so quota that someone turned off from
+        outside is turned on again here.
+        """
         try:
-            _set_qgroup_limit(layer_fd, 0, size, path)
-        except FileNotFoundError:
-            _create_qgroup(layer_fd, _subvolume_id_of_fd(layer_fd, path), path)
-            _set_qgroup_limit(layer_fd, 0, size, path)
+            _set_layer_limit(layer_fd, size, path)
+        except OSError as error:
+            if error.errno != errno.ENOTCONN:
+                raise
+            self._ensure_quota(layer_fd)
+            _set_layer_limit(layer_fd, size, path)
 
     # -- Create
 
@@ -1249,7 +1344,7 @@ class Driver:
     def _finish_layer(self, subvolumes_fd: int, name: bytes, path: str, size: Optional[int], mount_label: str) -> None:
         """Set owner, mode, quota and label of a new layer; its creator rolls back on error."""
         with _Fd(_open_directory(name, dir_fd=subvolumes_fd)) as layer_fd:
-            if os.fstat(layer_fd).st_ino == BTRFS_FIRST_FREE_OBJECTID and not os.listdir(layer_fd):
+            if os.fstat(layer_fd).st_ino == BTRFS_FIRST_FREE_OBJECTID and _is_empty_directory(layer_fd):
                 os.fchmod(layer_fd, 0o555)
             os.fchown(layer_fd, self.root_uid, self.root_gid)
             if size is not None:
@@ -1258,23 +1353,22 @@ class Driver:
                 _write_file_atomically(self._quotas_dir, os.fsdecode(name), str(size).encode())
                 log.debug("wrote quota file for %s: %d bytes", path, size)
             else:
-                self._clear_inherited_limit(layer_fd, path)
+                self._clear_inherited_limit(subvolumes_fd, layer_fd, path)
             if mount_label and _selinux_enabled():
                 _relabel(layer_fd, mount_label)
 
-    def _clear_inherited_limit(self, layer_fd: int, path: str) -> None:
+    def _clear_inherited_limit(self, subvolumes_fd: int, layer_fd: int, path: str) -> None:
         """Clear a limit a new layer's qgroup kept from a deleted subvolume with its id.
 
         btrfs reuses the highest subvolume id after a remount, and a qgroup
         the kernel had not yet deleted keeps its limit for the new subvolume.
         """
         try:
-            with self._open_home() as home_fd:
-                if not quota_enabled(home_fd, self.home):
-                    return
-                subvolume = _subvolume_id_of_fd(layer_fd, path)
-                if _qgroup_limit(home_fd, subvolume, path) is not None:
-                    _set_qgroup_limit(layer_fd, 0, None, path)
+            if not quota_enabled(subvolumes_fd, self.home):
+                return
+            subvolume = _subvolume_id_of_fd(layer_fd, path)
+            if _qgroup_limit(subvolumes_fd, subvolume, path) is not None:
+                _set_qgroup_limit(layer_fd, 0, None, path)
         except PermissionError:
             return
 
@@ -1306,12 +1400,13 @@ class Driver:
                 os.unlink(name, dir_fd=subvolumes_fd)
                 log.debug("removed %s, which was not a directory", path)
             else:
-                self._check_no_mounts(path)
+                self._check_no_mounts(name, path)
                 self._remove_layer_directory(subvolumes_fd, name, path)
         self._remove_quota_file(layer_id)
 
-    def _check_no_mounts(self, path: str) -> None:
-        mounts = _mount_points_below(os.fsencode(os.path.realpath(path)))
+    def _check_no_mounts(self, name: bytes, path: str) -> None:
+        real_path = os.path.join(os.fsencode(self._real_home), b"subvolumes", name)
+        mounts = _mount_points_below(real_path)
         if mounts:
             raise _os_error(
                 errno.EBUSY, "remove layer", path,
@@ -1324,36 +1419,41 @@ class Driver:
                 _remove_contents(layer_fd, path)
                 subvolume_ids: List[int] = []
             else:
-                subvolume_ids = self._remove_nested(layer_fd, path)
-                subvolume_ids.append(_subvolume_id_of_fd(layer_fd, path))
+                layer_subvolume_id = _subvolume_id_of_fd(layer_fd, path)
+                subvolume_ids = self._remove_nested(layer_fd, layer_subvolume_id, path)
+                subvolume_ids.append(layer_subvolume_id)
                 _clear_read_only(layer_fd, path)
         if subvolume_ids:
             _delete_subvolume_or_contents(subvolumes_fd, name, path)
         else:
             _unlink_at(subvolumes_fd, name, is_dir=True)
             log.debug("removed directory %s", path)
-        self._destroy_qgroups(subvolume_ids)
+        self._destroy_qgroups(subvolumes_fd, subvolume_ids)
 
-    def _remove_nested(self, layer_fd: int, path: str) -> List[int]:
+    def _remove_nested(self, layer_fd: int, layer_subvolume_id: int, path: str) -> List[int]:
         """Delete the subvolumes below the layer, deepest first, and return their ids."""
-        layer_id = _subvolume_id_of_fd(layer_fd, path)
-        nested = find_nested_subvolumes(layer_fd, layer_id, path)
+        nested = find_nested_subvolumes(layer_fd, layer_subvolume_id, path)
         removed = []
         for subvolume in reversed(nested):
             if _delete_nested_subvolume(layer_fd, subvolume, path):
                 removed.append(subvolume.id)
         return removed
 
-    def _destroy_qgroups(self, subvolume_ids: List[int]) -> None:
-        if not subvolume_ids:
-            return
+    def _destroy_qgroups(self, fd: int, subvolume_ids: List[int]) -> None:
+        """Destroy the qgroups of deleted subvolumes; fd is any directory on the filesystem.
+
+        The first destroy doubles as the quota check: with quota off the
+        kernel returns ENOTCONN, which is cheaper than reading the quota
+        tree's status item first.
+        """
         try:
-            with self._open_home() as fd:
-                if not quota_enabled(fd, self.home):
-                    return
-                for subvolume in subvolume_ids:
-                    _destroy_qgroup(fd, subvolume, self.home)
+            for subvolume in subvolume_ids:
+                _destroy_qgroup(fd, subvolume, self.home)
         except OSError as error:
+            if error.errno == errno.ENOTCONN:
+                return
+            if error.errno == errno.EPERM and not quota_enabled(fd, self.home):
+                return
             log.warning("could not destroy qgroups %s of removed layer: %s", subvolume_ids, error)
 
     def _remove_quota_file(self, layer_id: str) -> None:
