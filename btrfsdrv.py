@@ -18,20 +18,18 @@ structures and request numbers come from ``ioctl_structs``, which
     ...     path = driver.get("container")
 """
 
-import collections
+# Annotations stay unevaluated strings, which keeps the typing subscripts of
+# every signature out of the import time.
+from __future__ import annotations
+
 import ctypes
 import errno
 import fcntl
-import logging
 import os
-import platform
 import re
 import stat
 import sys
-import tempfile
 import threading
-import uuid as uuid_module
-from fractions import Fraction
 from typing import (
     Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional,
     Sequence, Set, Tuple, Union,
@@ -65,7 +63,49 @@ __all__ = [
     "subvolume_id", "parse_size", "main", "__version__",
 ]
 
-log = logging.getLogger("btrfsdrv")
+
+
+class _LazyLogger:
+    """The "btrfsdrv" logger, with the logging module imported only when it is needed.
+
+    Until some code imports logging, no handler or level can have been
+    configured, so a debug record would be dropped anyway and is skipped.
+    Warnings and errors import logging, whose last-resort handler prints
+    them to stderr as usual.  Importing logging costs several milliseconds,
+    which would be most of the import time of this module.
+    """
+
+    __slots__ = ()
+
+    def _logger(self, required: bool) -> Any:
+        logging = sys.modules.get("logging")
+        if logging is None:
+            if not required:
+                return None
+            import logging
+        return logging.getLogger("btrfsdrv")
+
+    def debug(self, message: str, *args: Any) -> None:
+        logger = self._logger(False)
+        if logger is not None:
+            logger.debug(message, *args, stacklevel=2)
+
+    def info(self, message: str, *args: Any) -> None:
+        logger = self._logger(False)
+        if logger is not None:
+            logger.info(message, *args, stacklevel=2)
+
+    def warning(self, message: str, *args: Any) -> None:
+        self._logger(True).warning(message, *args, stacklevel=2)
+
+    def error(self, message: str, *args: Any) -> None:
+        self._logger(True).error(message, *args, stacklevel=2)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._logger(True), name)
+
+
+log = _LazyLogger()
 
 PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
@@ -157,7 +197,7 @@ def _statfs_type(path: PathArg) -> int:
     _libc_call(_get_libc().statfs(os.fsencode(path), buffer), "statfs", path)
     # f_type is the first field of struct statfs: a long everywhere except
     # s390x, where it is an unsigned int.
-    if platform.machine().startswith("s390"):
+    if os.uname().machine.startswith("s390"):
         return ctypes.c_uint.from_buffer(buffer).value
     return ctypes.c_ulong.from_buffer(buffer).value & 0xFFFFFFFF
 
@@ -265,6 +305,13 @@ def _subvolume_info(fd: int, path: Any) -> Any:
     args = btrfs_ioctl_get_subvol_info_args()
     _ioctl(fd, _structs.BTRFS_IOC_GET_SUBVOL_INFO, args, "read subvolume info", path)
     return args
+
+
+def _format_uuid(raw: Any) -> str:
+    """Format a 16-byte UUID field of a kernel structure as 8-4-4-4-12 hex."""
+    import uuid
+
+    return str(uuid.UUID(bytes=bytes(raw)))
 
 
 def _is_empty_directory(fd: int) -> bool:
@@ -813,7 +860,7 @@ def _quota_status(fd: int, path: Any) -> Optional[Any]:
 
 def _quota_enabled_from_sysfs(fd: int, path: Any) -> bool:
     """Report quota state without CAP_SYS_ADMIN (sysfs qgroups directory, kernel 5.9+)."""
-    fsid = uuid_module.UUID(bytes=bytes(_fs_info(fd, path).fsid))
+    fsid = _format_uuid(_fs_info(fd, path).fsid)
     return os.path.isdir(f"/sys/fs/btrfs/{fsid}/qgroups")
 
 
@@ -910,7 +957,8 @@ def _qgroup_limit(fd: int, qgroup_id: int, path: Any) -> Optional[int]:
 
 # -- Sizes, options and ids ----------------------------------------------------
 
-_SIZE_PATTERN = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+) ?(?:([kmgtp])(?:i?b)?|b)?", re.IGNORECASE | re.ASCII)
+# Compiled on first use (re caches it), not at import.
+_SIZE_PATTERN = r"([0-9]+\.?[0-9]*|\.[0-9]+) ?(?:([kmgtp])(?:i?b)?|b)?"
 _SIZE_MULTIPLIERS = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4, "p": 1024**5}
 _SIZE_LIMIT = 2**63
 
@@ -925,12 +973,14 @@ def parse_size(value: str) -> int:
     """
     if not isinstance(value, str):
         raise ValueError(f"invalid size {value!r}: expected a string such as '10G'")
-    match = _SIZE_PATTERN.fullmatch(value)
+    match = re.fullmatch(_SIZE_PATTERN, value, re.IGNORECASE | re.ASCII)
     if match is None:
         raise ValueError(
             f"invalid size {value!r}: use a number with an optional unit b, k, m, g, t or p "
             "(powers of 1024), such as 512m or 1.5G"
         )
+    from fractions import Fraction  # exact decimals; imported here to keep the import fast
+
     number, unit = match.groups()
     size = int(Fraction(number) * _SIZE_MULTIPLIERS.get((unit or "").lower(), 1))
     if size >= _SIZE_LIMIT:
@@ -1053,6 +1103,8 @@ def _read_quota_file(path: str) -> Optional[int]:
 
 def _write_file_atomically(directory: str, name: str, data: bytes) -> None:
     """Write directory/name with temporary file, fsync, rename and fsync of directory."""
+    import tempfile
+
     fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     try:
         with open(fd, "wb") as output:
@@ -1514,7 +1566,7 @@ class Driver:
 
     def status(self) -> List[Tuple[str, str]]:
         with self._open_home() as fd:
-            fsid = uuid_module.UUID(bytes=bytes(_fs_info(fd, self.home).fsid))
+            fsid = _format_uuid(_fs_info(fd, self.home).fsid)
             quota = quota_enabled(fd, self.home)
         return [
             ("Filesystem UUID", str(fsid)),
@@ -1534,9 +1586,9 @@ class Driver:
             if _is_subvolume_stat(os.fstat(fd)):
                 info = _subvolume_info(fd, path)
                 result["SubvolumeID"] = str(info.treeid)
-                result["UUID"] = str(uuid_module.UUID(bytes=bytes(info.uuid)))
+                result["UUID"] = _format_uuid(info.uuid)
                 if any(bytes(info.parent_uuid)):
-                    result["ParentUUID"] = str(uuid_module.UUID(bytes=bytes(info.parent_uuid)))
+                    result["ParentUUID"] = _format_uuid(info.parent_uuid)
                 result["Generation"] = str(info.generation)
                 result["ReadOnly"] = "true" if info.flags & BTRFS_SUBVOL_RDONLY else "false"
         size = _read_quota_file(self._quota_file(layer_id))
@@ -1856,6 +1908,8 @@ def _print_result(command: str, result: Any, as_json: bool) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line and return its exit status."""
+    import logging
+
     args = _build_parser().parse_args(argv)
     logging.basicConfig(format="btrfsdrv: %(message)s", level=logging.DEBUG if args.verbose else logging.WARNING)
     try:

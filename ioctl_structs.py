@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import platform
+import os
 from typing import Any, NamedTuple
 
 PORTED_HEADERS_VERSION = "6.1"
@@ -112,7 +112,9 @@ class UnknownMachineError(ValueError):
 
 def ioc_encoding(machine: str | None = None) -> IocEncoding:
     """Return the ioctl encoding for a ``platform.machine()`` name (default: this one)."""
-    name = platform.machine() if machine is None else machine
+    # os.uname().machine is what platform.machine() returns on Linux, without
+    # the import of platform.
+    name = os.uname().machine if machine is None else machine
     lowered = name.lower()
     for prefixes, encoding in _MACHINE_PREFIXES:
         if lowered.startswith(prefixes):
