@@ -356,6 +356,7 @@ def tree_search(
     min_transid: int = 0,
     max_transid: int = _U64_MAX,
     path: Any = None,
+    max_item_size: Optional[int] = None,
 ) -> Iterator[SearchItem]:
     """Yield the items of a btrfs tree whose keys lie in [min_key, max_key].
 
@@ -363,6 +364,11 @@ def tree_search(
     kernel does, so callers filter on type themselves.  min_transid skips tree
     blocks older than that generation; items of a newer leaf all come back,
     changed or not.  Needs CAP_SYS_ADMIN: EPERM otherwise.
+
+    A caller that knows the largest item in the range passes max_item_size,
+    which saves the final empty search: the kernel stops early only when the
+    next item does not fit in the buffer, so a batch that left room for one
+    more such item ended at the end of the range.
     """
     args = btrfs_ioctl_search_args()
     key = args.key
@@ -389,6 +395,9 @@ def tree_search(
                 int(header.transid), buffer[offset:offset + header.len],
             )
             offset += header.len
+        full = key.nr_items == 4096 or offset + header_size + (max_item_size or 0) > len(buffer)
+        if max_item_size is not None and not full:
+            return
         start = _next_key(int(header.objectid), int(header.type), int(header.offset))
         if start is not None and start > max_key:
             return
@@ -420,7 +429,7 @@ def _child_refs_privileged(fd: int, parent_id: int, path: Any) -> Iterator[Tuple
     items = tree_search(
         fd, BTRFS_ROOT_TREE_OBJECTID,
         (parent_id, BTRFS_ROOT_REF_KEY, 0), (parent_id, BTRFS_ROOT_REF_KEY, _U64_MAX),
-        path=path,
+        path=path, max_item_size=header + _NAME_MAX,
     )
     for item in items:
         if item.type != BTRFS_ROOT_REF_KEY:
@@ -478,19 +487,31 @@ def _walk_relative(top_fd: int, relative: bytes, path: Any) -> int:
         raise
 
 
+# errno values of an ioctl that the running kernel does not implement.
+_IOCTL_UNSUPPORTED = (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP)
+
+
 def find_nested_subvolumes(top_fd: int, top_id: int, path: Any = None) -> List[NestedSubvolume]:
     """Return every subvolume below top_id, parents before children.
 
     Reads the kernel's root refs: TREE_SEARCH of the root tree when the caller
     has CAP_SYS_ADMIN, otherwise GET_SUBVOL_ROOTREF and INO_LOOKUP_USER from
-    each subvolume's own directory.  No file of the layer is read.
+    each subvolume's own directory.  No file of the layer is read, unless the
+    kernel lacks those two ioctls (before Linux 4.18) and the caller is
+    unprivileged: then every directory is walked.
     """
     try:
         return _find_nested_privileged(top_fd, top_id, path)
     except OSError as error:
         if error.errno not in (errno.EPERM, errno.EACCES):
             raise
-    return _find_nested_unprivileged(top_fd, top_id, path)
+    try:
+        return _find_nested_unprivileged(top_fd, top_id, path)
+    except OSError as error:
+        if error.errno not in _IOCTL_UNSUPPORTED:
+            raise
+        log.debug("listing nested subvolumes of %s by walking it: %s", os.fsdecode(path or b"?"), error)
+    return _find_nested_by_walk(top_fd, top_id, path)
 
 
 def _find_nested_privileged(top_fd: int, top_id: int, path: Any) -> List[NestedSubvolume]:
@@ -521,6 +542,22 @@ def _find_nested_unprivileged(top_fd: int, top_id: int, path: Any) -> List[Neste
                 child_path = parent_path + b"/" + relative if parent_path else relative
                 found.append(NestedSubvolume(child_id, parent_id, child_path))
                 queue.append((child_id, child_path))
+    return found
+
+
+def _find_nested_by_walk(top_fd: int, top_id: int, path: Any) -> List[NestedSubvolume]:
+    found: List[NestedSubvolume] = []
+    for relative in find_nested_subvolumes_by_walk(top_fd):
+        with _Fd(_walk_relative(top_fd, relative, path)) as fd:
+            subvolume = _subvolume_id_of_fd(fd, path)
+        # The walk lists parents first, so the nearest enclosing subvolume,
+        # if any, is the last one found whose path is a prefix.
+        parent_id = top_id
+        for candidate in reversed(found):
+            if relative.startswith(candidate.path + b"/"):
+                parent_id = candidate.id
+                break
+        found.append(NestedSubvolume(subvolume, parent_id, relative))
     return found
 
 
@@ -886,8 +923,8 @@ def _enable_quota(fd: int, simple: bool, path: Any) -> None:
         if simple and error.errno in (errno.EINVAL, errno.EOPNOTSUPP):
             raise PrerequisiteError(
                 f"the kernel {os.uname().release} rejected btrfs simple quotas on "
-                f"{os.fsdecode(path)}: they need Linux 6.7 or newer and a filesystem "
-                "made with the squota feature allowed; use btrfs.quota_mode=full"
+                f"{os.fsdecode(path)} ({os.strerror(error.errno)}): they need Linux 6.7 "
+                "or newer; use btrfs.quota_mode=full"
             ) from None
         raise
     log.debug("enabled btrfs %s on %s", mode, os.fsdecode(path))
