@@ -161,6 +161,7 @@ def _get_libc() -> ctypes.CDLL:
         ]
         libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
         libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+        libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
         _libc = libc
     return _libc
 
@@ -1138,8 +1139,32 @@ def _read_quota_file(path: str) -> Optional[int]:
     return int(stripped)
 
 
+# sync_file_range(2) flags from linux/fs.h.
+_SYNC_FILE_RANGE_WAIT_BEFORE = 1
+_SYNC_FILE_RANGE_WRITE = 2
+_SYNC_FILE_RANGE_WAIT_AFTER = 4
+
+
+def _write_back(fd: int, path: Any) -> None:
+    """Write the file's data into the filesystem without waiting for a device flush.
+
+    On btrfs this puts the data into the running transaction, so the next
+    commit persists it together with every later change, at no extra cost.
+    """
+    flags = _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER
+    _libc_call(_get_libc().sync_file_range(fd, 0, 0, flags), "sync_file_range", path)
+
+
 def _write_file_atomically(directory: str, name: str, data: bytes) -> None:
-    """Write directory/name with temporary file, fsync, rename and fsync of directory."""
+    """Write directory/name through a temporary file, written back, then renamed.
+
+    There is no fsync: btrfs commits transactions in order, so any change
+    made after the rename (the layer's subvolume, which its creator makes
+    next) persists only together with the complete file.  A crash before
+    that commit loses both, and never leaves a partial or empty file under
+    the final name.  An fsync here forced a log commit of about 5 ms per
+    layer on a loopback device, ten times the rest of creating it.
+    """
     import tempfile
 
     fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
@@ -1147,7 +1172,7 @@ def _write_file_atomically(directory: str, name: str, data: bytes) -> None:
         with open(fd, "wb") as output:
             output.write(data)
             output.flush()
-            os.fsync(output.fileno())
+            _write_back(output.fileno(), temporary)
         os.chmod(temporary, 0o644)
         os.rename(temporary, os.path.join(directory, name))
     except BaseException:
@@ -1156,9 +1181,6 @@ def _write_file_atomically(directory: str, name: str, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-    directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    with _Fd(directory_fd):
-        os.fsync(directory_fd)
 
 
 # -- SELinux labels ----------------------------------------------------------------
@@ -1397,10 +1419,20 @@ class Driver:
             raise FileExistsError(errno.EEXIST, f"layer {os.fsdecode(name)!r} already exists", path)
 
         with _Fd(_open_directory(self._subvolumes_dir)) as subvolumes_fd:
-            if parent_name is None:
-                self._create_empty(subvolumes_fd, name, path)
+            # The quota file comes first, so whatever commit persists the
+            # layer persists its size too; one left from a crash goes.
+            if size is None:
+                self._remove_quota_file(layer_id)
             else:
-                self._create_snapshot(subvolumes_fd, parent_name, name, path)
+                self._write_quota_file(name, size, path)
+            try:
+                if parent_name is None:
+                    self._create_empty(subvolumes_fd, name, path)
+                else:
+                    self._create_snapshot(subvolumes_fd, parent_name, name, path)
+            except BaseException:
+                self._remove_quota_file(layer_id)
+                raise
             try:
                 self._finish_layer(subvolumes_fd, name, path, size, mount_label)
             except BaseException:
@@ -1438,9 +1470,6 @@ class Driver:
             os.fchown(layer_fd, self.root_uid, self.root_gid)
             if size is not None:
                 self._apply_limit(layer_fd, size, path)
-                self._make_directory(self._quotas_dir)
-                _write_file_atomically(self._quotas_dir, os.fsdecode(name), str(size).encode())
-                log.debug("wrote quota file for %s: %d bytes", path, size)
             else:
                 self._clear_inherited_limit(subvolumes_fd, layer_fd, path)
             if mount_label and _selinux_enabled():
@@ -1460,6 +1489,11 @@ class Driver:
                 _set_qgroup_limit(layer_fd, 0, None, path)
         except PermissionError:
             return
+
+    def _write_quota_file(self, name: bytes, size: int, path: str) -> None:
+        self._make_directory(self._quotas_dir)
+        _write_file_atomically(self._quotas_dir, os.fsdecode(name), str(size).encode())
+        log.debug("wrote quota file for %s: %d bytes", path, size)
 
     def _roll_back(self, subvolumes_fd: int, name: bytes, path: str) -> None:
         try:

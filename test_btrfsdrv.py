@@ -384,3 +384,29 @@ def test_simple_quota_mode_enables_squota(home):
                     big.flush()
                     os.fsync(big.fileno())
         assert raised.value.errno == errno.EDQUOT
+
+
+def test_create_writes_quota_file(driver):
+    driver.create("limited", storage_opt={"size": "64M"})
+
+    with open(os.path.join(driver.home, "quotas", "limited"), "rb") as quota_file:
+        assert quota_file.read() == str(64 * 1024**2).encode()
+    assert [name for name in os.listdir(os.path.join(driver.home, "quotas")) if name.startswith(".")] == []
+
+
+def test_create_drops_stale_quota_file(driver):
+    os.makedirs(os.path.join(driver.home, "quotas"), exist_ok=True)
+    stale = os.path.join(driver.home, "quotas", "plain")
+    with open(stale, "wb") as quota_file:
+        quota_file.write(b"1048576")
+
+    driver.create("plain")
+
+    assert not os.path.exists(stale)
+
+
+def test_failed_create_leaves_no_quota_file(driver):
+    with pytest.raises(FileNotFoundError):
+        driver.create("orphan", "missing-parent", storage_opt={"size": "64M"})
+
+    assert not os.path.exists(os.path.join(driver.home, "quotas", "orphan"))
