@@ -5,7 +5,8 @@ PYTEST ?= $(PYTHON) -m pytest
 PYTEST_ARGS ?=
 APT_GET = DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: test test-deps test-source test-vendored vendor demo bench bench-deps lint clean
+.PHONY: test test-deps test-source test-vendored vendor demo bench bench-deps lint clean \
+	struct-table crosscheck
 
 # The README's test command: prepare the machine, then run the whole suite
 # against the source tree and against the vendored single file.
@@ -47,6 +48,25 @@ bench-deps:
 		|| ! command -v tar >/dev/null 2>&1 || ! command -v dpkg-deb >/dev/null 2>&1; then \
 		$(APT_GET) update -qq && $(APT_GET) install -y -qq python3-btrfsutil btrfs-progs tar dpkg; \
 	fi
+
+# Regenerates the table of struct layouts and constants that the kernel
+# interface tests compare against where no C compiler or headers exist.
+# Cross compilers that are installed add their architectures to it.
+struct-table:
+	$(PYTHON) tools/structprobe.py --table --output tools/struct_table.json
+
+# Installs the missing Debian cross compilers, then checks every request
+# number of ioctl_structs against each architecture's compiled headers.
+crosscheck: test-deps
+	@missing=""; \
+	for package in $$($(PYTHON) tools/structprobe.py --list-cross-packages); do \
+		dpkg-query -W -f='$${Status}' "$$package" 2>/dev/null | grep -q "ok installed" \
+			|| missing="$$missing $$package"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		$(APT_GET) update -qq && $(APT_GET) install -y -qq $$missing; \
+	fi
+	BTRFSDRV_CROSSCHECK=1 $(PYTEST) $(PYTEST_ARGS) -k crosscheck
 
 clean:
 	rm -rf dist build *.egg-info .pytest_cache .mypy_cache .ruff_cache

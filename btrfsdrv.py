@@ -548,7 +548,7 @@ def _find_nested_unprivileged(top_fd: int, top_id: int, path: Any) -> List[Neste
 
 def _find_nested_by_walk(top_fd: int, top_id: int, path: Any) -> List[NestedSubvolume]:
     found: List[NestedSubvolume] = []
-    for relative in find_nested_subvolumes_by_walk(top_fd):
+    for relative in find_nested_subvolumes_by_walk(top_fd, path):
         with _Fd(_walk_relative(top_fd, relative, path)) as fd:
             subvolume = _subvolume_id_of_fd(fd, path)
         # The walk lists parents first, so the nearest enclosing subvolume,
@@ -562,43 +562,123 @@ def _find_nested_by_walk(top_fd: int, top_id: int, path: Any) -> List[NestedSubv
     return found
 
 
-def find_nested_subvolumes_by_walk(top_fd: int) -> List[bytes]:
+def find_nested_subvolumes_by_walk(top_fd: int, path: Any = None) -> List[bytes]:
     """Return the paths of subvolumes below top_fd found by walking its directories.
 
     This is the fallback for where the kernel cannot list root refs; it reads
     every directory, so it costs time in proportion to the tree.
     """
     found: List[bytes] = []
-    top_dev = os.fstat(top_fd).st_dev
-    for relative, st in _walk_directories(top_fd):
-        if relative and _is_subvolume_stat(st) and st.st_dev != top_dev:
-            found.append(relative)
+
+    def visit(fd: int, relative: bytes, entries: List[Any]) -> List[bytes]:
+        subdirectories = []
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                name = os.fsencode(entry.name)
+                child = relative + b"/" + name if relative else name
+                # readdir reports a subvolume's id as its inode number, so
+                # only stat shows the root directory's inode 256.
+                if entry.stat(follow_symlinks=False).st_ino == BTRFS_FIRST_FREE_OBJECTID:
+                    found.append(child)
+                subdirectories.append(name)
+        return subdirectories
+
+    walk_tree(top_fd, visit, path=path)
     return found
 
 
-def _walk_directories(top_fd: int) -> Iterator[Tuple[bytes, os.stat_result]]:
-    """Yield (relative path, stat) of every directory below top_fd, top first."""
-    stack: List[Tuple[bytes, int]] = [(b"", os.dup(top_fd))]
+# -- Walking layer contents ------------------------------------------------------
+
+
+def _mount_id(fd: int) -> Optional[int]:
+    """Return the mount id of fd from /proc/self/fdinfo (Linux 3.15+), None if unknown."""
     try:
-        while stack:
-            relative, fd = stack.pop()
-            try:
-                yield relative, os.fstat(fd)
-                with os.scandir(fd) as entries:
-                    names = [os.fsencode(entry.name) for entry in entries
-                             if entry.is_dir(follow_symlinks=False)]
-                for name in sorted(names, reverse=True):
-                    try:
-                        child = _open_directory(name, dir_fd=fd)
-                    except (FileNotFoundError, NotADirectoryError):
-                        continue
-                    child_path = relative + b"/" + name if relative else name
-                    stack.append((child_path, child))
-            finally:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as fdinfo:
+            for line in fdinfo:
+                if line.startswith(b"mnt_id:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def walk_tree(
+    top_fd: int,
+    visit: Any,
+    leave: Any = None,
+    *,
+    path: Any = None,
+) -> None:
+    """Walk the directories below top_fd depth-first, without following symlinks.
+
+    visit(fd, relative, entries) is called for every directory with an open
+    descriptor, its path relative to the top (b"" for the top) and its
+    os.DirEntry list, and returns the names of the subdirectories to enter.
+    leave(parent_fd, name, stat) is called after a subdirectory was walked.
+
+    Only one directory is open at a time: the walk climbs back with ".." and
+    checks that it reaches the directory it came from, so trees deeper than
+    PATH_MAX or than the open-file limit are walked too.  A directory on
+    another mount (a bind mount inside a layer) raises EBUSY instead of being
+    entered.
+    """
+    top_mount = _mount_id(top_fd)
+    fd = os.dup(top_fd)
+    relative = b""
+    # One entry per open ancestor: its stat, its relative path, its
+    # subdirectories still to walk, and the name of the child walked now.
+    stack: List[Tuple[os.stat_result, bytes, List[bytes], bytes]] = []
+    try:
+        pending = _visit_directory(fd, relative, visit)
+        while True:
+            if pending:
+                name = pending.pop()
+                child = _enter_directory(fd, name, top_mount, path)
+                if child is None:
+                    continue
+                stack.append((os.fstat(fd), relative, pending, name))
                 os.close(fd)
-    finally:
-        for _, fd in stack:
+                fd = child
+                relative = relative + b"/" + name if relative else name
+                pending = _visit_directory(fd, relative, visit)
+                continue
+            if not stack:
+                return
+            child_st = os.fstat(fd)
+            parent_st, relative, pending, name = stack.pop()
+            parent = _open_directory(b"..", dir_fd=fd)
             os.close(fd)
+            fd = parent
+            if not os.path.samestat(os.fstat(fd), parent_st):
+                raise _os_error(errno.ESTALE, "walk layer", path,
+                                "a directory was moved during the walk; run the operation again")
+            if leave is not None:
+                leave(fd, name, child_st)
+    finally:
+        os.close(fd)
+
+
+def _visit_directory(fd: int, relative: bytes, visit: Any) -> List[bytes]:
+    with os.scandir(fd) as iterator:
+        entries = list(iterator)
+    return list(visit(fd, relative, entries))
+
+
+def _enter_directory(fd: int, name: bytes, top_mount: Optional[int], path: Any) -> Optional[int]:
+    """Open subdirectory name of fd; None when it is gone or no longer a directory."""
+    try:
+        child = _open_directory(name, dir_fd=fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as error:
+        if error.errno == errno.ELOOP:  # replaced by a symlink since it was listed
+            return None
+        raise
+    if top_mount is not None and _mount_id(child) != top_mount:
+        os.close(child)
+        raise _os_error(errno.EBUSY, "walk layer", path,
+                        f"{os.fsdecode(name)} is a mount point inside the layer; unmount it first")
+    return child
 
 
 # -- File-by-file removal -----------------------------------------------------
@@ -655,114 +735,41 @@ def _unlink_at(dir_fd: int, name: bytes, is_dir: bool) -> None:
 
 
 def _remove_contents(top_fd: int, path: Any) -> None:
-    """Delete everything below top_fd, never following a symlink or crossing a mount.
+    """Delete everything below top_fd, never following a symlink or entering a mount.
 
-    The walk holds one directory open at a time and climbs back with "..",
-    checking that it reaches the directory it came from, so trees deeper than
-    PATH_MAX or than the open-file limit are removed too.
+    Nested subvolumes met on the way are emptied and removed with rmdir, and
+    read-only ones are made writable first.
     """
-    fd = os.dup(top_fd)
-    # Each level: (device and inode of the directory, names of its subdirectories left).
-    stack: List[Tuple[Tuple[int, int], List[bytes]]] = []
-    try:
-        subdirectories = _remove_files_in(fd, path)
-        while True:
-            if subdirectories:
-                name = subdirectories.pop()
-                child = _enter_subdirectory(fd, name, path)
-                if child is None:
-                    continue
-                st = os.fstat(fd)
-                stack.append(((st.st_dev, st.st_ino), subdirectories))
-                os.close(fd)
-                fd = child
-                subdirectories = _remove_files_in(fd, path)
-                continue
-            if not stack:
-                return
-            expected, subdirectories = stack.pop()
-            parent = _open_directory(b"..", dir_fd=fd)
-            st = os.fstat(parent)
-            child_st = os.fstat(fd)
-            os.close(fd)
-            fd = parent
-            if (st.st_dev, st.st_ino) != expected:
-                raise _os_error(errno.ESTALE, "remove layer contents", path,
-                                "a directory was moved during removal; run remove again")
-            _remove_empty_directory(fd, child_st, path)
-    finally:
-        os.close(fd)
 
-
-def _remove_files_in(fd: int, path: Any) -> List[bytes]:
-    """Unlink every non-directory in fd and return the names of its subdirectories."""
-    _check_not_mount_boundary(fd, path)
-    subdirectories = []
-    with os.scandir(fd) as entries:
+    def visit(fd: int, relative: bytes, entries: List[Any]) -> List[bytes]:
+        if os.fstat(fd).st_ino == BTRFS_FIRST_FREE_OBJECTID:
+            try:
+                _clear_read_only(fd, path)
+            except OSError:
+                pass  # not a btrfs subvolume, or not ours to change: unlink reports it
+        subdirectories = []
         for entry in entries:
             name = os.fsencode(entry.name)
             if entry.is_dir(follow_symlinks=False):
                 subdirectories.append(name)
-            else:
-                try:
-                    _unlink_at(fd, name, is_dir=False)
-                except FileNotFoundError:
-                    pass
-    return subdirectories
-
-
-def _enter_subdirectory(fd: int, name: bytes, path: Any) -> Optional[int]:
-    try:
-        child = _open_directory(name, dir_fd=fd)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as error:
-        if error.errno == errno.ELOOP:  # replaced by a symlink since it was listed
-            _unlink_at(fd, name, is_dir=False)
-            return None
-        raise
-    return child
-
-
-def _remove_empty_directory(parent_fd: int, child_st: os.stat_result, path: Any) -> None:
-    """Remove the now empty directory child_st below parent_fd, looked up by inode."""
-    with os.scandir(parent_fd) as entries:
-        for entry in entries:
-            if not entry.is_dir(follow_symlinks=False):
                 continue
-            st = entry.stat(follow_symlinks=False)
-            if (st.st_dev, st.st_ino) == (child_st.st_dev, child_st.st_ino):
-                _unlink_at(parent_fd, os.fsencode(entry.name), is_dir=True)
-                return
+            try:
+                _unlink_at(fd, name, is_dir=False)
+            except FileNotFoundError:
+                pass
+        return subdirectories
+
+    walk_tree(top_fd, visit, _remove_walked_directory, path=path)
 
 
-def _check_not_mount_boundary(fd: int, path: Any) -> None:
-    """Raise EBUSY when fd is the root of a mount (a bind mount inside a layer)."""
-    mount_id = _mount_id(fd)
-    parent_mount_id = _mount_id_of_parent(fd)
-    if mount_id is not None and parent_mount_id is not None and mount_id != parent_mount_id:
-        raise _os_error(errno.EBUSY, "remove layer contents", path,
-                        "something is mounted inside the layer; unmount it first")
-
-
-def _mount_id(fd: int) -> Optional[int]:
+def _remove_walked_directory(parent_fd: int, name: bytes, child_st: os.stat_result) -> None:
+    """rmdir name below parent_fd if it is still the directory that was emptied."""
     try:
-        with open(f"/proc/self/fdinfo/{fd}", "rb") as fdinfo:
-            for line in fdinfo:
-                if line.startswith(b"mnt_id:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _mount_id_of_parent(fd: int) -> Optional[int]:
-    try:
-        parent = _open_directory(b"..", dir_fd=fd)
-    except OSError:
-        return None
-    with _Fd(parent):
-        return _mount_id(parent)
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if os.path.samestat(st, child_st):
+        _unlink_at(parent_fd, name, is_dir=True)
 
 
 # -- Mount table ---------------------------------------------------------------
@@ -931,27 +938,30 @@ def _enable_quota(fd: int, simple: bool, path: Any) -> None:
     log.debug("enabled btrfs %s on %s", mode, os.fsdecode(path))
 
 
-def _set_qgroup_limit(subvolume_fd: int, qgroup_id: int, max_rfer: Optional[int], path: Any) -> None:
-    """Set (or with max_rfer None, clear) the referenced-bytes limit of a qgroup.
+def _set_qgroup_limit(fd: int, qgroup_id: int, max_rfer: Optional[int], path: Any) -> None:
+    """Set (or with max_rfer None, clear) the referenced-bytes limit of qgroup 0/qgroup_id.
 
-    qgroup_id 0 means the qgroup of the subvolume that subvolume_fd is in.
+    fd must not be inside the limited subvolume: the ioctl starts a
+    transaction charged to fd's subvolume, which fails with EDQUOT when that
+    subvolume is already over its limit.
     """
     args = btrfs_ioctl_qgroup_limit_args()
     args.qgroupid = qgroup_id
     args.lim.flags = BTRFS_QGROUP_LIMIT_MAX_RFER
     # The kernel clears a limit when it is given as (u64)-1 with its flag set.
     args.lim.max_rfer = _U64_MAX if max_rfer is None else max_rfer
-    _ioctl(subvolume_fd, _structs.BTRFS_IOC_QGROUP_LIMIT, args, "set qgroup limit", path)
-    log.debug("set qgroup limit of %s to %s", os.fsdecode(path), "none" if max_rfer is None else max_rfer)
+    _ioctl(fd, _structs.BTRFS_IOC_QGROUP_LIMIT, args, "set qgroup limit", path)
+    log.debug("set limit of qgroup 0/%d (%s) to %s", qgroup_id, os.fsdecode(path),
+              "none" if max_rfer is None else max_rfer)
 
 
-def _set_layer_limit(layer_fd: int, size: int, path: Any) -> None:
-    """Set the limit of the layer's own qgroup, re-creating the qgroup if it was destroyed."""
+def _set_layer_limit(home_fd: int, qgroup_id: int, size: int, path: Any) -> None:
+    """Set the limit of qgroup 0/qgroup_id, re-creating the qgroup if it was destroyed."""
     try:
-        _set_qgroup_limit(layer_fd, 0, size, path)
+        _set_qgroup_limit(home_fd, qgroup_id, size, path)
     except FileNotFoundError:
-        _create_qgroup(layer_fd, _subvolume_id_of_fd(layer_fd, path), path)
-        _set_qgroup_limit(layer_fd, 0, size, path)
+        _create_qgroup(home_fd, qgroup_id, path)
+        _set_qgroup_limit(home_fd, qgroup_id, size, path)
 
 
 def _create_qgroup(fd: int, qgroup_id: int, path: Any) -> None:
@@ -1133,8 +1143,9 @@ def _read_quota_file(path: str) -> Optional[int]:
     except FileNotFoundError:
         return None
     stripped = text.strip()
-    if not stripped.isdigit() or not stripped.isascii():
-        log.warning("ignoring quota file %s: it must contain a decimal byte count, found %r", path, text)
+    if not stripped.isdigit() or not stripped.isascii() or int(stripped) >= _SIZE_LIMIT:
+        log.warning("ignoring quota file %s: it must contain a decimal byte count below 2**63, found %r",
+                    path, text)
         return None
     return int(stripped)
 
@@ -1143,6 +1154,8 @@ def _read_quota_file(path: str) -> Optional[int]:
 _SYNC_FILE_RANGE_WAIT_BEFORE = 1
 _SYNC_FILE_RANGE_WRITE = 2
 _SYNC_FILE_RANGE_WAIT_AFTER = 4
+
+_TEMPORARY_SUFFIX = ".tmp"
 
 
 def _write_back(fd: int, path: Any) -> None:
@@ -1158,22 +1171,23 @@ def _write_back(fd: int, path: Any) -> None:
 def _write_file_atomically(directory: str, name: str, data: bytes) -> None:
     """Write directory/name through a temporary file, written back, then renamed.
 
-    There is no fsync: btrfs commits transactions in order, so any change
-    made after the rename (the layer's subvolume, which its creator makes
-    next) persists only together with the complete file.  A crash before
-    that commit loses both, and never leaves a partial or empty file under
-    the final name.  An fsync here forced a log commit of about 5 ms per
-    layer on a loopback device, ten times the rest of creating it.
+    There is no fsync: btrfs commits transactions in order, and the data
+    is in the filesystem before the rename, so a crash before the next
+    commit loses the new file but never leaves a partial or empty one
+    under the final name.  An fsync here forced a log commit of about 5 ms
+    per call on a loopback device, ten times the rest of creating a layer.
+
+    The temporary file is locked (flock) while it exists, so a process that
+    finds it unlocked knows its writer died and may delete it.
     """
     import tempfile
 
-    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=_TEMPORARY_SUFFIX, dir=directory)
     try:
-        with open(fd, "wb") as output:
-            output.write(data)
-            output.flush()
-            _write_back(output.fileno(), temporary)
-        os.chmod(temporary, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, data)
+        _write_back(fd, temporary)
+        os.fchmod(fd, 0o644)
         os.rename(temporary, os.path.join(directory, name))
     except BaseException:
         try:
@@ -1181,6 +1195,30 @@ def _write_file_atomically(directory: str, name: str, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temporary_files(directory: str) -> None:
+    """Delete temporary files in directory whose writer died before renaming them."""
+    try:
+        entries = [entry for entry in os.scandir(directory)
+                   if entry.name.startswith(".") and entry.name.endswith(_TEMPORARY_SUFFIX)]
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            continue
+        with _Fd(fd):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its writer is alive
+            if os.path.samestat(os.fstat(fd), os.lstat(entry.path)):
+                os.unlink(entry.path)
+                log.warning("removed %s, left by a process that died while writing it", entry.path)
 
 
 # -- SELinux labels ----------------------------------------------------------------
@@ -1190,19 +1228,23 @@ def _selinux_enabled() -> bool:
     return os.path.exists("/sys/fs/selinux/enforce")
 
 
-def _relabel(layer_fd: int, label: str) -> None:
+def _relabel(layer_fd: int, label: str, path: Any) -> None:
     """Set security.selinux on every entry of the layer, never following symlinks."""
     value = label.encode()
-    for relative, _ in _walk_directories(layer_fd):
-        directory_fd = _walk_relative(layer_fd, relative, relative)
-        with _Fd(directory_fd):
-            base = f"/proc/self/fd/{directory_fd}"
-            os.setxattr(base, "security.selinux", value)
-            with os.scandir(directory_fd) as entries:
-                for entry in entries:
-                    if not entry.is_dir(follow_symlinks=False):
-                        os.setxattr(f"{base}/{entry.name}", "security.selinux", value, follow_symlinks=False)
-    log.debug("relabeled layer with %s", label)
+
+    def visit(fd: int, relative: bytes, entries: List[Any]) -> List[bytes]:
+        base = f"/proc/self/fd/{fd}"
+        os.setxattr(base, "security.selinux", value)
+        subdirectories = []
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                subdirectories.append(os.fsencode(entry.name))
+            else:
+                os.setxattr(f"{base}/{entry.name}", "security.selinux", value, follow_symlinks=False)
+        return subdirectories
+
+    walk_tree(layer_fd, visit, path=path)
+    log.debug("relabeled %s with %s", os.fsdecode(path), label)
 
 
 # -- The driver ------------------------------------------------------------------------
@@ -1229,8 +1271,10 @@ class Driver:
         self.options = parse_options(list(options))
         self.uid_maps = _id_maps(uid_maps, "uid_maps")
         self.gid_maps = _id_maps(gid_maps, "gid_maps")
-        self.root_uid = _host_id(self.uid_maps, 0, "uid_maps")
-        self.root_gid = _host_id(self.gid_maps, 0, "gid_maps")
+        # Without maps, layers belong to root, or to the caller when it is not
+        # root (rootless use), as containers/storage owns them by the caller.
+        self.root_uid = _host_id(self.uid_maps, 0, "uid_maps") if self.uid_maps is not None else os.geteuid()
+        self.root_gid = _host_id(self.gid_maps, 0, "gid_maps") if self.gid_maps is not None else os.getegid()
         self._made_mount = False
 
         _require_btrfs(self.home)
@@ -1240,6 +1284,7 @@ class Driver:
         # resolved once: the driver owns it, and a layer id is one component.
         self._real_home = os.path.realpath(self.home)
         self._make_private_mount()
+        _remove_stale_temporary_files(self._quotas_dir)
         if self.options.quota_required:
             try:
                 self._ensure_quota()
@@ -1334,20 +1379,24 @@ class Driver:
         with self._open_home() as fd:
             return quota_enabled(fd, self.home)
 
-    def _apply_limit(self, layer_fd: int, size: int, path: str) -> None:
+    def _apply_limit(self, home_fd: int, layer_fd: int, size: int, path: str) -> None:
         """Set the layer's qgroup limit, turning quota on first when it is off.
 
         The limit ioctl doubles as the quota check, because it fails with
         ENOTCONN while quota is off, so quota that someone turned off from
-        outside is turned on again here.
+        outside is turned on again here.  The limit is set through home_fd,
+        any directory of home's own subvolume, because through the layer the
+        kernel would charge the ioctl's transaction to the layer's qgroup and
+        return EDQUOT once the layer is over its new limit.
         """
+        qgroup_id = _subvolume_id_of_fd(layer_fd, path)
         try:
-            _set_layer_limit(layer_fd, size, path)
+            _set_layer_limit(home_fd, qgroup_id, size, path)
         except OSError as error:
             if error.errno != errno.ENOTCONN:
                 raise
-            self._ensure_quota(layer_fd)
-            _set_layer_limit(layer_fd, size, path)
+            self._ensure_quota(home_fd)
+            _set_layer_limit(home_fd, qgroup_id, size, path)
 
     # -- Create
 
@@ -1419,20 +1468,10 @@ class Driver:
             raise FileExistsError(errno.EEXIST, f"layer {os.fsdecode(name)!r} already exists", path)
 
         with _Fd(_open_directory(self._subvolumes_dir)) as subvolumes_fd:
-            # The quota file comes first, so whatever commit persists the
-            # layer persists its size too; one left from a crash goes.
-            if size is None:
-                self._remove_quota_file(layer_id)
+            if parent_name is None:
+                self._create_empty(subvolumes_fd, name, path)
             else:
-                self._write_quota_file(name, size, path)
-            try:
-                if parent_name is None:
-                    self._create_empty(subvolumes_fd, name, path)
-                else:
-                    self._create_snapshot(subvolumes_fd, parent_name, name, path)
-            except BaseException:
-                self._remove_quota_file(layer_id)
-                raise
+                self._create_snapshot(subvolumes_fd, parent_name, name, path)
             try:
                 self._finish_layer(subvolumes_fd, name, path, size, mount_label)
             except BaseException:
@@ -1467,13 +1506,19 @@ class Driver:
         with _Fd(_open_directory(name, dir_fd=subvolumes_fd)) as layer_fd:
             if os.fstat(layer_fd).st_ino == BTRFS_FIRST_FREE_OBJECTID and _is_empty_directory(layer_fd):
                 os.fchmod(layer_fd, 0o555)
-            os.fchown(layer_fd, self.root_uid, self.root_gid)
+            st = os.fstat(layer_fd)
+            if (st.st_uid, st.st_gid) != (self.root_uid, self.root_gid):
+                os.fchown(layer_fd, self.root_uid, self.root_gid)
             if size is not None:
-                self._apply_limit(layer_fd, size, path)
+                self._apply_limit(subvolumes_fd, layer_fd, size, path)
+                self._write_quota_file(name, size, path)
             else:
+                # While the subvolume exists no other create can take its
+                # id, so a quota file with its name was left by a crash.
+                self._remove_quota_file(os.fsdecode(name))
                 self._clear_inherited_limit(subvolumes_fd, layer_fd, path)
             if mount_label and _selinux_enabled():
-                _relabel(layer_fd, mount_label)
+                _relabel(layer_fd, mount_label, path)
 
     def _clear_inherited_limit(self, subvolumes_fd: int, layer_fd: int, path: str) -> None:
         """Clear a limit a new layer's qgroup kept from a deleted subvolume with its id.
@@ -1486,7 +1531,7 @@ class Driver:
                 return
             subvolume = _subvolume_id_of_fd(layer_fd, path)
             if _qgroup_limit(subvolumes_fd, subvolume, path) is not None:
-                _set_qgroup_limit(layer_fd, 0, None, path)
+                _set_qgroup_limit(subvolumes_fd, subvolume, None, path)
         except PermissionError:
             return
 
@@ -1496,14 +1541,22 @@ class Driver:
         log.debug("wrote quota file for %s: %d bytes", path, size)
 
     def _roll_back(self, subvolumes_fd: int, name: bytes, path: str) -> None:
+        """Delete a layer whose create failed: its quota file first, then its subvolume.
+
+        While the subvolume exists no other create can take its id, so the
+        quota file with that name can only be this layer's.
+        """
+        quota_file = os.path.join(self._quotas_dir, os.fsdecode(name))
         try:
-            _subvolume_destroy_at(subvolumes_fd, name, path)
+            os.unlink(quota_file)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError as error:
+            log.warning("could not delete %s after a failed create: %s", quota_file, error)
+        try:
+            _delete_subvolume_or_contents(subvolumes_fd, name, path)
         except OSError as error:
             log.warning("could not delete %s after a failed create: %s", path, error)
-        try:
-            os.unlink(os.path.join(self._quotas_dir, os.fsdecode(name)))
-        except FileNotFoundError:
-            pass
 
     # -- Remove
 
@@ -1600,8 +1653,8 @@ class Driver:
             if size == 0:
                 log.warning("ignoring quota file of %s: a limit of 0 bytes is not valid", layer_id)
             else:
-                with _Fd(_open_directory(path)) as layer_fd:
-                    self._apply_limit(layer_fd, size, path)
+                with self._open_home() as home_fd, _Fd(_open_directory(path)) as layer_fd:
+                    self._apply_limit(home_fd, layer_fd, size, path)
         return path
 
     def _require_layer(self, layer_id: str, path: str) -> os.stat_result:
@@ -1672,24 +1725,29 @@ class Driver:
         path = self._layer_dir(layer_id)
         self._require_layer(layer_id, path)
         seen: Set[Tuple[int, int]] = set()
-        size = 0
-        with _Fd(_open_directory(path)) as layer_fd:
-            for relative, st in _walk_directories(layer_fd):
-                seen.add((st.st_dev, st.st_ino))
-                try:
-                    directory_fd = _walk_relative(layer_fd, relative, path)
-                except (FileNotFoundError, NotADirectoryError):
+        total = [0]
+
+        def visit(fd: int, relative: bytes, entries: List[Any]) -> List[bytes]:
+            st = os.fstat(fd)
+            seen.add((st.st_dev, st.st_ino))
+            subdirectories = []
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    subdirectories.append(os.fsencode(entry.name))
                     continue
-                with _Fd(directory_fd), os.scandir(directory_fd) as entries:
-                    for entry in entries:
-                        if entry.is_dir(follow_symlinks=False):
-                            continue
-                        entry_st = entry.stat(follow_symlinks=False)
-                        key = (entry_st.st_dev, entry_st.st_ino)
-                        if key not in seen:
-                            seen.add(key)
-                            size += entry_st.st_size
-        return DiskUsage(size, len(seen))
+                try:
+                    entry_st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                key = (entry_st.st_dev, entry_st.st_ino)
+                if key not in seen:
+                    seen.add(key)
+                    total[0] += entry_st.st_size
+            return subdirectories
+
+        with _Fd(_open_directory(path)) as layer_fd:
+            walk_tree(layer_fd, visit, path=path)
+        return DiskUsage(total[0], len(seen))
 
     def additional_image_stores(self) -> List[str]:
         return []

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from typing import Any, NamedTuple
 
 PORTED_HEADERS_VERSION = "6.1"
@@ -112,9 +111,11 @@ class UnknownMachineError(ValueError):
 
 def ioc_encoding(machine: str | None = None) -> IocEncoding:
     """Return the ioctl encoding for a ``platform.machine()`` name (default: this one)."""
-    # os.uname().machine is what platform.machine() returns on Linux, without
-    # the import of platform.
-    name = os.uname().machine if machine is None else machine
+    # Imported here, on the first request number, to keep it out of the
+    # import time of this module.
+    import platform
+
+    name = platform.machine() if machine is None else machine
     lowered = name.lower()
     for prefixes, encoding in _MACHINE_PREFIXES:
         if lowered.startswith(prefixes):
