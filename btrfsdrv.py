@@ -315,12 +315,6 @@ def _format_uuid(raw: Any) -> str:
     return str(uuid.UUID(bytes=bytes(raw)))
 
 
-def _is_empty_directory(fd: int) -> bool:
-    """Return whether the directory fd has no entries, reading at most one."""
-    with os.scandir(fd) as entries:
-        return next(entries, None) is None
-
-
 def _is_subvolume_stat(st: os.stat_result) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_ino == BTRFS_FIRST_FREE_OBJECTID
 
@@ -1504,9 +1498,11 @@ class Driver:
     def _finish_layer(self, subvolumes_fd: int, name: bytes, path: str, size: Optional[int], mount_label: str) -> None:
         """Set owner, mode, quota and label of a new layer; its creator rolls back on error."""
         with _Fd(_open_directory(name, dir_fd=subvolumes_fd)) as layer_fd:
-            if os.fstat(layer_fd).st_ino == BTRFS_FIRST_FREE_OBJECTID and _is_empty_directory(layer_fd):
-                os.fchmod(layer_fd, 0o555)
             st = os.fstat(layer_fd)
+            # A btrfs directory's size is twice the length of its entries'
+            # names, so 0 means empty without reading the directory.
+            if st.st_ino == BTRFS_FIRST_FREE_OBJECTID and st.st_size == 0:
+                os.fchmod(layer_fd, 0o555)
             if (st.st_uid, st.st_gid) != (self.root_uid, self.root_gid):
                 os.fchown(layer_fd, self.root_uid, self.root_gid)
             if size is not None:
