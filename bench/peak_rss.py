@@ -6,6 +6,7 @@ else.  Output is one JSON object: the peak after importing btrfsdrv and
 opening the driver ("baseline_kib") and after the operation ("peak_kib").
 
     peak_rss.py changes HOME LAYER PARENT
+    peak_rss.py changes-walk HOME LAYER PARENT
     peak_rss.py apply HOME LAYER TARBALL
 """
 
@@ -27,8 +28,8 @@ def _peak_kib() -> int:
 
 
 def main() -> int:
-    if len(sys.argv) != 5 or sys.argv[1] not in ("changes", "apply"):
-        print(__doc__.strip().splitlines()[-2].strip(), file=sys.stderr)
+    if len(sys.argv) != 5 or sys.argv[1] not in ("changes", "changes-walk", "apply"):
+        print("\n".join(line.strip() for line in __doc__.strip().splitlines()[-3:]), file=sys.stderr)
         return 2
     operation, home, layer, argument = sys.argv[1:]
     driver = btrfsdrv.Driver(home)
@@ -36,6 +37,8 @@ def main() -> int:
         baseline = _peak_kib()
         if operation == "changes":
             count = len(driver.changes(layer, argument))
+        elif operation == "changes-walk":
+            count = len(btrfsdrv.layer_changes(driver.get(layer), driver.get(argument)))
         else:
             with open(argument, "rb") as tarball:
                 driver.apply_diff(layer, tarball)

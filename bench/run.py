@@ -74,6 +74,17 @@ class Row(NamedTuple):
         return self.median / self.operations
 
 
+def paired_ratio(numerator: Row, denominator: Row) -> float:
+    """Return the median of the per-round ratios of two rows measured in the same rounds.
+
+    Both run back to back in every round, so a ratio within one round
+    cancels drift that affects the whole round (other load on the machine,
+    the filesystem's growing trees); the median of the rounds then drops
+    outliers.
+    """
+    return statistics.median(a / b for a, b in zip(numerator.samples, denominator.samples))
+
+
 class Check(NamedTuple):
     """A target: measured ratio against the limit it must not exceed."""
 
@@ -270,14 +281,15 @@ def case_snapshot(settings: Settings) -> CaseResult:
             settings, filesystem.settle,
         )
     rows = [row(name, values, cycles) for name, values in samples.items()]
-    drv, c_library, cli = (result.median for result in rows)
+    drv, c_library, cli = rows
     return CaseResult(
         rows,
         [
-            Check("btrfsdrv / libbtrfsutil per cycle", drv / c_library, 1.05),
-            Check("btrfsdrv / btrfs CLI per cycle (target: 10 x faster)", drv / cli, 0.1),
+            Check("btrfsdrv / libbtrfsutil per cycle", paired_ratio(drv, c_library), 1.05),
+            Check("btrfsdrv / btrfs CLI per cycle (target: 10 x faster)", paired_ratio(drv, cli), 0.1),
         ],
-        [f"{cycles} cycles per round; per operation = one snapshot and one remove"],
+        [f"{cycles} cycles per round; per operation = one snapshot and one remove; "
+         "ratios are medians of per-round ratios"],
     )
 
 
@@ -364,11 +376,11 @@ def case_remove(settings: Settings) -> CaseResult:
     return CaseResult(
         rows,
         [
-            Check("remove large layer / remove empty layer", rows[0].median / rows[1].median, 2.0),
+            Check("remove large layer / remove empty layer", paired_ratio(rows[0], rows[1]), 2.0),
             Check("large, no nested / empty (no target: layer size alone)",
-                  rows[2].median / rows[1].median, float("inf")),
+                  paired_ratio(rows[2], rows[1]), float("inf")),
             Check("large, 3 nested / empty, 3 nested (no target: layer size alone)",
-                  rows[0].median / rows[3].median, float("inf")),
+                  paired_ratio(rows[0], rows[3]), float("inf")),
         ],
         [f"{layers_per_round} layers removed per round; a large layer is a snapshot of one "
          "template, so all its files are there to walk"],
@@ -378,18 +390,30 @@ def case_remove(settings: Settings) -> CaseResult:
 # -- Case 3: changes, diff_size and diff against the full walk -------------------
 
 
-def _full_walk_available() -> Optional[str]:
+def _changes_unavailable() -> Optional[str]:
     """Return why the changes case cannot run, or None when it can."""
+    for name in ("layer_changes", "layer_diff_size", "layer_diff"):
+        if not hasattr(btrfsdrv, name):
+            return f"btrfsdrv has no {name} (the full two-tree walk) yet"
     if not hasattr(btrfsdrv.Driver, "changes"):
         return "btrfsdrv has no Driver.changes yet"
-    if not hasattr(btrfsdrv, "layer_changes"):
-        return "btrfsdrv has no layer_changes (the full two-tree walk)"
     return None
 
 
+def _drain(stream: Any) -> None:
+    with stream:
+        while stream.read(1 << 20):
+            pass
+
+
 def case_changes(settings: Settings) -> CaseResult:
-    """changes, diff_size and diff of 10 changed files in a 100,000-file layer."""
-    missing = _full_walk_available()
+    """changes, diff_size and diff of 10 changed files in a 100,000-file layer.
+
+    The driver's methods take the fast path (the generation numbers of the
+    snapshot's tree); layer_changes, layer_diff_size and layer_diff walk
+    both directory trees in full.
+    """
+    missing = _changes_unavailable()
     if missing:
         return CaseResult([], [], [f"not run: {missing}"])
     files = 20_000 if settings.quick else 100_000
@@ -402,40 +426,42 @@ def case_changes(settings: Settings) -> CaseResult:
             with open(os.path.join(child, f"d{index:04d}", "f0000"), "ab") as changed:
                 changed.write(b"changed")
         filesystem.settle()
-        parent_dir = driver.get("parent")
-
-        def timed(function: Callable[[], Any]) -> float:
-            start = time.perf_counter()
-            function()
-            return time.perf_counter() - start
-
-        def read_diff() -> None:
-            with driver.diff("child", "parent") as stream:
-                while stream.read(1 << 20):
-                    pass
+        parent = driver.get("parent")
 
         fast_changes = driver.changes("child", "parent")
-        walked_changes = btrfsdrv.layer_changes(child, parent_dir)
-        if sorted(map(str, fast_changes)) != sorted(map(str, walked_changes)):
+        walked_changes = btrfsdrv.layer_changes(child, parent)
+        if fast_changes != walked_changes:
             raise RuntimeError("the fast path and the full walk returned different changes")
+        if driver.diff_size("child", "parent") != btrfsdrv.layer_diff_size(child, parent):
+            raise RuntimeError("the fast path and the full walk returned different diff sizes")
+
+        def timed(function: Callable[[], Any]) -> Callable[[], float]:
+            def run() -> float:
+                start = time.perf_counter()
+                function()
+                return time.perf_counter() - start
+            return run
 
         samples = alternate(
             {
-                "changes: fast path": lambda: timed(lambda: driver.changes("child", "parent")),
-                "changes: full walk": lambda: timed(lambda: btrfsdrv.layer_changes(child, parent_dir)),
-                "diff_size": lambda: timed(lambda: driver.diff_size("child", "parent")),
-                "diff (read to the end)": lambda: timed(read_diff),
+                "changes: fast path": timed(lambda: driver.changes("child", "parent")),
+                "changes: full walk": timed(lambda: btrfsdrv.layer_changes(child, parent)),
+                "diff_size: fast path": timed(lambda: driver.diff_size("child", "parent")),
+                "diff_size: full walk": timed(lambda: btrfsdrv.layer_diff_size(child, parent)),
+                "diff: fast path": timed(lambda: _drain(driver.diff("child", "parent"))),
+                "diff: full walk": timed(lambda: _drain(btrfsdrv.layer_diff(child, parent))),
             },
             settings,
         )
-    rows = [row(name, values, 1, f"{len(fast_changes)} changes, {files:,} files")
-            for name, values in samples.items()]
+    detail = f"{len(fast_changes)} changes in {files:,} files"
+    rows = [row(name, values, 1, detail) for name, values in samples.items()]
     by_name = {result.name: result for result in rows}
     return CaseResult(
         rows,
-        [Check("changes fast path / full walk (target: 20 x faster)",
-               by_name["changes: fast path"].median / by_name["changes: full walk"].median, 0.05)],
-        [],
+        [Check(f"{operation} fast path / full walk (target: 20 x faster)",
+               paired_ratio(by_name[f"{operation}: fast path"], by_name[f"{operation}: full walk"]), 0.05)
+         for operation in ("changes", "diff_size", "diff")],
+        ["diff is read to the end of the stream"],
     )
 
 
@@ -481,12 +507,13 @@ def case_quota(settings: Settings) -> CaseResult:
         rows.append(row(label, phase_samples(values, "total"), layers,
                         f"{detail}; kernel mode {modes_seen[label]}"))
     by_name = {result.name: result for result in rows}
-    off = by_name["quota off"].median
+    off = by_name["quota off"]
     return CaseResult(
         rows,
         [
-            Check("simple quotas / quota off", by_name["simple quotas"].median / off, 1.2),
-            Check("full qgroups / quota off (no target)", by_name["full qgroups"].median / off, float("inf")),
+            Check("simple quotas / quota off", paired_ratio(by_name["simple quotas"], off), 1.2),
+            Check("full qgroups / quota off (no target)", paired_ratio(by_name["full qgroups"], off),
+                  float("inf")),
         ],
         [f"{layers} layers per round; per operation = one layer created, written and removed; "
          "write includes a transaction commit"],
@@ -605,7 +632,7 @@ def case_apply(settings: Settings) -> CaseResult:
                 rate = (f"{contents['entries'] / median:,.0f} files/s, "
                         f"{contents['tar_bytes'] / MIB / median:.1f} MB/s")
                 rows.append(row(f"{label}: {name}", values, 1, rate))
-            checks.append(Check(f"{label}: apply_diff / GNU tar", rows[-2].median / rows[-1].median, 1.5))
+            checks.append(Check(f"{label}: apply_diff / GNU tar", paired_ratio(rows[-2], rows[-1]), 1.5))
             notes.append(f"{label}: {contents['entries']:,} entries, "
                          f"{contents['tar_bytes'] / MIB:.1f} MiB tar ({os.path.basename(tarball)})")
     return CaseResult(rows, checks, notes)
@@ -662,19 +689,25 @@ def case_import(settings: Settings) -> CaseResult:
 
     timing = alternate(
         {"btrfsdrv.py --help": lambda: start(["btrfsdrv.py", "--help"]),
+         "python -m btrfsdrv --help": lambda: start(["-m", "btrfsdrv", "--help"]),
          "python -c pass": lambda: start(["-c", "pass"])},
         settings._replace(rounds=runs),
     )
     import_row = row("import btrfsdrv (cumulative)", [us / 1e6 for us in import_us], 1,
                      f"{python} -X importtime")
-    help_row = row("btrfsdrv.py --help", timing["btrfsdrv.py --help"])
+    help_row = row("btrfsdrv.py --help", timing["btrfsdrv.py --help"], 1,
+                   "a script is compiled on every run, never cached")
+    module_row = row("python -m btrfsdrv --help", timing["python -m btrfsdrv --help"], 1,
+                     "runs the cached bytecode")
     pass_row = row("python -c pass", timing["python -c pass"])
     heaviest = ", ".join(f"{name} {self_us} us" for self_us, name in profiles[-1]["heaviest"])
     return CaseResult(
-        [import_row, help_row, pass_row],
+        [import_row, help_row, module_row, pass_row],
         [
             Check("import btrfsdrv / 10 ms", import_row.median / 0.010, 1.0),
-            Check("btrfsdrv.py --help / python -c pass", help_row.median / pass_row.median, 2.0),
+            Check("btrfsdrv.py --help / python -c pass", paired_ratio(help_row, pass_row), 2.0),
+            Check("python -m btrfsdrv --help / python -c pass (no target)",
+                  paired_ratio(module_row, pass_row), float("inf")),
         ],
         [f"heaviest imports below btrfsdrv (self time, last run): {heaviest}",
          f"{runs} runs each, with bytecode caches (PYTHONPYCACHEPREFIX in the work directory)"],
@@ -691,11 +724,16 @@ def _peak_rss(arguments: List[str]) -> Dict[str, int]:
 
 def case_memory(settings: Settings) -> CaseResult:
     """Peak RSS of changes and apply_diff for 10,000- and 100,000-file layers."""
-    if not hasattr(btrfsdrv.Driver, "changes") or not hasattr(btrfsdrv.Driver, "apply_diff"):
-        return CaseResult([], [], ["not run: btrfsdrv has no Driver.changes or Driver.apply_diff yet"])
+    missing = _changes_unavailable()
+    if missing or not hasattr(btrfsdrv.Driver, "apply_diff"):
+        return CaseResult([], [], [f"not run: {missing or 'btrfsdrv has no Driver.apply_diff yet'}"])
     sizes = (2_000, 20_000) if settings.quick else (10_000, 100_000)
-    rows = []
-    peaks: Dict[str, List[int]] = {"changes": [], "apply_diff": []}
+    operations = {
+        "changes": "changes (fast path, 10 changed files)",
+        "changes-walk": "changes (full walk, 10 changed files)",
+        "apply": "apply_diff (whole layer)",
+    }
+    peaks: Dict[str, List[float]] = {operation: [] for operation in operations}
     with loopback(settings, "memory", 8 * GIB) as filesystem, driver_on(filesystem) as driver:
         home = filesystem.path("home")
         for files in sizes:
@@ -704,30 +742,34 @@ def case_memory(settings: Settings) -> CaseResult:
             make_files(driver.get(parent), files)
             driver.create(child, parent)
             for index in range(10):
-                with open(os.path.join(driver.get(child), f"d{index % (files // 1000):04d}",
-                                       f"f{index:04d}"), "ab") as changed:
+                with open(os.path.join(driver.get(child), f"d{index:04d}", "f0000"), "ab") as changed:
                     changed.write(b"changed")
             tarball = os.path.join(filesystem.mountpoint, f"layer-{files}.tar")
             _run(["tar", "-cf", tarball, "-C", driver.get(parent), "."])
             filesystem.settle()
-            changes = [_peak_rss(["changes", home, child, parent])["peak_kib"] for _ in range(3)]
-            applied = []
-            for attempt in range(3):
-                layer = f"apply-{files}-{attempt}"
-                driver.create(layer)
-                applied.append(_peak_rss(["apply", home, layer, tarball])["peak_kib"])
-                driver.remove(layer)
-            peaks["changes"].append(statistics.median(changes))
-            peaks["apply_diff"].append(statistics.median(applied))
-            rows.append(Row(f"changes, {files:,} files", statistics.median(changes) / 1024, [], 1,
-                            "peak RSS in MiB (10 changed files)"))
-            rows.append(Row(f"apply_diff, {files:,} files", statistics.median(applied) / 1024, [], 1,
-                            "peak RSS in MiB"))
+            for operation in operations:
+                measured = []
+                for attempt in range(3):
+                    if operation == "apply":
+                        layer = f"apply-{files}-{attempt}"
+                        driver.create(layer)
+                        measured.append(_peak_rss(["apply", home, layer, tarball])["peak_kib"])
+                        driver.remove(layer)
+                    else:
+                        measured.append(_peak_rss([operation, home, child, parent])["peak_kib"])
+                peaks[operation].append(statistics.median(measured) / 1024)
+    rows = [
+        Row(f"{label}, {files:,} files", peak, [peak], 1, "peak RSS in MiB")
+        for operation, label in operations.items()
+        for files, peak in zip(sizes, peaks[operation])
+    ]
     return CaseResult(
         rows,
-        [Check(f"{name} peak RSS, {sizes[1]:,} / {sizes[0]:,} files (flat: no target given)",
-               values[1] / values[0], float("inf")) for name, values in peaks.items()],
-        ["memory rows show MiB in the median column, not seconds; median of 3 child processes"],
+        [Check(f"{label}: peak RSS {sizes[1]:,} / {sizes[0]:,} files (no target: flat is 1)",
+               peaks[operation][1] / peaks[operation][0], float("inf"))
+         for operation, label in operations.items()],
+        ["memory rows show MiB in the median column; median of 3 child processes, "
+         "each doing one operation (VmHWM of /proc/self/status)"],
     )
 
 
