@@ -6,24 +6,50 @@ PYTEST_ARGS ?=
 APT_GET = DEBIAN_FRONTEND=noninteractive apt-get
 
 .PHONY: test test-deps test-source test-vendored vendor demo bench bench-deps lint clean \
-	struct-table crosscheck
+	struct-table crosscheck packages
 
 # The README's test command: prepare the machine, then run the whole suite
 # against the source tree and against the vendored single file.
 test: test-deps test-source test-vendored
 
+# Debian packages whose data tarballs the layer round-trip tests apply.
+DEBS_DIR = .cache/debs
+ROUND_TRIP_PACKAGES = busybox-static tzdata python3-minimal
+
 # Installs what the kernel tests need when it is missing (Debian and Ubuntu).
-test-deps:
+test-deps: packages
 	@if ! command -v mkfs.btrfs >/dev/null 2>&1; then \
 		$(APT_GET) update -qq && $(APT_GET) install -y -qq btrfs-progs; \
 	fi
 	@$(PYTHON) -c 'import pytest' 2>/dev/null || $(PYTHON) -m pip install -q pytest
+	@# The packaging test builds a wheel offline, without build isolation.
+	@$(PYTHON) -c 'import setuptools, wheel' 2>/dev/null || $(PYTHON) -m pip install -q setuptools wheel
+	@# The interoperation tests build stores with Podman's btrfs driver.
+	@if ! command -v podman >/dev/null 2>&1; then \
+		$(APT_GET) update -qq && $(APT_GET) install -y -qq podman; \
+	fi
+
+# Downloads the round-trip packages into $(DEBS_DIR) unless they are there.
+packages:
+	@mkdir -p $(DEBS_DIR)
+	@missing=""; for package in $(ROUND_TRIP_PACKAGES); do \
+		ls $(DEBS_DIR)/$${package}_*.deb >/dev/null 2>&1 || missing="$$missing $$package"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		$(APT_GET) update -qq && cd $(DEBS_DIR) && \
+		$(APT_GET) -o APT::Sandbox::User=root download $$missing; \
+	fi
 
 test-source:
 	$(PYTEST) $(PYTEST_ARGS)
 
+# The same tests against dist/btrfsdrv.py. pytest runs from dist/ in
+# importlib mode, so neither pytest nor "python -m" puts the repository,
+# and with it ioctl_structs.py, on sys.path. Tests find repository files
+# through their own __file__.
 test-vendored: vendor
-	BTRFSDRV_PATH=dist $(PYTEST) -p no:cacheprovider $(PYTEST_ARGS)
+	cd dist && BTRFSDRV_PATH=. BTRFSDRV_VENDORED=1 $(PYTEST) -c ../setup.cfg --rootdir .. \
+		-p no:cacheprovider --import-mode=importlib $(PYTEST_ARGS) ../test_btrfsdrv.py
 
 vendor:
 	$(PYTHON) tools/vendor.py --output dist/btrfsdrv.py
@@ -67,6 +93,23 @@ crosscheck: test-deps
 		$(APT_GET) update -qq && $(APT_GET) install -y -qq $$missing; \
 	fi
 	BTRFSDRV_CROSSCHECK=1 $(PYTEST) $(PYTEST_ARGS) -k crosscheck
+
+# Static checks, run by hand: ruff, mypy --strict, and vermin for Python 3.8,
+# the oldest supported version. vermin evaluates annotations only in files
+# without "from __future__ import annotations", where Python evaluates them.
+LINT_FILES = btrfsdrv.py ioctl_structs.py tools/*.py
+VERMIN = $(PYTHON) -c 'import sys, vermin; sys.exit(vermin.main())'
+lint: vendor
+	@for tool in ruff mypy vermin; do \
+		$(PYTHON) -c "import $$tool" 2>/dev/null || $(PYTHON) -m pip install -q $$tool; \
+	done
+	$(PYTHON) -m ruff check $(LINT_FILES)
+	$(PYTHON) -m mypy --strict btrfsdrv.py ioctl_structs.py
+	@for file in $(LINT_FILES) dist/btrfsdrv.py; do \
+		if grep -q '^from __future__ import annotations' $$file; then flags=; else flags=--eval-annotations; fi; \
+		echo "vermin -t=3.8- $$flags $$file"; \
+		$(VERMIN) -q -t=3.8- --no-tips --violations $$flags $$file || exit 1; \
+	done
 
 clean:
 	rm -rf dist build *.egg-info .pytest_cache .mypy_cache .ruff_cache

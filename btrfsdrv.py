@@ -22,16 +22,21 @@ structures and request numbers come from ``ioctl_structs``, which
 # every signature out of the import time.
 from __future__ import annotations
 
+import collections
 import ctypes
+import enum
 import errno
 import fcntl
+import io
 import os
 import re
 import stat
+import struct
 import sys
 import threading
+import time
 from typing import (
-    Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional,
+    Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional,
     Sequence, Set, Tuple, Union,
 )
 
@@ -39,7 +44,7 @@ from typing import (
 # the module itself, so the vendored single file needs no import.
 import ioctl_structs as _structs
 from ioctl_structs import (
-    BTRFS_EMPTY_SUBVOL_DIR_OBJECTID, BTRFS_FIRST_FREE_OBJECTID,
+    BTRFS_FIRST_FREE_OBJECTID,
     BTRFS_QGROUP_LIMIT_MAX_RFER, BTRFS_QGROUP_STATUS_FLAG_ON,
     BTRFS_QGROUP_STATUS_KEY, BTRFS_QGROUP_LIMIT_KEY, BTRFS_QUOTA_CTL_ENABLE,
     BTRFS_QUOTA_CTL_ENABLE_SIMPLE_QUOTA, BTRFS_QUOTA_TREE_OBJECTID,
@@ -59,6 +64,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Driver", "init", "DriverError", "PrerequisiteError", "IDMap", "DiskUsage",
+    "Change", "ChangeKind",
     "create_subvolume", "create_snapshot", "delete_subvolume", "is_subvolume",
     "subvolume_id", "parse_size", "main", "__version__",
 ]
@@ -166,8 +172,14 @@ def _get_libc() -> ctypes.CDLL:
     return _libc
 
 
-def _os_error(err: int, operation: str, path: Any, hint: str = "") -> OSError:
-    """Build the OSError subclass for errno err with a message naming the operation."""
+def _os_error(err: Optional[int], operation: str, path: Any, hint: str = "") -> OSError:
+    """Build the OSError subclass for errno err with a message naming the operation.
+
+    err is an OSError's errno, which is None for an OSError raised without
+    one; that case is reported as EIO.
+    """
+    if err is None:
+        err = errno.EIO
     message = f"{operation} failed: {os.strerror(err)}"
     if hint:
         message = f"{message}; {hint}"
@@ -1748,6 +1760,68 @@ class Driver:
     def additional_image_stores(self) -> List[str]:
         return []
 
+    # -- Layer diffs: thin wrappers over the "Layer diffs" section
+
+    def _existing_layer_dir(self, layer_id: str) -> str:
+        path = self._layer_dir(layer_id)
+        self._require_layer(layer_id, path)
+        return path
+
+    def _parent_dir(self, parent: Optional[str]) -> Optional[str]:
+        # The driver does not record parents, so None diffs against nothing.
+        return None if parent is None else self._existing_layer_dir(parent)
+
+    def changes(self, layer_id: str, parent: Optional[str] = None) -> "List[Change]":
+        """Return the changes of a layer against parent (or all of it), sorted by path."""
+        return _layer_changes_fast(self._existing_layer_dir(layer_id), self._parent_dir(parent))
+
+    def diff(self, layer_id: str, parent: Optional[str] = None) -> io.BufferedReader:
+        """Stream the layer's changes against parent (or all of it) as an uncompressed tar.
+
+        Closing the returned file stops the writer and releases the layer.
+        """
+        layer_dir = self._existing_layer_dir(layer_id)
+        parent_dir = self._parent_dir(parent)
+        changes = None if parent_dir is None else _layer_changes_fast(layer_dir, parent_dir)
+        return layer_diff(layer_dir, parent_dir, self.uid_maps, self.gid_maps,
+                          release=lambda: self.put(layer_id), changes=changes)
+
+    def apply_diff(self, layer_id: str, diff: Any, *, parent: Optional[str] = None,
+                   uid_maps: Optional[Iterable[Any]] = None, gid_maps: Optional[Iterable[Any]] = None,
+                   ignore_chown_errors: bool = False,
+                   progress: Optional[Callable[[int, int], None]] = None) -> int:
+        """Apply a layer tar to a layer and return the size of its regular files.
+
+        The layer is already a snapshot of its parent, so parent is accepted
+        for compatibility and not used. Owners map to host ids through
+        uid_maps and gid_maps (default: the driver's).
+        """
+        path = self._existing_layer_dir(layer_id)
+        uid_maps = self.uid_maps if uid_maps is None else _id_maps(uid_maps, "uid_maps")
+        gid_maps = self.gid_maps if gid_maps is None else _id_maps(gid_maps, "gid_maps")
+        return apply_layer_diff(path, diff, uid_maps, gid_maps, ignore_chown_errors, progress)
+
+    def diff_size(self, layer_id: str, parent: Optional[str] = None) -> int:
+        """Sum the sizes of the non-directories that the layer adds or modifies."""
+        layer_dir = self._existing_layer_dir(layer_id)
+        parent_dir = self._parent_dir(parent)
+        if parent_dir is None:
+            return layer_diff_size(layer_dir)
+        return _changes_size(layer_dir, _layer_changes_fast(layer_dir, parent_dir))
+
+    def update_layer_id_map(self, layer_id: str, to_container: Any, to_host: Any) -> None:
+        """Rewrite the layer's owners from one ID mapping to another.
+
+        to_container is the (uid_maps, gid_maps) pair of the mapping the files
+        have now, to_host the pair of the new one; None is the identity.
+        """
+        remap_layer_owners(self._existing_layer_dir(layer_id), _id_map_pair(to_container, "to_container"),
+                           _id_map_pair(to_host, "to_host"))
+
+    def supports_shifting(self) -> bool:
+        """Return False: layers never shift ids at mount time, update_layer_id_map rewrites them."""
+        return False
+
 
 def init(
     home: PathArg,
@@ -1886,6 +1960,1528 @@ def subvolume_id(path: PathArg) -> int:
         return _subvolume_id_of_fd(fd, path)
 
 
+# -- Layer diffs ---------------------------------------------------------------
+
+
+class ChangeKind(enum.IntEnum):
+    """Kind of a change between a layer and its parent, as in containers/storage."""
+
+    MODIFY = 0
+    ADD = 1
+    DELETE = 2
+
+
+Change = collections.namedtuple("Change", "path kind")
+Change.__doc__ = "A path inside a layer (absolute, like /etc/passwd) and its ChangeKind."
+
+WHITEOUT_PREFIX = ".wh."
+WHITEOUT_META_PREFIX = ".wh..wh."
+WHITEOUT_OPAQUE_DIR = ".wh..wh..opq"
+
+_FILE_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+_NS_PER_SECOND = 1_000_000_000
+_COPY_CHUNK = 1024 * 1024
+_PROGRESS_INTERVAL = 0.5  # seconds; progress must be reported at least once a second
+
+
+def _open_for_reading(name, flags: int, dir_fd: Optional[int] = None) -> int:
+    """Open with O_NOATIME where allowed, so that reading a layer does not change it.
+
+    O_NOATIME needs ownership of the file or CAP_FOWNER. Without it an atime
+    update would dirty the inode, which also makes the tree-search fast path
+    of changes compare more directories.
+    """
+    try:
+        return os.open(name, flags | os.O_NOATIME, dir_fd=dir_fd)
+    except PermissionError:
+        return os.open(name, flags, dir_fd=dir_fd)
+
+
+def _open_directory_for_reading(name, dir_fd: Optional[int] = None) -> int:
+    return _open_for_reading(name, _OPEN_DIRECTORY, dir_fd)
+
+
+def _fd_path(dir_fd: int, name) -> bytes:
+    """Return a /proc path naming name inside dir_fd, for calls without dir_fd."""
+    return b"/proc/self/fd/%d/%s" % (dir_fd, os.fsencode(name))
+
+
+def _lstat_at(dir_fd: int, name) -> Optional[os.stat_result]:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _list_dir(dir_fd: int) -> "List[Tuple[str, os.DirEntry]]":
+    """List a directory's entries, sorted by name bytes.
+
+    Each entry's stat() is an fstatat() on dir_fd, so dir_fd must stay open
+    until the entries are used.
+    """
+    with os.scandir(dir_fd) as scan:
+        entries = [(entry.name, entry) for entry in scan]
+    entries.sort(key=lambda item: os.fsencode(item[0]))
+    return entries
+
+
+def _open_listed_dir(dir_fd: int, name: str, listed: os.stat_result, path: str) -> int:
+    """Open a subdirectory and check that it is still the one that was listed."""
+    fd = _open_directory_for_reading(name, dir_fd)
+    if not os.path.samestat(os.fstat(fd), listed):
+        os.close(fd)
+        raise OSError(errno.ESTALE, "directory was replaced during the walk", path)
+    return fd
+
+
+def _path_parts(path: str) -> List[str]:
+    """Split a path inside a layer into its components, rejecting '..'."""
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(f"path {path!r} contains a '..' component")
+    return parts
+
+
+def _open_entry_parent(root_fd: int, parts: Sequence[str], path: str, create: bool = False) -> Optional[int]:
+    """Open the directory that contains parts[-1], walking from root_fd.
+
+    No component is followed if it is a symlink. Returns None when a component
+    is missing and create is false; with create, missing directories are made
+    with mode 0755. Raises ValueError when a component is not a directory.
+    """
+    fd = os.dup(root_fd)
+    try:
+        for index, part in enumerate(parts[:-1]):
+            try:
+                child = _open_directory(part, fd)
+            except FileNotFoundError:
+                if not create:
+                    os.close(fd)
+                    return None
+                os.mkdir(part, 0o755, dir_fd=fd)
+                child = _open_directory(part, fd)
+            except (NotADirectoryError, OSError) as error:
+                if error.errno not in (errno.ENOTDIR, errno.ELOOP):
+                    raise
+                prefix = "/".join(parts[:index + 1])
+                raise ValueError(f"path {path!r}: {prefix!r} is not a directory") from None
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _remove_tree(dir_fd: int, name: str) -> None:
+    """Remove name inside dir_fd and, if it is a directory, all below it.
+
+    The walk is fd-relative and never follows a symlink, so it cannot leave
+    the tree that it removes.
+    """
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    except FileNotFoundError:
+        return
+    except IsADirectoryError:
+        pass
+
+    top_fd = _open_directory(name, dir_fd)
+    stack = [(dir_fd, name, top_fd, os.scandir(top_fd))]
+    try:
+        while stack:
+            parent_fd, dir_name, fd, scan = stack[-1]
+            descended = False
+            for entry in scan:
+                if entry.is_dir(follow_symlinks=False):
+                    child = _open_directory(entry.name, fd)
+                    stack.append((fd, entry.name, child, os.scandir(child)))
+                    descended = True
+                    break
+                try:
+                    os.unlink(entry.name, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+            if descended:
+                continue
+            stack.pop()
+            scan.close()
+            os.close(fd)
+            os.rmdir(dir_name, dir_fd=parent_fd)
+    finally:
+        for _, _, fd, scan in stack:
+            scan.close()
+            os.close(fd)
+
+
+# ID maps -----------------------------------------------------------------
+
+
+def _map_id(maps: Sequence[IDMap], value: int, to_host: bool) -> Optional[int]:
+    """Map an id between container and host; None when no map covers it.
+
+    An empty map list is the identity, as in containers/storage.
+    """
+    if not maps:
+        return value
+    for entry in maps:
+        source, target = (entry.container_id, entry.host_id) if to_host else (entry.host_id, entry.container_id)
+        if source <= value < source + entry.size:
+            return target + (value - source)
+    return None
+
+
+def _map_owner(uid_maps, gid_maps, uid: int, gid: int, to_host: bool, path: str) -> Tuple[int, int]:
+    mapped_uid = _map_id(uid_maps, uid, to_host)
+    mapped_gid = _map_id(gid_maps, gid, to_host)
+    if mapped_uid is None or mapped_gid is None:
+        direction = "host" if to_host else "container"
+        raise ValueError(f"{path!r}: owner {uid}:{gid} has no {direction} id in the layer's ID maps")
+    return mapped_uid, mapped_gid
+
+
+# Extended attributes -------------------------------------------------------
+
+
+def _is_carried_xattr(name: str) -> bool:
+    """Tell whether a layer diff carries this extended attribute."""
+    return name == "security.capability" or name.startswith("user.")
+
+
+def _read_xattrs(target) -> Dict[str, bytes]:
+    """Read the carried extended attributes of an fd or a path (not followed)."""
+    follow = isinstance(target, int)
+    try:
+        names = os.listxattr(target) if follow else os.listxattr(target, follow_symlinks=False)
+    except OSError as error:
+        if error.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return {}
+        raise
+    values = {}
+    for name in sorted(names):
+        if not _is_carried_xattr(name):
+            continue
+        try:
+            if follow:
+                values[name] = os.getxattr(target, name)
+            else:
+                values[name] = os.getxattr(target, name, follow_symlinks=False)
+        except OSError as error:
+            if error.errno != errno.ENODATA:
+                raise
+    return values
+
+
+def _entry_xattrs(dir_fd: int, name: str, st: os.stat_result) -> Dict[str, bytes]:
+    # user.* exists only on regular files and directories, and
+    # security.capability only on regular files, so others are not read.
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        return {}
+    return _read_xattrs(_fd_path(dir_fd, name))
+
+
+# Changes -------------------------------------------------------------------
+
+
+def _same_mtime(a: os.stat_result, b: os.stat_result) -> bool:
+    # Tar headers keep whole seconds, so a zero nanosecond part on either side
+    # matches any nanoseconds (as containers/storage compares them).
+    a_seconds, a_nanoseconds = divmod(a.st_mtime_ns, _NS_PER_SECOND)
+    b_seconds, b_nanoseconds = divmod(b.st_mtime_ns, _NS_PER_SECOND)
+    if a_seconds != b_seconds:
+        return False
+    return a_nanoseconds == b_nanoseconds or a_nanoseconds == 0 or b_nanoseconds == 0
+
+
+def _entry_modified(layer_fd: int, parent_fd: int, name: str,
+                    new: os.stat_result, old: os.stat_result) -> bool:
+    """Compare an entry present in both the layer and its parent."""
+    if (new.st_mode != old.st_mode or new.st_uid != old.st_uid or new.st_gid != old.st_gid
+            or new.st_rdev != old.st_rdev):
+        return True
+    if not _same_mtime(new, old):
+        return True
+    if not stat.S_ISDIR(new.st_mode) and new.st_size != old.st_size:
+        return True
+    if stat.S_ISLNK(new.st_mode):
+        return os.readlink(name, dir_fd=layer_fd) != os.readlink(name, dir_fd=parent_fd)
+    return _entry_xattrs(layer_fd, name, new) != _entry_xattrs(parent_fd, name, old)
+
+
+class _WalkedChange:
+    """A change found by _walk_changes, with a handle on the layer entry.
+
+    dir_fd and name locate the entry in the layer (not in the parent, for a
+    DELETE) and stay valid only until the walk goes on.
+    """
+
+    __slots__ = ("path", "kind", "st", "dir_fd", "name")
+
+    def __init__(self, path, kind, st, dir_fd, name):
+        self.path = path
+        self.kind = kind
+        self.st = st
+        self.dir_fd = dir_fd
+        self.name = name
+
+
+class _DirFrame:
+    __slots__ = ("path", "layer_fd", "parent_fd", "entries", "parent_entries",
+                 "changes_at_entry", "report_when_changed", "st", "name")
+
+    def __init__(self, path, layer_fd, parent_fd, report_when_changed, st, name, changes_at_entry):
+        self.path = path
+        self.layer_fd = layer_fd
+        self.parent_fd = parent_fd
+        self.entries = iter(_list_dir(layer_fd))
+        self.parent_entries = dict(_list_dir(parent_fd)) if parent_fd is not None else {}
+        self.report_when_changed = report_when_changed
+        self.changes_at_entry = changes_at_entry
+        self.st = st
+        self.name = name
+
+
+def _walk_changes(layer_root_fd: int, parent_root_fd: Optional[int], top: str = "",
+                  changed_inodes: Optional[Set[int]] = None) -> Iterator[_WalkedChange]:
+    """Walk a layer and its parent together and yield their differences.
+
+    With parent_root_fd None every entry is an ADD, in depth-first order with
+    each directory before its contents. Otherwise the order is unspecified
+    (callers sort), and a directory that contains a change and is not itself
+    reported is yielded as MODIFY after its contents. The walk's top (path
+    top, "" for the root) is never reported. Memory grows with the depth and
+    the size of one directory, not with the whole tree. NOTE: the walk keeps
+    two directory fds open per level, so a tree deeper than about half of
+    RLIMIT_NOFILE fails with EMFILE.
+
+    With changed_inodes (the tree-search fast path) only the top directory's
+    own entries are compared, and an entry that is the same inode on both
+    sides and not in changed_inodes counts as unchanged without a look.
+    """
+    count = 0
+    stack = [_DirFrame(top, os.dup(layer_root_fd),
+                       os.dup(parent_root_fd) if parent_root_fd is not None else None,
+                       False, None, None, 0)]
+    try:
+        while stack:
+            frame = stack[-1]
+            descended = False
+            for name, entry in frame.entries:
+                path = frame.path + "/" + name
+                parent_entry = frame.parent_entries.pop(name, None)
+                if (changed_inodes is not None and parent_entry is not None
+                        and entry.inode() == parent_entry.inode() and entry.inode() not in changed_inodes):
+                    continue  # the same inode, unchanged since the snapshot
+                new = entry.stat(follow_symlinks=False)
+                old = parent_entry.stat(follow_symlinks=False) if parent_entry is not None else None
+                reported = False
+                if old is None:
+                    count += 1
+                    reported = True
+                    yield _WalkedChange(path, ChangeKind.ADD, new, frame.layer_fd, name)
+                elif _entry_modified(frame.layer_fd, frame.parent_fd, name, new, old):
+                    count += 1
+                    reported = True
+                    yield _WalkedChange(path, ChangeKind.MODIFY, new, frame.layer_fd, name)
+                if not stat.S_ISDIR(new.st_mode):
+                    continue
+                if changed_inodes is not None and old is not None and stat.S_ISDIR(old.st_mode):
+                    continue  # the fast path compares each changed directory on its own
+                child_fd = _open_listed_dir(frame.layer_fd, name, new, path)
+                child_parent_fd = None
+                if old is not None and stat.S_ISDIR(old.st_mode):
+                    try:
+                        child_parent_fd = _open_listed_dir(frame.parent_fd, name, old, path)
+                    except BaseException:
+                        os.close(child_fd)
+                        raise
+                try:
+                    stack.append(_DirFrame(path, child_fd, child_parent_fd, not reported,
+                                           new, name, count))
+                except BaseException:
+                    os.close(child_fd)
+                    if child_parent_fd is not None:
+                        os.close(child_parent_fd)
+                    raise
+                descended = True
+                break
+            if descended:
+                continue
+
+            for name in sorted(frame.parent_entries, key=os.fsencode):
+                count += 1
+                yield _WalkedChange(frame.path + "/" + name, ChangeKind.DELETE, None, frame.layer_fd, name)
+            frame.parent_entries = {}
+            stack.pop()
+            os.close(frame.layer_fd)
+            if frame.parent_fd is not None:
+                os.close(frame.parent_fd)
+            if stack and frame.report_when_changed and count > frame.changes_at_entry:
+                count += 1
+                yield _WalkedChange(frame.path, ChangeKind.MODIFY, frame.st, stack[-1].layer_fd, frame.name)
+    finally:
+        for frame in stack:
+            os.close(frame.layer_fd)
+            if frame.parent_fd is not None:
+                os.close(frame.parent_fd)
+
+
+def _change_sort_key(change) -> bytes:
+    return os.fsencode(change.path)
+
+
+def layer_changes(layer_dir, parent_dir=None) -> List[Change]:
+    """Return the changes of a layer directory against its parent, sorted by path."""
+    layer_fd = _open_directory_for_reading(layer_dir)
+    parent_fd = None
+    try:
+        if parent_dir is not None:
+            parent_fd = _open_directory_for_reading(parent_dir)
+        changes = [Change(item.path, item.kind) for item in _walk_changes(layer_fd, parent_fd)]
+    finally:
+        os.close(layer_fd)
+        if parent_fd is not None:
+            os.close(parent_fd)
+    changes.sort(key=_change_sort_key)
+    return changes
+
+
+def layer_diff_size(layer_dir, parent_dir=None) -> int:
+    """Sum the sizes of the non-directories that a layer adds or modifies.
+
+    Sizes are lstat sizes (a symlink counts its target's length), and an inode
+    with several links counts once.
+    """
+    layer_fd = _open_directory_for_reading(layer_dir)
+    parent_fd = None
+    try:
+        if parent_dir is not None:
+            parent_fd = _open_directory_for_reading(parent_dir)
+        return _sum_sizes(item.st for item in _walk_changes(layer_fd, parent_fd)
+                          if item.kind != ChangeKind.DELETE)
+    finally:
+        os.close(layer_fd)
+        if parent_fd is not None:
+            os.close(parent_fd)
+
+
+def _sum_sizes(stats: Iterable[os.stat_result]) -> int:
+    """Sum the sizes of non-directories, counting an inode with several links once."""
+    total = 0
+    seen_inodes = set()
+    for st in stats:
+        if stat.S_ISDIR(st.st_mode):
+            continue
+        if st.st_nlink > 1:
+            inode = (st.st_dev, st.st_ino)
+            if inode in seen_inodes:
+                continue
+            seen_inodes.add(inode)
+        total += st.st_size
+    return total
+
+
+def _changes_size(layer_dir, changes: List[Change]) -> int:
+    """Sum the sizes of the non-directories that changes add or modify, as layer_diff_size does."""
+    layer_fd = _open_directory_for_reading(layer_dir)
+    try:
+        return _sum_sizes(_lstat_changes(layer_fd, changes))
+    finally:
+        os.close(layer_fd)
+
+
+def _lstat_changes(layer_fd: int, changes: List[Change]) -> Iterator[os.stat_result]:
+    for change in changes:
+        if change.kind == ChangeKind.DELETE:
+            continue
+        parts = _path_parts(change.path)
+        dir_fd = _open_entry_parent(layer_fd, parts, change.path)
+        if dir_fd is None:
+            raise FileNotFoundError(errno.ENOENT, "changed entry vanished", change.path)
+        try:
+            yield os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
+        finally:
+            os.close(dir_fd)
+
+
+def _layer_changes_fast(layer_dir, parent_dir=None) -> List[Change]:
+    """Return layer_changes(layer_dir, parent_dir), by tree search when the layer is a snapshot of parent_dir."""
+    if parent_dir is not None:
+        changes = _snapshot_changes(layer_dir, parent_dir)
+        if changes is not None:
+            return changes
+    return layer_changes(layer_dir, parent_dir)
+
+
+# Changes of a snapshot through tree search --------------------------------
+
+_INODE_TRANSID = struct.Struct("<Q")  # btrfs_inode_item.transid, at offset 8
+_INODE_MODE = struct.Struct("<I")  # btrfs_inode_item.mode, at offset 52
+_INODE_EXTREF_HEADER = struct.Struct("<QQH")  # parent_objectid, index, name_len
+
+
+def _sync_filesystem(fd: int, path: str) -> None:
+    """Write back dirty data and commit the running transaction (BTRFS_IOC_SYNC).
+
+    TREE_SEARCH reads only the b-tree, and btrfs updates the inode item of a
+    file written through the page cache only at writeback, and other recent
+    inode updates only at a commit (they wait as delayed items until then).
+    """
+    _ioctl(fd, _structs.BTRFS_IOC_SYNC, 0, "sync filesystem", path)
+
+
+def _changed_inodes(fd: int, tree_id: int, generation: int, path: str) -> Tuple[Set[int], Set[int]]:
+    """Return the inodes of a subvolume tree changed after generation, and which are directories.
+
+    min_transid makes the kernel skip tree blocks not written since the
+    snapshot. Those blocks that remain also contain unchanged items, so each
+    inode item's own transid decides.
+    """
+    changed: Set[int] = set()
+    directories: Set[int] = set()
+    items = tree_search(fd, tree_id, (BTRFS_FIRST_FREE_OBJECTID, 0, 0),
+                        (_structs.BTRFS_LAST_FREE_OBJECTID, 255, _U64_MAX),
+                        min_transid=generation + 1, path=path)
+    for item in items:
+        if item.type != _structs.BTRFS_INODE_ITEM_KEY:
+            continue
+        if _INODE_TRANSID.unpack_from(item.data, 8)[0] <= generation:
+            continue
+        changed.add(item.objectid)
+        if stat.S_ISDIR(_INODE_MODE.unpack_from(item.data, 52)[0]):
+            directories.add(item.objectid)
+    return changed, directories
+
+
+def _parent_directories(fd: int, tree_id: int, inode: int, path: str) -> Set[int]:
+    """Return the directories that contain a name of inode, from its INODE_REF and INODE_EXTREF items."""
+    parents = set()
+    items = tree_search(fd, tree_id, (inode, _structs.BTRFS_INODE_REF_KEY, 0),
+                        (inode, _structs.BTRFS_INODE_EXTREF_KEY, _U64_MAX), path=path)
+    for item in items:
+        if item.type == _structs.BTRFS_INODE_REF_KEY:
+            parents.add(item.offset)
+        elif item.type == _structs.BTRFS_INODE_EXTREF_KEY:
+            position = 0
+            while position + _INODE_EXTREF_HEADER.size <= len(item.data):
+                parent, _, name_length = _INODE_EXTREF_HEADER.unpack_from(item.data, position)
+                parents.add(parent)
+                position += _INODE_EXTREF_HEADER.size + name_length
+    return parents
+
+
+def _dirty_directory_paths(fd: int, tree_id: int, generation: int, path: str) -> Tuple[Set[str], Set[int]]:
+    """Return the paths of directories whose entries may differ since generation, and the changed inodes.
+
+    A directory is dirty when it changed itself (an entry was added, removed
+    or renamed) or when it contains a name of a changed inode.
+    """
+    changed, directories = _changed_inodes(fd, tree_id, generation, path)
+    dirty = set(directories)
+    for inode in changed:
+        if inode != BTRFS_FIRST_FREE_OBJECTID:
+            dirty |= _parent_directories(fd, tree_id, inode, path)
+    paths = set()
+    for directory in dirty:
+        try:
+            relative = _ino_lookup_path(fd, tree_id, directory, path)
+        except FileNotFoundError:
+            continue  # deleted while we looked
+        paths.add("/" + os.fsdecode(relative).strip("/") if relative else "")
+    return paths, changed
+
+
+def _open_directory_path(root_fd: int, path: str) -> Optional[int]:
+    """Open a directory below root_fd without following symlinks; None if it is not one."""
+    parts = _path_parts(path)
+    if not parts:
+        return os.dup(root_fd)
+    try:
+        parent_fd = _open_entry_parent(root_fd, parts, path)
+    except ValueError:
+        return None
+    if parent_fd is None:
+        return None
+    try:
+        return _open_directory_for_reading(parts[-1], parent_fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return None
+        raise
+    finally:
+        os.close(parent_fd)
+
+
+def _snapshot_changes(layer_dir: str, parent_dir: str) -> Optional[List[Change]]:
+    """Return the changes of a snapshot against its source by tree search, or None.
+
+    Only directories that the search finds dirty on either side are compared,
+    entry by entry, so the cost follows the size of the changes, not of the
+    layer. Returns None when the fast path does not apply: the layer is not a
+    snapshot of parent_dir, or the kernel rejects the search (it needs
+    CAP_SYS_ADMIN). The result equals layer_changes(layer_dir, parent_dir).
+    """
+    layer_fd = _open_directory_for_reading(layer_dir)
+    parent_fd = None
+    try:
+        parent_fd = _open_directory_for_reading(parent_dir)
+        if not (_is_subvolume_stat(os.fstat(layer_fd)) and _is_subvolume_stat(os.fstat(parent_fd))):
+            return None
+        try:
+            if bytes(_fs_info(layer_fd, layer_dir).fsid) != bytes(_fs_info(parent_fd, parent_dir).fsid):
+                return None
+            layer_info = _subvolume_info(layer_fd, layer_dir)
+            parent_info = _subvolume_info(parent_fd, parent_dir)
+            if bytes(layer_info.parent_uuid) != bytes(parent_info.uuid):
+                return None
+            generation = int(layer_info.otransid)
+            _sync_filesystem(layer_fd, layer_dir)
+            layer_paths, layer_changed = _dirty_directory_paths(
+                layer_fd, int(layer_info.treeid), generation, layer_dir)
+            parent_paths, parent_changed = _dirty_directory_paths(
+                parent_fd, int(parent_info.treeid), generation, parent_dir)
+        except OSError as error:
+            if error.errno in (errno.EPERM, errno.EACCES, errno.ENOTTY, errno.EINVAL,
+                               errno.EOPNOTSUPP, errno.ENAMETOOLONG):
+                log.debug("comparing %s with %s file by file: tree search failed: %s",
+                          layer_dir, parent_dir, error)
+                return None
+            raise
+        return _compare_dirty_directories(layer_fd, parent_fd, layer_paths | parent_paths,
+                                          layer_changed | parent_changed)
+    finally:
+        os.close(layer_fd)
+        if parent_fd is not None:
+            os.close(parent_fd)
+
+
+def _compare_dirty_directories(layer_fd: int, parent_fd: int, paths: Set[str],
+                               changed_inodes: Set[int]) -> List[Change]:
+    """Compare the entries of each dirty directory and add the MODIFY of their ancestors.
+
+    A dirty directory that is not a directory on both sides is skipped,
+    because the comparison of one of its ancestors covers it.
+    """
+    changes: Dict[str, Change] = {}
+    containing: Set[str] = set()
+    for path in sorted(paths, key=os.fsencode):
+        layer_dir_fd = _open_directory_path(layer_fd, path)
+        if layer_dir_fd is None:
+            continue
+        try:
+            parent_dir_fd = _open_directory_path(parent_fd, path)
+            if parent_dir_fd is None:
+                continue
+            try:
+                found = False
+                for item in _walk_changes(layer_dir_fd, parent_dir_fd, path, changed_inodes):
+                    changes[item.path] = Change(item.path, item.kind)
+                    found = True
+            finally:
+                os.close(parent_dir_fd)
+        finally:
+            os.close(layer_dir_fd)
+        if found:
+            containing.add(path)
+
+    # As in the full walk, a directory that contains a change is reported.
+    for path in containing:
+        while path and path not in changes:
+            changes[path] = Change(path, ChangeKind.MODIFY)
+            path = path.rpartition("/")[0]
+    return sorted(changes.values(), key=_change_sort_key)
+
+
+# Diff (writing a layer tar) -------------------------------------------------
+
+
+class _TarEntryWriter:
+    """Writes layer entries into a PAX tar stream, keeping hard links linked.
+
+    NOTE: only links among the entries of one tar stay links. A new link to a
+    file that the diff does not carry is archived as a copy, as containers/storage
+    does, because finding the other names would take a walk of the whole layer.
+    """
+
+    def __init__(self, tar, uid_maps, gid_maps):
+        self.tar = tar
+        self.uid_maps = uid_maps
+        self.gid_maps = gid_maps
+        self.link_names: Dict[Tuple[int, int], str] = {}
+
+    def add(self, archive_name: str, path: str, dir_fd: int, name: str, st: os.stat_result) -> None:
+        import tarfile
+
+        info = tarfile.TarInfo(archive_name)
+        info.mode = stat.S_IMODE(st.st_mode)
+        info.uid, info.gid = _map_owner(self.uid_maps, self.gid_maps, st.st_uid, st.st_gid, False, path)
+        info.mtime = st.st_mtime_ns // _NS_PER_SECOND
+        mode = st.st_mode
+        data = None
+        if stat.S_ISREG(mode):
+            inode = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and inode in self.link_names:
+                info.type = tarfile.LNKTYPE
+                info.linkname = self.link_names[inode]
+            else:
+                if st.st_nlink > 1:
+                    self.link_names[inode] = archive_name
+                info.type = tarfile.REGTYPE
+                info.size = st.st_size
+                data = self._open_file(dir_fd, name, st, path)
+        elif stat.S_ISDIR(mode):
+            info.type = tarfile.DIRTYPE
+        elif stat.S_ISLNK(mode):
+            info.type = tarfile.SYMTYPE
+            info.linkname = os.readlink(name, dir_fd=dir_fd)
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            info.type = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
+            info.devmajor = os.major(st.st_rdev)
+            info.devminor = os.minor(st.st_rdev)
+        elif stat.S_ISFIFO(mode):
+            info.type = tarfile.FIFOTYPE
+        else:
+            # Sockets are not carried in layers (nor by containers/storage).
+            return
+        if info.type != tarfile.LNKTYPE:
+            xattrs = _read_xattrs(data.fileno()) if data is not None else _entry_xattrs(dir_fd, name, st)
+            for key, value in xattrs.items():
+                info.pax_headers["SCHILY.xattr." + key] = value.decode("utf-8", "surrogateescape")
+        try:
+            self.tar.addfile(info, data)
+        finally:
+            if data is not None:
+                data.close()
+        self.tar.members.clear()  # tarfile keeps every member written; memory must stay flat
+
+    @staticmethod
+    def _open_file(dir_fd: int, name: str, st: os.stat_result, path: str):
+        fd = _open_for_reading(name, _FILE_READ_FLAGS, dir_fd)
+        if not os.path.samestat(os.fstat(fd), st):
+            os.close(fd)
+            raise OSError(errno.ESTALE, "file was replaced while the diff was written", path)
+        return open(fd, "rb", closefd=True)
+
+    def add_whiteout(self, path: str) -> None:
+        import tarfile
+
+        parent, _, name = path.rpartition("/")
+        info = tarfile.TarInfo((parent + "/" + WHITEOUT_PREFIX + name).lstrip("/"))
+        info.type = tarfile.REGTYPE
+        info.mode = 0
+        self.tar.addfile(info)
+        self.tar.members.clear()
+
+
+def _write_full_tar(out, layer_fd: int, uid_maps, gid_maps) -> None:
+    import tarfile
+
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
+                      encoding="utf-8", errors="surrogateescape") as tar:
+        writer = _TarEntryWriter(tar, uid_maps, gid_maps)
+        for item in _walk_changes(layer_fd, None):
+            writer.add(item.path.lstrip("/"), item.path, item.dir_fd, item.name, item.st)
+
+
+def _write_changes_tar(out, layer_fd: int, changes: List[Change], uid_maps, gid_maps) -> None:
+    import tarfile
+
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
+                      encoding="utf-8", errors="surrogateescape") as tar:
+        writer = _TarEntryWriter(tar, uid_maps, gid_maps)
+        for change in changes:
+            if change.kind == ChangeKind.DELETE:
+                writer.add_whiteout(change.path)
+                continue
+            parts = _path_parts(change.path)
+            dir_fd = _open_entry_parent(layer_fd, parts, change.path)
+            if dir_fd is None:
+                raise FileNotFoundError(errno.ENOENT, "changed entry vanished during the diff", change.path)
+            try:
+                st = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
+                writer.add(change.path.lstrip("/"), change.path, dir_fd, parts[-1], st)
+            finally:
+                os.close(dir_fd)
+
+
+class _PipeReader(io.RawIOBase):
+    """The read end of a pipe that a writer thread fills.
+
+    Reading to the end raises the writer's exception, if it failed. Closing
+    stops the writer (its next write fails with EPIPE), waits for it and
+    calls release.
+    """
+
+    def __init__(self, write: Callable[[io.BufferedWriter], None], release: Optional[Callable[[], None]]):
+        import threading
+
+        super().__init__()
+        self._read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        self._release = release
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, args=(write, write_fd),
+                                        name="btrfsdrv-diff", daemon=True)
+        self._thread.start()
+
+    def _run(self, write, write_fd: int) -> None:
+        try:
+            with open(write_fd, "wb", closefd=True) as out:
+                write(out)
+        except BrokenPipeError:
+            pass  # the reader closed the stream early
+        except BaseException as error:
+            self._error = error
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = os.read(self._read_fd, len(buffer))
+        if not data:
+            self._thread.join()
+            if self._error is not None:
+                raise self._error
+            return 0
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            os.close(self._read_fd)
+            self._thread.join()
+        finally:
+            super().close()
+            if self._release is not None:
+                self._release()
+
+
+def layer_diff(layer_dir, parent_dir=None, uid_maps=(), gid_maps=(),
+               release: Optional[Callable[[], None]] = None, changes: Optional[List[Change]] = None):
+    """Stream a layer as an uncompressed PAX tar, as a readable binary file.
+
+    Without a parent the tar contains the whole layer. Otherwise it contains
+    the changed entries and a whiteout for each deletion; changes, when given,
+    are those of layer_changes(layer_dir, parent_dir). Owners are mapped back
+    to container ids with the given maps. Closing the file calls release.
+    """
+    layer_fd = _open_directory_for_reading(layer_dir)
+    try:
+        if parent_dir is None:
+            def write(out):
+                try:
+                    _write_full_tar(out, layer_fd, uid_maps, gid_maps)
+                finally:
+                    os.close(layer_fd)
+        else:
+            if changes is None:
+                changes = layer_changes(layer_dir, parent_dir)
+
+            def write(out):
+                try:
+                    _write_changes_tar(out, layer_fd, changes, uid_maps, gid_maps)
+                finally:
+                    os.close(layer_fd)
+        raw = _PipeReader(write, release)
+    except BaseException:
+        os.close(layer_fd)
+        raise
+    return io.BufferedReader(raw, buffer_size=_COPY_CHUNK)
+
+
+# Apply (reading a layer tar) ------------------------------------------------
+
+
+class _CountingReader(io.RawIOBase):
+    """Counts the bytes read from the caller's stream, for progress reports."""
+
+    def __init__(self, source):
+        super().__init__()
+        self.source = source
+        self.count = 0
+        self.prefix = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.prefix:
+            size = min(len(buffer), len(self.prefix))
+            buffer[:size] = self.prefix[:size]
+            self.prefix = self.prefix[size:]
+            return size
+        data = self.source.read(len(buffer))
+        if not data:
+            return 0
+        self.count += len(data)
+        buffer[:len(data)] = data
+        return len(data)
+
+    def peek_magic(self, size: int) -> bytes:
+        """Read up to size bytes and keep them to be read again."""
+        while len(self.prefix) < size:
+            data = self.source.read(size - len(self.prefix))
+            if not data:
+                break
+            self.count += len(data)
+            self.prefix += data
+        return self.prefix
+
+
+class _CorruptStream(ValueError):
+    """Compressed data that cannot be decompressed."""
+
+
+class _TarInput(io.RawIOBase):
+    """The decompressed tar bytes, with the tail kept to check the end-of-archive block.
+
+    Decompressor failures become _CorruptStream, so that callers can
+    distinguish them from filesystem errors.
+    """
+
+    _TAIL = 64 * 1024
+
+    def __init__(self, source, decompression_errors):
+        super().__init__()
+        self.source = source
+        self.errors = decompression_errors
+        self.position = 0
+        self.tail = bytearray()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        try:
+            data = self.source.read(len(buffer))
+        except self.errors as error:
+            raise _CorruptStream(f"corrupt compressed data: {error}") from None
+        if not data:
+            return 0
+        buffer[:len(data)] = data
+        self.position += len(data)
+        self.tail += data
+        if len(self.tail) > 2 * self._TAIL:
+            del self.tail[:-self._TAIL]
+        return len(data)
+
+    def block_at(self, offset: int) -> Optional[bytes]:
+        """Return the 512-byte block at offset if it was read and is still kept."""
+        start = offset - (self.position - len(self.tail))
+        if start < 0 or offset + 512 > self.position:
+            return None
+        return bytes(self.tail[start:start + 512])
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompresses a zstd stream with the system's libzstd through ctypes."""
+
+    def __init__(self, source):
+        super().__init__()
+        import ctypes
+
+        try:
+            lib = ctypes.CDLL("libzstd.so.1")
+        except OSError as error:
+            raise OSError(errno.ENOENT, "the layer is zstd-compressed, but libzstd.so.1 could not "
+                          f"be loaded (install libzstd1): {error}") from None
+
+        class Buffer(ctypes.Structure):
+            """ZSTD_inBuffer and ZSTD_outBuffer of zstd.h (same layout)."""
+
+            _fields_ = [("data", ctypes.c_void_p), ("size", ctypes.c_size_t), ("pos", ctypes.c_size_t)]
+
+        lib.ZSTD_createDStream.restype = ctypes.c_void_p
+        lib.ZSTD_freeDStream.argtypes = [ctypes.c_void_p]
+        lib.ZSTD_initDStream.argtypes = [ctypes.c_void_p]
+        lib.ZSTD_initDStream.restype = ctypes.c_size_t
+        lib.ZSTD_decompressStream.argtypes = [ctypes.c_void_p, ctypes.POINTER(Buffer), ctypes.POINTER(Buffer)]
+        lib.ZSTD_decompressStream.restype = ctypes.c_size_t
+        lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
+        lib.ZSTD_isError.restype = ctypes.c_uint
+        lib.ZSTD_getErrorName.argtypes = [ctypes.c_size_t]
+        lib.ZSTD_getErrorName.restype = ctypes.c_char_p
+        self._ctypes = ctypes
+        self._lib = lib
+        self._buffer_type = Buffer
+        self._source = source
+        self._stream = lib.ZSTD_createDStream()
+        if not self._stream:
+            raise MemoryError("ZSTD_createDStream failed")
+        self._check(lib.ZSTD_initDStream(self._stream))
+        self._input = ctypes.create_string_buffer(0)
+        self._in = Buffer(ctypes.addressof(self._input), 0, 0)
+        self._frame_complete = True
+
+    def _check(self, result: int) -> int:
+        if self._lib.ZSTD_isError(result):
+            raise _CorruptStream("corrupt zstd data: " + self._lib.ZSTD_getErrorName(result).decode())
+        return result
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        ctypes = self._ctypes
+        target = (ctypes.c_char * len(buffer)).from_buffer(buffer)
+        out = self._buffer_type(ctypes.addressof(target), len(buffer), 0)
+        while out.pos == 0:
+            if self._in.pos == self._in.size:
+                data = self._source.read(_COPY_CHUNK)
+                if not data:
+                    if not self._frame_complete:
+                        raise _CorruptStream("truncated zstd data")
+                    return 0
+                self._input = ctypes.create_string_buffer(data, len(data))
+                self._in = self._buffer_type(ctypes.addressof(self._input), len(data), 0)
+            result = self._check(self._lib.ZSTD_decompressStream(self._stream, ctypes.byref(out),
+                                                                 ctypes.byref(self._in)))
+            self._frame_complete = result == 0
+        return out.pos
+
+    def close(self) -> None:
+        if not self.closed and self._stream:
+            self._lib.ZSTD_freeDStream(self._stream)
+            self._stream = None
+        super().close()
+
+
+def _decompressed(counting: _CountingReader) -> _TarInput:
+    """Detect the compression of a layer stream by its magic bytes and undo it."""
+    magic = counting.peek_magic(6)
+    raw = io.BufferedReader(counting, buffer_size=_COPY_CHUNK)
+    if magic.startswith(b"\x1f\x8b"):
+        import gzip
+        import zlib
+
+        return _TarInput(gzip.GzipFile(fileobj=raw, mode="rb"), (EOFError, OSError, zlib.error))
+    if magic.startswith(b"BZh"):
+        import bz2
+
+        return _TarInput(bz2.BZ2File(raw), (EOFError, OSError))
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        import lzma
+
+        return _TarInput(lzma.LZMAFile(raw), (EOFError, lzma.LZMAError))
+    if magic.startswith(b"\x28\xb5\x2f\xfd"):
+        return _TarInput(io.BufferedReader(_ZstdReader(raw), buffer_size=_COPY_CHUNK), ())
+    return _TarInput(raw, ())
+
+
+class _PendingDirTimes:
+    """Directory times to set once all entries are applied, spilled to a file.
+
+    Creating entries in a directory changes its mtime, so directory times are
+    set last. Records go to an unnamed temporary file, so memory stays flat
+    however many directories the layer has.
+    """
+
+    _HEADER = struct.Struct("=qqI")
+
+    def __init__(self):
+        import tempfile
+
+        self.file = tempfile.TemporaryFile()
+
+    def add(self, parts: Sequence[str], atime_ns: int, mtime_ns: int) -> None:
+        path = b"/".join(os.fsencode(part) for part in parts)
+        self.file.write(self._HEADER.pack(atime_ns, mtime_ns, len(path)) + path)
+
+    def apply(self, root_fd: int) -> None:
+        self.file.seek(0)
+        while True:
+            header = self.file.read(self._HEADER.size)
+            if not header:
+                break
+            atime_ns, mtime_ns, length = self._HEADER.unpack(header)
+            parts = [os.fsdecode(part) for part in self.file.read(length).split(b"/") if part]
+            self._set_times(root_fd, parts, (atime_ns, mtime_ns))
+
+    @staticmethod
+    def _set_times(root_fd: int, parts: List[str], times: Tuple[int, int]) -> None:
+        if not parts:
+            os.utime(root_fd, ns=times)
+            return
+        path = "/".join(parts)
+        try:
+            dir_fd = _open_entry_parent(root_fd, parts, path)
+        except ValueError:
+            return  # a later entry replaced a parent with a non-directory
+        if dir_fd is None:
+            return
+        try:
+            st = _lstat_at(dir_fd, parts[-1])
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                os.utime(parts[-1], ns=times, dir_fd=dir_fd, follow_symlinks=False)
+        finally:
+            os.close(dir_fd)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _layer_epoch(root_fd: int) -> int:
+    """Return a ctime that every inode this apply creates or changes will reach.
+
+    The kernel stamps ctime from a coarse clock, so the epoch is read from a
+    probe inode. The probe is repeated until that clock moves on, so every
+    inode changed before this call has a smaller ctime than the result.
+    """
+    name = ".btrfsdrv-epoch-%d" % os.getpid()
+    first = None
+    while True:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=root_fd)
+        try:
+            ctime = os.fstat(fd).st_ctime_ns
+        finally:
+            os.close(fd)
+            os.unlink(name, dir_fd=root_fd)
+        if first is None:
+            first = ctime
+        elif ctime > first:
+            return ctime
+        time.sleep(0.001)
+
+
+class _LayerApplier:
+    """Applies the entries of a layer tar to a layer directory.
+
+    Every path is resolved from the layer root one component at a time with
+    O_NOFOLLOW, so no entry can reach outside the layer. New non-directories
+    are written under a temporary name and renamed into place, so a failed
+    entry leaves the layer as it was before it.
+    """
+
+    def __init__(self, root_fd: int, uid_maps, gid_maps, ignore_chown_errors: bool):
+        self.root_fd = root_fd
+        self.uid_maps = uid_maps
+        self.gid_maps = gid_maps
+        self.ignore_chown_errors = ignore_chown_errors
+        self.dir_times = _PendingDirTimes()
+        self.epoch_ns = _layer_epoch(root_fd)
+        self.temporary_name = ".btrfsdrv-apply-%d-%d" % (os.getpid(), id(self))
+        self.warned_chown = False
+        self.parent_cache: Optional[Tuple[Tuple[str, ...], int]] = None
+
+    def close(self) -> None:
+        self.forget_parent()
+        self.dir_times.close()
+
+    # Owners and metadata -------------------------------------------------
+
+    def host_owner(self, member, path: str) -> Optional[Tuple[int, int]]:
+        """Map an entry's owner to host ids; None means leave the owner as created."""
+        uid = _map_id(self.uid_maps, member.uid, True)
+        gid = _map_id(self.gid_maps, member.gid, True)
+        if uid is not None and gid is not None:
+            return uid, gid
+        if not self.ignore_chown_errors:
+            raise ValueError(f"entry {path!r}: owner {member.uid}:{member.gid} has no host id "
+                             "in the ID maps")
+        root_uid = _map_id(self.uid_maps, 0, True)
+        root_gid = _map_id(self.gid_maps, 0, True)
+        if root_uid is None or root_gid is None:
+            return None
+        return (uid if uid is not None else root_uid), (gid if gid is not None else root_gid)
+
+    def chown(self, function, path: str) -> None:
+        try:
+            function()
+        except OSError as error:
+            if not self.ignore_chown_errors or error.errno not in (errno.EPERM, errno.EINVAL):
+                raise
+            if not self.warned_chown:
+                log.warning("cannot set owners in the layer, keeping the default ones: %s (first: %s)",
+                            error, path)
+                self.warned_chown = True
+
+    @staticmethod
+    def xattrs(member) -> Dict[str, bytes]:
+        values = {}
+        for key, value in member.pax_headers.items():
+            if not key.startswith("SCHILY.xattr."):
+                continue
+            name = key[len("SCHILY.xattr."):]
+            if _is_carried_xattr(name):
+                values[name] = value.encode("utf-8", "surrogateescape")
+            else:
+                log.debug("skipping extended attribute %s of %s", name, member.name)
+        return values
+
+    def set_fd_metadata(self, fd: int, member, path: str) -> None:
+        """Set owner, mode, extended attributes and (for files) times through an fd."""
+        owner = self.host_owner(member, path)
+        if owner is not None:
+            self.chown(lambda: os.fchown(fd, *owner), path)
+        # chmod after chown, because chown clears setuid and setgid.
+        os.fchmod(fd, member.mode & 0o7777)
+        # security.capability last, because chown removes it too.
+        for name, value in sorted(self.xattrs(member).items(), key=lambda item: item[0] == "security.capability"):
+            os.setxattr(fd, name, value)
+        if not member.isdir():
+            os.utime(fd, ns=(int(member.mtime * _NS_PER_SECOND),) * 2)
+
+    def set_path_metadata(self, dir_fd: int, name: str, member, path: str) -> None:
+        """Set metadata on a new symlink, device node or FIFO, which are never opened."""
+        owner = self.host_owner(member, path)
+        if owner is not None:
+            self.chown(lambda: os.chown(name, *owner, dir_fd=dir_fd, follow_symlinks=False), path)
+        if not member.issym():
+            os.chmod(name, member.mode & 0o7777, dir_fd=dir_fd)
+            for key, value in self.xattrs(member).items():
+                os.setxattr(_fd_path(dir_fd, name), key, value, follow_symlinks=False)
+        os.utime(name, ns=(int(member.mtime * _NS_PER_SECOND),) * 2, dir_fd=dir_fd, follow_symlinks=False)
+
+    # Entries ------------------------------------------------------------
+
+    def apply(self, member, data_reader) -> None:
+        path = member.name
+        parts = _path_parts(path)
+        if parts and parts[0].startswith(WHITEOUT_META_PREFIX) and parts[-1] != WHITEOUT_OPAQUE_DIR:
+            return  # AUFS metadata (.wh..wh.plnk and the like) is not layer content
+        if parts and parts[-1].startswith(WHITEOUT_PREFIX):
+            self.apply_whiteout(parts, path)
+            return
+        if not parts:
+            if not member.isdir():
+                raise ValueError(f"entry {path!r} names the layer root but is not a directory")
+            self.apply_directory(self.root_fd, None, [], member, path)
+            return
+        if member.isreg():
+            self.apply_file(parts, member, data_reader, path)
+            return
+
+        # Reject a bad entry before its parent directories are created.
+        if member.islnk():
+            os.close(self.link_target(member, path)[0])
+        elif not (member.isdir() or member.issym() or member.ischr() or member.isblk() or member.isfifo()):
+            raise ValueError(f"unsupported tar entry type {member.type!r}")
+        parent_fd = self.entry_parent(parts, path)
+        if member.isdir():
+            self.apply_directory(parent_fd, parts[-1], parts, member, path)
+        else:
+            self.apply_special(parent_fd, parts, member, path)
+
+    def entry_parent(self, parts: List[str], path: str) -> int:
+        """Return an fd of the directory that contains parts[-1], creating missing ones.
+
+        The fd of the last parent is kept for the next entry, which is mostly in
+        the same directory. It belongs to the applier: callers do not close it.
+        """
+        key = tuple(parts[:-1])
+        if self.parent_cache is not None and self.parent_cache[0] == key:
+            return self.parent_cache[1]
+        fd = _open_entry_parent(self.root_fd, parts, path, create=True)
+        self.forget_parent()
+        self.parent_cache = (key, fd)
+        return fd
+
+    def forget_parent(self) -> None:
+        """Drop the kept parent fd, because a removal may have taken its directory."""
+        if self.parent_cache is not None:
+            os.close(self.parent_cache[1])
+            self.parent_cache = None
+
+    def apply_whiteout(self, parts: List[str], path: str) -> None:
+        base = parts[-1]
+        if base.startswith(WHITEOUT_META_PREFIX) and base != WHITEOUT_OPAQUE_DIR:
+            return
+        target = base[len(WHITEOUT_PREFIX):]
+        if base != WHITEOUT_OPAQUE_DIR and target in ("", ".", ".."):
+            raise ValueError(f"whiteout {path!r} does not name an entry")
+        self.forget_parent()
+        parent_fd = _open_entry_parent(self.root_fd, parts, path)
+        if parent_fd is None:
+            return
+        try:
+            if base == WHITEOUT_OPAQUE_DIR:
+                self.empty_opaque_directory(parent_fd)
+            else:
+                _remove_tree(parent_fd, target)
+        finally:
+            os.close(parent_fd)
+
+    def empty_opaque_directory(self, dir_fd: int) -> None:
+        """Remove everything below dir_fd that this apply did not create or change.
+
+        What this layer wrote has a ctime at or after the apply's epoch; what
+        came from the parent is older. NOTE: a hard link that this layer adds
+        to an inode of the parent also makes that inode's other names look new.
+        """
+        for name, entry in _list_dir(dir_fd):
+            st = entry.stat(follow_symlinks=False)
+            if st.st_ctime_ns < self.epoch_ns:
+                _remove_tree(dir_fd, name)
+            elif stat.S_ISDIR(st.st_mode):
+                child = _open_directory(name, dir_fd)
+                try:
+                    self.empty_opaque_directory(child)
+                finally:
+                    os.close(child)
+
+    def remove_existing(self, dir_fd: int, parts: List[str], keep_directory: bool) -> Optional[os.stat_result]:
+        """Remove what is at parts (inside dir_fd) unless both it and the new entry are directories."""
+        name = parts[-1]
+        st = _lstat_at(dir_fd, name)
+        if st is None:
+            return None
+        if keep_directory and stat.S_ISDIR(st.st_mode):
+            return st
+        if stat.S_ISDIR(st.st_mode) and self.parent_cache is not None:
+            if self.parent_cache[0][:len(parts)] == tuple(parts):
+                self.forget_parent()  # the kept directory is inside the one removed
+        _remove_tree(dir_fd, name)
+        return None
+
+    def apply_directory(self, parent_fd: int, name: Optional[str], parts: List[str], member, path: str) -> None:
+        if name is None:
+            fd = os.dup(parent_fd)
+        else:
+            if self.remove_existing(parent_fd, parts, keep_directory=True) is None:
+                os.mkdir(name, 0o700, dir_fd=parent_fd)
+            fd = _open_directory(name, parent_fd)
+        try:
+            self.set_fd_metadata(fd, member, path)
+        finally:
+            os.close(fd)
+        mtime_ns = int(member.mtime * _NS_PER_SECOND)
+        self.dir_times.add(parts, mtime_ns, mtime_ns)
+
+    def apply_file(self, parts: List[str], member, data_reader, path: str) -> None:
+        # The data goes to a temporary file in the layer root first, so that a
+        # truncated stream fails before any parent directory is created.
+        temporary = self.temporary_name
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=self.root_fd)
+        installed = False
+        try:
+            with open(fd, "wb", closefd=False) as out:
+                data_reader(member, out)
+            self.set_fd_metadata(fd, member, path)
+            parent_fd = self.entry_parent(parts, path)
+            self.remove_existing(parent_fd, parts, keep_directory=False)
+            os.rename(temporary, parts[-1], src_dir_fd=self.root_fd, dst_dir_fd=parent_fd)
+            installed = True
+        finally:
+            os.close(fd)
+            if not installed:
+                with _suppress_missing():
+                    os.unlink(temporary, dir_fd=self.root_fd)
+
+    def apply_special(self, parent_fd: int, parts: List[str], member, path: str) -> None:
+        """Create a symlink, hard link, device node or FIFO under a temporary name, then rename it."""
+        import tarfile
+
+        temporary = self.temporary_name
+        if member.issym():
+            # The target is stored as given: nothing here ever follows it.
+            os.symlink(member.linkname, temporary, dir_fd=parent_fd)
+        elif member.islnk():
+            self.link(parent_fd, temporary, member, path)
+        else:
+            kind = {tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK,
+                    tarfile.FIFOTYPE: stat.S_IFIFO}[member.type]
+            device = os.makedev(member.devmajor, member.devminor) if kind != stat.S_IFIFO else 0
+            os.mknod(temporary, kind | 0o600, device, dir_fd=parent_fd)
+        try:
+            if not member.islnk():
+                # A hard link shares the metadata of its target, as with GNU tar.
+                self.set_path_metadata(parent_fd, temporary, member, path)
+            self.remove_existing(parent_fd, parts, keep_directory=False)
+            os.rename(temporary, parts[-1], src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+        finally:
+            # rename() does nothing when both names are links to one inode,
+            # so the temporary name can remain even after success.
+            with _suppress_missing():
+                os.unlink(temporary, dir_fd=parent_fd)
+
+    def link_target(self, member, path: str) -> Tuple[int, str]:
+        """Resolve a hard link's target inside the layer; return its directory fd and name.
+
+        The target must exist and be neither a directory nor a symlink. The
+        caller closes the fd.
+        """
+        target = member.linkname
+        target_parts = _path_parts(target)
+        if not target_parts:
+            raise ValueError(f"hard link {path!r} points at the layer root")
+        target_dir_fd = _open_entry_parent(self.root_fd, target_parts, target)
+        if target_dir_fd is None:
+            raise ValueError(f"hard link {path!r}: target {target!r} does not exist in the layer")
+        st = _lstat_at(target_dir_fd, target_parts[-1])
+        if st is None or stat.S_ISLNK(st.st_mode) or stat.S_ISDIR(st.st_mode):
+            os.close(target_dir_fd)
+            problem = "does not exist in the layer" if st is None else "is a symlink or directory"
+            raise ValueError(f"hard link {path!r}: target {target!r} {problem}")
+        return target_dir_fd, target_parts[-1]
+
+    def link(self, parent_fd: int, temporary: str, member, path: str) -> None:
+        target_dir_fd, target_name = self.link_target(member, path)
+        try:
+            os.link(target_name, temporary, src_dir_fd=target_dir_fd, dst_dir_fd=parent_fd,
+                    follow_symlinks=False)
+        finally:
+            os.close(target_dir_fd)
+
+
+class _suppress_missing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        return kind is not None and issubclass(kind, FileNotFoundError)
+
+
+def apply_layer_diff(layer_dir, diff, uid_maps=(), gid_maps=(), ignore_chown_errors: bool = False,
+                    progress: Optional[Callable[[int, int], None]] = None) -> int:
+    """Apply a layer tar (uncompressed, gzip, bzip2, xz or zstd) to a layer directory.
+
+    Returns the sum of the regular files' sizes in the tar. Raises ValueError
+    naming the entry and offset for a corrupt, truncated or hostile stream;
+    the layer then keeps every entry before the bad one.
+    """
+    import tarfile
+
+    counting = _CountingReader(diff)
+    tar_input = _decompressed(counting)
+    root_fd = _open_directory(layer_dir)
+    applier = _LayerApplier(root_fd, uid_maps, gid_maps, ignore_chown_errors)
+    applied = 0
+    total_size = 0
+    last_report = time.monotonic()
+    last_name = None
+
+    def report(force: bool = False) -> None:
+        nonlocal last_report
+        if progress is None:
+            return
+        now = time.monotonic()
+        if force or now - last_report >= _PROGRESS_INTERVAL:
+            last_report = now
+            progress(counting.count, applied)
+
+    def copy_data(member, out) -> None:
+        source = tar.extractfile(member)
+        remaining = member.size
+        while remaining:
+            try:
+                chunk = source.read(min(remaining, _COPY_CHUNK))
+            except (tarfile.TarError, EOFError, _CorruptStream) as error:
+                raise ValueError(f"truncated or corrupt data: {error}") from None
+            if not chunk:
+                raise ValueError("data ends before the size in its header")
+            out.write(chunk)
+            remaining -= len(chunk)
+            report()
+
+    try:
+        try:
+            tar = tarfile.open(fileobj=tar_input, mode="r|", encoding="utf-8", errors="surrogateescape")
+        except tarfile.ReadError as error:
+            if tar_input.position == 0 and str(error) == "empty file":
+                return 0  # an empty stream is an empty layer, as for containers/storage
+            raise ValueError(f"invalid layer tar at offset 0: {error}") from None
+        except _CorruptStream as error:
+            raise ValueError(f"invalid layer tar at offset 0: {error}") from None
+        while True:
+            try:
+                member = tar.next()
+            except (tarfile.TarError, EOFError, _CorruptStream) as error:
+                raise ValueError(f"invalid layer tar at offset {tar.offset} (after entry "
+                                 f"{last_name!r}): {error}") from None
+            if member is None:
+                break
+            tar.members.clear()  # tarfile keeps every member read; memory must stay flat
+            last_name = member.name
+            try:
+                applier.apply(member, copy_data)
+            except ValueError as error:
+                raise ValueError(f"entry {member.name!r} at offset {member.offset}: {error}") from None
+            if member.isreg():
+                total_size += member.size
+            applied += 1
+            report()
+        end = tar_input.block_at(tar.offset)
+        if end is None or end.count(0) != len(end):
+            raise ValueError(f"invalid layer tar at offset {tar.offset} (after entry {last_name!r}): "
+                             "truncated or corrupt, no end-of-archive block")
+        applier.dir_times.apply(root_fd)
+        report(force=True)
+        return total_size
+    finally:
+        applier.close()
+        os.close(root_fd)
+
+
+# ID-map updates ------------------------------------------------------------
+
+
+def _id_map_pair(pair: Any, what: str) -> Optional[Tuple[List[IDMap], List[IDMap]]]:
+    if pair is None:
+        return None
+    try:
+        uid_maps, gid_maps = pair
+    except (TypeError, ValueError):
+        raise ValueError(f"invalid {what} {pair!r}: expected a (uid_maps, gid_maps) pair") from None
+    return _id_maps(uid_maps, what + " uid_maps") or [], _id_maps(gid_maps, what + " gid_maps") or []
+
+
+def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int) -> None:
+    """Change an entry's owner, keeping setuid, setgid and security.capability."""
+    capability = None
+    if stat.S_ISREG(st.st_mode):
+        try:
+            capability = os.getxattr(_fd_path(dir_fd, name), "security.capability", follow_symlinks=False)
+        except OSError as error:
+            if error.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+    os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+    if st.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(st.st_mode):
+        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dir_fd)
+    if capability is not None:
+        os.setxattr(_fd_path(dir_fd, name), "security.capability", capability, follow_symlinks=False)
+
+
+def remap_layer_owners(layer_dir, to_container, to_host) -> None:
+    """Rewrite every owner below a layer's root from one ID mapping to another.
+
+    to_container is the (uid_maps, gid_maps) pair that maps the current host
+    ids back to container ids, and to_host the pair that maps those to the
+    new host ids; None or empty maps are the identity. The root keeps its
+    owner. Each inode is changed once.
+    """
+    old_uid_maps, old_gid_maps = to_container or ((), ())
+    new_uid_maps, new_gid_maps = to_host or ((), ())
+    root_fd = _open_directory(layer_dir)
+    seen_inodes = set()
+    try:
+        for item in _walk_changes(root_fd, None):
+            st = item.st
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                inode = (st.st_dev, st.st_ino)
+                if inode in seen_inodes:
+                    continue
+                seen_inodes.add(inode)
+            container_uid = _map_id(old_uid_maps, st.st_uid, False)
+            container_gid = _map_id(old_gid_maps, st.st_gid, False)
+            if container_uid is None or container_gid is None:
+                raise ValueError(f"{item.path!r}: owner {st.st_uid}:{st.st_gid} is outside the old ID maps")
+            uid = _map_id(new_uid_maps, container_uid, True)
+            gid = _map_id(new_gid_maps, container_gid, True)
+            if uid is None or gid is None:
+                raise ValueError(f"{item.path!r}: container owner {container_uid}:{container_gid} "
+                                 "is outside the new ID maps")
+            if (uid, gid) != (st.st_uid, st.st_gid):
+                _chown_entry(item.dir_fd, item.name, st, uid, gid)
+    finally:
+        os.close(root_fd)
+
+
 # -- Command line ------------------------------------------------------------------------
 
 EXIT_SUCCESS = 0
@@ -1986,9 +3582,17 @@ def _build_parser() -> Any:
     parser.add_argument("-v", "--verbose", action="store_true", help="log every change made to the filesystem")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
+    # --json and -v also work after COMMAND. SUPPRESS keeps a command's
+    # default from overwriting the value given before COMMAND.
+    after_command = argparse.ArgumentParser(add_help=False)
+    after_command.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                               help="print results as JSON")
+    after_command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                               help="log every change made to the filesystem")
 
     def add(name: str, handler: Any, help_text: str) -> Any:
         command = commands.add_parser(name, help=help_text, description=help_text, epilog=_EPILOG,
+                                      parents=[after_command],
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
         command.set_defaults(handler=handler)
         return command
@@ -2010,8 +3614,61 @@ def _build_parser() -> Any:
     return parser
 
 
+_CHANGE_LETTERS = {ChangeKind.MODIFY: "C", ChangeKind.ADD: "A", ChangeKind.DELETE: "D"}
+
+
 def _add_diff_commands(add: Any) -> None:
-    """Register the layer diff commands; filled in by the diff section."""
+    """Register the layer diff commands."""
+    for name, handler, help_text in (
+        ("changes", _command_changes, "list what the layer adds (A), changes (C) and deletes (D)"),
+        ("diff", _command_diff, "write the layer's changes to stdout as an uncompressed tar"),
+        ("apply", _command_apply, "apply a layer tar from stdin (plain, gzip, bzip2, xz or zstd)"),
+        ("diff-size", _command_diff_size, "print the bytes of files the layer adds or changes"),
+    ):
+        command = add(name, handler, help_text)
+        command.add_argument("id", help="layer id: one path component, at most 255 bytes")
+        command.add_argument("--parent", help="id of the parent layer; without it the whole layer counts")
+
+
+def _command_changes(driver: Driver, args: Any) -> Any:
+    changes = driver.changes(args.id, args.parent)
+    if args.json:
+        return [{"path": change.path, "kind": change.kind.name.lower()} for change in changes]
+    out = sys.stdout.buffer
+    for change in changes:
+        # Bytes, because layer paths need not be valid UTF-8.
+        out.write(_CHANGE_LETTERS[change.kind].encode() + b" " + os.fsencode(change.path) + b"\n")
+    out.flush()
+    return None
+
+
+def _command_diff(driver: Driver, args: Any) -> Any:
+    import shutil
+
+    if sys.stdout.isatty():
+        raise ValueError("refusing to write a tar to a terminal; redirect stdout to a file or pipe")
+    with driver.diff(args.id, args.parent) as stream:
+        shutil.copyfileobj(stream, sys.stdout.buffer, _COPY_CHUNK)
+    sys.stdout.buffer.flush()
+    return None
+
+
+def _command_apply(driver: Driver, args: Any) -> Any:
+    def show_progress(bytes_read: int, entries: int) -> None:
+        sys.stderr.write(f"\rapplying {args.id}: {bytes_read / 1048576:.1f} MiB read, {entries} entries")
+        sys.stderr.flush()
+
+    progress = show_progress if sys.stderr.isatty() else None
+    try:
+        size = driver.apply_diff(args.id, sys.stdin.buffer, parent=args.parent, progress=progress)
+    finally:
+        if progress is not None:
+            sys.stderr.write("\n")
+    return {"id": args.id, "size": size}
+
+
+def _command_diff_size(driver: Driver, args: Any) -> Any:
+    return driver.diff_size(args.id, args.parent)
 
 
 def _print_result(command: str, result: Any, as_json: bool) -> None:
