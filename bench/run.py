@@ -741,8 +741,10 @@ def case_memory(settings: Settings) -> CaseResult:
             driver.create(parent)
             make_files(driver.get(parent), files)
             driver.create(child, parent)
+            directories = max(files // 1000, 1)
             for index in range(10):
-                with open(os.path.join(driver.get(child), f"d{index:04d}", "f0000"), "ab") as changed:
+                changed_path = os.path.join(driver.get(child), f"d{index % directories:04d}", f"f{index:04d}")
+                with open(changed_path, "ab") as changed:
                     changed.write(b"changed")
             tarball = os.path.join(filesystem.mountpoint, f"layer-{files}.tar")
             _run(["tar", "-cf", tarball, "-C", driver.get(parent), "."])
@@ -889,7 +891,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         for case in selected:
             print(f"running {case} ...", file=sys.stderr, flush=True)
             started = time.perf_counter()
-            results[case] = CASE_FUNCTIONS[case](settings)
+            try:
+                results[case] = CASE_FUNCTIONS[case](settings)
+            except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
+                # One broken case must not lose the others' results.
+                print(f"  {case} failed: {error}", file=sys.stderr, flush=True)
+                results[case] = CaseResult([], [], [f"failed: {error}"])
             print(f"  {case} took {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     finally:
         _remove_unless_mounted(workdir)
