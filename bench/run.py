@@ -46,8 +46,8 @@ CASES = ("snapshot", "remove", "changes", "quota", "apply", "import", "memory")
 GIB = 1024**3
 MIB = 1024**2
 
-# The Debian package whose data tarball the apply case extracts: a few
-# thousand small text files, unlike the Python library's compiled files.
+# The Debian package whose data tarball the apply case extracts: about 1,400
+# small text files (Perl modules), unlike the Python library's compiled files.
 DEBIAN_PACKAGE = "perl-modules-5.36"
 
 
@@ -78,9 +78,9 @@ def paired_ratio(numerator: Row, denominator: Row) -> float:
     """Return the median of the per-round ratios of two rows measured in the same rounds.
 
     Both run back to back in every round, so a ratio within one round
-    cancels drift that affects the whole round (other load on the machine,
-    the filesystem's growing trees); the median of the rounds then drops
-    outliers.
+    cancels drift that affects the whole round, such as other load on the
+    machine or the filesystem's growing trees.  The median over the rounds
+    then drops outliers.
     """
     return statistics.median(a / b for a, b in zip(numerator.samples, denominator.samples))
 
@@ -812,8 +812,10 @@ def format_table(results: Dict[str, CaseResult]) -> str:
     lines += ["", "| case | target | measured | limit | met |", "|---|---|---|---|---|"]
     for case, result in results.items():
         for check in result.checks:
-            limit = "-" if check.limit == float("inf") else f"{check.limit:g}"
-            met = "-" if check.limit == float("inf") else ("yes" if check.met else "NO")
+            if check.limit == float("inf"):
+                limit, met = "-", "-"
+            else:
+                limit, met = f"{check.limit:g}", "yes" if check.met else "NO"
             lines.append(f"| {case} | {check.description} | {check.ratio:.3f} | {limit} | {met} |")
     notes = [f"- {case}: {note}" for case, result in results.items() for note in result.notes]
     if notes:
