@@ -1033,10 +1033,15 @@ def parse_size(value: str) -> int:
             f"invalid size {value!r}: use a number with an optional unit b, k, m, g, t or p "
             "(powers of 1024), such as 512m or 1.5G"
         )
-    from fractions import Fraction  # exact decimals; imported here to keep the import fast
-
     number, unit = match.groups()
-    size = int(Fraction(number) * _SIZE_MULTIPLIERS.get((unit or "").lower(), 1))
+    multiplier = _SIZE_MULTIPLIERS.get((unit or "").lower(), 1)
+    if number.isdigit():
+        size = int(number) * multiplier
+    else:
+        # Exact decimals; imported here to keep the import fast.
+        from fractions import Fraction
+
+        size = int(Fraction(number) * multiplier)
     if size >= _SIZE_LIMIT:
         raise ValueError(f"invalid size {value!r}: it must be less than 2**63 bytes")
     return size
