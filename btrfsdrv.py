@@ -22,7 +22,6 @@ structures and request numbers come from ``ioctl_structs``, which
 # every signature out of the import time.
 from __future__ import annotations
 
-import collections
 import ctypes
 import enum
 import errno
@@ -36,15 +35,15 @@ import sys
 import threading
 import time
 from typing import (
-    Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional,
-    Sequence, Set, Tuple, Union,
+    Any, Callable, Dict, IO, Iterable, Iterator, List, Mapping, NamedTuple, Optional,
+    Sequence, Set, TYPE_CHECKING, Tuple, Type, Union,
 )
 
 # tools/vendor.py replaces the lines from here to "end of ioctl_structs" with
 # the module itself, so the vendored single file needs no import.
 import ioctl_structs as _structs
 from ioctl_structs import (
-    BTRFS_FIRST_FREE_OBJECTID,
+    BTRFS_FIRST_FREE_OBJECTID, BTRFS_INODE_REF_KEY,
     BTRFS_QGROUP_LIMIT_MAX_RFER, BTRFS_QGROUP_STATUS_FLAG_ON,
     BTRFS_QGROUP_STATUS_KEY, BTRFS_QGROUP_LIMIT_KEY, BTRFS_QUOTA_CTL_ENABLE,
     BTRFS_QUOTA_CTL_ENABLE_SIMPLE_QUOTA, BTRFS_QUOTA_TREE_OBJECTID,
@@ -55,10 +54,17 @@ from ioctl_structs import (
     btrfs_ioctl_ino_lookup_user_args, btrfs_ioctl_qgroup_create_args,
     btrfs_ioctl_qgroup_limit_args, btrfs_ioctl_quota_ctl_args,
     btrfs_ioctl_search_args, btrfs_ioctl_search_header,
-    btrfs_ioctl_vol_args, btrfs_ioctl_vol_args_v2, btrfs_qgroup_limit_item,
+    btrfs_inode_ref, btrfs_ioctl_vol_args, btrfs_ioctl_vol_args_v2, btrfs_qgroup_limit_item,
     btrfs_qgroup_status_item, btrfs_root_ref,
 )
 # end of ioctl_structs
+
+if TYPE_CHECKING:
+    # Only for annotations: the layer diff functions import tarfile when they run.
+    import tarfile
+    from types import TracebackType
+
+    from _typeshed import WriteableBuffer
 
 __version__ = "0.1.0"
 
@@ -243,6 +249,22 @@ class _Fd:
         os.close(self.fd)
 
 
+class _OptionalFd:
+    """A file descriptor or None, closed on exit from a with-block."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: Optional[int]) -> None:
+        self.fd = fd
+
+    def __enter__(self) -> Optional[int]:
+        return self.fd
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
 def _encode_name(name: PathArg, limit: int, what: str) -> bytes:
     encoded = os.fsencode(name)
     if not encoded or b"/" in encoded or b"\0" in encoded or encoded in (b".", b".."):
@@ -422,12 +444,41 @@ class NestedSubvolume(NamedTuple):
 
 
 def _ino_lookup_path(fd: int, tree_id: int, dirid: int, path: Any) -> bytes:
-    """Return the path of directory dirid inside subvolume tree_id ('' for its root)."""
+    """Return the path of directory dirid inside subvolume tree_id, with a trailing slash.
+
+    The root directory of the subvolume gives b"".  INO_LOOKUP returns at
+    most BTRFS_INO_LOOKUP_PATH_MAX (4080) bytes and fails with ENAMETOOLONG
+    beyond, where the path is built from the directory's INODE_REF items.
+    """
     args = btrfs_ioctl_ino_lookup_args()
     args.treeid = tree_id
     args.objectid = dirid
-    _ioctl(fd, _structs.BTRFS_IOC_INO_LOOKUP, args, "look up directory path", path)
+    try:
+        _ioctl(fd, _structs.BTRFS_IOC_INO_LOOKUP, args, "look up directory path", path)
+    except OSError as error:
+        if error.errno != errno.ENAMETOOLONG:
+            raise
+        return _inode_ref_path(fd, tree_id, dirid, path)
     return bytes(args.name)
+
+
+def _inode_ref_path(fd: int, tree_id: int, dirid: int, path: Any) -> bytes:
+    """Build the path of directory dirid from INODE_REF items, any length (CAP_SYS_ADMIN)."""
+    components: List[bytes] = []
+    header = ctypes.sizeof(btrfs_inode_ref)
+    inode = dirid
+    while inode != BTRFS_FIRST_FREE_OBJECTID:
+        # A directory has exactly one INODE_REF: (inode, INODE_REF, parent inode).
+        items = tree_search(fd, tree_id, (inode, BTRFS_INODE_REF_KEY, 0),
+                            (inode, BTRFS_INODE_REF_KEY, _U64_MAX), path=path)
+        item = next((item for item in items if item.type == BTRFS_INODE_REF_KEY), None)
+        if item is None or len(components) > 1 << 20:
+            raise _os_error(errno.ENOENT, "look up directory path", path,
+                            f"directory inode {inode} of subvolume {tree_id} has no parent reference")
+        ref = btrfs_inode_ref.from_buffer_copy(item.data)
+        components.append(item.data[header:header + ref.name_len])
+        inode = item.offset
+    return b"".join(component + b"/" for component in reversed(components))
 
 
 def _child_refs_privileged(fd: int, parent_id: int, path: Any) -> Iterator[Tuple[int, bytes]]:
@@ -614,6 +665,7 @@ def walk_tree(
     leave: Any = None,
     *,
     path: Any = None,
+    skip_mounts: bool = False,
 ) -> None:
     """Walk the directories below top_fd depth-first, without following symlinks.
 
@@ -625,8 +677,9 @@ def walk_tree(
     Only one directory is open at a time: the walk climbs back with ".." and
     checks that it reaches the directory it came from, so trees deeper than
     PATH_MAX or than the open-file limit are walked too.  A directory on
-    another mount (a bind mount inside a layer) raises EBUSY instead of being
-    entered.
+    another mount (a bind mount inside a layer) is skipped with skip_mounts,
+    and otherwise raises EBUSY instead of being entered.  An OSError from
+    visit or leave names the full path of the entry it was about.
     """
     top_mount = _mount_id(top_fd)
     fd = os.dup(top_fd)
@@ -635,18 +688,18 @@ def walk_tree(
     # subdirectories still to walk, and the name of the child walked now.
     stack: List[Tuple[os.stat_result, bytes, List[bytes], bytes]] = []
     try:
-        pending = _visit_directory(fd, relative, visit)
+        pending = _visit_directory(fd, relative, visit, path)
         while True:
             if pending:
                 name = pending.pop()
-                child = _enter_directory(fd, name, top_mount, path)
+                child = _enter_directory(fd, name, top_mount, path, skip_mounts)
                 if child is None:
                     continue
                 stack.append((os.fstat(fd), relative, pending, name))
                 os.close(fd)
                 fd = child
                 relative = relative + b"/" + name if relative else name
-                pending = _visit_directory(fd, relative, visit)
+                pending = _visit_directory(fd, relative, visit, path)
                 continue
             if not stack:
                 return
@@ -659,19 +712,38 @@ def walk_tree(
                 raise _os_error(errno.ESTALE, "walk layer", path,
                                 "a directory was moved during the walk; run the operation again")
             if leave is not None:
-                leave(fd, name, child_st)
+                try:
+                    leave(fd, name, child_st)
+                except OSError as error:
+                    raise _with_full_path(error, path, relative, name) from None
     finally:
         os.close(fd)
 
 
-def _visit_directory(fd: int, relative: bytes, visit: Any) -> List[bytes]:
-    with os.scandir(fd) as iterator:
-        entries = list(iterator)
-    return list(visit(fd, relative, entries))
+def _visit_directory(fd: int, relative: bytes, visit: Any, path: Any) -> List[bytes]:
+    try:
+        with os.scandir(fd) as iterator:
+            entries = list(iterator)
+        return list(visit(fd, relative, entries))
+    except OSError as error:
+        raise _with_full_path(error, path, relative, error.filename) from None
 
 
-def _enter_directory(fd: int, name: bytes, top_mount: Optional[int], path: Any) -> Optional[int]:
-    """Open subdirectory name of fd; None when it is gone or no longer a directory."""
+def _with_full_path(error: OSError, path: Any, relative: bytes, name: Any) -> OSError:
+    """Return error with its filename made a full path below path (the walk's top)."""
+    parts = [os.fsencode(path if path is not None else ".")]
+    if relative:
+        parts.append(relative)
+    if isinstance(name, (str, bytes)) and name and not os.fsencode(name).startswith(b"/"):
+        parts.append(os.fsencode(name))
+    full = os.fsdecode(b"/".join(parts))
+    return OSError(error.errno, error.strerror, full)
+
+
+def _enter_directory(
+    fd: int, name: bytes, top_mount: Optional[int], path: Any, skip_mounts: bool,
+) -> Optional[int]:
+    """Open subdirectory name of fd; None when it is gone, no longer a directory or skipped."""
     try:
         child = _open_directory(name, dir_fd=fd)
     except (FileNotFoundError, NotADirectoryError):
@@ -682,6 +754,8 @@ def _enter_directory(fd: int, name: bytes, top_mount: Optional[int], path: Any) 
         raise
     if top_mount is not None and _mount_id(child) != top_mount:
         os.close(child)
+        if skip_mounts:
+            return None
         raise _os_error(errno.EBUSY, "walk layer", path,
                         f"{os.fsdecode(name)} is a mount point inside the layer; unmount it first")
     return child
@@ -748,15 +822,19 @@ def _remove_contents(top_fd: int, path: Any) -> None:
     """
 
     def visit(fd: int, relative: bytes, entries: List[Any]) -> List[bytes]:
-        if os.fstat(fd).st_ino == BTRFS_FIRST_FREE_OBJECTID:
+        st = os.fstat(fd)
+        if st.st_ino == BTRFS_FIRST_FREE_OBJECTID:
             try:
                 _clear_read_only(fd, path)
             except OSError:
                 pass  # not a btrfs subvolume, or not ours to change: unlink reports it
+        if st.st_mode & 0o700 != 0o700 and st.st_uid == os.geteuid():
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
         subdirectories = []
         for entry in entries:
             name = os.fsencode(entry.name)
             if entry.is_dir(follow_symlinks=False):
+                _allow_owner_to_enter(fd, name)
                 subdirectories.append(name)
                 continue
             try:
@@ -766,6 +844,25 @@ def _remove_contents(top_fd: int, path: Any) -> None:
         return subdirectories
 
     walk_tree(top_fd, visit, _remove_walked_directory, path=path)
+
+
+def _allow_owner_to_enter(dir_fd: int, name: bytes) -> None:
+    """Give the owner rwx on subdirectory name when the caller owns it and lacks them.
+
+    Without CAP_DAC_OVERRIDE, a 0555 or 0000 directory could not be emptied.
+    The directory is opened with O_PATH and O_NOFOLLOW and changed through
+    /proc/self/fd, so a symlink swapped in for it is never followed.
+    """
+    if os.geteuid() == 0:
+        return
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return
+    with _Fd(fd):
+        st = os.fstat(fd)
+        if st.st_uid == os.geteuid() and st.st_mode & 0o700 != 0o700:
+            os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(st.st_mode) | 0o700)
 
 
 def _remove_walked_directory(parent_fd: int, name: bytes, child_st: os.stat_result) -> None:
@@ -1027,7 +1124,9 @@ def parse_size(value: str) -> int:
     """
     if not isinstance(value, str):
         raise ValueError(f"invalid size {value!r}: expected a string such as '10G'")
-    match = re.fullmatch(_SIZE_PATTERN, value, re.IGNORECASE | re.ASCII)
+    # The longest valid size below 2**63 bytes has 19 digits; far longer
+    # input would only make int() raise its own digit-limit error.
+    match = re.fullmatch(_SIZE_PATTERN, value, re.IGNORECASE | re.ASCII) if len(value) <= 64 else None
     if match is None:
         raise ValueError(
             f"invalid size {value!r}: use a number with an optional unit b, k, m, g, t or p "
@@ -1110,6 +1209,8 @@ def parse_storage_opt(storage_opt: Optional[Mapping[str, str]]) -> Optional[int]
     """Return the size limit requested by a layer's storage options, if any."""
     if not storage_opt:
         return None
+    if not isinstance(storage_opt, Mapping):
+        raise ValueError(f"invalid storage options {storage_opt!r}: expected a mapping such as {{'size': '10G'}}")
     size = None
     for key, value in storage_opt.items():
         if not isinstance(key, str) or key.strip().lower() != "size":
@@ -1146,13 +1247,32 @@ def _host_id(maps: Optional[Sequence[IDMap]], container_id: int, what: str) -> i
 # -- Quota files -------------------------------------------------------------------
 
 
-def _read_quota_file(path: str) -> Optional[int]:
-    """Return the byte count in a quota file, None when it is missing or unreadable."""
+_QUOTA_FILE_MAX = 64  # bytes read from a quota file; a valid one has at most 19 digits
+_TEMPORARY_SUFFIX = ".tmp"
+
+
+def _read_quota_file(quotas_fd: Optional[int], name: bytes, path: str) -> Optional[int]:
+    """Return the byte count in quotas/name, None when it is missing or invalid.
+
+    The file is opened without following a symlink and without blocking, and
+    anything but a regular file holding decimal digits below 2**63 (spaces
+    around them allowed) is logged as a warning and ignored.
+    """
+    if quotas_fd is None:
+        return None
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        with open(path, "rb") as quota_file:
-            text = quota_file.read(64)
+        fd = os.open(name, flags, dir_fd=quotas_fd)
     except FileNotFoundError:
         return None
+    except OSError as error:
+        log.warning("ignoring quota file %s: %s", path, error.strerror)
+        return None
+    with _Fd(fd):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            log.warning("ignoring quota file %s: it is not a regular file", path)
+            return None
+        text = os.read(fd, _QUOTA_FILE_MAX)
     stripped = text.strip()
     if not stripped.isdigit() or not stripped.isascii() or int(stripped) >= _SIZE_LIMIT:
         log.warning("ignoring quota file %s: it must contain a decimal byte count below 2**63, found %r",
@@ -1166,8 +1286,6 @@ _SYNC_FILE_RANGE_WAIT_BEFORE = 1
 _SYNC_FILE_RANGE_WRITE = 2
 _SYNC_FILE_RANGE_WAIT_AFTER = 4
 
-_TEMPORARY_SUFFIX = ".tmp"
-
 
 def _write_back(fd: int, path: Any) -> None:
     """Write the file's data into the filesystem without waiting for a device flush.
@@ -1179,8 +1297,8 @@ def _write_back(fd: int, path: Any) -> None:
     _libc_call(_get_libc().sync_file_range(fd, 0, 0, flags), "sync_file_range", path)
 
 
-def _write_file_atomically(directory: str, name: str, data: bytes) -> None:
-    """Write directory/name through a temporary file, written back, then renamed.
+def _write_file_atomically(directory_fd: int, name: bytes, data: bytes, path: str) -> None:
+    """Write name below directory_fd through a temporary file, written back, then renamed.
 
     There is no fsync: btrfs commits transactions in order, and the data
     is in the filesystem before the rename, so a crash before the next
@@ -1191,35 +1309,36 @@ def _write_file_atomically(directory: str, name: str, data: bytes) -> None:
     The temporary file is locked (flock) while it exists, so a process that
     finds it unlocked knows its writer died and may delete it.
     """
-    import tempfile
-
-    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=_TEMPORARY_SUFFIX, dir=directory)
+    temporary = b".%s.%s%s" % (name, os.urandom(6).hex().encode(), _TEMPORARY_SUFFIX.encode())
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, data)
-        _write_back(fd, temporary)
-        os.fchmod(fd, 0o644)
-        os.rename(temporary, os.path.join(directory, name))
-    except BaseException:
+        fd = os.open(temporary, flags, 0o644, dir_fd=directory_fd)
         try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-    finally:
-        os.close(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, data)
+            _write_back(fd, path)
+            os.rename(temporary, name, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
+        except BaseException:
+            try:
+                os.unlink(temporary, dir_fd=directory_fd)
+            except FileNotFoundError:
+                pass
+            raise
+        finally:
+            os.close(fd)
+    except OSError as error:
+        raise _os_error(error.errno, "write quota file", path) from None
 
 
-def _remove_stale_temporary_files(directory: str) -> None:
-    """Delete temporary files in directory whose writer died before renaming them."""
-    try:
-        entries = [entry for entry in os.scandir(directory)
-                   if entry.name.startswith(".") and entry.name.endswith(_TEMPORARY_SUFFIX)]
-    except FileNotFoundError:
-        return
-    for entry in entries:
+def _remove_stale_temporary_files(directory_fd: int, directory: str) -> None:
+    """Delete temporary files below directory_fd whose writer died before renaming them."""
+    with os.scandir(directory_fd) as iterator:
+        names = [entry.name for entry in iterator
+                 if entry.name.startswith(".") and entry.name.endswith(_TEMPORARY_SUFFIX)]
+    for name in names:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         try:
-            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            fd = os.open(name, flags, dir_fd=directory_fd)
         except OSError:
             continue
         with _Fd(fd):
@@ -1227,9 +1346,14 @@ def _remove_stale_temporary_files(directory: str) -> None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # its writer is alive
-            if os.path.samestat(os.fstat(fd), os.lstat(entry.path)):
-                os.unlink(entry.path)
-                log.warning("removed %s, left by a process that died while writing it", entry.path)
+            try:
+                current = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if os.path.samestat(os.fstat(fd), current):
+                os.unlink(name, dir_fd=directory_fd)
+                log.warning("removed %s, left by a process that died while writing it",
+                            os.path.join(directory, name))
 
 
 # -- SELinux labels ----------------------------------------------------------------
@@ -1278,7 +1402,9 @@ class Driver:
         uid_maps: Optional[Iterable[Any]] = None,
         gid_maps: Optional[Iterable[Any]] = None,
     ) -> None:
-        self.home = os.path.abspath(os.fsdecode(os.fspath(home)))
+        # Resolved once, so that a home reached through a symlink works with
+        # the O_NOFOLLOW opens below and with the mount table's paths.
+        self.home = os.path.realpath(os.fsdecode(os.fspath(home)))
         self.options = parse_options(list(options))
         self.uid_maps = _id_maps(uid_maps, "uid_maps")
         self.gid_maps = _id_maps(gid_maps, "gid_maps")
@@ -1291,11 +1417,11 @@ class Driver:
         _require_btrfs(self.home)
         self._make_directory(self.home)
         self._make_directory(self._subvolumes_dir)
-        # Mount points in /proc/self/mountinfo are resolved paths.  Home is
-        # resolved once: the driver owns it, and a layer id is one component.
-        self._real_home = os.path.realpath(self.home)
+        self._check_layout()
         self._make_private_mount()
-        _remove_stale_temporary_files(self._quotas_dir)
+        with self._open_quotas() as quotas_fd:
+            if quotas_fd is not None:
+                _remove_stale_temporary_files(quotas_fd, self._quotas_dir)
         if self.options.quota_required:
             try:
                 self._ensure_quota()
@@ -1332,6 +1458,40 @@ class Driver:
     def _quota_file(self, layer_id: Any) -> str:
         return os.path.join(self._quotas_dir, os.fsdecode(validate_layer_id(layer_id)))
 
+    def _check_layout(self) -> None:
+        """Raise DriverError when subvolumes or quotas in home is not a real directory.
+
+        Every path below them is trusted not to lead elsewhere, so a symlink
+        in their place (which only a writer of home can make) is rejected.
+        """
+        for directory in (self._subvolumes_dir, self._quotas_dir):
+            try:
+                st = os.lstat(directory)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise DriverError(
+                    f"{directory} is not a directory (a symlink or another file is in its place); "
+                    "move it away so the driver can create the directory"
+                )
+
+    def _open_quotas(self, create: bool = False) -> "_OptionalFd":
+        """Open HOME/quotas without following a symlink; None when it does not exist."""
+        if create:
+            self._make_directory(self._quotas_dir)
+        try:
+            return _OptionalFd(_open_directory(self._quotas_dir))
+        except FileNotFoundError:
+            return _OptionalFd(None)
+        except OSError as error:
+            raise _os_error(error.errno, "open quotas directory", self._quotas_dir,
+                            "it must be a directory, not a symlink") from None
+
+    def _read_quota(self, layer_id: Any) -> Optional[int]:
+        name = validate_layer_id(layer_id)
+        with self._open_quotas() as quotas_fd:
+            return _read_quota_file(quotas_fd, name, self._quota_file(layer_id))
+
     def _make_directory(self, path: str) -> None:
         try:
             os.mkdir(path, 0o700)
@@ -1345,13 +1505,21 @@ class Driver:
     # -- Home mount
 
     def _make_private_mount(self) -> None:
-        home = os.fsencode(self._real_home)
+        home = os.fsencode(self.home)
         try:
-            if not _is_mount_point(home):
-                _mount(home, home, _MS_BIND, "bind mount home onto itself")
-                self._made_mount = True
-                log.debug("bind-mounted %s onto itself", self.home)
-            _mount(None, home, _MS_PRIVATE, "make home a private mount")
+            for attempt in range(3):
+                if not _is_mount_point(home):
+                    _mount(home, home, _MS_BIND, "bind mount home onto itself")
+                    self._made_mount = True
+                    log.debug("bind-mounted %s onto itself", self.home)
+                try:
+                    _mount(None, home, _MS_PRIVATE, "make home a private mount")
+                    return
+                except OSError as error:
+                    # EINVAL: the bind mount another process made was
+                    # unmounted by its cleanup after the check above.
+                    if error.errno != errno.EINVAL or self._made_mount or attempt == 2:
+                        raise
         except PermissionError as error:
             # Without CAP_SYS_ADMIN (rootless use) mounts inside layers are
             # the caller's own, so the store works without a private mount.
@@ -1365,7 +1533,7 @@ class Driver:
         if not self._made_mount:
             return
         try:
-            _umount(self._real_home, _MNT_DETACH)
+            _umount(self.home, _MNT_DETACH)
         except OSError as error:
             if error.errno != errno.EINVAL:  # EINVAL: no longer mounted
                 raise
@@ -1404,7 +1572,9 @@ class Driver:
         try:
             _set_layer_limit(home_fd, qgroup_id, size, path)
         except OSError as error:
-            if error.errno != errno.ENOTCONN:
+            # Without CAP_SYS_ADMIN the ioctl fails with EPERM before it
+            # checks quota, and turning quota on then says what is missing.
+            if error.errno not in (errno.ENOTCONN, errno.EPERM):
                 raise
             self._ensure_quota(home_fd)
             _set_layer_limit(home_fd, qgroup_id, size, path)
@@ -1521,14 +1691,23 @@ class Driver:
             if st.st_ino == BTRFS_FIRST_FREE_OBJECTID and st.st_size == 0:
                 os.fchmod(layer_fd, 0o555)
             if (st.st_uid, st.st_gid) != (self.root_uid, self.root_gid):
-                os.fchown(layer_fd, self.root_uid, self.root_gid)
+                try:
+                    os.fchown(layer_fd, self.root_uid, self.root_gid)
+                except OSError as error:
+                    raise _os_error(
+                        error.errno, f"change owner of layer to {self.root_uid}:{self.root_gid}", path,
+                        "run as root, or pass uid_maps and gid_maps that map container root to your ids",
+                    ) from None
             if size is not None:
                 self._apply_limit(subvolumes_fd, layer_fd, size, path)
-                self._write_quota_file(name, size, path)
+                with self._open_quotas(create=True) as quotas_fd:
+                    assert quotas_fd is not None
+                    _write_file_atomically(quotas_fd, name, str(size).encode(), self._quota_file(name))
+                log.debug("wrote quota file for %s: %d bytes", path, size)
             else:
                 # While the subvolume exists no other create can take its
                 # id, so a quota file with its name was left by a crash.
-                self._remove_quota_file(os.fsdecode(name))
+                self._remove_quota_file(name)
                 self._clear_inherited_limit(subvolumes_fd, layer_fd, path)
             if mount_label and _selinux_enabled():
                 _relabel(layer_fd, mount_label, path)
@@ -1548,24 +1727,16 @@ class Driver:
         except PermissionError:
             return
 
-    def _write_quota_file(self, name: bytes, size: int, path: str) -> None:
-        self._make_directory(self._quotas_dir)
-        _write_file_atomically(self._quotas_dir, os.fsdecode(name), str(size).encode())
-        log.debug("wrote quota file for %s: %d bytes", path, size)
-
     def _roll_back(self, subvolumes_fd: int, name: bytes, path: str) -> None:
         """Delete a layer whose create failed: its quota file first, then its subvolume.
 
         While the subvolume exists no other create can take its id, so the
         quota file with that name can only be this layer's.
         """
-        quota_file = os.path.join(self._quotas_dir, os.fsdecode(name))
         try:
-            os.unlink(quota_file)
-        except (FileNotFoundError, NotADirectoryError):
-            pass
+            self._remove_quota_file(name)
         except OSError as error:
-            log.warning("could not delete %s after a failed create: %s", quota_file, error)
+            log.warning("could not delete the quota file of %s after a failed create: %s", path, error)
         try:
             _delete_subvolume_or_contents(subvolumes_fd, name, path)
         except OSError as error:
@@ -1581,7 +1752,10 @@ class Driver:
             try:
                 st = os.stat(name, dir_fd=subvolumes_fd, follow_symlinks=False)
             except FileNotFoundError:
-                self._remove_quota_file(layer_id)
+                try:
+                    self._remove_quota_file(layer_id)
+                except OSError as error:
+                    log.warning("could not delete the leftover quota file of %s: %s", path, error)
                 raise FileNotFoundError(
                     errno.ENOENT, f"layer {os.fsdecode(name)!r} not found; list the layers to check the id",
                     path) from None
@@ -1594,7 +1768,8 @@ class Driver:
         self._remove_quota_file(layer_id)
 
     def _check_no_mounts(self, name: bytes, path: str) -> None:
-        real_path = os.path.join(os.fsencode(self._real_home), b"subvolumes", name)
+        # Home is a resolved path, as mount points in /proc/self/mountinfo are.
+        real_path = os.path.join(os.fsencode(self.home), b"subvolumes", name)
         mounts = _mount_points_below(real_path)
         if mounts:
             raise _os_error(
@@ -1645,12 +1820,16 @@ class Driver:
                 return
             log.warning("could not destroy qgroups %s of removed layer: %s", subvolume_ids, error)
 
-    def _remove_quota_file(self, layer_id: str) -> None:
-        try:
-            os.unlink(self._quota_file(layer_id))
-            log.debug("removed quota file of %s", layer_id)
-        except FileNotFoundError:
-            pass
+    def _remove_quota_file(self, layer_id: Any) -> None:
+        name = validate_layer_id(layer_id)
+        with self._open_quotas() as quotas_fd:
+            if quotas_fd is None:
+                return
+            try:
+                os.unlink(name, dir_fd=quotas_fd)
+            except FileNotFoundError:
+                return
+        log.debug("removed quota file of %s", os.fsdecode(name))
 
     # -- Get, put and queries
 
@@ -1661,7 +1840,7 @@ class Driver:
                 raise ValueError(f"invalid mount option {option!r}: btrfs layers take only 'ro'")
         path = self._layer_dir(layer_id)
         self._require_layer(layer_id, path)
-        size = _read_quota_file(self._quota_file(layer_id))
+        size = self._read_quota(layer_id)
         if size is not None and size >= self.options.min_space:
             if size == 0:
                 log.warning("ignoring quota file of %s: a limit of 0 bytes is not valid", layer_id)
@@ -1728,7 +1907,7 @@ class Driver:
                     result["ParentUUID"] = _format_uuid(info.parent_uuid)
                 result["Generation"] = str(info.generation)
                 result["ReadOnly"] = "true" if info.flags & BTRFS_SUBVOL_RDONLY else "false"
-        size = _read_quota_file(self._quota_file(layer_id))
+        size = self._read_quota(layer_id)
         if size is not None:
             result["SizeLimit"] = str(size)
         return result
@@ -1759,7 +1938,7 @@ class Driver:
             return subdirectories
 
         with _Fd(_open_directory(path)) as layer_fd:
-            walk_tree(layer_fd, visit, path=path)
+            walk_tree(layer_fd, visit, path=path, skip_mounts=True)
         return DiskUsage(total[0], len(seen))
 
     def additional_image_stores(self) -> List[str]:
@@ -1841,12 +2020,15 @@ def init(
 def _require_btrfs(home: str) -> None:
     """Raise PrerequisiteError unless home (or, until it exists, its parent) is on btrfs."""
     probe = home
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
+    while True:
+        try:
+            magic = _statfs_type(probe)
             break
-        probe = parent
-    magic = _statfs_type(probe)
+        except FileNotFoundError:
+            parent = os.path.dirname(probe)
+            if parent == probe:
+                raise
+            probe = parent
     if magic != BTRFS_SUPER_MAGIC:
         raise PrerequisiteError(
             f"{home} is not on a btrfs filesystem ({probe} has filesystem magic {magic:#x}); "
@@ -1921,8 +2103,9 @@ def _split_path(path: PathArg) -> Tuple[bytes, bytes]:
 
 
 def _open_parent(path: PathArg) -> Tuple[int, bytes]:
+    """Open the directory that contains path, following symlinks the caller put in it."""
     parent, name = _split_path(path)
-    return _open_directory(parent or b"."), name
+    return os.open(parent or b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), name
 
 
 def create_subvolume(path: PathArg) -> None:
@@ -1935,7 +2118,8 @@ def create_subvolume(path: PathArg) -> None:
 def create_snapshot(source: PathArg, path: PathArg, *, read_only: bool = False) -> None:
     """Create a snapshot of the subvolume source at path."""
     parent_fd, name = _open_parent(path)
-    with _Fd(parent_fd), _Fd(_open_directory(os.fsencode(source))) as source_fd:
+    source_fd = os.open(os.fsencode(source), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    with _Fd(parent_fd), _Fd(source_fd):
         _snapshot_create_at(source_fd, parent_fd, name, read_only, path)
 
 
@@ -1976,8 +2160,11 @@ class ChangeKind(enum.IntEnum):
     DELETE = 2
 
 
-Change = collections.namedtuple("Change", "path kind")
-Change.__doc__ = "A path inside a layer (absolute, like /etc/passwd) and its ChangeKind."
+class Change(NamedTuple):
+    """A path inside a layer (absolute, like /etc/passwd) and its ChangeKind."""
+
+    path: str
+    kind: ChangeKind
 
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
@@ -1989,7 +2176,7 @@ _COPY_CHUNK = 1024 * 1024
 _PROGRESS_INTERVAL = 0.5  # seconds; progress must be reported at least once a second
 
 
-def _open_for_reading(name, flags: int, dir_fd: Optional[int] = None) -> int:
+def _open_for_reading(name: PathArg, flags: int, dir_fd: Optional[int] = None) -> int:
     """Open with O_NOATIME where allowed, so that reading a layer does not change it.
 
     O_NOATIME needs ownership of the file or CAP_FOWNER. Without it an atime
@@ -2002,23 +2189,23 @@ def _open_for_reading(name, flags: int, dir_fd: Optional[int] = None) -> int:
         return os.open(name, flags, dir_fd=dir_fd)
 
 
-def _open_directory_for_reading(name, dir_fd: Optional[int] = None) -> int:
+def _open_directory_for_reading(name: PathArg, dir_fd: Optional[int] = None) -> int:
     return _open_for_reading(name, _OPEN_DIRECTORY, dir_fd)
 
 
-def _fd_path(dir_fd: int, name) -> bytes:
+def _fd_path(dir_fd: int, name: str) -> bytes:
     """Return a /proc path naming name inside dir_fd, for calls without dir_fd."""
     return b"/proc/self/fd/%d/%s" % (dir_fd, os.fsencode(name))
 
 
-def _lstat_at(dir_fd: int, name) -> Optional[os.stat_result]:
+def _lstat_at(dir_fd: int, name: str) -> Optional[os.stat_result]:
     try:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
 
 
-def _list_dir(dir_fd: int) -> "List[Tuple[str, os.DirEntry]]":
+def _list_dir(dir_fd: int) -> "List[Tuple[str, os.DirEntry[str]]]":
     """List a directory's entries, sorted by name bytes.
 
     Each entry's stat() is an fstatat() on dir_fd, so dir_fd must stay open
@@ -2123,10 +2310,10 @@ def _remove_tree(dir_fd: int, name: str) -> None:
 # ID maps -----------------------------------------------------------------
 
 
-def _map_id(maps: Sequence[IDMap], value: int, to_host: bool) -> Optional[int]:
+def _map_id(maps: Optional[Sequence[IDMap]], value: int, to_host: bool) -> Optional[int]:
     """Map an id between container and host; None when no map covers it.
 
-    An empty map list is the identity, as in containers/storage.
+    None or an empty map list is the identity, as in containers/storage.
     """
     if not maps:
         return value
@@ -2137,7 +2324,8 @@ def _map_id(maps: Sequence[IDMap], value: int, to_host: bool) -> Optional[int]:
     return None
 
 
-def _map_owner(uid_maps, gid_maps, uid: int, gid: int, to_host: bool, path: str) -> Tuple[int, int]:
+def _map_owner(uid_maps: Optional[Sequence[IDMap]], gid_maps: Optional[Sequence[IDMap]], uid: int, gid: int,
+               to_host: bool, path: str) -> Tuple[int, int]:
     mapped_uid = _map_id(uid_maps, uid, to_host)
     mapped_gid = _map_id(gid_maps, gid, to_host)
     if mapped_uid is None or mapped_gid is None:
@@ -2154,7 +2342,7 @@ def _is_carried_xattr(name: str) -> bool:
     return name == "security.capability" or name.startswith("user.")
 
 
-def _read_xattrs(target) -> Dict[str, bytes]:
+def _read_xattrs(target: Union[int, bytes]) -> Dict[str, bytes]:
     """Read the carried extended attributes of an fd or a path (not followed)."""
     follow = isinstance(target, int)
     try:
@@ -2218,12 +2406,12 @@ class _WalkedChange:
     """A change found by _walk_changes, with a handle on the layer entry.
 
     dir_fd and name locate the entry in the layer (not in the parent, for a
-    DELETE) and stay valid only until the walk goes on.
+    DELETE) and stay valid only until the walk goes on. st is None for a DELETE.
     """
 
     __slots__ = ("path", "kind", "st", "dir_fd", "name")
 
-    def __init__(self, path, kind, st, dir_fd, name):
+    def __init__(self, path: str, kind: ChangeKind, st: Optional[os.stat_result], dir_fd: int, name: str) -> None:
         self.path = path
         self.kind = kind
         self.st = st
@@ -2232,10 +2420,13 @@ class _WalkedChange:
 
 
 class _DirFrame:
+    """A directory on the stack of _walk_changes. The walk's top, never reported, has st None and name ""."""
+
     __slots__ = ("path", "layer_fd", "parent_fd", "entries", "parent_entries",
                  "changes_at_entry", "report_when_changed", "st", "name")
 
-    def __init__(self, path, layer_fd, parent_fd, report_when_changed, st, name, changes_at_entry):
+    def __init__(self, path: str, layer_fd: int, parent_fd: Optional[int], report_when_changed: bool,
+                 st: Optional[os.stat_result], name: str, changes_at_entry: int) -> None:
         self.path = path
         self.layer_fd = layer_fd
         self.parent_fd = parent_fd
@@ -2267,7 +2458,7 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: Optional[int], top: str = 
     count = 0
     stack = [_DirFrame(top, os.dup(layer_root_fd),
                        os.dup(parent_root_fd) if parent_root_fd is not None else None,
-                       False, None, None, 0)]
+                       False, None, "", 0)]
     try:
         while stack:
             frame = stack[-1]
@@ -2285,10 +2476,12 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: Optional[int], top: str = 
                     count += 1
                     reported = True
                     yield _WalkedChange(path, ChangeKind.ADD, new, frame.layer_fd, name)
-                elif _entry_modified(frame.layer_fd, frame.parent_fd, name, new, old):
-                    count += 1
-                    reported = True
-                    yield _WalkedChange(path, ChangeKind.MODIFY, new, frame.layer_fd, name)
+                else:
+                    assert frame.parent_fd is not None  # parent_entries is empty without a parent_fd
+                    if _entry_modified(frame.layer_fd, frame.parent_fd, name, new, old):
+                        count += 1
+                        reported = True
+                        yield _WalkedChange(path, ChangeKind.MODIFY, new, frame.layer_fd, name)
                 if not stat.S_ISDIR(new.st_mode):
                     continue
                 if changed_inodes is not None and old is not None and stat.S_ISDIR(old.st_mode):
@@ -2296,6 +2489,7 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: Optional[int], top: str = 
                 child_fd = _open_listed_dir(frame.layer_fd, name, new, path)
                 child_parent_fd = None
                 if old is not None and stat.S_ISDIR(old.st_mode):
+                    assert frame.parent_fd is not None  # parent_entries is empty without a parent_fd
                     try:
                         child_parent_fd = _open_listed_dir(frame.parent_fd, name, old, path)
                     except BaseException:
@@ -2332,11 +2526,11 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: Optional[int], top: str = 
                 os.close(frame.parent_fd)
 
 
-def _change_sort_key(change) -> bytes:
+def _change_sort_key(change: Change) -> bytes:
     return os.fsencode(change.path)
 
 
-def layer_changes(layer_dir, parent_dir=None) -> List[Change]:
+def layer_changes(layer_dir: PathArg, parent_dir: Optional[PathArg] = None) -> List[Change]:
     """Return the changes of a layer directory against its parent, sorted by path."""
     layer_fd = _open_directory_for_reading(layer_dir)
     parent_fd = None
@@ -2352,7 +2546,7 @@ def layer_changes(layer_dir, parent_dir=None) -> List[Change]:
     return changes
 
 
-def layer_diff_size(layer_dir, parent_dir=None) -> int:
+def layer_diff_size(layer_dir: PathArg, parent_dir: Optional[PathArg] = None) -> int:
     """Sum the sizes of the non-directories that a layer adds or modifies.
 
     Sizes are lstat sizes (a symlink counts its target's length), and an inode
@@ -2364,7 +2558,7 @@ def layer_diff_size(layer_dir, parent_dir=None) -> int:
         if parent_dir is not None:
             parent_fd = _open_directory_for_reading(parent_dir)
         return _sum_sizes(item.st for item in _walk_changes(layer_fd, parent_fd)
-                          if item.kind != ChangeKind.DELETE)
+                          if item.kind != ChangeKind.DELETE and item.st is not None)
     finally:
         os.close(layer_fd)
         if parent_fd is not None:
@@ -2387,7 +2581,7 @@ def _sum_sizes(stats: Iterable[os.stat_result]) -> int:
     return total
 
 
-def _changes_size(layer_dir, changes: List[Change]) -> int:
+def _changes_size(layer_dir: str, changes: List[Change]) -> int:
     """Sum the sizes of the non-directories that changes add or modify, as layer_diff_size does."""
     layer_fd = _open_directory_for_reading(layer_dir)
     try:
@@ -2410,7 +2604,7 @@ def _lstat_changes(layer_fd: int, changes: List[Change]) -> Iterator[os.stat_res
             os.close(dir_fd)
 
 
-def _layer_changes_fast(layer_dir, parent_dir=None) -> List[Change]:
+def _layer_changes_fast(layer_dir: str, parent_dir: Optional[str] = None) -> List[Change]:
     """Return layer_changes(layer_dir, parent_dir), by tree search when the layer is a snapshot of parent_dir."""
     if parent_dir is not None:
         changes = _snapshot_changes(layer_dir, parent_dir)
@@ -2611,7 +2805,8 @@ class _TarEntryWriter:
     does, because finding the other names would take a walk of the whole layer.
     """
 
-    def __init__(self, tar, uid_maps, gid_maps):
+    def __init__(self, tar: "tarfile.TarFile", uid_maps: Optional[Sequence[IDMap]],
+                 gid_maps: Optional[Sequence[IDMap]]) -> None:
         self.tar = tar
         self.uid_maps = uid_maps
         self.gid_maps = gid_maps
@@ -2653,17 +2848,17 @@ class _TarEntryWriter:
             return
         if info.type != tarfile.LNKTYPE:
             xattrs = _read_xattrs(data.fileno()) if data is not None else _entry_xattrs(dir_fd, name, st)
-            for key, value in xattrs.items():
-                info.pax_headers["SCHILY.xattr." + key] = value.decode("utf-8", "surrogateescape")
+            info.pax_headers = {"SCHILY.xattr." + key: value.decode("utf-8", "surrogateescape")
+                                for key, value in xattrs.items()}
         try:
             self.tar.addfile(info, data)
         finally:
             if data is not None:
                 data.close()
-        self.tar.members.clear()  # tarfile keeps every member written; memory must stay flat
+        _forget_tar_members(self.tar)  # tarfile keeps every member written; memory must stay flat
 
     @staticmethod
-    def _open_file(dir_fd: int, name: str, st: os.stat_result, path: str):
+    def _open_file(dir_fd: int, name: str, st: os.stat_result, path: str) -> io.BufferedReader:
         fd = _open_for_reading(name, _FILE_READ_FLAGS, dir_fd)
         if not os.path.samestat(os.fstat(fd), st):
             os.close(fd)
@@ -2678,20 +2873,32 @@ class _TarEntryWriter:
         info.type = tarfile.REGTYPE
         info.mode = 0
         self.tar.addfile(info)
-        self.tar.members.clear()
+        _forget_tar_members(self.tar)
 
 
-def _write_full_tar(out, layer_fd: int, uid_maps, gid_maps) -> None:
+def _forget_tar_members(tar: "tarfile.TarFile") -> None:
+    """Empty the list of members that a TarFile keeps, without reading the rest of a stream.
+
+    getmembers() returns the same list, but on a stream being read it first
+    reads to the end. typeshed does not declare TarFile.members.
+    """
+    tar.members.clear()  # type: ignore[attr-defined]
+
+
+def _write_full_tar(out: io.BufferedWriter, layer_fd: int, uid_maps: Optional[Sequence[IDMap]],
+                    gid_maps: Optional[Sequence[IDMap]]) -> None:
     import tarfile
 
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
                       encoding="utf-8", errors="surrogateescape") as tar:
         writer = _TarEntryWriter(tar, uid_maps, gid_maps)
         for item in _walk_changes(layer_fd, None):
+            assert item.st is not None  # a walk without a parent yields only ADDs
             writer.add(item.path.lstrip("/"), item.path, item.dir_fd, item.name, item.st)
 
 
-def _write_changes_tar(out, layer_fd: int, changes: List[Change], uid_maps, gid_maps) -> None:
+def _write_changes_tar(out: io.BufferedWriter, layer_fd: int, changes: List[Change],
+                       uid_maps: Optional[Sequence[IDMap]], gid_maps: Optional[Sequence[IDMap]]) -> None:
     import tarfile
 
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
@@ -2731,7 +2938,7 @@ class _PipeReader(io.RawIOBase):
                                         name="btrfsdrv-diff", daemon=True)
         self._thread.start()
 
-    def _run(self, write, write_fd: int) -> None:
+    def _run(self, write: Callable[[io.BufferedWriter], None], write_fd: int) -> None:
         try:
             with open(write_fd, "wb", closefd=True) as out:
                 write(out)
@@ -2743,14 +2950,15 @@ class _PipeReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
-        data = os.read(self._read_fd, len(buffer))
+    def readinto(self, buffer: "WriteableBuffer") -> int:
+        view = memoryview(buffer)
+        data = os.read(self._read_fd, len(view))
         if not data:
             self._thread.join()
             if self._error is not None:
                 raise self._error
             return 0
-        buffer[:len(data)] = data
+        view[:len(data)] = data
         return len(data)
 
     def close(self) -> None:
@@ -2765,8 +2973,9 @@ class _PipeReader(io.RawIOBase):
                 self._release()
 
 
-def layer_diff(layer_dir, parent_dir=None, uid_maps=(), gid_maps=(),
-               release: Optional[Callable[[], None]] = None, changes: Optional[List[Change]] = None):
+def layer_diff(layer_dir: PathArg, parent_dir: Optional[PathArg] = None, uid_maps: Optional[Sequence[IDMap]] = (),
+               gid_maps: Optional[Sequence[IDMap]] = (), release: Optional[Callable[[], None]] = None,
+               changes: Optional[List[Change]] = None) -> io.BufferedReader:
     """Stream a layer as an uncompressed PAX tar, as a readable binary file.
 
     Without a parent the tar contains the whole layer. Otherwise it contains
@@ -2777,7 +2986,7 @@ def layer_diff(layer_dir, parent_dir=None, uid_maps=(), gid_maps=(),
     layer_fd = _open_directory_for_reading(layer_dir)
     try:
         if parent_dir is None:
-            def write(out):
+            def write(out: io.BufferedWriter) -> None:
                 try:
                     _write_full_tar(out, layer_fd, uid_maps, gid_maps)
                 finally:
@@ -2786,7 +2995,7 @@ def layer_diff(layer_dir, parent_dir=None, uid_maps=(), gid_maps=(),
             if changes is None:
                 changes = layer_changes(layer_dir, parent_dir)
 
-            def write(out):
+            def write(out: io.BufferedWriter) -> None:
                 try:
                     _write_changes_tar(out, layer_fd, changes, uid_maps, gid_maps)
                 finally:
@@ -2804,7 +3013,7 @@ def layer_diff(layer_dir, parent_dir=None, uid_maps=(), gid_maps=(),
 class _CountingReader(io.RawIOBase):
     """Counts the bytes read from the caller's stream, for progress reports."""
 
-    def __init__(self, source):
+    def __init__(self, source: IO[bytes]) -> None:
         super().__init__()
         self.source = source
         self.count = 0
@@ -2813,17 +3022,18 @@ class _CountingReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: "WriteableBuffer") -> int:
+        view = memoryview(buffer)
         if self.prefix:
-            size = min(len(buffer), len(self.prefix))
-            buffer[:size] = self.prefix[:size]
+            size = min(len(view), len(self.prefix))
+            view[:size] = self.prefix[:size]
             self.prefix = self.prefix[size:]
             return size
-        data = self.source.read(len(buffer))
+        data = self.source.read(len(view))
         if not data:
             return 0
         self.count += len(data)
-        buffer[:len(data)] = data
+        view[:len(data)] = data
         return len(data)
 
     def peek_magic(self, size: int) -> bytes:
@@ -2850,7 +3060,8 @@ class _TarInput(io.RawIOBase):
 
     _TAIL = 64 * 1024
 
-    def __init__(self, source, decompression_errors):
+    def __init__(self, source: io.BufferedIOBase,
+                 decompression_errors: Tuple[Type[BaseException], ...]) -> None:
         super().__init__()
         self.source = source
         self.errors = decompression_errors
@@ -2860,14 +3071,15 @@ class _TarInput(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: "WriteableBuffer") -> int:
+        view = memoryview(buffer)
         try:
-            data = self.source.read(len(buffer))
+            data = self.source.read(len(view))
         except self.errors as error:
             raise _CorruptStream(f"corrupt compressed data: {error}") from None
         if not data:
             return 0
-        buffer[:len(data)] = data
+        view[:len(data)] = data
         self.position += len(data)
         self.tail += data
         if len(self.tail) > 2 * self._TAIL:
@@ -2885,10 +3097,11 @@ class _TarInput(io.RawIOBase):
 class _ZstdReader(io.RawIOBase):
     """Decompresses a zstd stream with the system's libzstd through ctypes."""
 
-    def __init__(self, source):
+    def __init__(self, source: io.BufferedIOBase) -> None:
         super().__init__()
         import ctypes
 
+        self._stream: Optional[int] = None  # close() runs from the finalizer even if loading fails
         try:
             lib = ctypes.CDLL("libzstd.so.1")
         except OSError as error:
@@ -2930,10 +3143,11 @@ class _ZstdReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: "WriteableBuffer") -> int:
         ctypes = self._ctypes
-        target = (ctypes.c_char * len(buffer)).from_buffer(buffer)
-        out = self._buffer_type(ctypes.addressof(target), len(buffer), 0)
+        view = memoryview(buffer)
+        target = (ctypes.c_char * len(view)).from_buffer(view)
+        out = self._buffer_type(ctypes.addressof(target), len(view), 0)
         while out.pos == 0:
             if self._in.pos == self._in.size:
                 data = self._source.read(_COPY_CHUNK)
@@ -2946,10 +3160,10 @@ class _ZstdReader(io.RawIOBase):
             result = self._check(self._lib.ZSTD_decompressStream(self._stream, ctypes.byref(out),
                                                                  ctypes.byref(self._in)))
             self._frame_complete = result == 0
-        return out.pos
+        return int(out.pos)
 
     def close(self) -> None:
-        if not self.closed and self._stream:
+        if not self.closed and self._stream is not None:
             self._lib.ZSTD_freeDStream(self._stream)
             self._stream = None
         super().close()
@@ -2987,7 +3201,7 @@ class _PendingDirTimes:
 
     _HEADER = struct.Struct("=qqI")
 
-    def __init__(self):
+    def __init__(self) -> None:
         import tempfile
 
         self.file = tempfile.TemporaryFile()
@@ -3036,7 +3250,7 @@ def _layer_epoch(root_fd: int) -> int:
     probe inode. The probe is repeated until that clock moves on, so every
     inode changed before this call has a smaller ctime than the result.
     """
-    name = ".btrfsdrv-epoch-%d" % os.getpid()
+    name = f".btrfsdrv-epoch-{os.getpid()}"
     first = None
     while True:
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -3053,6 +3267,10 @@ def _layer_epoch(root_fd: int) -> int:
         time.sleep(0.001)
 
 
+# Callback that copies a regular-file entry's data from the tar into the given file.
+_DataReader = Callable[["tarfile.TarInfo", io.BufferedWriter], None]
+
+
 class _LayerApplier:
     """Applies the entries of a layer tar to a layer directory.
 
@@ -3062,14 +3280,15 @@ class _LayerApplier:
     entry leaves the layer as it was before it.
     """
 
-    def __init__(self, root_fd: int, uid_maps, gid_maps, ignore_chown_errors: bool):
+    def __init__(self, root_fd: int, uid_maps: Optional[Sequence[IDMap]], gid_maps: Optional[Sequence[IDMap]],
+                 ignore_chown_errors: bool) -> None:
         self.root_fd = root_fd
         self.uid_maps = uid_maps
         self.gid_maps = gid_maps
         self.ignore_chown_errors = ignore_chown_errors
         self.dir_times = _PendingDirTimes()
         self.epoch_ns = _layer_epoch(root_fd)
-        self.temporary_name = ".btrfsdrv-apply-%d-%d" % (os.getpid(), id(self))
+        self.temporary_name = f".btrfsdrv-apply-{os.getpid()}-{id(self)}"
         self.warned_chown = False
         self.parent_cache: Optional[Tuple[Tuple[str, ...], int]] = None
 
@@ -3079,7 +3298,7 @@ class _LayerApplier:
 
     # Owners and metadata -------------------------------------------------
 
-    def host_owner(self, member, path: str) -> Optional[Tuple[int, int]]:
+    def host_owner(self, member: "tarfile.TarInfo", path: str) -> Optional[Tuple[int, int]]:
         """Map an entry's owner to host ids; None means leave the owner as created."""
         uid = _map_id(self.uid_maps, member.uid, True)
         gid = _map_id(self.gid_maps, member.gid, True)
@@ -3094,7 +3313,7 @@ class _LayerApplier:
             return None
         return (uid if uid is not None else root_uid), (gid if gid is not None else root_gid)
 
-    def chown(self, function, path: str) -> None:
+    def chown(self, function: Callable[[], None], path: str) -> None:
         try:
             function()
         except OSError as error:
@@ -3106,7 +3325,7 @@ class _LayerApplier:
                 self.warned_chown = True
 
     @staticmethod
-    def xattrs(member) -> Dict[str, bytes]:
+    def xattrs(member: "tarfile.TarInfo") -> Dict[str, bytes]:
         values = {}
         for key, value in member.pax_headers.items():
             if not key.startswith("SCHILY.xattr."):
@@ -3118,7 +3337,7 @@ class _LayerApplier:
                 log.debug("skipping extended attribute %s of %s", name, member.name)
         return values
 
-    def set_fd_metadata(self, fd: int, member, path: str) -> None:
+    def set_fd_metadata(self, fd: int, member: "tarfile.TarInfo", path: str) -> None:
         """Set owner, mode, extended attributes and (for files) times through an fd."""
         owner = self.host_owner(member, path)
         if owner is not None:
@@ -3131,7 +3350,7 @@ class _LayerApplier:
         if not member.isdir():
             os.utime(fd, ns=(int(member.mtime * _NS_PER_SECOND),) * 2)
 
-    def set_path_metadata(self, dir_fd: int, name: str, member, path: str) -> None:
+    def set_path_metadata(self, dir_fd: int, name: str, member: "tarfile.TarInfo", path: str) -> None:
         """Set metadata on a new symlink, device node or FIFO, which are never opened."""
         owner = self.host_owner(member, path)
         if owner is not None:
@@ -3144,7 +3363,7 @@ class _LayerApplier:
 
     # Entries ------------------------------------------------------------
 
-    def apply(self, member, data_reader) -> None:
+    def apply(self, member: "tarfile.TarInfo", data_reader: "_DataReader") -> None:
         path = member.name
         parts = _path_parts(path)
         if parts and parts[0].startswith(WHITEOUT_META_PREFIX) and parts[-1] != WHITEOUT_OPAQUE_DIR:
@@ -3182,6 +3401,7 @@ class _LayerApplier:
         if self.parent_cache is not None and self.parent_cache[0] == key:
             return self.parent_cache[1]
         fd = _open_entry_parent(self.root_fd, parts, path, create=True)
+        assert fd is not None  # with create, missing directories are made
         self.forget_parent()
         self.parent_cache = (key, fd)
         return fd
@@ -3243,7 +3463,8 @@ class _LayerApplier:
         _remove_tree(dir_fd, name)
         return None
 
-    def apply_directory(self, parent_fd: int, name: Optional[str], parts: List[str], member, path: str) -> None:
+    def apply_directory(self, parent_fd: int, name: Optional[str], parts: List[str], member: "tarfile.TarInfo",
+                        path: str) -> None:
         if name is None:
             fd = os.dup(parent_fd)
         else:
@@ -3257,7 +3478,7 @@ class _LayerApplier:
         mtime_ns = int(member.mtime * _NS_PER_SECOND)
         self.dir_times.add(parts, mtime_ns, mtime_ns)
 
-    def apply_file(self, parts: List[str], member, data_reader, path: str) -> None:
+    def apply_file(self, parts: List[str], member: "tarfile.TarInfo", data_reader: "_DataReader", path: str) -> None:
         # The data goes to a temporary file in the layer root first, so that a
         # truncated stream fails before any parent directory is created.
         temporary = self.temporary_name
@@ -3278,7 +3499,7 @@ class _LayerApplier:
                 with _suppress_missing():
                     os.unlink(temporary, dir_fd=self.root_fd)
 
-    def apply_special(self, parent_fd: int, parts: List[str], member, path: str) -> None:
+    def apply_special(self, parent_fd: int, parts: List[str], member: "tarfile.TarInfo", path: str) -> None:
         """Create a symlink, hard link, device node or FIFO under a temporary name, then rename it."""
         import tarfile
 
@@ -3305,7 +3526,7 @@ class _LayerApplier:
             with _suppress_missing():
                 os.unlink(temporary, dir_fd=parent_fd)
 
-    def link_target(self, member, path: str) -> Tuple[int, str]:
+    def link_target(self, member: "tarfile.TarInfo", path: str) -> Tuple[int, str]:
         """Resolve a hard link's target inside the layer; return its directory fd and name.
 
         The target must exist and be neither a directory nor a symlink. The
@@ -3325,7 +3546,7 @@ class _LayerApplier:
             raise ValueError(f"hard link {path!r}: target {target!r} {problem}")
         return target_dir_fd, target_parts[-1]
 
-    def link(self, parent_fd: int, temporary: str, member, path: str) -> None:
+    def link(self, parent_fd: int, temporary: str, member: "tarfile.TarInfo", path: str) -> None:
         target_dir_fd, target_name = self.link_target(member, path)
         try:
             os.link(target_name, temporary, src_dir_fd=target_dir_fd, dst_dir_fd=parent_fd,
@@ -3335,15 +3556,17 @@ class _LayerApplier:
 
 
 class _suppress_missing:
-    def __enter__(self):
+    def __enter__(self) -> "_suppress_missing":
         return self
 
-    def __exit__(self, kind, value, traceback):
+    def __exit__(self, kind: Optional[Type[BaseException]], value: Optional[BaseException],
+                 traceback: "Optional[TracebackType]") -> bool:
         return kind is not None and issubclass(kind, FileNotFoundError)
 
 
-def apply_layer_diff(layer_dir, diff, uid_maps=(), gid_maps=(), ignore_chown_errors: bool = False,
-                    progress: Optional[Callable[[int, int], None]] = None) -> int:
+def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Optional[Sequence[IDMap]] = (),
+                     gid_maps: Optional[Sequence[IDMap]] = (), ignore_chown_errors: bool = False,
+                     progress: Optional[Callable[[int, int], None]] = None) -> int:
     """Apply a layer tar (uncompressed, gzip, bzip2, xz or zstd) to a layer directory.
 
     Returns the sum of the regular files' sizes in the tar. Raises ValueError
@@ -3370,8 +3593,9 @@ def apply_layer_diff(layer_dir, diff, uid_maps=(), gid_maps=(), ignore_chown_err
             last_report = now
             progress(counting.count, applied)
 
-    def copy_data(member, out) -> None:
+    def copy_data(member: "tarfile.TarInfo", out: io.BufferedWriter) -> None:
         source = tar.extractfile(member)
+        assert source is not None  # copy_data is called only for regular files
         remaining = member.size
         while remaining:
             try:
@@ -3401,7 +3625,7 @@ def apply_layer_diff(layer_dir, diff, uid_maps=(), gid_maps=(), ignore_chown_err
                                  f"{last_name!r}): {error}") from None
             if member is None:
                 break
-            tar.members.clear()  # tarfile keeps every member read; memory must stay flat
+            _forget_tar_members(tar)  # tarfile keeps every member read; memory must stay flat
             last_name = member.name
             try:
                 applier.apply(member, copy_data)
@@ -3452,7 +3676,8 @@ def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int)
         os.setxattr(_fd_path(dir_fd, name), "security.capability", capability, follow_symlinks=False)
 
 
-def remap_layer_owners(layer_dir, to_container, to_host) -> None:
+def remap_layer_owners(layer_dir: PathArg, to_container: Optional[Tuple[Sequence[IDMap], Sequence[IDMap]]],
+                       to_host: Optional[Tuple[Sequence[IDMap], Sequence[IDMap]]]) -> None:
     """Rewrite every owner below a layer's root from one ID mapping to another.
 
     to_container is the (uid_maps, gid_maps) pair that maps the current host
@@ -3467,6 +3692,7 @@ def remap_layer_owners(layer_dir, to_container, to_host) -> None:
     try:
         for item in _walk_changes(root_fd, None):
             st = item.st
+            assert st is not None  # a walk without a parent yields only ADDs
             if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
                 inode = (st.st_dev, st.st_ino)
                 if inode in seen_inodes:

@@ -452,9 +452,12 @@ def test_ioctl_encoding_size_limits():
 def test_ioctl_request_numbers_lazy_and_star():
     namespace = {}
     exec(f"from {ioctl_structs.__name__} import *", namespace)  # noqa: S102
+    # Inlined into the vendored btrfsdrv, the module's star export is btrfsdrv's own.
+    star_exports_requests = ioctl_structs is not btrfsdrv
 
     for name, value in ioctl_structs.request_numbers().items():
-        assert namespace[name] == value, name
+        if star_exports_requests:
+            assert namespace[name] == value, name
         assert getattr(ioctl_structs, name) == value, name
         assert ioctl_structs.request_number(name) == value, name
     assert "BTRFS_IOC_SNAP_CREATE_V2" in dir(ioctl_structs)
@@ -1522,6 +1525,223 @@ def test_cli_help_documents_exit_status():
     assert "exit status" in result.stdout
 
 
+
+def make_traversable(path):
+    """Add search permission for others to path and its ancestors below the temporary directory."""
+    import tempfile
+    top = os.path.realpath(tempfile.gettempdir())
+    path = os.path.realpath(path)
+    while path.startswith(top + "/"):
+        os.chmod(path, os.stat(path).st_mode | 0o001)
+        path = os.path.dirname(path)
+
+
+def run_as_user(function, uid=65534, gid=65534):
+    """Run function() in a forked child with the given uid and gid; re-raise its error."""
+    import pickle
+    import traceback
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        status = 0
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            result = ("ok", function())
+        except BaseException as error:  # reported to the parent
+            result = ("error", (repr(error), getattr(error, "errno", None), traceback.format_exc()))
+            status = 1
+        with os.fdopen(write_end, "wb") as output:
+            pickle.dump(result, output)
+        os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        data = reader.read()
+    os.waitpid(pid, 0)
+    kind, value = pickle.loads(data)
+    if kind == "error":
+        raise AssertionError(f"as uid {uid}: {value[0]} (errno {value[1]})\n{value[2]}")
+    return value
+
+
+def test_symlinked_quotas_directory_rejected(fs, tmp_path):
+    home = fs.path("home")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_text("keep")
+    os.makedirs(home)
+    os.symlink(str(outside), os.path.join(home, "quotas"))
+    with pytest.raises(btrfsdrv.DriverError, match="quotas is not a directory"):
+        btrfsdrv.Driver(home)
+    assert (outside / "victim").read_text() == "keep"
+
+
+def test_quotas_swapped_for_symlink_after_init(driver, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_text("keep")
+    os.symlink(str(outside), os.path.join(driver.home, "quotas"))
+    with pytest.raises(OSError, match="not a symlink"):
+        driver.create("sized", storage_opt={"size": "8m"})
+    assert not driver.exists("sized")
+    with pytest.raises(FileNotFoundError):
+        driver.remove("victim")
+    assert (outside / "victim").read_text() == "keep"
+    assert sorted(os.listdir(outside)) == ["victim"]
+
+
+def test_home_through_symlink(fs):
+    real = fs.path("real-home")
+    os.makedirs(real)
+    link = fs.path("home-link")
+    os.symlink(real, link)
+    with btrfsdrv.Driver(link, ["btrfs.size=8m"]) as driver:
+        assert driver.home == real
+        driver.create("base")
+        driver.create_read_write("box", "base")
+        assert driver.metadata("box")["SizeLimit"] == str(8 * 1024**2)
+    assert _mounts_below(real) == []
+
+
+def test_remove_nested_subvolume_beyond_ino_lookup_limit(driver, fs):
+    driver.create("deep")
+    root = driver.get("deep")
+    os.chmod(root, 0o755)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(25):  # 25 * 201 bytes: beyond the 4080 bytes INO_LOOKUP returns
+            os.mkdir(b"e" * 200, dir_fd=fd)
+            child = os.open(b"e" * 200, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        btrfsdrv.create_subvolume(f"/proc/self/fd/{fd}/nested")
+    finally:
+        os.close(fd)
+    driver.remove("deep")
+    assert not driver.exists("deep")
+    fs.btrfs("subvolume", "sync", fs.mountpoint)
+    assert fs.btrfs("subvolume", "list", fs.mountpoint).strip() == ""
+
+
+def test_remove_plain_layer_with_read_only_nested_subvolume(driver):
+    layer = os.path.join(driver.home, "subvolumes", "plainro")
+    os.mkdir(layer)
+    btrfsdrv.create_subvolume(os.path.join(layer, "inner"))
+    with open(os.path.join(layer, "inner", "file"), "w") as output:
+        output.write("x")
+    btrfsdrv.create_snapshot(os.path.join(layer, "inner"), os.path.join(layer, "ro"), read_only=True)
+    driver.remove("plainro")
+    assert not os.path.lexists(layer)
+
+
+def test_unprivileged_remove_of_read_only_directories(fs):
+    home = fs.path("home")
+    os.makedirs(home)
+    os.chown(home, 65534, 65534)
+    make_traversable(home)
+
+    def scenario():
+        driver = btrfsdrv.Driver(home)
+        driver.create("base")
+        root = driver.get("base")
+        os.chmod(root, 0o755)
+        os.makedirs(os.path.join(root, "usr", "lib"))
+        with open(os.path.join(root, "usr", "lib", "file"), "w") as output:
+            output.write("x")
+        os.chmod(os.path.join(root, "usr", "lib"), 0o555)
+        os.makedirs(os.path.join(root, "secret"))
+        os.chmod(os.path.join(root, "secret"), 0)
+        os.chmod(root, 0o555)
+        driver.remove("base")
+        return driver.list_layers()
+
+    assert run_as_user(scenario) == []
+
+
+def test_unprivileged_create_owns_layer(fs):
+    home = fs.path("home")
+    os.makedirs(home)
+    os.chown(home, 65534, 65534)
+    make_traversable(home)
+
+    def scenario():
+        driver = btrfsdrv.Driver(home)
+        driver.create("base")
+        st = os.stat(driver.get("base"))
+        with pytest.raises(OSError) as raised:
+            driver.create("sized", storage_opt={"size": "8m"})
+        return st.st_uid, st.st_gid, str(raised.value), driver.list_layers()
+
+    uid, gid, message, layers = run_as_user(scenario)
+    assert (uid, gid) == (65534, 65534)
+    assert "CAP_SYS_ADMIN" in message
+    assert layers == ["base"]
+
+
+def test_concurrent_inits_on_one_home(fs):
+    home = fs.path("home")
+    os.makedirs(home)
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import btrfsdrv\n"
+        "for _ in range(20):\n"
+        "    with btrfsdrv.Driver(sys.argv[2]) as driver:\n"
+        "        driver.exists('x')\n"
+    )
+    module_dir = os.path.dirname(btrfsdrv.__file__)
+    processes = [subprocess.Popen([sys.executable, "-c", script, module_dir, home], stderr=subprocess.PIPE)
+                 for _ in range(12)]
+    results = [(process.wait(), process.stderr.read().decode()) for process in processes]
+    for status, stderr in results:
+        assert status == 0, stderr
+    assert _mounts_below(home) == []
+
+
+def test_huge_quota_file_is_ignored(fs, caplog):
+    with btrfsdrv.Driver(fs.path("home"), ["btrfs.min_space=0"]) as driver:
+        driver.create("layer")
+        os.makedirs(os.path.join(driver.home, "quotas"), exist_ok=True)
+        with open(os.path.join(driver.home, "quotas", "layer"), "w") as quota:
+            quota.write(str(2**64 + 1024))
+        with caplog.at_level("WARNING", logger="btrfsdrv"):
+            driver.get("layer")
+        assert "below 2**63" in caplog.text
+        assert qgroup_limits(fs).get(btrfsdrv.subvolume_id(driver.get("layer"))) is None
+
+
+def test_fifo_quota_file_does_not_block_get(fs):
+    home = fs.path("home")
+    with btrfsdrv.Driver(home) as driver:
+        driver.create("layer")
+        os.makedirs(os.path.join(home, "quotas"))
+        os.mkfifo(os.path.join(home, "quotas", "layer"))
+    result = run_cli(home, "get", "layer")  # would block forever on open(2) of the FIFO
+    assert result.returncode == 0
+    assert "not a regular file" in result.stderr
+
+
+def test_usage_skips_mounts_inside_layer(driver, tmp_path):
+    driver.create("layer")
+    root = driver.get("layer")
+    os.chmod(root, 0o755)
+    os.mkdir(os.path.join(root, "mnt"))
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "data").write_bytes(b"x" * 4096)
+    subprocess.run(["mount", "--bind", str(host), os.path.join(root, "mnt")], check=True)
+    try:
+        assert driver.read_write_disk_usage("layer") == btrfsdrv.DiskUsage(0, 1)  # the root only
+    finally:
+        subprocess.run(["umount", os.path.join(root, "mnt")], check=True)
+
+
+@pytest.mark.parametrize("storage_opt", [[("size", "1m")], "size=1m", {"size": "9" * 5000}])
+def test_create_rejects_malformed_storage_opt(driver, storage_opt):
+    with pytest.raises(ValueError, match="invalid"):
+        driver.create("layer", storage_opt=storage_opt)
+    assert not driver.exists("layer")
+
 # -- Untrusted input at the edges (seeded property tests) ---------------------
 
 PROPERTY_SEED = int(os.environ.get("BTRFSDRV_SEED", "20261204"))
@@ -1646,6 +1866,15 @@ def test_layer_id_random_bytes():
     run_cases(check)
 
 
+def read_quota_file(path):
+    directory, name = os.path.split(path)
+    directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return btrfsdrv._read_quota_file(directory_fd, os.fsencode(name), path)
+    finally:
+        os.close(directory_fd)
+
+
 def test_quota_file_reader_random_contents(tmp_path):
     path = str(tmp_path / "quota")
     alphabet = b"0123456789 \n\t-+x.\xff\x00"
@@ -1656,7 +1885,7 @@ def test_quota_file_reader_random_contents(tmp_path):
             data = str(rng.randrange(0, 2**63)).encode()
         with open(path, "wb") as quota:
             quota.write(data)
-        value = btrfsdrv._read_quota_file(path)
+        value = read_quota_file(path)
         stripped = data.strip()
         if stripped and all(48 <= byte <= 57 for byte in stripped) and int(stripped) < 2**63:
             assert value == int(stripped)
@@ -1665,7 +1894,7 @@ def test_quota_file_reader_random_contents(tmp_path):
 
     run_cases(check, cases=2000)
     os.unlink(path)
-    assert btrfsdrv._read_quota_file(path) is None
+    assert read_quota_file(path) is None
 
 
 # -- Layer diffs ---------------------------------------------------------------

@@ -101,10 +101,15 @@ SCALAR_TYPES = {"__u64": "__u64", "long": "long"}
 # -- What the module defines ----------------------------------------------------
 
 
+def public_names(module):
+    """Return the kernel-interface names of module, also where btrfsdrv inlines it."""
+    return getattr(module, "_IOCTL_STRUCTS_ALL", None) or module.__all__
+
+
 def module_structures(module=ioctl_structs):
     """Return {name: class} for every public btrfs structure in the module."""
     structures = {}
-    for name in module.__all__:
+    for name in public_names(module):
         value = getattr(module, name)
         if isinstance(value, type) and issubclass(value, (ctypes.Structure, ctypes.Union)):
             structures[name] = value
@@ -127,7 +132,7 @@ def structure_fields(cls):
 def module_constants(module=ioctl_structs):
     """Return {name: value} for every public integer constant, request numbers included."""
     constants = {}
-    for name in module.__all__:
+    for name in public_names(module):
         if name.startswith(("BTRFS_", "FS_")):
             value = getattr(module, name)
             if isinstance(value, int):
