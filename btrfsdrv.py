@@ -395,9 +395,9 @@ def tree_search(
     changed or not.  Needs CAP_SYS_ADMIN: EPERM otherwise.
 
     A caller that knows the largest item in the range passes max_item_size,
-    which saves the final empty search: the kernel stops early only when the
-    next item does not fit in the buffer, so a batch that left room for one
-    more such item ended at the end of the range.
+    which saves the final empty search.  The kernel stops a batch early only
+    when the next item does not fit in the buffer, so a batch that left room
+    for one more such item reached the end of the range.
     """
     args = btrfs_ioctl_search_args()
     key = args.key
