@@ -748,6 +748,10 @@ def _enter_directory(
         child = _open_directory(name, dir_fd=fd)
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except PermissionError:
+        if not _make_owner_accessible(fd, name):
+            raise
+        return _enter_directory(fd, name, top_mount, path)
     except OSError as error:
         if error.errno == errno.ELOOP:  # replaced by a symlink since it was listed
             return None
@@ -800,6 +804,29 @@ def _clear_inode_flags(dir_fd: int, name: Optional[bytes]) -> bool:
     return True
 
 
+def _make_owner_accessible(dir_fd: int, name: Optional[bytes]) -> bool:
+    """Add owner read, write and search permission to directory name (or dir_fd itself).
+
+    Return True when the mode changed.  Only a directory that the caller owns
+    and that lacks one of those bits is changed, so an unprivileged owner can
+    delete read-only and mode-0 directories, as root can without this.
+    """
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(b"." if name is None else name, flags, dir_fd=dir_fd)
+    except OSError:
+        return False
+    with _Fd(fd):
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o700 == 0o700:
+            return False
+        # fchmod rejects O_PATH descriptors, and the /proc link reaches the
+        # opened inode itself, never a symlink swapped in since.
+        os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(st.st_mode) | 0o700)
+    log.debug("made %s accessible to its owner", os.fsdecode(name or b"."))
+    return True
+
+
 def _unlink_at(dir_fd: int, name: bytes, is_dir: bool) -> None:
     """Unlink name (rmdir when is_dir), clearing chattr +i/+a flags when they block it."""
     for attempt in range(2):
@@ -810,7 +837,8 @@ def _unlink_at(dir_fd: int, name: bytes, is_dir: bool) -> None:
                 os.unlink(name, dir_fd=dir_fd)
             return
         except PermissionError:
-            if attempt or not (_clear_inode_flags(dir_fd, name) | _clear_inode_flags(dir_fd, None)):
+            changed = _clear_inode_flags(dir_fd, name) | _clear_inode_flags(dir_fd, None)
+            if attempt or not (changed | _make_owner_accessible(dir_fd, None)):
                 raise
 
 
@@ -1053,7 +1081,12 @@ def _set_qgroup_limit(fd: int, qgroup_id: int, max_rfer: Optional[int], path: An
     args.lim.flags = BTRFS_QGROUP_LIMIT_MAX_RFER
     # The kernel clears a limit when it is given as (u64)-1 with its flag set.
     args.lim.max_rfer = _U64_MAX if max_rfer is None else max_rfer
-    _ioctl(fd, _structs.BTRFS_IOC_QGROUP_LIMIT, args, "set qgroup limit", path)
+    try:
+        _ioctl(fd, _structs.BTRFS_IOC_QGROUP_LIMIT, args, "set qgroup limit", path)
+    except PermissionError:
+        raise _os_error(errno.EPERM, "set qgroup limit", path,
+                        "size limits need CAP_SYS_ADMIN in the initial user namespace; "
+                        "create the layer without a size") from None
     log.debug("set limit of qgroup 0/%d (%s) to %s", qgroup_id, os.fsdecode(path),
               "none" if max_rfer is None else max_rfer)
 
@@ -1315,7 +1348,9 @@ def _write_file_atomically(directory_fd: int, name: bytes, data: bytes, path: st
         fd = os.open(temporary, flags, 0o644, dir_fd=directory_fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            os.write(fd, data)
+            # A short write would leave a torn file behind the rename.
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             _write_back(fd, path)
             os.rename(temporary, name, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
         except BaseException:
@@ -1383,6 +1418,10 @@ def _relabel(layer_fd: int, label: str, path: Any) -> None:
 
 
 # -- The driver ------------------------------------------------------------------------
+
+# How many times remove lists and deletes nested subvolumes before it gives up
+# on a layer whose subvolumes keep moving under it.
+_REMOVE_ATTEMPTS = 3
 
 
 class Driver:
@@ -1705,8 +1744,8 @@ class Driver:
                     _write_file_atomically(quotas_fd, name, str(size).encode(), self._quota_file(name))
                 log.debug("wrote quota file for %s: %d bytes", path, size)
             else:
-                # While the subvolume exists no other create can take its
-                # id, so a quota file with its name was left by a crash.
+                # While this layer's subvolume exists no other create can take
+                # its id, so a quota file of that name is a remove's leftover.
                 self._remove_quota_file(name)
                 self._clear_inherited_limit(subvolumes_fd, layer_fd, path)
             if mount_label and _selinux_enabled():
@@ -1763,14 +1802,14 @@ class Driver:
                 os.unlink(name, dir_fd=subvolumes_fd)
                 log.debug("removed %s, which was not a directory", path)
             else:
-                self._check_no_mounts(name, path)
+                self._check_no_mounts(path)
                 self._remove_layer_directory(subvolumes_fd, name, path)
         self._remove_quota_file(layer_id)
 
-    def _check_no_mounts(self, name: bytes, path: str) -> None:
-        # Home is a resolved path, as mount points in /proc/self/mountinfo are.
-        real_path = os.path.join(os.fsencode(self.home), b"subvolumes", name)
-        mounts = _mount_points_below(real_path)
+    def _check_no_mounts(self, path: str) -> None:
+        # Home is resolved at init and a layer id is one component, so path
+        # is resolved as the mount points in /proc/self/mountinfo are.
+        mounts = _mount_points_below(os.fsencode(path))
         if mounts:
             raise _os_error(
                 errno.EBUSY, "remove layer", path,
@@ -1787,12 +1826,32 @@ class Driver:
                 subvolume_ids = self._remove_nested(layer_fd, layer_subvolume_id, path)
                 subvolume_ids.append(layer_subvolume_id)
                 _clear_read_only(layer_fd, path)
+                quota_on = self._clear_limit(subvolumes_fd, layer_subvolume_id, path)
         if subvolume_ids:
-            _delete_subvolume_or_contents(subvolumes_fd, name, path)
+            self._destroy_layer_subvolume(subvolumes_fd, name, path, subvolume_ids)
+            if quota_on:
+                self._destroy_qgroups(subvolumes_fd, subvolume_ids)
         else:
             _unlink_at(subvolumes_fd, name, is_dir=True)
             log.debug("removed directory %s", path)
-        self._destroy_qgroups(subvolumes_fd, subvolume_ids)
+
+    def _destroy_layer_subvolume(self, subvolumes_fd: int, name: bytes, path: str, subvolume_ids: List[int]) -> None:
+        """Destroy the layer's subvolume, first deleting nested subvolumes listed too early.
+
+        A nested subvolume renamed inside the layer after it was listed makes
+        SNAP_DESTROY fail with ENOTEMPTY, so the layer is listed again, up to
+        _REMOVE_ATTEMPTS times.  The ids deleted on the way join subvolume_ids.
+        """
+        for attempt in range(1, _REMOVE_ATTEMPTS + 1):
+            try:
+                _delete_subvolume_or_contents(subvolumes_fd, name, path)
+                return
+            except OSError as error:
+                if error.errno != errno.ENOTEMPTY or attempt == _REMOVE_ATTEMPTS:
+                    raise
+                log.warning("nested subvolumes of %s changed during remove, listing them again", path)
+            with _Fd(_open_directory(name, dir_fd=subvolumes_fd)) as layer_fd:
+                subvolume_ids[:0] = self._remove_nested(layer_fd, _subvolume_id_of_fd(layer_fd, path), path)
 
     def _remove_nested(self, layer_fd: int, layer_subvolume_id: int, path: str) -> List[int]:
         """Delete the subvolumes below the layer, deepest first, and return their ids."""
@@ -1802,6 +1861,27 @@ class Driver:
             if _delete_nested_subvolume(layer_fd, subvolume, path):
                 removed.append(subvolume.id)
         return removed
+
+    def _clear_limit(self, fd: int, subvolume: int, path: str) -> bool:
+        """Clear the limit of a layer's qgroup before the layer is deleted; return whether quota is on.
+
+        The kernel rejects (EBUSY) destroying the qgroup of a deleted
+        subvolume until its cleaner has dropped it, and Linux 6.18 then
+        sometimes keeps the qgroup, limit included, for the next subvolume
+        that gets the same id.  Failing here never fails the remove.  The
+        limit search doubles as the quota check, because the quota tree
+        exists only while quota is on; fd is any directory of home's subvolume.
+        """
+        try:
+            if _qgroup_limit(fd, subvolume, path) is not None:
+                _set_qgroup_limit(fd, subvolume, None, path)
+        except FileNotFoundError:
+            return False
+        except PermissionError as error:
+            log.debug("cannot clear the qgroup limit of %s: %s", path, error)
+        except OSError as error:
+            log.warning("could not clear the qgroup limit of %s before removing it: %s", path, error)
+        return True
 
     def _destroy_qgroups(self, fd: int, subvolume_ids: List[int]) -> None:
         """Destroy the qgroups of deleted subvolumes; fd is any directory on the filesystem.
@@ -2077,7 +2157,15 @@ def _delete_subvolume_or_contents(dir_fd: int, name: bytes, path: Any) -> None:
             raise
         log.debug("cannot destroy subvolume %s (%s); deleting its files", os.fsdecode(path), error)
     with _Fd(_open_directory(name, dir_fd=dir_fd)) as fd:
-        _remove_contents(fd, path)
+        try:
+            _remove_contents(fd, path)
+        except PermissionError as error:
+            raise _os_error(
+                error.errno, "delete subvolume", path,
+                f"emptying it failed at {os.fsdecode(error.filename or b'?')!r}: deleting a subvolume "
+                "that holds other users' files needs CAP_SYS_ADMIN, or the user_subvol_rm_allowed "
+                "mount option and write access to its top directory",
+            ) from None
     try:
         _unlink_at(dir_fd, name, is_dir=True)
     except OSError as error:
@@ -3578,7 +3666,12 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Optional[Seq
     counting = _CountingReader(diff)
     tar_input = _decompressed(counting)
     root_fd = _open_directory(layer_dir)
-    applier = _LayerApplier(root_fd, uid_maps, gid_maps, ignore_chown_errors)
+    try:
+        applier = _LayerApplier(root_fd, uid_maps, gid_maps, ignore_chown_errors)
+    except BaseException:
+        # An open descriptor keeps a removed layer's subvolume from being cleaned.
+        os.close(root_fd)
+        raise
     applied = 0
     total_size = 0
     last_report = time.monotonic()

@@ -12,13 +12,17 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import platform
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import tempfile
+import time
 import uuid
 
 import pytest
@@ -2923,6 +2927,1111 @@ def test_fast_path_declines_unrelated_layers(driver):
 
 
 # -- Hardening -----------------------------------------------------------------
+
+
+def tree_digest(top):
+    """Return a digest of the names, modes, contents and link targets below top."""
+    digest = hashlib.sha256()
+    for directory, dirnames, filenames in os.walk(top, followlinks=False):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            path = os.path.join(directory, name)
+            st = os.lstat(path)
+            digest.update(os.fsencode(os.path.relpath(path, top)) + b"\0" + str(st.st_mode).encode())
+            if stat.S_ISLNK(st.st_mode):
+                digest.update(os.fsencode(os.readlink(path)))
+            elif stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as data:
+                    digest.update(data.read())
+    return digest.hexdigest()
+
+
+def make_sentinel(directory):
+    """Create a small tree beside a layer that no operation may change; return its digest."""
+    os.makedirs(os.path.join(directory, "sub"), exist_ok=True)
+    for name, data in (("precious", b"keep"), (os.path.join("sub", "deeper"), b"keep too")):
+        with open(os.path.join(directory, name), "wb") as output:
+            output.write(data)
+    os.symlink("precious", os.path.join(directory, "link"))
+    return tree_digest(directory)
+
+
+def write_at(dir_fd, name, data=b"data"):
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def make_deep_path(root, sentinel, levels=300, name=b"d" * 20):
+    """Nest levels directories below root with fd-relative calls; return the path length.
+
+    The bottom contains a file and a symlink to the sentinel, so a walk that
+    gives up at PATH_MAX leaves something behind.
+    """
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(levels):
+            os.mkdir(name, dir_fd=fd)
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        write_at(fd, b"bottom")
+        os.symlink(sentinel, b"escape", dir_fd=fd)
+    finally:
+        os.close(fd)
+    return levels * (len(name) + 1)
+
+
+def chattr(flags, *paths):
+    subprocess.run(["chattr", flags, *paths], check=True, capture_output=True)
+
+
+def populate_hostile(root, sentinel, entries=1000):
+    """Fill root with what a hostile container can leave in its layer."""
+    join = os.path.join
+    os.symlink(sentinel, join(root, "to-sentinel"))
+    os.symlink(join(sentinel, "precious"), join(root, "to-sentinel-file"))
+    os.symlink("/", join(root, "to-root"))
+    os.symlink("../../../../../../..", join(root, "up"))
+    os.symlink("loop-b", join(root, "loop-a"))
+    os.symlink("loop-a", join(root, "loop-b"))
+    os.symlink("self", join(root, "self"))
+    os.mkfifo(join(root, "fifo"))
+    os.mknod(join(root, "null"), 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+
+    long_file = join(root, "n" * 255)
+    with open(long_file, "wb") as output:
+        output.write(b"long")
+    long_dir = join(root, "m" * 255)
+    os.mkdir(long_dir)
+    os.symlink(sentinel, join(long_dir, "l" * 255))
+
+    bad = os.fsencode(root) + b"/\xff\xfe-not-utf8"
+    os.mkdir(bad)
+    with open(bad + b"/\x80\xc3\x28", "wb") as output:
+        output.write(b"bytes")
+
+    many = join(root, "many")
+    os.mkdir(many)
+    many_fd = os.open(many, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for index in range(entries):
+            os.close(os.open(str(index), os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=many_fd))
+    finally:
+        os.close(many_fd)
+
+    depth = make_deep_path(root, sentinel)
+    assert depth > 4096
+
+    closed = join(root, "closed")
+    os.mkdir(closed)
+    with open(join(closed, "inside"), "wb") as output:
+        output.write(b"x")
+    os.chmod(closed, 0)
+
+    frozen = join(root, "frozen")
+    with open(frozen, "wb") as output:
+        output.write(b"immutable")
+    appended = join(root, "appended")
+    with open(appended, "wb") as output:
+        output.write(b"append-only")
+    append_dir = join(root, "append-dir")
+    os.mkdir(append_dir)
+    with open(join(append_dir, "kept"), "wb") as output:
+        output.write(b"x")
+    frozen_dir = join(root, "frozen-dir")
+    os.mkdir(frozen_dir)
+    with open(join(frozen_dir, "kept"), "wb") as output:
+        output.write(b"x")
+    chattr("+i", frozen, frozen_dir)
+    chattr("+a", appended, append_dir)
+
+
+def sync_subvolumes(filesystem):
+    """Wait until deleted subvolumes are cleaned.
+
+    Each commit wakes the cleaner, which otherwise waits for the 30-second
+    commit interval.  The short polls spare `subvolume sync` its 1-second
+    sleeps, and it then waits only for whatever is left.
+    """
+    mountpoint = filesystem.mountpoint
+    for _ in range(100):
+        filesystem.btrfs("filesystem", "sync", mountpoint)
+        if not filesystem.btrfs("subvolume", "list", "-d", mountpoint).strip():
+            break
+        time.sleep(0.01)
+    # A descriptor left open in a deleted subvolume keeps it forever, so a
+    # leak fails the test here instead of hanging it.
+    subprocess.run(["btrfs", "subvolume", "sync", mountpoint], check=True, capture_output=True, timeout=300)
+
+
+def assert_no_subvolumes(filesystem):
+    sync_subvolumes(filesystem)
+    assert filesystem.btrfs("subvolume", "list", filesystem.mountpoint).strip() == ""
+
+
+def _refuse_snap_destroy(monkeypatch):
+    """Make SNAP_DESTROY fail as it does without privilege, so the file-by-file path runs."""
+    def refuse(dir_fd, name, path):
+        raise btrfsdrv._os_error(errno.EPERM, "delete subvolume", path)
+
+    monkeypatch.setattr(btrfsdrv, "_subvolume_destroy_at", refuse)
+
+
+def _refuse_tree_search(monkeypatch):
+    """Make TREE_SEARCH fail as it does without CAP_SYS_ADMIN, so root refs come from GET_SUBVOL_ROOTREF."""
+    def refuse(top_fd, top_id, path):
+        raise btrfsdrv._os_error(errno.EPERM, "search btrfs tree", path)
+
+    monkeypatch.setattr(btrfsdrv, "_find_nested_privileged", refuse)
+
+
+def make_layer_of_kind(driver, layer_id, kind, monkeypatch):
+    """Create a layer and return its writable root.
+
+    kind is "subvolume" (SNAP_DESTROY), "fallback" (a subvolume whose
+    removal goes file by file) or "plain" (a plain directory under
+    HOME/subvolumes, as an older store may hold).
+    """
+    if kind == "plain":
+        root = os.path.join(driver.home, "subvolumes", layer_id)
+        os.mkdir(root)
+        return root
+    driver.create(layer_id)
+    root = driver.get(layer_id)
+    os.chmod(root, 0o755)
+    if kind == "fallback":
+        _refuse_snap_destroy(monkeypatch)
+        _refuse_tree_search(monkeypatch)
+    return root
+
+
+LAYER_KINDS = ["subvolume", "fallback", "plain"]
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_remove_hostile_layer(driver, fs, tmp_path, monkeypatch, kind):
+    sentinel = str(tmp_path / "sentinel")
+    digest = make_sentinel(sentinel)
+    root = make_layer_of_kind(driver, "hostile", kind, monkeypatch)
+    populate_hostile(root, sentinel)
+    # A hard link to a file outside the layer, possible only within one subvolume.
+    outside = os.path.join(driver.home, "outside-file")
+    with open(outside, "wb") as output:
+        output.write(b"outside")
+    if kind == "plain":
+        os.link(outside, os.path.join(root, "hardlink"))
+
+    usage = driver.read_write_disk_usage("hostile")
+    assert usage.inode_count > 1300
+    assert driver.get("hostile") == root
+
+    driver.remove("hostile")
+
+    assert not os.path.lexists(root)
+    assert driver.list_layers() == []
+    assert tree_digest(sentinel) == digest
+    with open(outside, "rb") as data:
+        assert data.read() == b"outside"
+    assert os.path.isdir("/proc/self")
+    assert_no_subvolumes(fs)
+
+
+@pytest.mark.parametrize("kind", ["fallback", "plain"])
+def test_remove_directory_of_100000_entries(driver, fs, monkeypatch, kind):
+    root = make_layer_of_kind(driver, "wide", kind, monkeypatch)
+    wide = os.path.join(root, "wide")
+    os.mkdir(wide)
+    wide_fd = os.open(wide, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for index in range(100_000):
+            os.close(os.open(f"entry-{index:06d}", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=wide_fd))
+    finally:
+        os.close(wide_fd)
+
+    assert driver.read_write_disk_usage("wide").inode_count == 100_002
+    driver.remove("wide")
+
+    assert not os.path.lexists(root)
+    assert_no_subvolumes(fs)
+
+
+def test_layer_replaced_by_symlink(driver, fs, tmp_path):
+    sentinel = str(tmp_path / "sentinel")
+    digest = make_sentinel(sentinel)
+    driver.create("real")
+    link = os.path.join(driver.home, "subvolumes", "evil")
+    os.symlink(sentinel, link)
+
+    assert not driver.exists("evil")
+    assert driver.list_layers() == ["real"]
+    with pytest.raises(NotADirectoryError):
+        driver.get("evil")
+    with pytest.raises(NotADirectoryError):
+        driver.read_write_disk_usage("evil")
+    with pytest.raises(NotADirectoryError):
+        driver.metadata("evil")
+    with pytest.raises(FileExistsError):
+        driver.create("evil")
+    with pytest.raises(OSError) as raised:
+        driver.create("child", "evil")
+    assert raised.value.errno in (errno.ELOOP, errno.ENOTDIR)
+    assert raised.value.filename == link
+    assert not driver.exists("child")
+
+    driver.remove("evil")
+
+    assert not os.path.lexists(link)
+    assert tree_digest(sentinel) == digest
+    assert driver.list_layers() == ["real"]
+
+
+def make_nested_subvolumes(root, sentinel):
+    """Create subvolumes at depths 1, 3 and 4 below root, one read-only; return their paths."""
+    direct = os.path.join(root, "direct")
+    btrfsdrv.create_subvolume(direct)
+    os.makedirs(os.path.join(root, "a", "b"))
+    deep = os.path.join(root, "a", "b", "deep")
+    btrfsdrv.create_subvolume(deep)
+    deeper = os.path.join(deep, "deeper")
+    btrfsdrv.create_subvolume(deeper)
+    for subvolume in (direct, deep, deeper):
+        with open(os.path.join(subvolume, "file"), "wb") as output:
+            output.write(b"nested")
+        os.symlink(sentinel, os.path.join(subvolume, "to-sentinel"))
+    frozen = os.path.join(deeper, "frozen")
+    with open(frozen, "wb") as output:
+        output.write(b"x")
+    chattr("+i", frozen)
+    read_only = os.path.join(root, "a", "read-only")
+    btrfsdrv.create_snapshot(direct, read_only, read_only=True)
+    return [direct, deep, deeper, read_only]
+
+
+@pytest.mark.parametrize("kind", ["subvolume", "fallback"])
+def test_remove_nested_subvolumes_and_placeholders(driver, fs, tmp_path, monkeypatch, kind):
+    sentinel = str(tmp_path / "sentinel")
+    digest = make_sentinel(sentinel)
+    driver.create("base")
+    root = driver.get("base")
+    os.chmod(root, 0o755)
+    make_nested_subvolumes(root, sentinel)
+    driver.create("child", "base")
+    child = driver.get("child")
+    # A snapshot contains an empty directory (inode 2) where each nested subvolume was.
+    for placeholder in ("direct", os.path.join("a", "b", "deep"), os.path.join("a", "read-only")):
+        assert os.stat(os.path.join(child, placeholder)).st_ino == ioctl_structs.BTRFS_EMPTY_SUBVOL_DIR_OBJECTID
+    if kind == "fallback":
+        _refuse_snap_destroy(monkeypatch)
+        _refuse_tree_search(monkeypatch)
+
+    assert driver.read_write_disk_usage("child").inode_count > 0
+    driver.remove("child")
+    driver.remove("base")
+
+    assert driver.list_layers() == []
+    assert tree_digest(sentinel) == digest
+    assert_no_subvolumes(fs)
+
+
+def _after_discovery(monkeypatch, action):
+    """Run action once between finding the nested subvolumes and deleting them."""
+    original = btrfsdrv.find_nested_subvolumes
+    pending = [action]
+
+    def find_then_act(top_fd, top_id, path=None):
+        found = original(top_fd, top_id, path)
+        if pending:
+            pending.pop()()
+        return found
+
+    monkeypatch.setattr(btrfsdrv, "find_nested_subvolumes", find_then_act)
+
+
+@pytest.mark.parametrize("kind", ["subvolume", "fallback"])
+def test_remove_nested_deleted_during_remove(driver, fs, tmp_path, monkeypatch, kind):
+    driver.create("layer")
+    root = driver.get("layer")
+    os.chmod(root, 0o755)
+    nested = make_nested_subvolumes(root, str(tmp_path))
+    chattr("-i", os.path.join(nested[2], "frozen"))
+    # nested[2] lies inside nested[1]; the btrfs CLI deletes the deepest first.
+    _after_discovery(monkeypatch, lambda: fs.btrfs("subvolume", "delete", nested[2], nested[1]))
+    if kind == "fallback":
+        _refuse_snap_destroy(monkeypatch)
+
+    driver.remove("layer")
+
+    assert not driver.exists("layer")
+    assert_no_subvolumes(fs)
+
+
+@pytest.mark.parametrize("kind", ["subvolume", "fallback"])
+def test_remove_nested_renamed_during_remove(driver, fs, tmp_path, monkeypatch, kind):
+    driver.create("layer")
+    root = driver.get("layer")
+    os.chmod(root, 0o755)
+    nested = make_nested_subvolumes(root, str(tmp_path))
+    _after_discovery(monkeypatch, lambda: os.rename(nested[0], os.path.join(root, "a", "moved")))
+    if kind == "fallback":
+        _refuse_snap_destroy(monkeypatch)
+
+    driver.remove("layer")
+
+    assert not driver.exists("layer")
+    assert_no_subvolumes(fs)
+
+
+def test_remove_keeps_nested_moved_out(driver, fs, tmp_path, monkeypatch):
+    driver.create("layer")
+    root = driver.get("layer")
+    os.chmod(root, 0o755)
+    nested = make_nested_subvolumes(root, str(tmp_path))
+    escaped = os.path.join(driver.home, "escaped")
+    _after_discovery(monkeypatch, lambda: os.rename(nested[1], escaped))
+
+    driver.remove("layer")
+
+    assert not driver.exists("layer")
+    assert btrfsdrv.is_subvolume(escaped)
+    assert btrfsdrv.is_subvolume(os.path.join(escaped, "deeper"))
+    with open(os.path.join(escaped, "file"), "rb") as data:
+        assert data.read() == b"nested"
+
+
+def test_remove_never_destroys_swapped_in_subvolume(driver, fs, tmp_path, monkeypatch):
+    driver.create("layer")
+    root = driver.get("layer")
+    os.chmod(root, 0o755)
+    nested = make_nested_subvolumes(root, str(tmp_path))
+    foreign = os.path.join(driver.home, "foreign")
+    btrfsdrv.create_subvolume(foreign)
+    with open(os.path.join(foreign, "precious"), "wb") as output:
+        output.write(b"keep")
+    foreign_id = btrfsdrv.subvolume_id(foreign)
+
+    def swap():
+        os.rename(nested[0], os.path.join(driver.home, "direct-out"))
+        os.rename(foreign, nested[0])
+
+    _after_discovery(monkeypatch, swap)
+    with pytest.raises(OSError) as raised:
+        driver.remove("layer")
+
+    assert raised.value.errno == errno.ESTALE
+    assert raised.value.filename == os.path.join(root, "direct")
+    assert btrfsdrv.subvolume_id(nested[0]) == foreign_id
+    with open(os.path.join(nested[0], "precious"), "rb") as data:
+        assert data.read() == b"keep"
+
+
+def _bind_mount(source, target):
+    subprocess.run(["mount", "--bind", source, target], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+@pytest.mark.parametrize("source", ["host", "subvolume"])
+def test_remove_refuses_mount_inside_layer(driver, fs, tmp_path, monkeypatch, kind, source):
+    if source == "host":
+        mounted = str(tmp_path / "host")
+    else:
+        mounted = fs.path("other")
+        btrfsdrv.create_subvolume(mounted)
+    digest = make_sentinel(mounted)
+    root = make_layer_of_kind(driver, "busy", kind, monkeypatch)
+    populate_hostile(root, mounted, entries=10)
+    target = os.path.join(root, "a", "b", "mnt")
+    os.makedirs(target)
+    _bind_mount(mounted, target)
+    try:
+        with pytest.raises(OSError) as raised:
+            driver.remove("busy")
+        assert raised.value.errno == errno.EBUSY
+        assert target in str(raised.value)
+        assert os.path.isdir(os.path.join(root, "many"))
+    finally:
+        subprocess.run(["umount", target], check=True)
+
+    assert tree_digest(mounted) == digest
+    driver.remove("busy")
+    assert not driver.exists("busy")
+    assert tree_digest(mounted) == digest
+    if source == "subvolume":
+        assert btrfsdrv.is_subvolume(mounted)
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+@pytest.mark.parametrize("source", ["host", "subvolume"])
+def test_remove_mount_made_after_check(driver, fs, tmp_path, monkeypatch, kind, source):
+    if source == "host":
+        mounted = str(tmp_path / "host")
+    else:
+        mounted = fs.path("other")
+        btrfsdrv.create_subvolume(mounted)
+    digest = make_sentinel(mounted)
+    root = make_layer_of_kind(driver, "busy", kind, monkeypatch)
+    target = os.path.join(root, "dir", "mnt")
+    os.makedirs(target)
+    original = btrfsdrv.Driver._check_no_mounts
+
+    def check_then_mount(self, path):
+        original(self, path)
+        _bind_mount(mounted, target)
+
+    monkeypatch.setattr(btrfsdrv.Driver, "_check_no_mounts", check_then_mount)
+    try:
+        try:
+            driver.remove("busy")
+        except OSError as error:
+            assert error.errno == errno.EBUSY
+            assert error.filename is not None
+    finally:
+        for point in _mounts_below(root):
+            subprocess.run(["umount", "-l", point], check=False)
+
+    assert tree_digest(mounted) == digest
+    if source == "subvolume":
+        assert btrfsdrv.is_subvolume(mounted)
+
+
+# A child that runs one driver operation and SIGKILLs itself at the Nth line
+# event inside btrfsdrv.py (with N 0, it runs to the end and prints the count).
+_KILL_CHILD = r"""
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import btrfsdrv
+
+home, operation, kill_at = sys.argv[2], sys.argv[3], int(sys.argv[4])
+module_file = btrfsdrv.__file__
+count = 0
+
+
+def trace_lines(frame, event, arg):
+    global count
+    if event == "line":
+        count += 1
+        if count == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return trace_lines
+
+
+def trace_calls(frame, event, arg):
+    return trace_lines if frame.f_code.co_filename == module_file else None
+
+
+sys.settrace(trace_calls)
+driver = btrfsdrv.Driver(home)
+if operation == "create":
+    driver.create("victim", "base")
+elif operation == "create-size":
+    driver.create("victim", "base", storage_opt={"size": "16m"})
+elif operation == "apply":
+    with open(sys.argv[5], "rb") as diff:
+        driver.apply_diff("victim", diff)
+else:
+    driver.remove("victim")
+print(operation, "returned", flush=True)
+driver.cleanup()
+sys.settrace(None)
+print("lines", count, flush=True)
+"""
+
+VICTIM_SIZE = 16 * 1024**2
+
+
+def make_diff(path, size=64 * 1024):
+    """Write a layer tar with a directory, a file of size bytes, a symlink and a whiteout."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        entries = [
+            (tarfile.TarInfo("dir"), None),
+            (tarfile.TarInfo("dir/data"), os.urandom(size)),
+            (tarfile.TarInfo("dir/link"), None),
+            (tarfile.TarInfo(".wh.file"), b""),
+        ]
+        entries[0][0].type = tarfile.DIRTYPE
+        entries[2][0].type = tarfile.SYMTYPE
+        entries[2][0].linkname = "/"
+        for info, data in entries:
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def run_kill_child(home, operation, kill_at):
+    module_dir = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
+    diff = os.path.join(os.path.dirname(home), "diff.tar")
+    return subprocess.run(
+        [sys.executable, "-c", _KILL_CHILD, module_dir, home, operation, str(kill_at), diff],
+        capture_output=True, text=True,
+    )
+
+
+def make_victim(home):
+    """Create the layer that the remove child deletes: sized, with nested subvolumes."""
+    with btrfsdrv.Driver(home) as driver:
+        driver.create("victim", "base", storage_opt={"size": "16m"})
+        root = driver.get("victim")
+        btrfsdrv.create_subvolume(os.path.join(root, "nested"))
+        btrfsdrv.create_snapshot(os.path.join(root, "nested"), os.path.join(root, "ro"), read_only=True)
+
+
+def check_store_after_kill(fs, home, operation, returned):
+    """Open the store a killed child left, check it, and remove the layer it worked on."""
+    real_home = os.path.realpath(home)
+    assert _mounts_below(home).count(real_home) <= 1
+    quotas = os.path.join(home, "quotas")
+    with btrfsdrv.Driver(home) as driver:
+        names = os.listdir(quotas) if os.path.isdir(quotas) else []
+        assert [name for name in names if name.endswith(".tmp")] == []
+        for name in names:
+            with open(os.path.join(quotas, name), "rb") as quota:
+                assert quota.read() == str(VICTIM_SIZE).encode(), name
+        if returned and operation != "remove":
+            assert driver.exists("victim")
+        if returned and operation == "create-size":
+            assert "victim" in names
+            victim_id = btrfsdrv.subvolume_id(driver.get("victim"))
+            assert qgroup_limits(fs)[victim_id] == VICTIM_SIZE
+        if returned and operation == "remove":
+            assert not driver.exists("victim")
+            assert "victim" not in names
+        if returned and operation == "apply":
+            assert os.path.getsize(os.path.join(driver.get("victim"), "dir", "data")) == 64 * 1024
+            assert not os.path.lexists(os.path.join(driver.get("victim"), "file"))
+
+        for layer_id in driver.list_layers():
+            assert driver.exists(layer_id)
+            assert os.path.isdir(driver.get(layer_id))
+        if driver.exists("victim"):
+            driver.remove("victim")
+        else:
+            with pytest.raises(FileNotFoundError):
+                driver.remove("victim")
+        assert driver.list_layers() == ["base"]
+        base_id = btrfsdrv.subvolume_id(driver.get("base"))
+
+    assert not os.path.exists(os.path.join(quotas, "victim"))
+    sync_subvolumes(fs)
+    listed = fs.btrfs("subvolume", "list", fs.mountpoint).split("\n")
+    assert [line.split()[1] for line in listed if line] == [str(base_id)]
+    if quota_is_enabled(fs):
+        limits = qgroup_limits(fs)
+        assert {qgroup: limit for qgroup, limit in limits.items() if limit is not None} == {}
+
+
+@pytest.mark.parametrize("operation", ["create", "create-size", "remove", "apply"])
+def test_kill_at_every_step(fs, operation, record_property):
+    home = fs.path("home")
+    with btrfsdrv.Driver(home) as driver:
+        driver.create("base")
+        os.chmod(driver.get("base"), 0o755)
+        with open(os.path.join(driver.get("base"), "file"), "wb") as output:
+            output.write(b"base")
+    make_diff(os.path.join(os.path.dirname(home), "diff.tar"))
+    if operation in ("remove", "apply"):
+        make_victim(home)
+    full = run_kill_child(home, operation, 0)
+    assert full.returncode == 0, full.stderr
+    lines = int(full.stdout.split()[-1])
+    check_store_after_kill(fs, home, operation, returned=True)
+
+    # About 100 kill points for each operation, spread evenly over its lines.
+    stride = max(1, lines // 100)
+    kills = 0
+    for kill_at in range(1, lines + 1, stride):
+        if operation in ("remove", "apply"):
+            make_victim(home)
+        result = run_kill_child(home, operation, kill_at)
+        assert result.returncode in (-signal.SIGKILL, 0), result.stderr
+        kills += result.returncode == -signal.SIGKILL
+        check_store_after_kill(fs, home, operation, returned=f"{operation} returned" in result.stdout)
+    record_property("kill_points", kills)
+    print(f"{operation}: {lines} lines, {kills} kills")
+    assert kills >= min(lines, 100) // 2
+
+    assert _mounts_below(home).count(os.path.realpath(home)) <= 1
+    cleanup = run_cli(home, "cleanup")
+    assert cleanup.returncode == 0, cleanup.stderr
+    assert _mounts_below(home) == []
+
+
+def test_create_ignores_stale_quota_file(fs):
+    home = fs.path("home")
+    with btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as driver:
+        # A remove killed after deleting the subvolume leaves the quota file.
+        os.makedirs(os.path.join(home, "quotas"))
+        with open(os.path.join(home, "quotas", "reused"), "w") as quota:
+            quota.write(str(VICTIM_SIZE))
+        driver.create("reused")
+        layer = btrfsdrv.subvolume_id(driver.get("reused"))
+
+        assert not os.path.exists(os.path.join(home, "quotas", "reused"))
+        assert "SizeLimit" not in driver.metadata("reused")
+        assert qgroup_limits(fs).get(layer) is None
+
+
+def test_init_and_cleanup_1000_times(fs):
+    home = fs.path("home")
+    with open("/proc/self/mountinfo", "rb") as mountinfo:
+        before = mountinfo.read()
+    for _ in range(1000):
+        driver = btrfsdrv.Driver(home)
+        driver.cleanup()
+    with open("/proc/self/mountinfo", "rb") as mountinfo:
+        assert mountinfo.read() == before
+
+
+def test_cli_cleanup_removes_leftover_bind_mount(fs):
+    home = fs.path("home")
+    # A process killed after Driver init leaves its bind mount of home behind.
+    script = (
+        "import os, signal, sys; sys.path.insert(0, sys.argv[1]); import btrfsdrv; "
+        "btrfsdrv.Driver(sys.argv[2]); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    module_dir = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
+    for _ in range(5):
+        result = subprocess.run([sys.executable, "-c", script, module_dir, home], capture_output=True)
+        assert result.returncode == -signal.SIGKILL
+        assert _mounts_below(home) == [os.path.realpath(home)]
+
+    cleanup = run_cli(home, "cleanup")
+
+    assert cleanup.returncode == 0, cleanup.stderr
+    assert _mounts_below(home) == []
+
+
+_FORK = __import__("multiprocessing").get_context("fork")
+
+
+def is_clear_error(error):
+    """Tell whether a failed call raised an error that names its errno and path."""
+    return isinstance(error, OSError) and error.errno is not None and error.filename is not None
+
+
+def _create_and_remove_layers(home, worker, count):
+    """Create, use and remove count layers in one process; return the failures as text."""
+    failures = []
+    with btrfsdrv.Driver(home) as driver:
+        for index in range(count):
+            layer_id = f"w{worker}-{index}"
+            storage_opt = {"size": "8m"} if index % 2 else None
+            try:
+                driver.create_read_write(layer_id, "base", storage_opt=storage_opt)
+                with open(os.path.join(driver.get(layer_id), "written"), "w") as output:
+                    output.write(layer_id)
+                driver.remove(layer_id)
+            except Exception as error:  # reported to the parent, which asserts on it
+                failures.append(f"{layer_id}: {error!r}")
+    return failures
+
+
+def assert_store_consistent(fs, driver, expected_layers):
+    """Check that every layer gets and that no quota file, limit or subvolume is left over."""
+    layers = driver.list_layers()
+    assert layers == sorted(expected_layers)
+    for layer_id in layers:
+        assert os.path.isdir(driver.get(layer_id))
+    quotas = os.path.join(driver.home, "quotas")
+    leftover = sorted(set(os.listdir(quotas)) - set(layers)) if os.path.isdir(quotas) else []
+    assert leftover == []
+    sync_subvolumes(fs)
+    listed = [line for line in fs.btrfs("subvolume", "list", fs.mountpoint).splitlines() if line]
+    assert len(listed) == len(layers)
+    if quota_is_enabled(fs):
+        live = {btrfsdrv.subvolume_id(driver.get(layer_id)) for layer_id in layers}
+        limits = qgroup_limits(fs)
+        assert {qgroup for qgroup, limit in limits.items() if limit is not None} <= live
+
+
+def test_processes_create_and_remove_hundreds(fs):
+    home = fs.path("home")
+    workers, count = 4, 60
+    with btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as driver:
+        driver.create("base")
+        with _FORK.Pool(workers) as pool:
+            results = pool.starmap(_create_and_remove_layers, [(home, worker, count) for worker in range(workers)])
+
+        assert [failure for failures in results for failure in failures] == []
+        assert_store_consistent(fs, driver, ["base"])
+
+
+def _create_same_id(home, barrier, size, queue):
+    with btrfsdrv.Driver(home) as driver:
+        barrier.wait()
+        try:
+            parent = "base" if size % 2 == 0 else None
+            driver.create("same", parent, storage_opt={"size": str(size)})
+            queue.put((size, "created"))
+        except Exception as error:  # reported to the parent, which asserts on it
+            queue.put((size, type(error).__name__))
+
+
+def test_processes_create_same_id(fs):
+    home = fs.path("home")
+    rounds = 40
+    with btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as driver:
+        driver.create("base")
+        for round_number in range(rounds):
+            barrier = _FORK.Barrier(2)
+            queue = _FORK.Queue()
+            # Even sizes snapshot base and odd ones create an empty layer.
+            sizes = (8 * 1024**2 + round_number % 2, 12 * 1024**2 + round_number % 2)
+            processes = [_FORK.Process(target=_create_same_id, args=(home, barrier, size, queue)) for size in sizes]
+            for process in processes:
+                process.start()
+            outcomes = dict(queue.get() for _ in processes)
+            for process in processes:
+                process.join()
+
+            winners = [size for size, outcome in outcomes.items() if outcome == "created"]
+            losers = [outcome for outcome in outcomes.values() if outcome != "created"]
+            assert len(winners) == 1, outcomes
+            assert losers == ["FileExistsError"], outcomes
+            with open(os.path.join(home, "quotas", "same"), "rb") as quota:
+                assert quota.read() == str(winners[0]).encode()
+            layer = btrfsdrv.subvolume_id(driver.get("same"))
+            assert qgroup_limits(fs)[layer] == winners[0]
+            driver.remove("same")
+
+        assert_store_consistent(fs, driver, ["base"])
+
+
+def _race_on_layer(home, role, layer_id, barrier, queue):
+    """Remove layer_id, get it, or snapshot it, as role selects, and report each outcome."""
+    outcomes = []
+    with btrfsdrv.Driver(home) as driver:
+        barrier.wait()
+        for attempt in range(20 if role != "remove" else 1):
+            try:
+                if role == "remove":
+                    driver.remove(layer_id)
+                elif role == "get":
+                    driver.get(layer_id)
+                else:
+                    driver.create(f"{layer_id}-child-{attempt}", layer_id, storage_opt={"size": "8m"})
+                outcomes.append("ok")
+            except Exception as error:  # reported to the parent, which asserts on it
+                outcomes.append("clear" if is_clear_error(error) else repr(error))
+    queue.put((role, outcomes))
+
+
+def test_remove_races_get_and_create_child(fs):
+    home = fs.path("home")
+    with btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as driver:
+        driver.create("base")
+        for round_number in range(15):
+            layer_id = f"doomed{round_number}"
+            driver.create(layer_id, "base", storage_opt={"size": "16m"})
+            btrfsdrv.create_subvolume(os.path.join(driver.get(layer_id), "nested"))
+            barrier = _FORK.Barrier(3)
+            queue = _FORK.Queue()
+            processes = [
+                _FORK.Process(target=_race_on_layer, args=(home, role, layer_id, barrier, queue))
+                for role in ("remove", "get", "create")
+            ]
+            for process in processes:
+                process.start()
+            outcomes = dict(queue.get() for _ in processes)
+            for process in processes:
+                process.join()
+
+            assert outcomes["remove"] == ["ok"]
+            for role in ("get", "create"):
+                assert set(outcomes[role]) <= {"ok", "clear"}, outcomes[role]
+            assert not driver.exists(layer_id)
+
+        survivors = [layer for layer in driver.list_layers() if layer != "base"]
+        assert_store_consistent(fs, driver, ["base", *survivors])
+        for layer_id in survivors:
+            driver.remove(layer_id)
+        assert_store_consistent(fs, driver, ["base"])
+
+
+NOBODY = 65534
+
+# Runs as a user without CAP_SYS_ADMIN and prints what each step did as JSON.
+_UNPRIVILEGED_CHILD = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import btrfsdrv
+
+home = sys.argv[2]
+results = {}
+
+
+def attempt(step, call):
+    try:
+        call()
+        results[step] = "ok"
+    except Exception as error:
+        results[step] = f"{type(error).__name__}: {error}"
+
+
+def fill(layer_id):
+    root = driver.get(layer_id)
+    os.chmod(root, 0o755)
+    with open(os.path.join(root, "file"), "w") as output:
+        output.write("data")
+    os.symlink("/", os.path.join(root, "to-root"))
+
+
+def close(layer_id):
+    root = driver.get(layer_id)
+    for name, mode in (("read-only", 0o555), ("closed", 0)):
+        os.mkdir(os.path.join(root, name))
+        with open(os.path.join(root, name, "file"), "w") as output:
+            output.write("data")
+        os.chmod(os.path.join(root, name), mode)
+
+
+def nest(layer_id):
+    root = driver.get(layer_id)
+    btrfsdrv.create_subvolume(os.path.join(root, "nested"))
+    with open(os.path.join(root, "nested", "file"), "w") as output:
+        output.write("data")
+    btrfsdrv.create_snapshot(os.path.join(root, "nested"), os.path.join(root, "read-only-nested"), read_only=True)
+
+
+driver = btrfsdrv.Driver(home)
+attempt("create", lambda: driver.create("base"))
+attempt("fill", lambda: fill("base"))
+attempt("snapshot", lambda: driver.create("box", "base"))
+attempt("nest", lambda: nest("box"))
+attempt("usage", lambda: driver.read_write_disk_usage("box"))
+attempt("close", lambda: close("box"))
+attempt("remove box", lambda: driver.remove("box"))
+attempt("remove base", lambda: driver.remove("base"))
+attempt("create sized", lambda: driver.create("sized", storage_opt={"size": "8m"}))
+results["sized exists"] = driver.exists("sized")
+attempt("remove limited", lambda: driver.remove("limited"))
+attempt("remove mixed", lambda: driver.remove("mixed"))
+driver.cleanup()
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(params=[(), ("user_subvol_rm_allowed",)], ids=["default", "user_subvol_rm_allowed"])
+def open_fs(request):
+    """A loopback btrfs whose mount point every user can reach (pytest's tmp_path is 0700)."""
+    directory = tempfile.mkdtemp(prefix="btrfsdrv-test-")
+    os.chmod(directory, 0o755)
+    try:
+        with loopback_btrfs(directory, mount_options=request.param) as filesystem:
+            os.chmod(filesystem.mountpoint, 0o755)
+            yield filesystem
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def prepare_unprivileged_home(filesystem, owner):
+    """Make a home owned by owner with a sized layer and a layer holding a root-owned subvolume."""
+    home = filesystem.path("home")
+    with btrfsdrv.Driver(home, ["btrfs.min_space=1m"], uid_maps=[(0, owner, 1)], gid_maps=[(0, owner, 1)]) as driver:
+        driver.create("limited", storage_opt={"size": "8m"})
+        driver.create("mixed")
+        mixed = driver.get("mixed")
+        os.chmod(mixed, 0o755)
+        btrfsdrv.create_subvolume(os.path.join(mixed, "root-owned"))
+        with open(os.path.join(mixed, "root-owned", "file"), "w") as output:
+            output.write("root's")
+    for path in (home, os.path.join(home, "quotas"), os.path.join(home, "quotas", "limited")):
+        os.chown(path, owner, owner)
+    return home
+
+
+def _copy_module(directory):
+    """Copy the module under test where every user can read it; return that directory."""
+    module_dir = os.path.join(directory, "module")
+    os.mkdir(module_dir)
+    source_dir = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
+    for name in ("btrfsdrv.py", "ioctl_structs.py"):
+        if os.path.exists(os.path.join(source_dir, name)):
+            shutil.copy(os.path.join(source_dir, name), module_dir)
+    os.chmod(module_dir, 0o755)
+    return module_dir
+
+
+def _interpreter_for(user):
+    """Return a Python interpreter that user can run (pyenv builds under /root are not)."""
+    for candidate in (sys.executable, "/usr/bin/python3"):
+        try:
+            probe = subprocess.run([candidate, "-c", "pass"], capture_output=True, user=user, group=user,
+                                   extra_groups=[])
+        except OSError:
+            continue
+        if probe.returncode == 0:
+            return candidate
+    reason = f"no Python interpreter that uid {user} can run"
+    if IN_CI:
+        pytest.fail(f"CI=true but {reason}")
+    pytest.skip(reason)
+
+
+def run_unprivileged(filesystem, home, how):
+    module_dir = _copy_module(filesystem.directory)
+    if how == "unshare":
+        command = ["unshare", "-Ur", sys.executable, "-c", _UNPRIVILEGED_CHILD, module_dir, home]
+        result = subprocess.run(command, capture_output=True, text=True)
+    else:
+        command = [_interpreter_for(NOBODY), "-c", _UNPRIVILEGED_CHILD, module_dir, home]
+        result = subprocess.run(command, capture_output=True, text=True, user=NOBODY, group=NOBODY, extra_groups=[])
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("how", ["unshare", "setuid"])
+def test_unprivileged_store(open_fs, how):
+    owner = 0 if how == "unshare" else NOBODY
+    home = prepare_unprivileged_home(open_fs, owner)
+    limited_id = btrfsdrv.subvolume_id(os.path.join(home, "subvolumes", "limited"))
+
+    results = run_unprivileged(open_fs, home, how)
+
+    for step in ("create", "fill", "snapshot", "nest", "usage", "close", "remove box", "remove base", "remove limited"):
+        assert results[step] == "ok", (step, results[step])
+    assert "CAP_SYS_ADMIN" in results["create sized"]
+    assert results["sized exists"] is False
+    assert not os.path.exists(os.path.join(home, "quotas", "limited"))
+    if how == "unshare":
+        assert results["remove mixed"] == "ok"
+        expected = []
+    else:
+        # The layer's owner cannot empty a subvolume that root owns.
+        assert "PermissionError" in results["remove mixed"]
+        assert "CAP_SYS_ADMIN" in results["remove mixed"]
+        assert "root-owned" in results["remove mixed"]
+        expected = ["mixed", "root-owned"]
+    sync_subvolumes(open_fs)
+    listed = open_fs.btrfs("subvolume", "list", open_fs.mountpoint)
+    assert [os.path.basename(line.split()[-1]) for line in listed.splitlines() if line] == expected
+    assert qgroup_limits(open_fs).get(limited_id) is None
+    assert _mounts_below(home) == []
+
+
+SMALL_IMAGE = 256 * 1024**2
+
+
+def assert_clean_outcome(driver, layer_id, call):
+    """Run a create that may fail; if it fails, no part of the layer may remain."""
+    try:
+        call()
+    except OSError as error:
+        assert is_clear_error(error), repr(error)
+        assert not driver.exists(layer_id)
+        assert not os.path.exists(os.path.join(driver.home, "quotas", layer_id))
+        return False
+    assert os.path.isdir(driver.get(layer_id))
+    return True
+
+
+def test_full_filesystem(tmp_path):
+    with loopback_btrfs(tmp_path, size=SMALL_IMAGE) as small:
+        with btrfsdrv.Driver(small.path("home"), ["btrfs.min_space=1m"]) as driver:
+            driver.create("base")
+            driver.create("big", "base", storage_opt={"size": "64m"})
+            big = driver.get("big")
+            os.chmod(big, 0o755)
+            with open(os.path.join(big, "data"), "wb") as output:
+                output.write(os.urandom(32 * 1024**2))
+            assert write_until_error(small.path("filler"), maximum=SMALL_IMAGE) == errno.ENOSPC
+            sync_subvolumes(small)
+
+            created = {
+                "empty": assert_clean_outcome(driver, "empty", lambda: driver.create("empty")),
+                "snapshot": assert_clean_outcome(driver, "snapshot", lambda: driver.create("snapshot", "base")),
+                "sized": assert_clean_outcome(
+                    driver, "sized", lambda: driver.create("sized", "base", storage_opt={"size": "8m"})),
+            }
+            print(f"created on a full filesystem: {created}")
+            free_before = os.statvfs(small.mountpoint).f_bavail
+
+            driver.remove("big")
+
+            sync_subvolumes(small)
+            assert os.statvfs(small.mountpoint).f_bavail > free_before
+            assert not os.path.exists(os.path.join(driver.home, "quotas", "big"))
+            for layer_id in driver.list_layers():
+                driver.remove(layer_id)
+            assert driver.list_layers() == []
+        os.unlink(small.path("filler"))
+        assert_no_subvolumes(small)
+
+
+def test_layer_at_its_limit(fs):
+    with btrfsdrv.Driver(fs.path("home"), ["btrfs.min_space=1m"]) as driver:
+        driver.create("base")
+        driver.create_read_write("box", "base", storage_opt={"size": "16m"})
+        root = driver.get("box")
+        os.chmod(root, 0o755)
+        assert write_until_error(os.path.join(root, "fill")) == errno.EDQUOT
+
+        assert assert_clean_outcome(driver, "child", lambda: driver.create("child", "box"))
+        assert_clean_outcome(
+            driver, "sized-child", lambda: driver.create("sized-child", "box", storage_opt={"size": "32m"}))
+        assert driver.get("box") == root
+        assert qgroup_limits(fs)[btrfsdrv.subvolume_id(root)] == 16 * 1024**2
+        diff = make_diff(os.path.join(os.path.dirname(driver.home), "big.tar"), size=8 * 1024**2)
+        with open(diff, "rb") as stream, pytest.raises(OSError) as raised:
+            driver.apply_diff("box", stream)
+        assert raised.value.errno == errno.EDQUOT
+        assert raised.value.filename is not None
+
+        driver.remove("box")
+
+        assert not driver.exists("box")
+        assert os.path.getsize(os.path.join(driver.get("child"), "fill")) > 0
+        assert_store_consistent(fs, driver, driver.list_layers())
+
+
+@pytest.mark.parametrize("change", [
+    ("qgroup", "limit", "none"),
+    ("qgroup", "limit", "1G"),
+    ("qgroup", "destroy"),
+    ("quota", "disable"),
+], ids=" ".join)
+def test_get_restores_limit_changed_outside(fs, change):
+    with btrfsdrv.Driver(fs.path("home"), ["btrfs.min_space=1m"]) as driver:
+        driver.create("box", storage_opt={"size": "12m"})
+        root = driver.get("box")
+        layer = btrfsdrv.subvolume_id(root)
+        if change[0] == "qgroup" and change[1] == "limit":
+            fs.btrfs(*change, root)
+        elif change[0] == "qgroup":
+            # Linux 6.x rejects destroying the qgroup of a live subvolume (EBUSY).
+            subprocess.run(["btrfs", *change, f"0/{layer}", fs.mountpoint], capture_output=True)
+        else:
+            fs.btrfs(*change, fs.mountpoint)
+
+        driver.get("box")
+
+        assert quota_is_enabled(fs)
+        assert qgroup_limits(fs)[layer] == 12 * 1024**2
+
+
+def test_reused_subvolume_id_has_no_limit(fs):
+    home = fs.path("home")
+    with btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as driver:
+        driver.create("old")
+        driver.create("limited", storage_opt={"size": "12m"})
+        limited_id = btrfsdrv.subvolume_id(driver.get("limited"))
+        assert limited_id > btrfsdrv.subvolume_id(driver.get("old"))
+        driver.remove("limited")
+    sync_subvolumes(fs)
+    fs.remount()
+
+    with btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as driver:
+        driver.create("new")
+        new_id = btrfsdrv.subvolume_id(driver.get("new"))
+
+        assert new_id == limited_id
+        assert qgroup_limits(fs).get(new_id) is None
+        assert "SizeLimit" not in driver.metadata("new")
 
 
 # -- Vendoring, packaging and interoperation ------------------------------------
