@@ -5,7 +5,7 @@ PYTEST ?= $(PYTHON) -m pytest
 PYTEST_ARGS ?=
 APT_GET = DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: test test-deps test-source test-vendored vendor demo bench lint clean \
+.PHONY: test test-deps test-source test-vendored vendor demo bench bench-deps lint clean \
 	struct-table crosscheck packages
 
 # The README's test command: prepare the machine, then run the whole suite
@@ -56,6 +56,24 @@ vendor:
 
 demo: test-deps
 	$(PYTHON) tools/demo.py
+
+# Benchmarks against libbtrfsutil, the btrfs CLI and GNU tar (see
+# BENCHMARKS.md). CASES selects cases (CASES=snapshot,remove); QUICK=1 runs
+# smaller sizes for development.
+CASES ?=
+QUICK ?=
+BENCH_ARGS = $(if $(CASES),--cases $(CASES)) $(if $(QUICK),--quick)
+
+bench: bench-deps
+	$(PYTHON) bench/run.py $(BENCH_ARGS)
+
+# python3-btrfsutil is built for Debian's /usr/bin/python3, which the
+# benchmark runs it with.
+bench-deps:
+	@if ! /usr/bin/python3 -c 'import btrfsutil' 2>/dev/null || ! command -v btrfs >/dev/null 2>&1 \
+		|| ! command -v tar >/dev/null 2>&1 || ! command -v dpkg-deb >/dev/null 2>&1; then \
+		$(APT_GET) update -qq && $(APT_GET) install -y -qq python3-btrfsutil btrfs-progs tar dpkg; \
+	fi
 
 # Regenerates the table of struct layouts and constants that the kernel
 # interface tests compare against where no C compiler or headers exist.

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import platform
 from typing import Any, NamedTuple
 
 PORTED_HEADERS_VERSION = "6.1"
@@ -112,6 +111,10 @@ class UnknownMachineError(ValueError):
 
 def ioc_encoding(machine: str | None = None) -> IocEncoding:
     """Return the ioctl encoding for a ``platform.machine()`` name (default: this one)."""
+    # Imported here, on the first request number, to keep it out of the
+    # import time of this module.
+    import platform
+
     name = platform.machine() if machine is None else machine
     lowered = name.lower()
     for prefixes, encoding in _MACHINE_PREFIXES:

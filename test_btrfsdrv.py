@@ -4598,3 +4598,234 @@ def test_podman_min_space_agrees_with_btrfsdrv(podman):
             driver.get(name)
     btrfsdrv_limits = {name: _layer_limit(podman.fs, podman, name) for name in ("small", "large")}
     assert btrfsdrv_limits == podman_limits
+
+
+# -- Performance fast paths ---------------------------------------------------
+
+# Nested subvolumes below a top subvolume, at depths 1 to 4, two of them
+# inside another nested subvolume.
+NESTED_TREE = (b"n1", b"d1/n2", b"d1/d2/d3/n3", b"n1/e1/n4", b"n1/e1/n4/n5")
+
+
+def make_nested_tree(top):
+    """Create a subvolume at top with NESTED_TREE below it and a few plain files."""
+    btrfsdrv.create_subvolume(top)
+    for relative in NESTED_TREE:
+        directory = os.path.join(os.fsencode(top), relative)
+        os.makedirs(os.path.dirname(directory), exist_ok=True)
+        btrfsdrv.create_subvolume(directory)
+        with open(os.path.join(os.path.dirname(directory), b"file"), "wb") as plain:
+            plain.write(b"data")
+
+
+def nested_paths(found):
+    return sorted(subvolume.path for subvolume in found)
+
+
+@contextlib.contextmanager
+def open_top(top):
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield fd, btrfsdrv._subvolume_id_of_fd(fd, top)
+    finally:
+        os.close(fd)
+
+
+def test_nested_search_methods_agree(fs):
+    top = fs.path("top")
+    make_nested_tree(top)
+
+    with open_top(top) as (fd, top_id):
+        privileged = btrfsdrv._find_nested_privileged(fd, top_id, top)
+        unprivileged = btrfsdrv._find_nested_unprivileged(fd, top_id, top)
+        walked = btrfsdrv._find_nested_by_walk(fd, top_id, top)
+        walked_paths = btrfsdrv.find_nested_subvolumes_by_walk(fd)
+
+    assert nested_paths(privileged) == sorted(NESTED_TREE)
+    assert sorted(unprivileged) == sorted(privileged)
+    assert sorted(walked) == sorted(privileged)
+    assert sorted(walked_paths) == sorted(NESTED_TREE)
+
+
+def test_nested_search_lists_parents_first(fs):
+    top = fs.path("top")
+    make_nested_tree(top)
+
+    with open_top(top) as (fd, top_id):
+        found = btrfsdrv.find_nested_subvolumes(fd, top_id, top)
+
+    position = {subvolume.id: index for index, subvolume in enumerate(found)}
+    for subvolume in found:
+        if subvolume.parent_id != top_id:
+            assert position[subvolume.parent_id] < position[subvolume.id]
+
+
+def test_nested_search_as_unprivileged_user(fs):
+    nobody = 65534
+    top = fs.path("top")
+    make_nested_tree(top)
+    for directory, subdirectories, files in os.walk(top):
+        for name in [directory] + [os.path.join(directory, entry) for entry in subdirectories + files]:
+            os.lchown(name, nobody, nobody)
+
+    with open_top(top) as (fd, top_id):
+        expected = sorted(btrfsdrv._find_nested_privileged(fd, top_id, top))
+        read_end, write_end = os.pipe()
+        child = os.fork()
+        if child == 0:
+            status = 1
+            try:
+                os.close(read_end)
+                os.setgroups([])
+                os.setgid(nobody)
+                os.setuid(nobody)
+                found = btrfsdrv.find_nested_subvolumes(fd, top_id, top)
+                os.write(write_end, repr(sorted(tuple(subvolume) for subvolume in found)).encode())
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as output:
+            reported = output.read().decode()
+        _, status = os.waitpid(child, 0)
+
+    assert os.WIFEXITED(status)
+    assert os.WEXITSTATUS(status) == 0
+    assert reported == repr([tuple(subvolume) for subvolume in expected])
+
+
+def test_nested_search_falls_back_to_walk(fs, monkeypatch):
+    top = fs.path("top")
+    make_nested_tree(top)
+
+    def unprivileged(*args):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    def unsupported(*args):
+        raise OSError(errno.ENOTTY, "Inappropriate ioctl for device")
+
+    with open_top(top) as (fd, top_id):
+        expected = sorted(btrfsdrv._find_nested_privileged(fd, top_id, top))
+        monkeypatch.setattr(btrfsdrv, "_find_nested_privileged", unprivileged)
+        monkeypatch.setattr(btrfsdrv, "_find_nested_unprivileged", unsupported)
+        found = btrfsdrv.find_nested_subvolumes(fd, top_id, top)
+
+    assert sorted(found) == expected
+
+
+def test_remove_reads_no_layer_directory(driver, monkeypatch):
+    driver.create("base")
+    make_nested_tree(os.path.join(driver.get("base"), "top"))
+    os.makedirs(os.path.join(driver.get("base"), "plain", "deeper"))
+
+    def walk(*args):
+        raise AssertionError("remove walked the layer's directories")
+
+    monkeypatch.setattr(btrfsdrv, "walk_tree", walk)
+    driver.remove("base")
+
+    assert not driver.exists("base")
+
+
+def test_snapshot_of_layer_keeps_parent_mode(driver):
+    driver.create("empty")
+    driver.create("full", "empty")
+    os.chmod(driver.get("full"), 0o755)
+    with open(os.path.join(driver.get("full"), "file"), "wb"):
+        pass
+    driver.create("child", "full")
+
+    assert stat_mode(driver.get("empty")) == 0o555
+    assert stat_mode(driver.get("child")) == 0o755
+
+
+def stat_mode(path):
+    return os.stat(path).st_mode & 0o7777
+
+
+def test_mount_table_follows_mounts(fs):
+    target = fs.path("target")
+    os.mkdir(target)
+    before = btrfsdrv._read_mountinfo()
+
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", target], check=True)
+    try:
+        mounted = btrfsdrv._read_mountinfo()
+    finally:
+        subprocess.run(["umount", target], check=True)
+    after = btrfsdrv._read_mountinfo()
+
+    point = os.fsencode(os.path.realpath(target))
+    assert point not in [mount.mount_point for mount in before]
+    assert point in [mount.mount_point for mount in mounted]
+    assert point not in [mount.mount_point for mount in after]
+
+
+def test_get_turns_quota_back_on(fs, driver):
+    driver.create("limited", storage_opt={"size": "64M"})
+    fs.btrfs("quota", "disable", fs.mountpoint)
+
+    driver.get("limited")
+
+    with open_top(driver.get("limited")) as (fd, subvolume):
+        assert btrfsdrv.quota_enabled(fd)
+        assert btrfsdrv._qgroup_limit(fd, subvolume, None) == 64 * 1024**2
+
+
+def test_remove_with_quota_off_keeps_quota_off(driver):
+    driver.create("plain")
+    driver.remove("plain")
+
+    with open_top(driver.home) as (fd, _):
+        assert not btrfsdrv.quota_enabled(fd)
+
+
+def test_simple_quota_mode_enables_squota(home):
+    try:
+        driver = btrfsdrv.Driver(home, ["btrfs.quota_mode=simple", "btrfs.size=1M"])
+    except btrfsdrv.PrerequisiteError as error:
+        pytest.skip(str(error))
+    with driver:
+        driver.create_read_write("container")
+        path = driver.get("container")
+        with open_top(path) as (fd, _):
+            status = btrfsdrv._quota_status(fd, path)
+            fsid = btrfsdrv._format_uuid(btrfsdrv._fs_info(fd, path).fsid)
+
+        assert status.flags & btrfsdrv._structs.BTRFS_QGROUP_STATUS_FLAG_ON
+        assert status.flags & btrfsdrv._structs.BTRFS_QGROUP_STATUS_FLAG_SIMPLE_MODE
+        with open(f"/sys/fs/btrfs/{fsid}/qgroups/mode") as mode:
+            assert mode.read().strip() == "squota"
+        with pytest.raises(OSError) as raised:
+            with open(os.path.join(path, "big"), "wb") as big:
+                for _ in range(4):
+                    big.write(b"x" * 1024**2)
+                    big.flush()
+                    os.fsync(big.fileno())
+        assert raised.value.errno == errno.EDQUOT
+
+
+def test_create_writes_quota_file(driver):
+    driver.create("limited", storage_opt={"size": "64M"})
+
+    with open(os.path.join(driver.home, "quotas", "limited"), "rb") as quota_file:
+        assert quota_file.read() == str(64 * 1024**2).encode()
+    assert [name for name in os.listdir(os.path.join(driver.home, "quotas")) if name.startswith(".")] == []
+
+
+def test_create_drops_stale_quota_file(driver):
+    os.makedirs(os.path.join(driver.home, "quotas"), exist_ok=True)
+    stale = os.path.join(driver.home, "quotas", "plain")
+    with open(stale, "wb") as quota_file:
+        quota_file.write(b"1048576")
+
+    driver.create("plain")
+
+    assert not os.path.exists(stale)
+
+
+def test_failed_create_leaves_no_quota_file(driver):
+    with pytest.raises(FileNotFoundError):
+        driver.create("orphan", "missing-parent", storage_opt={"size": "64M"})
+
+    assert not os.path.exists(os.path.join(driver.home, "quotas", "orphan"))
