@@ -173,7 +173,6 @@ def _get_libc() -> ctypes.CDLL:
         ]
         libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
         libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
-        libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
         _libc = libc
     return _libc
 
@@ -1314,33 +1313,14 @@ def _read_quota_file(quotas_fd: Optional[int], name: bytes, path: str) -> Option
     return int(stripped)
 
 
-# sync_file_range(2) flags from linux/fs.h.
-_SYNC_FILE_RANGE_WAIT_BEFORE = 1
-_SYNC_FILE_RANGE_WRITE = 2
-_SYNC_FILE_RANGE_WAIT_AFTER = 4
-
-
-def _write_back(fd: int, path: Any) -> None:
-    """Write the file's data into the filesystem without waiting for a device flush.
-
-    On btrfs this puts the data into the running transaction, so the next
-    commit persists it together with every later change, at no extra cost.
-    """
-    flags = _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER
-    _libc_call(_get_libc().sync_file_range(fd, 0, 0, flags), "sync_file_range", path)
-
-
 def _write_file_atomically(directory_fd: int, name: bytes, data: bytes, path: str) -> None:
-    """Write name below directory_fd through a temporary file, written back, then renamed.
+    """Write name below directory_fd: temporary file, fsync, rename, fsync of the directory.
 
-    There is no fsync: btrfs commits transactions in order, and the data
-    is in the filesystem before the rename, so a crash before the next
-    commit loses the new file but never leaves a partial or empty one
-    under the final name.  An fsync here forced a log commit of about 5 ms
-    per call on a loopback device, ten times the rest of creating a layer.
-
-    The temporary file is locked (flock) while it exists, so a process that
-    finds it unlocked knows its writer died and may delete it.
+    Creating a subvolume commits its transaction, so without the fsyncs a
+    power loss soon after a create could keep the layer and lose its quota
+    file, leaving the layer without its limit.  The temporary file is
+    locked (flock) while it exists, so a process that finds it unlocked
+    knows its writer died and may delete it.
     """
     temporary = b".%s.%s%s" % (name, os.urandom(6).hex().encode(), _TEMPORARY_SUFFIX.encode())
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -1351,7 +1331,7 @@ def _write_file_atomically(directory_fd: int, name: bytes, data: bytes, path: st
             # A short write would leave a torn file behind the rename.
             if os.write(fd, data) != len(data):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            _write_back(fd, path)
+            os.fsync(fd)
             os.rename(temporary, name, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
         except BaseException:
             try:
@@ -1361,6 +1341,7 @@ def _write_file_atomically(directory_fd: int, name: bytes, data: bytes, path: st
             raise
         finally:
             os.close(fd)
+        os.fsync(directory_fd)
     except OSError as error:
         raise _os_error(error.errno, "write quota file", path) from None
 
