@@ -35,8 +35,7 @@ import sys
 import threading
 import time
 from typing import (
-    Any, Callable, Dict, IO, Iterable, Iterator, List, Mapping, NamedTuple, Optional,
-    Sequence, Set, TYPE_CHECKING, Tuple, Type, Union,
+    Any, Callable, IO, Iterable, Iterator, Mapping, NamedTuple, Sequence, TYPE_CHECKING, Union,
 )
 
 # tools/vendor.py replaces the lines from here to "end of ioctl_structs" with
@@ -90,11 +89,10 @@ class _LazyLogger:
     __slots__ = ()
 
     def _logger(self, required: bool) -> Any:
-        logging = sys.modules.get("logging")
-        if logging is None:
-            if not required:
-                return None
-            import logging
+        if "logging" not in sys.modules and not required:
+            return None
+        import logging
+
         return logging.getLogger("btrfsdrv")
 
     def debug(self, message: str, *args: Any) -> None:
@@ -160,7 +158,7 @@ class DiskUsage(NamedTuple):
 
 # -- libc and ioctl helpers ----------------------------------------------------
 
-_libc: Optional[ctypes.CDLL] = None
+_libc: ctypes.CDLL | None = None
 
 
 def _get_libc() -> ctypes.CDLL:
@@ -177,7 +175,7 @@ def _get_libc() -> ctypes.CDLL:
     return _libc
 
 
-def _os_error(err: Optional[int], operation: str, path: Any, hint: str = "") -> OSError:
+def _os_error(err: int | None, operation: str, path: Any, hint: str = "") -> OSError:
     """Build the OSError subclass for errno err with a message naming the operation.
 
     err is an OSError's errno, which is None for an OSError raised without
@@ -220,7 +218,7 @@ def _statfs_type(path: PathArg) -> int:
     return ctypes.c_ulong.from_buffer(buffer).value & 0xFFFFFFFF
 
 
-def _mount(source: Optional[bytes], target: PathArg, flags: int, operation: str) -> None:
+def _mount(source: bytes | None, target: PathArg, flags: int, operation: str) -> None:
     _libc_call(_get_libc().mount(source, os.fsencode(target), None, flags, None), operation, target)
 
 
@@ -228,7 +226,7 @@ def _umount(target: PathArg, flags: int) -> None:
     _libc_call(_get_libc().umount2(os.fsencode(target), flags), "umount2", target)
 
 
-def _open_directory(path: PathArg, dir_fd: Optional[int] = None) -> int:
+def _open_directory(path: PathArg, dir_fd: int | None = None) -> int:
     """Open a directory without following a final symlink."""
     return os.open(path, _OPEN_DIRECTORY, dir_fd=dir_fd)
 
@@ -253,10 +251,10 @@ class _OptionalFd:
 
     __slots__ = ("fd",)
 
-    def __init__(self, fd: Optional[int]) -> None:
+    def __init__(self, fd: int | None) -> None:
         self.fd = fd
 
-    def __enter__(self) -> Optional[int]:
+    def __enter__(self) -> int | None:
         return self.fd
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -365,7 +363,7 @@ class SearchItem(NamedTuple):
     data: bytes
 
 
-def _next_key(objectid: int, key_type: int, offset: int) -> Optional[Tuple[int, int, int]]:
+def _next_key(objectid: int, key_type: int, offset: int) -> tuple[int, int, int] | None:
     if offset < _U64_MAX:
         return objectid, key_type, offset + 1
     if key_type < 255:
@@ -378,13 +376,13 @@ def _next_key(objectid: int, key_type: int, offset: int) -> Optional[Tuple[int, 
 def tree_search(
     fd: int,
     tree_id: int,
-    min_key: Tuple[int, int, int] = (0, 0, 0),
-    max_key: Tuple[int, int, int] = (_U64_MAX, 255, _U64_MAX),
+    min_key: tuple[int, int, int] = (0, 0, 0),
+    max_key: tuple[int, int, int] = (_U64_MAX, 255, _U64_MAX),
     *,
     min_transid: int = 0,
     max_transid: int = _U64_MAX,
     path: Any = None,
-    max_item_size: Optional[int] = None,
+    max_item_size: int | None = None,
 ) -> Iterator[SearchItem]:
     """Yield the items of a btrfs tree whose keys lie in [min_key, max_key].
 
@@ -404,7 +402,7 @@ def tree_search(
     key.max_objectid, key.max_type, key.max_offset = max_key
     key.min_transid = min_transid
     key.max_transid = max_transid
-    start: Optional[Tuple[int, int, int]] = min_key
+    start: tuple[int, int, int] | None = min_key
     header_size = ctypes.sizeof(btrfs_ioctl_search_header)
 
     while start is not None:
@@ -463,7 +461,7 @@ def _ino_lookup_path(fd: int, tree_id: int, dirid: int, path: Any) -> bytes:
 
 def _inode_ref_path(fd: int, tree_id: int, dirid: int, path: Any) -> bytes:
     """Build the path of directory dirid from INODE_REF items, any length (CAP_SYS_ADMIN)."""
-    components: List[bytes] = []
+    components: list[bytes] = []
     header = ctypes.sizeof(btrfs_inode_ref)
     inode = dirid
     while inode != BTRFS_FIRST_FREE_OBJECTID:
@@ -480,7 +478,7 @@ def _inode_ref_path(fd: int, tree_id: int, dirid: int, path: Any) -> bytes:
     return b"".join(component + b"/" for component in reversed(components))
 
 
-def _child_refs_privileged(fd: int, parent_id: int, path: Any) -> Iterator[Tuple[int, bytes]]:
+def _child_refs_privileged(fd: int, parent_id: int, path: Any) -> Iterator[tuple[int, bytes]]:
     """Yield (child id, path below parent) from the ROOT_REF items of parent_id."""
     header = ctypes.sizeof(btrfs_root_ref)
     items = tree_search(
@@ -497,7 +495,7 @@ def _child_refs_privileged(fd: int, parent_id: int, path: Any) -> Iterator[Tuple
         yield item.offset, directory + name
 
 
-def _child_refs_unprivileged(subvolume_fd: int, path: Any) -> Iterator[Tuple[int, bytes]]:
+def _child_refs_unprivileged(subvolume_fd: int, path: Any) -> Iterator[tuple[int, bytes]]:
     """Yield (child id, path below the subvolume of subvolume_fd) without CAP_SYS_ADMIN.
 
     GET_SUBVOL_ROOTREF returns at most 255 refs per call and EOVERFLOW when
@@ -548,7 +546,7 @@ def _walk_relative(top_fd: int, relative: bytes, path: Any) -> int:
 _IOCTL_UNSUPPORTED = (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP)
 
 
-def find_nested_subvolumes(top_fd: int, top_id: int, path: Any = None) -> List[NestedSubvolume]:
+def find_nested_subvolumes(top_fd: int, top_id: int, path: Any = None) -> list[NestedSubvolume]:
     """Return every subvolume below top_id, parents before children.
 
     Reads the kernel's root refs: TREE_SEARCH of the root tree when the caller
@@ -571,9 +569,9 @@ def find_nested_subvolumes(top_fd: int, top_id: int, path: Any = None) -> List[N
     return _find_nested_by_walk(top_fd, top_id, path)
 
 
-def _find_nested_privileged(top_fd: int, top_id: int, path: Any) -> List[NestedSubvolume]:
-    found: List[NestedSubvolume] = []
-    queue: List[Tuple[int, bytes]] = [(top_id, b"")]
+def _find_nested_privileged(top_fd: int, top_id: int, path: Any) -> list[NestedSubvolume]:
+    found: list[NestedSubvolume] = []
+    queue: list[tuple[int, bytes]] = [(top_id, b"")]
     while queue:
         parent_id, parent_path = queue.pop(0)
         for child_id, relative in _child_refs_privileged(top_fd, parent_id, path):
@@ -583,9 +581,9 @@ def _find_nested_privileged(top_fd: int, top_id: int, path: Any) -> List[NestedS
     return found
 
 
-def _find_nested_unprivileged(top_fd: int, top_id: int, path: Any) -> List[NestedSubvolume]:
-    found: List[NestedSubvolume] = []
-    queue: List[Tuple[int, bytes]] = [(top_id, b"")]
+def _find_nested_unprivileged(top_fd: int, top_id: int, path: Any) -> list[NestedSubvolume]:
+    found: list[NestedSubvolume] = []
+    queue: list[tuple[int, bytes]] = [(top_id, b"")]
     while queue:
         parent_id, parent_path = queue.pop(0)
         try:
@@ -602,8 +600,8 @@ def _find_nested_unprivileged(top_fd: int, top_id: int, path: Any) -> List[Neste
     return found
 
 
-def _find_nested_by_walk(top_fd: int, top_id: int, path: Any) -> List[NestedSubvolume]:
-    found: List[NestedSubvolume] = []
+def _find_nested_by_walk(top_fd: int, top_id: int, path: Any) -> list[NestedSubvolume]:
+    found: list[NestedSubvolume] = []
     for relative in find_nested_subvolumes_by_walk(top_fd, path):
         with _Fd(_walk_relative(top_fd, relative, path)) as fd:
             subvolume = _subvolume_id_of_fd(fd, path)
@@ -618,15 +616,15 @@ def _find_nested_by_walk(top_fd: int, top_id: int, path: Any) -> List[NestedSubv
     return found
 
 
-def find_nested_subvolumes_by_walk(top_fd: int, path: Any = None) -> List[bytes]:
+def find_nested_subvolumes_by_walk(top_fd: int, path: Any = None) -> list[bytes]:
     """Return the paths of subvolumes below top_fd found by walking its directories.
 
     This is the fallback for where the kernel cannot list root refs; it reads
     every directory, so it costs time in proportion to the tree.
     """
-    found: List[bytes] = []
+    found: list[bytes] = []
 
-    def visit(fd: int, relative: bytes, entries: List[Any]) -> List[bytes]:
+    def visit(fd: int, relative: bytes, entries: list[Any]) -> list[bytes]:
         subdirectories = []
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
@@ -646,7 +644,7 @@ def find_nested_subvolumes_by_walk(top_fd: int, path: Any = None) -> List[bytes]
 # -- Walking layer contents ------------------------------------------------------
 
 
-def _mount_id(fd: int) -> Optional[int]:
+def _mount_id(fd: int) -> int | None:
     """Return the mount id of fd from /proc/self/fdinfo (Linux 3.15+), None if unknown."""
     try:
         with open(f"/proc/self/fdinfo/{fd}", "rb") as fdinfo:
@@ -665,6 +663,7 @@ def walk_tree(
     *,
     path: Any = None,
     skip_mounts: bool = False,
+    repair_permissions: bool = False,
 ) -> None:
     """Walk the directories below top_fd depth-first, without following symlinks.
 
@@ -677,7 +676,9 @@ def walk_tree(
     checks that it reaches the directory it came from, so trees deeper than
     PATH_MAX or than the open-file limit are walked too.  A directory on
     another mount (a bind mount inside a layer) is skipped with skip_mounts,
-    and otherwise raises EBUSY instead of being entered.  An OSError from
+    and otherwise raises EBUSY instead of being entered.  With
+    repair_permissions, a directory the caller owns but may not enter gets
+    owner rwx (removal needs this without CAP_DAC_OVERRIDE).  An OSError from
     visit or leave names the full path of the entry it was about.
     """
     top_mount = _mount_id(top_fd)
@@ -685,13 +686,13 @@ def walk_tree(
     relative = b""
     # One entry per open ancestor: its stat, its relative path, its
     # subdirectories still to walk, and the name of the child walked now.
-    stack: List[Tuple[os.stat_result, bytes, List[bytes], bytes]] = []
+    stack: list[tuple[os.stat_result, bytes, list[bytes], bytes]] = []
     try:
         pending = _visit_directory(fd, relative, visit, path)
         while True:
             if pending:
                 name = pending.pop()
-                child = _enter_directory(fd, name, top_mount, path, skip_mounts)
+                child = _enter_directory(fd, name, top_mount, path, skip_mounts, repair_permissions)
                 if child is None:
                     continue
                 stack.append((os.fstat(fd), relative, pending, name))
@@ -719,7 +720,7 @@ def walk_tree(
         os.close(fd)
 
 
-def _visit_directory(fd: int, relative: bytes, visit: Any, path: Any) -> List[bytes]:
+def _visit_directory(fd: int, relative: bytes, visit: Any, path: Any) -> list[bytes]:
     try:
         with os.scandir(fd) as iterator:
             entries = list(iterator)
@@ -740,17 +741,17 @@ def _with_full_path(error: OSError, path: Any, relative: bytes, name: Any) -> OS
 
 
 def _enter_directory(
-    fd: int, name: bytes, top_mount: Optional[int], path: Any, skip_mounts: bool,
-) -> Optional[int]:
+    fd: int, name: bytes, top_mount: int | None, path: Any, skip_mounts: bool, repair_permissions: bool,
+) -> int | None:
     """Open subdirectory name of fd; None when it is gone, no longer a directory or skipped."""
     try:
         child = _open_directory(name, dir_fd=fd)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except PermissionError:
-        if not _make_owner_accessible(fd, name):
+        if not repair_permissions or not _make_owner_accessible(fd, name):
             raise
-        return _enter_directory(fd, name, top_mount, path)
+        return _enter_directory(fd, name, top_mount, path, skip_mounts, repair_permissions=False)
     except OSError as error:
         if error.errno == errno.ELOOP:  # replaced by a symlink since it was listed
             return None
@@ -770,7 +771,7 @@ _FS_IMMUTABLE_FL = 0x00000010
 _FS_APPEND_FL = 0x00000020
 
 
-def _clear_inode_flags(dir_fd: int, name: Optional[bytes]) -> bool:
+def _clear_inode_flags(dir_fd: int, name: bytes | None) -> bool:
     """Clear the immutable and append-only flags of name (or of dir_fd itself).
 
     Return True when a flag was cleared.  Only regular files and directories
@@ -803,7 +804,7 @@ def _clear_inode_flags(dir_fd: int, name: Optional[bytes]) -> bool:
     return True
 
 
-def _make_owner_accessible(dir_fd: int, name: Optional[bytes]) -> bool:
+def _make_owner_accessible(dir_fd: int, name: bytes | None) -> bool:
     """Add owner read, write and search permission to directory name (or dir_fd itself).
 
     Return True when the mode changed.  Only a directory that the caller owns
@@ -848,20 +849,17 @@ def _remove_contents(top_fd: int, path: Any) -> None:
     read-only ones are made writable first.
     """
 
-    def visit(fd: int, relative: bytes, entries: List[Any]) -> List[bytes]:
+    def visit(fd: int, relative: bytes, entries: list[Any]) -> list[bytes]:
         st = os.fstat(fd)
         if st.st_ino == BTRFS_FIRST_FREE_OBJECTID:
             try:
                 _clear_read_only(fd, path)
             except OSError:
                 pass  # not a btrfs subvolume, or not ours to change: unlink reports it
-        if st.st_mode & 0o700 != 0o700 and st.st_uid == os.geteuid():
-            os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
         subdirectories = []
         for entry in entries:
             name = os.fsencode(entry.name)
             if entry.is_dir(follow_symlinks=False):
-                _allow_owner_to_enter(fd, name)
                 subdirectories.append(name)
                 continue
             try:
@@ -870,26 +868,7 @@ def _remove_contents(top_fd: int, path: Any) -> None:
                 pass
         return subdirectories
 
-    walk_tree(top_fd, visit, _remove_walked_directory, path=path)
-
-
-def _allow_owner_to_enter(dir_fd: int, name: bytes) -> None:
-    """Give the owner rwx on subdirectory name when the caller owns it and lacks them.
-
-    Without CAP_DAC_OVERRIDE, a 0555 or 0000 directory could not be emptied.
-    The directory is opened with O_PATH and O_NOFOLLOW and changed through
-    /proc/self/fd, so a symlink swapped in for it is never followed.
-    """
-    if os.geteuid() == 0:
-        return
-    try:
-        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
-    except OSError:
-        return
-    with _Fd(fd):
-        st = os.fstat(fd)
-        if st.st_uid == os.geteuid() and st.st_mode & 0o700 != 0o700:
-            os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(st.st_mode) | 0o700)
+    walk_tree(top_fd, visit, _remove_walked_directory, path=path, repair_permissions=True)
 
 
 def _remove_walked_directory(parent_fd: int, name: bytes, child_st: os.stat_result) -> None:
@@ -922,7 +901,7 @@ class MountInfo(NamedTuple):
     mount_point: bytes
 
 
-def _parse_mountinfo(text: bytes) -> List[MountInfo]:
+def _parse_mountinfo(text: bytes) -> list[MountInfo]:
     mounts = []
     for line in text.splitlines():
         fields = line.split()
@@ -949,19 +928,18 @@ class _MountTable:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._file: Optional[Any] = None
-        self._poller: Optional[Any] = None
+        self._file: Any | None = None
+        self._poller: Any | None = None
         self._pid = 0
-        self._mounts: Optional[List[MountInfo]] = None
+        self._mounts: list[MountInfo] | None = None
 
-    def mounts(self) -> List[MountInfo]:
+    def mounts(self) -> list[MountInfo]:
         with self._lock:
-            if self._file is None or self._pid != os.getpid():
+            if self._file is None or self._poller is None or self._pid != os.getpid():
                 self._open()
             elif self._poller.poll(0):
                 self._mounts = None
             if self._mounts is None:
-                self._file.seek(0)
                 self._mounts = _parse_mountinfo(self._read_all())
             return self._mounts
 
@@ -983,7 +961,9 @@ class _MountTable:
         self._mounts = None
 
     def _read_all(self) -> bytes:
-        chunks = []
+        assert self._file is not None
+        self._file.seek(0)
+        chunks: list[bytes] = []
         while True:
             chunk = self._file.read(65536)
             if not chunk:
@@ -994,11 +974,11 @@ class _MountTable:
 _mount_table = _MountTable()
 
 
-def _read_mountinfo() -> List[MountInfo]:
+def _read_mountinfo() -> list[MountInfo]:
     return _mount_table.mounts()
 
 
-def _mount_points_below(directory: bytes, include_self: bool = True) -> List[bytes]:
+def _mount_points_below(directory: bytes, include_self: bool = True) -> list[bytes]:
     """Return mount points at (when include_self) or below directory."""
     prefix = directory.rstrip(b"/") + b"/"
     points = []
@@ -1015,7 +995,7 @@ def _is_mount_point(directory: bytes) -> bool:
 # -- Quota and qgroups -----------------------------------------------------------
 
 
-def _quota_status(fd: int, path: Any) -> Optional[Any]:
+def _quota_status(fd: int, path: Any) -> Any | None:
     """Return the quota tree's status item, or None when quota is off."""
     try:
         for item in tree_search(
@@ -1068,7 +1048,7 @@ def _enable_quota(fd: int, simple: bool, path: Any) -> None:
     log.debug("enabled btrfs %s on %s", mode, os.fsdecode(path))
 
 
-def _set_qgroup_limit(fd: int, qgroup_id: int, max_rfer: Optional[int], path: Any) -> None:
+def _set_qgroup_limit(fd: int, qgroup_id: int, max_rfer: int | None, path: Any) -> None:
     """Set (or with max_rfer None, clear) the referenced-bytes limit of qgroup 0/qgroup_id.
 
     fd must not be inside the limited subvolume: the ioctl starts a
@@ -1125,7 +1105,7 @@ def _destroy_qgroup(fd: int, qgroup_id: int, path: Any) -> None:
     log.debug("destroyed qgroup 0/%d", qgroup_id)
 
 
-def _qgroup_limit(fd: int, qgroup_id: int, path: Any) -> Optional[int]:
+def _qgroup_limit(fd: int, qgroup_id: int, path: Any) -> int | None:
     """Return the max_rfer limit of qgroup 0/qgroup_id, or None when it has none."""
     for item in tree_search(
         fd, BTRFS_QUOTA_TREE_OBJECTID,
@@ -1187,12 +1167,12 @@ def validate_layer_id(layer_id: Any) -> bytes:
 
 class _Options(NamedTuple):
     min_space: int
-    default_size: Optional[int]
+    default_size: int | None
     quota_required: bool
     quota_mode: str
 
 
-def _split_option(option: str) -> Tuple[str, str]:
+def _split_option(option: str) -> tuple[str, str]:
     if not isinstance(option, str) or "=" not in option:
         raise ValueError(f"invalid driver option {option!r}: expected KEY=VALUE")
     key, value = option.split("=", 1)
@@ -1237,7 +1217,7 @@ def parse_options(options: Iterable[str]) -> _Options:
     return _Options(min_space, default_size, quota_required, quota_mode)
 
 
-def parse_storage_opt(storage_opt: Optional[Mapping[str, str]]) -> Optional[int]:
+def parse_storage_opt(storage_opt: Mapping[str, str] | None) -> int | None:
     """Return the size limit requested by a layer's storage options, if any."""
     if not storage_opt:
         return None
@@ -1251,7 +1231,7 @@ def parse_storage_opt(storage_opt: Optional[Mapping[str, str]]) -> Optional[int]
     return size
 
 
-def _id_maps(maps: Optional[Iterable[Any]], what: str) -> Optional[List[IDMap]]:
+def _id_maps(maps: Iterable[Any] | None, what: str) -> list[IDMap] | None:
     if maps is None:
         return None
     result = []
@@ -1266,7 +1246,7 @@ def _id_maps(maps: Optional[Iterable[Any]], what: str) -> Optional[List[IDMap]]:
     return result
 
 
-def _host_id(maps: Optional[Sequence[IDMap]], container_id: int, what: str) -> int:
+def _host_id(maps: Sequence[IDMap] | None, container_id: int, what: str) -> int:
     """Map a container id to the host id, as containers/storage's idtools does."""
     if maps is None:
         return container_id
@@ -1283,7 +1263,7 @@ _QUOTA_FILE_MAX = 64  # bytes read from a quota file; a valid one has at most 19
 _TEMPORARY_SUFFIX = ".tmp"
 
 
-def _read_quota_file(quotas_fd: Optional[int], name: bytes, path: str) -> Optional[int]:
+def _read_quota_file(quotas_fd: int | None, name: bytes, path: str) -> int | None:
     """Return the byte count in quotas/name, None when it is missing or invalid.
 
     The file is opened without following a symlink and without blocking, and
@@ -1383,7 +1363,7 @@ def _relabel(layer_fd: int, label: str, path: Any) -> None:
     """Set security.selinux on every entry of the layer, never following symlinks."""
     value = label.encode()
 
-    def visit(fd: int, relative: bytes, entries: List[Any]) -> List[bytes]:
+    def visit(fd: int, relative: bytes, entries: list[Any]) -> list[bytes]:
         base = f"/proc/self/fd/{fd}"
         os.setxattr(base, "security.selinux", value)
         subdirectories = []
@@ -1419,8 +1399,8 @@ class Driver:
         self,
         home: PathArg,
         options: Iterable[str] = (),
-        uid_maps: Optional[Iterable[Any]] = None,
-        gid_maps: Optional[Iterable[Any]] = None,
+        uid_maps: Iterable[Any] | None = None,
+        gid_maps: Iterable[Any] | None = None,
     ) -> None:
         # Resolved once, so that a home reached through a symlink works with
         # the O_NOFOLLOW opens below and with the mount table's paths.
@@ -1456,7 +1436,7 @@ class Driver:
     def __repr__(self) -> str:
         return f"Driver({self.home!r})"
 
-    def __enter__(self) -> "Driver":
+    def __enter__(self) -> Driver:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -1495,7 +1475,7 @@ class Driver:
                     "move it away so the driver can create the directory"
                 )
 
-    def _open_quotas(self, create: bool = False) -> "_OptionalFd":
+    def _open_quotas(self, create: bool = False) -> _OptionalFd:
         """Open HOME/quotas without following a symlink; None when it does not exist."""
         if create:
             self._make_directory(self._quotas_dir)
@@ -1507,7 +1487,7 @@ class Driver:
             raise _os_error(error.errno, "open quotas directory", self._quotas_dir,
                             "it must be a directory, not a symlink") from None
 
-    def _read_quota(self, layer_id: Any) -> Optional[int]:
+    def _read_quota(self, layer_id: Any) -> int | None:
         name = validate_layer_id(layer_id)
         with self._open_quotas() as quotas_fd:
             return _read_quota_file(quotas_fd, name, self._quota_file(layer_id))
@@ -1565,7 +1545,7 @@ class Driver:
     def _open_home(self) -> _Fd:
         return _Fd(_open_directory(self.home))
 
-    def _ensure_quota(self, fd: Optional[int] = None) -> None:
+    def _ensure_quota(self, fd: int | None = None) -> None:
         """Turn quota on unless it is on; fd is any directory on home's filesystem."""
         if fd is None:
             with self._open_home() as home_fd:
@@ -1604,10 +1584,10 @@ class Driver:
     def create(
         self,
         layer_id: str,
-        parent: Optional[str] = None,
+        parent: str | None = None,
         *,
         mount_label: str = "",
-        storage_opt: Optional[Mapping[str, str]] = None,
+        storage_opt: Mapping[str, str] | None = None,
     ) -> None:
         """Create an image layer: an empty subvolume, or a snapshot of parent."""
         self._create(layer_id, parent, mount_label, storage_opt, read_write=False)
@@ -1615,10 +1595,10 @@ class Driver:
     def create_read_write(
         self,
         layer_id: str,
-        parent: Optional[str] = None,
+        parent: str | None = None,
         *,
         mount_label: str = "",
-        storage_opt: Optional[Mapping[str, str]] = None,
+        storage_opt: Mapping[str, str] | None = None,
     ) -> None:
         """Create a container layer; btrfs.size applies when no size is given."""
         self._create(layer_id, parent, mount_label, storage_opt, read_write=True)
@@ -1628,9 +1608,9 @@ class Driver:
         layer_id: str,
         template: str,
         *,
-        parent: Optional[str] = None,
+        parent: str | None = None,
         mount_label: str = "",
-        storage_opt: Optional[Mapping[str, str]] = None,
+        storage_opt: Mapping[str, str] | None = None,
         read_write: bool = False,
     ) -> None:
         """Create a layer with the contents of template: a snapshot of it."""
@@ -1638,7 +1618,7 @@ class Driver:
             validate_layer_id(parent)
         self._create(layer_id, template, mount_label, storage_opt, read_write=read_write)
 
-    def _layer_size(self, storage_opt: Optional[Mapping[str, str]], read_write: bool) -> Optional[int]:
+    def _layer_size(self, storage_opt: Mapping[str, str] | None, read_write: bool) -> int | None:
         size = parse_storage_opt(storage_opt)
         if size is None and read_write:
             size = self.options.default_size
@@ -1656,9 +1636,9 @@ class Driver:
     def _create(
         self,
         layer_id: str,
-        parent: Optional[str],
+        parent: str | None,
         mount_label: str,
-        storage_opt: Optional[Mapping[str, str]],
+        storage_opt: Mapping[str, str] | None,
         read_write: bool,
     ) -> None:
         name = validate_layer_id(layer_id)
@@ -1702,7 +1682,7 @@ class Driver:
             except FileExistsError:
                 raise FileExistsError(errno.EEXIST, f"layer {os.fsdecode(name)!r} already exists", path) from None
 
-    def _finish_layer(self, subvolumes_fd: int, name: bytes, path: str, size: Optional[int], mount_label: str) -> None:
+    def _finish_layer(self, subvolumes_fd: int, name: bytes, path: str, size: int | None, mount_label: str) -> None:
         """Set owner, mode, quota and label of a new layer; its creator rolls back on error."""
         with _Fd(_open_directory(name, dir_fd=subvolumes_fd)) as layer_fd:
             st = os.fstat(layer_fd)
@@ -1801,7 +1781,7 @@ class Driver:
         with _Fd(_open_directory(name, dir_fd=subvolumes_fd)) as layer_fd:
             if not _is_subvolume_stat(os.fstat(layer_fd)):
                 _remove_contents(layer_fd, path)
-                subvolume_ids: List[int] = []
+                subvolume_ids: list[int] = []
             else:
                 layer_subvolume_id = _subvolume_id_of_fd(layer_fd, path)
                 subvolume_ids = self._remove_nested(layer_fd, layer_subvolume_id, path)
@@ -1816,7 +1796,7 @@ class Driver:
             _unlink_at(subvolumes_fd, name, is_dir=True)
             log.debug("removed directory %s", path)
 
-    def _destroy_layer_subvolume(self, subvolumes_fd: int, name: bytes, path: str, subvolume_ids: List[int]) -> None:
+    def _destroy_layer_subvolume(self, subvolumes_fd: int, name: bytes, path: str, subvolume_ids: list[int]) -> None:
         """Destroy the layer's subvolume, first deleting nested subvolumes listed too early.
 
         A nested subvolume renamed inside the layer after it was listed makes
@@ -1834,7 +1814,7 @@ class Driver:
             with _Fd(_open_directory(name, dir_fd=subvolumes_fd)) as layer_fd:
                 subvolume_ids[:0] = self._remove_nested(layer_fd, _subvolume_id_of_fd(layer_fd, path), path)
 
-    def _remove_nested(self, layer_fd: int, layer_subvolume_id: int, path: str) -> List[int]:
+    def _remove_nested(self, layer_fd: int, layer_subvolume_id: int, path: str) -> list[int]:
         """Delete the subvolumes below the layer, deepest first, and return their ids."""
         nested = find_nested_subvolumes(layer_fd, layer_subvolume_id, path)
         removed = []
@@ -1864,7 +1844,7 @@ class Driver:
             log.warning("could not clear the qgroup limit of %s before removing it: %s", path, error)
         return True
 
-    def _destroy_qgroups(self, fd: int, subvolume_ids: List[int]) -> None:
+    def _destroy_qgroups(self, fd: int, subvolume_ids: list[int]) -> None:
         """Destroy the qgroups of deleted subvolumes; fd is any directory on the filesystem.
 
         The first destroy doubles as the quota check: with quota off the
@@ -1933,7 +1913,7 @@ class Driver:
         except OSError:
             return False
 
-    def list_layers(self) -> List[str]:
+    def list_layers(self) -> list[str]:
         layers = []
         with os.scandir(self._subvolumes_dir) as entries:
             for entry in entries:
@@ -1941,7 +1921,7 @@ class Driver:
                     layers.append(entry.name)
         return sorted(layers)
 
-    def status(self) -> List[Tuple[str, str]]:
+    def status(self) -> list[tuple[str, str]]:
         with self._open_home() as fd:
             fsid = _format_uuid(_fs_info(fd, self.home).fsid)
             quota = quota_enabled(fd, self.home)
@@ -1955,7 +1935,7 @@ class Driver:
             ("Layers", str(len(self.list_layers()))),
         ]
 
-    def metadata(self, layer_id: str) -> Dict[str, str]:
+    def metadata(self, layer_id: str) -> dict[str, str]:
         path = self._layer_dir(layer_id)
         self._require_layer(layer_id, path)
         result = {"Path": path}
@@ -1977,10 +1957,10 @@ class Driver:
         """Sum st_size of non-directories and count inodes, each inode once."""
         path = self._layer_dir(layer_id)
         self._require_layer(layer_id, path)
-        seen: Set[Tuple[int, int]] = set()
+        seen: set[tuple[int, int]] = set()
         total = [0]
 
-        def visit(fd: int, relative: bytes, entries: List[Any]) -> List[bytes]:
+        def visit(fd: int, relative: bytes, entries: list[Any]) -> list[bytes]:
             st = os.fstat(fd)
             seen.add((st.st_dev, st.st_ino))
             subdirectories = []
@@ -2002,7 +1982,7 @@ class Driver:
             walk_tree(layer_fd, visit, path=path, skip_mounts=True)
         return DiskUsage(total[0], len(seen))
 
-    def additional_image_stores(self) -> List[str]:
+    def additional_image_stores(self) -> list[str]:
         return []
 
     # -- Layer diffs: thin wrappers over the "Layer diffs" section
@@ -2012,15 +1992,15 @@ class Driver:
         self._require_layer(layer_id, path)
         return path
 
-    def _parent_dir(self, parent: Optional[str]) -> Optional[str]:
+    def _parent_dir(self, parent: str | None) -> str | None:
         # The driver does not record parents, so None diffs against nothing.
         return None if parent is None else self._existing_layer_dir(parent)
 
-    def changes(self, layer_id: str, parent: Optional[str] = None) -> "List[Change]":
+    def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
         """Return the changes of a layer against parent (or all of it), sorted by path."""
         return _layer_changes_fast(self._existing_layer_dir(layer_id), self._parent_dir(parent))
 
-    def diff(self, layer_id: str, parent: Optional[str] = None) -> io.BufferedReader:
+    def diff(self, layer_id: str, parent: str | None = None) -> io.BufferedReader:
         """Stream the layer's changes against parent (or all of it) as an uncompressed tar.
 
         Closing the returned file stops the writer and releases the layer.
@@ -2031,10 +2011,10 @@ class Driver:
         return layer_diff(layer_dir, parent_dir, self.uid_maps, self.gid_maps,
                           release=lambda: self.put(layer_id), changes=changes)
 
-    def apply_diff(self, layer_id: str, diff: Any, *, parent: Optional[str] = None,
-                   uid_maps: Optional[Iterable[Any]] = None, gid_maps: Optional[Iterable[Any]] = None,
+    def apply_diff(self, layer_id: str, diff: Any, *, parent: str | None = None,
+                   uid_maps: Iterable[Any] | None = None, gid_maps: Iterable[Any] | None = None,
                    ignore_chown_errors: bool = False,
-                   progress: Optional[Callable[[int, int], None]] = None) -> int:
+                   progress: Callable[[int, int], None] | None = None) -> int:
         """Apply a layer tar to a layer and return the size of its regular files.
 
         The layer is already a snapshot of its parent, so parent is accepted
@@ -2046,7 +2026,7 @@ class Driver:
         gid_maps = self.gid_maps if gid_maps is None else _id_maps(gid_maps, "gid_maps")
         return apply_layer_diff(path, diff, uid_maps, gid_maps, ignore_chown_errors, progress)
 
-    def diff_size(self, layer_id: str, parent: Optional[str] = None) -> int:
+    def diff_size(self, layer_id: str, parent: str | None = None) -> int:
         """Sum the sizes of the non-directories that the layer adds or modifies."""
         layer_dir = self._existing_layer_dir(layer_id)
         parent_dir = self._parent_dir(parent)
@@ -2071,8 +2051,8 @@ class Driver:
 def init(
     home: PathArg,
     options: Iterable[str] = (),
-    uid_maps: Optional[Iterable[Any]] = None,
-    gid_maps: Optional[Iterable[Any]] = None,
+    uid_maps: Iterable[Any] | None = None,
+    gid_maps: Iterable[Any] | None = None,
 ) -> Driver:
     """Return a Driver for home, as the graph-driver registry's init function does."""
     return Driver(home, options, uid_maps, gid_maps)
@@ -2161,7 +2141,7 @@ def _delete_subvolume_or_contents(dir_fd: int, name: bytes, path: Any) -> None:
 # -- Module-level subvolume helpers ------------------------------------------------
 
 
-def _split_path(path: PathArg) -> Tuple[bytes, bytes]:
+def _split_path(path: PathArg) -> tuple[bytes, bytes]:
     encoded = os.fsencode(path).rstrip(b"/")
     parent, _, name = encoded.rpartition(b"/")
     if not name or name in (b".", b".."):
@@ -2171,7 +2151,7 @@ def _split_path(path: PathArg) -> Tuple[bytes, bytes]:
     return parent if parent or not encoded.startswith(b"/") else b"/", name
 
 
-def _open_parent(path: PathArg) -> Tuple[int, bytes]:
+def _open_parent(path: PathArg) -> tuple[int, bytes]:
     """Open the directory that contains path, following symlinks the caller put in it."""
     parent, name = _split_path(path)
     return os.open(parent or b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), name
@@ -2245,7 +2225,7 @@ _COPY_CHUNK = 1024 * 1024
 _PROGRESS_INTERVAL = 0.5  # seconds; progress must be reported at least once a second
 
 
-def _open_for_reading(name: PathArg, flags: int, dir_fd: Optional[int] = None) -> int:
+def _open_for_reading(name: PathArg, flags: int, dir_fd: int | None = None) -> int:
     """Open with O_NOATIME where allowed, so that reading a layer does not change it.
 
     O_NOATIME needs ownership of the file or CAP_FOWNER. Without it an atime
@@ -2258,7 +2238,7 @@ def _open_for_reading(name: PathArg, flags: int, dir_fd: Optional[int] = None) -
         return os.open(name, flags, dir_fd=dir_fd)
 
 
-def _open_directory_for_reading(name: PathArg, dir_fd: Optional[int] = None) -> int:
+def _open_directory_for_reading(name: PathArg, dir_fd: int | None = None) -> int:
     return _open_for_reading(name, _OPEN_DIRECTORY, dir_fd)
 
 
@@ -2267,14 +2247,14 @@ def _fd_path(dir_fd: int, name: str) -> bytes:
     return b"/proc/self/fd/%d/%s" % (dir_fd, os.fsencode(name))
 
 
-def _lstat_at(dir_fd: int, name: str) -> Optional[os.stat_result]:
+def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
     try:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
 
 
-def _list_dir(dir_fd: int) -> "List[Tuple[str, os.DirEntry[str]]]":
+def _list_dir(dir_fd: int) -> list[tuple[str, os.DirEntry[str]]]:
     """List a directory's entries, sorted by name bytes.
 
     Each entry's stat() is an fstatat() on dir_fd, so dir_fd must stay open
@@ -2295,7 +2275,7 @@ def _open_listed_dir(dir_fd: int, name: str, listed: os.stat_result, path: str) 
     return fd
 
 
-def _path_parts(path: str) -> List[str]:
+def _path_parts(path: str) -> list[str]:
     """Split a path inside a layer into its components, rejecting '..'."""
     parts = [part for part in path.split("/") if part not in ("", ".")]
     if ".." in parts:
@@ -2303,7 +2283,7 @@ def _path_parts(path: str) -> List[str]:
     return parts
 
 
-def _open_entry_parent(root_fd: int, parts: Sequence[str], path: str, create: bool = False) -> Optional[int]:
+def _open_entry_parent(root_fd: int, parts: Sequence[str], path: str, create: bool = False) -> int | None:
     """Open the directory that contains parts[-1], walking from root_fd.
 
     No component is followed if it is a symlink. Returns None when a component
@@ -2379,7 +2359,7 @@ def _remove_tree(dir_fd: int, name: str) -> None:
 # ID maps -----------------------------------------------------------------
 
 
-def _map_id(maps: Optional[Sequence[IDMap]], value: int, to_host: bool) -> Optional[int]:
+def _map_id(maps: Sequence[IDMap] | None, value: int, to_host: bool) -> int | None:
     """Map an id between container and host; None when no map covers it.
 
     None or an empty map list is the identity, as in containers/storage.
@@ -2393,8 +2373,8 @@ def _map_id(maps: Optional[Sequence[IDMap]], value: int, to_host: bool) -> Optio
     return None
 
 
-def _map_owner(uid_maps: Optional[Sequence[IDMap]], gid_maps: Optional[Sequence[IDMap]], uid: int, gid: int,
-               to_host: bool, path: str) -> Tuple[int, int]:
+def _map_owner(uid_maps: Sequence[IDMap] | None, gid_maps: Sequence[IDMap] | None, uid: int, gid: int,
+               to_host: bool, path: str) -> tuple[int, int]:
     mapped_uid = _map_id(uid_maps, uid, to_host)
     mapped_gid = _map_id(gid_maps, gid, to_host)
     if mapped_uid is None or mapped_gid is None:
@@ -2411,7 +2391,7 @@ def _is_carried_xattr(name: str) -> bool:
     return name == "security.capability" or name.startswith("user.")
 
 
-def _read_xattrs(target: Union[int, bytes]) -> Dict[str, bytes]:
+def _read_xattrs(target: int | bytes) -> dict[str, bytes]:
     """Read the carried extended attributes of an fd or a path (not followed)."""
     follow = isinstance(target, int)
     try:
@@ -2435,7 +2415,7 @@ def _read_xattrs(target: Union[int, bytes]) -> Dict[str, bytes]:
     return values
 
 
-def _entry_xattrs(dir_fd: int, name: str, st: os.stat_result) -> Dict[str, bytes]:
+def _entry_xattrs(dir_fd: int, name: str, st: os.stat_result) -> dict[str, bytes]:
     # user.* exists only on regular files and directories, and
     # security.capability only on regular files, so others are not read.
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
@@ -2480,7 +2460,7 @@ class _WalkedChange:
 
     __slots__ = ("path", "kind", "st", "dir_fd", "name")
 
-    def __init__(self, path: str, kind: ChangeKind, st: Optional[os.stat_result], dir_fd: int, name: str) -> None:
+    def __init__(self, path: str, kind: ChangeKind, st: os.stat_result | None, dir_fd: int, name: str) -> None:
         self.path = path
         self.kind = kind
         self.st = st
@@ -2494,8 +2474,8 @@ class _DirFrame:
     __slots__ = ("path", "layer_fd", "parent_fd", "entries", "parent_entries",
                  "changes_at_entry", "report_when_changed", "st", "name")
 
-    def __init__(self, path: str, layer_fd: int, parent_fd: Optional[int], report_when_changed: bool,
-                 st: Optional[os.stat_result], name: str, changes_at_entry: int) -> None:
+    def __init__(self, path: str, layer_fd: int, parent_fd: int | None, report_when_changed: bool,
+                 st: os.stat_result | None, name: str, changes_at_entry: int) -> None:
         self.path = path
         self.layer_fd = layer_fd
         self.parent_fd = parent_fd
@@ -2507,8 +2487,8 @@ class _DirFrame:
         self.name = name
 
 
-def _walk_changes(layer_root_fd: int, parent_root_fd: Optional[int], top: str = "",
-                  changed_inodes: Optional[Set[int]] = None) -> Iterator[_WalkedChange]:
+def _walk_changes(layer_root_fd: int, parent_root_fd: int | None, top: str = "",
+                  changed_inodes: set[int] | None = None) -> Iterator[_WalkedChange]:
     """Walk a layer and its parent together and yield their differences.
 
     With parent_root_fd None every entry is an ADD, in depth-first order with
@@ -2599,7 +2579,7 @@ def _change_sort_key(change: Change) -> bytes:
     return os.fsencode(change.path)
 
 
-def layer_changes(layer_dir: PathArg, parent_dir: Optional[PathArg] = None) -> List[Change]:
+def layer_changes(layer_dir: PathArg, parent_dir: PathArg | None = None) -> list[Change]:
     """Return the changes of a layer directory against its parent, sorted by path."""
     layer_fd = _open_directory_for_reading(layer_dir)
     parent_fd = None
@@ -2615,7 +2595,7 @@ def layer_changes(layer_dir: PathArg, parent_dir: Optional[PathArg] = None) -> L
     return changes
 
 
-def layer_diff_size(layer_dir: PathArg, parent_dir: Optional[PathArg] = None) -> int:
+def layer_diff_size(layer_dir: PathArg, parent_dir: PathArg | None = None) -> int:
     """Sum the sizes of the non-directories that a layer adds or modifies.
 
     Sizes are lstat sizes (a symlink counts its target's length), and an inode
@@ -2650,7 +2630,7 @@ def _sum_sizes(stats: Iterable[os.stat_result]) -> int:
     return total
 
 
-def _changes_size(layer_dir: str, changes: List[Change]) -> int:
+def _changes_size(layer_dir: str, changes: list[Change]) -> int:
     """Sum the sizes of the non-directories that changes add or modify, as layer_diff_size does."""
     layer_fd = _open_directory_for_reading(layer_dir)
     try:
@@ -2659,7 +2639,7 @@ def _changes_size(layer_dir: str, changes: List[Change]) -> int:
         os.close(layer_fd)
 
 
-def _lstat_changes(layer_fd: int, changes: List[Change]) -> Iterator[os.stat_result]:
+def _lstat_changes(layer_fd: int, changes: list[Change]) -> Iterator[os.stat_result]:
     for change in changes:
         if change.kind == ChangeKind.DELETE:
             continue
@@ -2673,7 +2653,7 @@ def _lstat_changes(layer_fd: int, changes: List[Change]) -> Iterator[os.stat_res
             os.close(dir_fd)
 
 
-def _layer_changes_fast(layer_dir: str, parent_dir: Optional[str] = None) -> List[Change]:
+def _layer_changes_fast(layer_dir: str, parent_dir: str | None = None) -> list[Change]:
     """Return layer_changes(layer_dir, parent_dir), by tree search when the layer is a snapshot of parent_dir."""
     if parent_dir is not None:
         changes = _snapshot_changes(layer_dir, parent_dir)
@@ -2699,15 +2679,15 @@ def _sync_filesystem(fd: int, path: str) -> None:
     _ioctl(fd, _structs.BTRFS_IOC_SYNC, 0, "sync filesystem", path)
 
 
-def _changed_inodes(fd: int, tree_id: int, generation: int, path: str) -> Tuple[Set[int], Set[int]]:
+def _changed_inodes(fd: int, tree_id: int, generation: int, path: str) -> tuple[set[int], set[int]]:
     """Return the inodes of a subvolume tree changed after generation, and which are directories.
 
     min_transid makes the kernel skip tree blocks not written since the
     snapshot. Those blocks that remain also contain unchanged items, so each
     inode item's own transid decides.
     """
-    changed: Set[int] = set()
-    directories: Set[int] = set()
+    changed: set[int] = set()
+    directories: set[int] = set()
     items = tree_search(fd, tree_id, (BTRFS_FIRST_FREE_OBJECTID, 0, 0),
                         (_structs.BTRFS_LAST_FREE_OBJECTID, 255, _U64_MAX),
                         min_transid=generation + 1, path=path)
@@ -2722,7 +2702,7 @@ def _changed_inodes(fd: int, tree_id: int, generation: int, path: str) -> Tuple[
     return changed, directories
 
 
-def _parent_directories(fd: int, tree_id: int, inode: int, path: str) -> Set[int]:
+def _parent_directories(fd: int, tree_id: int, inode: int, path: str) -> set[int]:
     """Return the directories that contain a name of inode, from its INODE_REF and INODE_EXTREF items."""
     parents = set()
     items = tree_search(fd, tree_id, (inode, _structs.BTRFS_INODE_REF_KEY, 0),
@@ -2739,7 +2719,7 @@ def _parent_directories(fd: int, tree_id: int, inode: int, path: str) -> Set[int
     return parents
 
 
-def _dirty_directory_paths(fd: int, tree_id: int, generation: int, path: str) -> Tuple[Set[str], Set[int]]:
+def _dirty_directory_paths(fd: int, tree_id: int, generation: int, path: str) -> tuple[set[str], set[int]]:
     """Return the paths of directories whose entries may differ since generation, and the changed inodes.
 
     A directory is dirty when it changed itself (an entry was added, removed
@@ -2760,7 +2740,7 @@ def _dirty_directory_paths(fd: int, tree_id: int, generation: int, path: str) ->
     return paths, changed
 
 
-def _open_directory_path(root_fd: int, path: str) -> Optional[int]:
+def _open_directory_path(root_fd: int, path: str) -> int | None:
     """Open a directory below root_fd without following symlinks; None if it is not one."""
     parts = _path_parts(path)
     if not parts:
@@ -2783,7 +2763,7 @@ def _open_directory_path(root_fd: int, path: str) -> Optional[int]:
         os.close(parent_fd)
 
 
-def _snapshot_changes(layer_dir: str, parent_dir: str) -> Optional[List[Change]]:
+def _snapshot_changes(layer_dir: str, parent_dir: str) -> list[Change] | None:
     """Return the changes of a snapshot against its source by tree search, or None.
 
     Only directories that the search finds dirty on either side are compared,
@@ -2826,15 +2806,15 @@ def _snapshot_changes(layer_dir: str, parent_dir: str) -> Optional[List[Change]]
             os.close(parent_fd)
 
 
-def _compare_dirty_directories(layer_fd: int, parent_fd: int, paths: Set[str],
-                               changed_inodes: Set[int]) -> List[Change]:
+def _compare_dirty_directories(layer_fd: int, parent_fd: int, paths: set[str],
+                               changed_inodes: set[int]) -> list[Change]:
     """Compare the entries of each dirty directory and add the MODIFY of their ancestors.
 
     A dirty directory that is not a directory on both sides is skipped,
     because the comparison of one of its ancestors covers it.
     """
-    changes: Dict[str, Change] = {}
-    containing: Set[str] = set()
+    changes: dict[str, Change] = {}
+    containing: set[str] = set()
     for path in sorted(paths, key=os.fsencode):
         layer_dir_fd = _open_directory_path(layer_fd, path)
         if layer_dir_fd is None:
@@ -2874,12 +2854,12 @@ class _TarEntryWriter:
     does, because finding the other names would take a walk of the whole layer.
     """
 
-    def __init__(self, tar: "tarfile.TarFile", uid_maps: Optional[Sequence[IDMap]],
-                 gid_maps: Optional[Sequence[IDMap]]) -> None:
+    def __init__(self, tar: tarfile.TarFile, uid_maps: Sequence[IDMap] | None,
+                 gid_maps: Sequence[IDMap] | None) -> None:
         self.tar = tar
         self.uid_maps = uid_maps
         self.gid_maps = gid_maps
-        self.link_names: Dict[Tuple[int, int], str] = {}
+        self.link_names: dict[tuple[int, int], str] = {}
 
     def add(self, archive_name: str, path: str, dir_fd: int, name: str, st: os.stat_result) -> None:
         import tarfile
@@ -2945,7 +2925,7 @@ class _TarEntryWriter:
         _forget_tar_members(self.tar)
 
 
-def _forget_tar_members(tar: "tarfile.TarFile") -> None:
+def _forget_tar_members(tar: tarfile.TarFile) -> None:
     """Empty the list of members that a TarFile keeps, without reading the rest of a stream.
 
     getmembers() returns the same list, but on a stream being read it first
@@ -2954,8 +2934,8 @@ def _forget_tar_members(tar: "tarfile.TarFile") -> None:
     tar.members.clear()  # type: ignore[attr-defined]
 
 
-def _write_full_tar(out: io.BufferedWriter, layer_fd: int, uid_maps: Optional[Sequence[IDMap]],
-                    gid_maps: Optional[Sequence[IDMap]]) -> None:
+def _write_full_tar(out: io.BufferedWriter, layer_fd: int, uid_maps: Sequence[IDMap] | None,
+                    gid_maps: Sequence[IDMap] | None) -> None:
     import tarfile
 
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
@@ -2966,8 +2946,8 @@ def _write_full_tar(out: io.BufferedWriter, layer_fd: int, uid_maps: Optional[Se
             writer.add(item.path.lstrip("/"), item.path, item.dir_fd, item.name, item.st)
 
 
-def _write_changes_tar(out: io.BufferedWriter, layer_fd: int, changes: List[Change],
-                       uid_maps: Optional[Sequence[IDMap]], gid_maps: Optional[Sequence[IDMap]]) -> None:
+def _write_changes_tar(out: io.BufferedWriter, layer_fd: int, changes: list[Change],
+                       uid_maps: Sequence[IDMap] | None, gid_maps: Sequence[IDMap] | None) -> None:
     import tarfile
 
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
@@ -2996,13 +2976,13 @@ class _PipeReader(io.RawIOBase):
     calls release.
     """
 
-    def __init__(self, write: Callable[[io.BufferedWriter], None], release: Optional[Callable[[], None]]):
+    def __init__(self, write: Callable[[io.BufferedWriter], None], release: Callable[[], None] | None):
         import threading
 
         super().__init__()
         self._read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         self._release = release
-        self._error: Optional[BaseException] = None
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(write, write_fd),
                                         name="btrfsdrv-diff", daemon=True)
         self._thread.start()
@@ -3019,7 +2999,7 @@ class _PipeReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: "WriteableBuffer") -> int:
+    def readinto(self, buffer: WriteableBuffer) -> int:
         view = memoryview(buffer)
         data = os.read(self._read_fd, len(view))
         if not data:
@@ -3042,9 +3022,9 @@ class _PipeReader(io.RawIOBase):
                 self._release()
 
 
-def layer_diff(layer_dir: PathArg, parent_dir: Optional[PathArg] = None, uid_maps: Optional[Sequence[IDMap]] = (),
-               gid_maps: Optional[Sequence[IDMap]] = (), release: Optional[Callable[[], None]] = None,
-               changes: Optional[List[Change]] = None) -> io.BufferedReader:
+def layer_diff(layer_dir: PathArg, parent_dir: PathArg | None = None, uid_maps: Sequence[IDMap] | None = (),
+               gid_maps: Sequence[IDMap] | None = (), release: Callable[[], None] | None = None,
+               changes: list[Change] | None = None) -> io.BufferedReader:
     """Stream a layer as an uncompressed PAX tar, as a readable binary file.
 
     Without a parent the tar contains the whole layer. Otherwise it contains
@@ -3091,7 +3071,7 @@ class _CountingReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: "WriteableBuffer") -> int:
+    def readinto(self, buffer: WriteableBuffer) -> int:
         view = memoryview(buffer)
         if self.prefix:
             size = min(len(view), len(self.prefix))
@@ -3130,7 +3110,7 @@ class _TarInput(io.RawIOBase):
     _TAIL = 64 * 1024
 
     def __init__(self, source: io.BufferedIOBase,
-                 decompression_errors: Tuple[Type[BaseException], ...]) -> None:
+                 decompression_errors: tuple[type[BaseException], ...]) -> None:
         super().__init__()
         self.source = source
         self.errors = decompression_errors
@@ -3140,7 +3120,7 @@ class _TarInput(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: "WriteableBuffer") -> int:
+    def readinto(self, buffer: WriteableBuffer) -> int:
         view = memoryview(buffer)
         try:
             data = self.source.read(len(view))
@@ -3155,7 +3135,7 @@ class _TarInput(io.RawIOBase):
             del self.tail[:-self._TAIL]
         return len(data)
 
-    def block_at(self, offset: int) -> Optional[bytes]:
+    def block_at(self, offset: int) -> bytes | None:
         """Return the 512-byte block at offset if it was read and is still kept."""
         start = offset - (self.position - len(self.tail))
         if start < 0 or offset + 512 > self.position:
@@ -3170,7 +3150,7 @@ class _ZstdReader(io.RawIOBase):
         super().__init__()
         import ctypes
 
-        self._stream: Optional[int] = None  # close() runs from the finalizer even if loading fails
+        self._stream: int | None = None  # close() runs from the finalizer even if loading fails
         try:
             lib = ctypes.CDLL("libzstd.so.1")
         except OSError as error:
@@ -3212,7 +3192,7 @@ class _ZstdReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: "WriteableBuffer") -> int:
+    def readinto(self, buffer: WriteableBuffer) -> int:
         ctypes = self._ctypes
         view = memoryview(buffer)
         target = (ctypes.c_char * len(view)).from_buffer(view)
@@ -3290,7 +3270,7 @@ class _PendingDirTimes:
             self._set_times(root_fd, parts, (atime_ns, mtime_ns))
 
     @staticmethod
-    def _set_times(root_fd: int, parts: List[str], times: Tuple[int, int]) -> None:
+    def _set_times(root_fd: int, parts: list[str], times: tuple[int, int]) -> None:
         if not parts:
             os.utime(root_fd, ns=times)
             return
@@ -3349,7 +3329,7 @@ class _LayerApplier:
     entry leaves the layer as it was before it.
     """
 
-    def __init__(self, root_fd: int, uid_maps: Optional[Sequence[IDMap]], gid_maps: Optional[Sequence[IDMap]],
+    def __init__(self, root_fd: int, uid_maps: Sequence[IDMap] | None, gid_maps: Sequence[IDMap] | None,
                  ignore_chown_errors: bool) -> None:
         self.root_fd = root_fd
         self.uid_maps = uid_maps
@@ -3359,7 +3339,7 @@ class _LayerApplier:
         self.epoch_ns = _layer_epoch(root_fd)
         self.temporary_name = f".btrfsdrv-apply-{os.getpid()}-{id(self)}"
         self.warned_chown = False
-        self.parent_cache: Optional[Tuple[Tuple[str, ...], int]] = None
+        self.parent_cache: tuple[tuple[str, ...], int] | None = None
 
     def close(self) -> None:
         self.forget_parent()
@@ -3367,7 +3347,7 @@ class _LayerApplier:
 
     # Owners and metadata -------------------------------------------------
 
-    def host_owner(self, member: "tarfile.TarInfo", path: str) -> Optional[Tuple[int, int]]:
+    def host_owner(self, member: tarfile.TarInfo, path: str) -> tuple[int, int] | None:
         """Map an entry's owner to host ids; None means leave the owner as created."""
         uid = _map_id(self.uid_maps, member.uid, True)
         gid = _map_id(self.gid_maps, member.gid, True)
@@ -3394,7 +3374,7 @@ class _LayerApplier:
                 self.warned_chown = True
 
     @staticmethod
-    def xattrs(member: "tarfile.TarInfo") -> Dict[str, bytes]:
+    def xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
         values = {}
         for key, value in member.pax_headers.items():
             if not key.startswith("SCHILY.xattr."):
@@ -3406,7 +3386,7 @@ class _LayerApplier:
                 log.debug("skipping extended attribute %s of %s", name, member.name)
         return values
 
-    def set_fd_metadata(self, fd: int, member: "tarfile.TarInfo", path: str) -> None:
+    def set_fd_metadata(self, fd: int, member: tarfile.TarInfo, path: str) -> None:
         """Set owner, mode, extended attributes and (for files) times through an fd."""
         owner = self.host_owner(member, path)
         if owner is not None:
@@ -3419,7 +3399,7 @@ class _LayerApplier:
         if not member.isdir():
             os.utime(fd, ns=(int(member.mtime * _NS_PER_SECOND),) * 2)
 
-    def set_path_metadata(self, dir_fd: int, name: str, member: "tarfile.TarInfo", path: str) -> None:
+    def set_path_metadata(self, dir_fd: int, name: str, member: tarfile.TarInfo, path: str) -> None:
         """Set metadata on a new symlink, device node or FIFO, which are never opened."""
         owner = self.host_owner(member, path)
         if owner is not None:
@@ -3432,7 +3412,7 @@ class _LayerApplier:
 
     # Entries ------------------------------------------------------------
 
-    def apply(self, member: "tarfile.TarInfo", data_reader: "_DataReader") -> None:
+    def apply(self, member: tarfile.TarInfo, data_reader: _DataReader) -> None:
         path = member.name
         parts = _path_parts(path)
         if parts and parts[0].startswith(WHITEOUT_META_PREFIX) and parts[-1] != WHITEOUT_OPAQUE_DIR:
@@ -3460,7 +3440,7 @@ class _LayerApplier:
         else:
             self.apply_special(parent_fd, parts, member, path)
 
-    def entry_parent(self, parts: List[str], path: str) -> int:
+    def entry_parent(self, parts: list[str], path: str) -> int:
         """Return an fd of the directory that contains parts[-1], creating missing ones.
 
         The fd of the last parent is kept for the next entry, which is mostly in
@@ -3481,7 +3461,7 @@ class _LayerApplier:
             os.close(self.parent_cache[1])
             self.parent_cache = None
 
-    def apply_whiteout(self, parts: List[str], path: str) -> None:
+    def apply_whiteout(self, parts: list[str], path: str) -> None:
         base = parts[-1]
         if base.startswith(WHITEOUT_META_PREFIX) and base != WHITEOUT_OPAQUE_DIR:
             return
@@ -3518,7 +3498,7 @@ class _LayerApplier:
                 finally:
                     os.close(child)
 
-    def remove_existing(self, dir_fd: int, parts: List[str], keep_directory: bool) -> Optional[os.stat_result]:
+    def remove_existing(self, dir_fd: int, parts: list[str], keep_directory: bool) -> os.stat_result | None:
         """Remove what is at parts (inside dir_fd) unless both it and the new entry are directories."""
         name = parts[-1]
         st = _lstat_at(dir_fd, name)
@@ -3532,7 +3512,7 @@ class _LayerApplier:
         _remove_tree(dir_fd, name)
         return None
 
-    def apply_directory(self, parent_fd: int, name: Optional[str], parts: List[str], member: "tarfile.TarInfo",
+    def apply_directory(self, parent_fd: int, name: str | None, parts: list[str], member: tarfile.TarInfo,
                         path: str) -> None:
         if name is None:
             fd = os.dup(parent_fd)
@@ -3547,7 +3527,7 @@ class _LayerApplier:
         mtime_ns = int(member.mtime * _NS_PER_SECOND)
         self.dir_times.add(parts, mtime_ns, mtime_ns)
 
-    def apply_file(self, parts: List[str], member: "tarfile.TarInfo", data_reader: "_DataReader", path: str) -> None:
+    def apply_file(self, parts: list[str], member: tarfile.TarInfo, data_reader: _DataReader, path: str) -> None:
         # The data goes to a temporary file in the layer root first, so that a
         # truncated stream fails before any parent directory is created.
         temporary = self.temporary_name
@@ -3568,7 +3548,7 @@ class _LayerApplier:
                 with _suppress_missing():
                     os.unlink(temporary, dir_fd=self.root_fd)
 
-    def apply_special(self, parent_fd: int, parts: List[str], member: "tarfile.TarInfo", path: str) -> None:
+    def apply_special(self, parent_fd: int, parts: list[str], member: tarfile.TarInfo, path: str) -> None:
         """Create a symlink, hard link, device node or FIFO under a temporary name, then rename it."""
         import tarfile
 
@@ -3595,7 +3575,7 @@ class _LayerApplier:
             with _suppress_missing():
                 os.unlink(temporary, dir_fd=parent_fd)
 
-    def link_target(self, member: "tarfile.TarInfo", path: str) -> Tuple[int, str]:
+    def link_target(self, member: tarfile.TarInfo, path: str) -> tuple[int, str]:
         """Resolve a hard link's target inside the layer; return its directory fd and name.
 
         The target must exist and be neither a directory nor a symlink. The
@@ -3615,7 +3595,7 @@ class _LayerApplier:
             raise ValueError(f"hard link {path!r}: target {target!r} {problem}")
         return target_dir_fd, target_parts[-1]
 
-    def link(self, parent_fd: int, temporary: str, member: "tarfile.TarInfo", path: str) -> None:
+    def link(self, parent_fd: int, temporary: str, member: tarfile.TarInfo, path: str) -> None:
         target_dir_fd, target_name = self.link_target(member, path)
         try:
             os.link(target_name, temporary, src_dir_fd=target_dir_fd, dst_dir_fd=parent_fd,
@@ -3625,17 +3605,17 @@ class _LayerApplier:
 
 
 class _suppress_missing:
-    def __enter__(self) -> "_suppress_missing":
+    def __enter__(self) -> _suppress_missing:
         return self
 
-    def __exit__(self, kind: Optional[Type[BaseException]], value: Optional[BaseException],
-                 traceback: "Optional[TracebackType]") -> bool:
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> bool:
         return kind is not None and issubclass(kind, FileNotFoundError)
 
 
-def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Optional[Sequence[IDMap]] = (),
-                     gid_maps: Optional[Sequence[IDMap]] = (), ignore_chown_errors: bool = False,
-                     progress: Optional[Callable[[int, int], None]] = None) -> int:
+def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDMap] | None = (),
+                     gid_maps: Sequence[IDMap] | None = (), ignore_chown_errors: bool = False,
+                     progress: Callable[[int, int], None] | None = None) -> int:
     """Apply a layer tar (uncompressed, gzip, bzip2, xz or zstd) to a layer directory.
 
     Returns the sum of the regular files' sizes in the tar. Raises ValueError
@@ -3667,7 +3647,7 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Optional[Seq
             last_report = now
             progress(counting.count, applied)
 
-    def copy_data(member: "tarfile.TarInfo", out: io.BufferedWriter) -> None:
+    def copy_data(member: tarfile.TarInfo, out: io.BufferedWriter) -> None:
         source = tar.extractfile(member)
         assert source is not None  # copy_data is called only for regular files
         remaining = member.size
@@ -3724,7 +3704,7 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Optional[Seq
 # ID-map updates ------------------------------------------------------------
 
 
-def _id_map_pair(pair: Any, what: str) -> Optional[Tuple[List[IDMap], List[IDMap]]]:
+def _id_map_pair(pair: Any, what: str) -> tuple[list[IDMap], list[IDMap]] | None:
     if pair is None:
         return None
     try:
@@ -3750,8 +3730,8 @@ def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int)
         os.setxattr(_fd_path(dir_fd, name), "security.capability", capability, follow_symlinks=False)
 
 
-def remap_layer_owners(layer_dir: PathArg, to_container: Optional[Tuple[Sequence[IDMap], Sequence[IDMap]]],
-                       to_host: Optional[Tuple[Sequence[IDMap], Sequence[IDMap]]]) -> None:
+def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], Sequence[IDMap]] | None,
+                       to_host: tuple[Sequence[IDMap], Sequence[IDMap]] | None) -> None:
     """Rewrite every owner below a layer's root from one ID mapping to another.
 
     to_container is the (uid_maps, gid_maps) pair that maps the current host
@@ -3993,7 +3973,7 @@ def _print_result(command: str, result: Any, as_json: bool) -> None:
         print(result)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit status."""
     import logging
 
