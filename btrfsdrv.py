@@ -1505,9 +1505,17 @@ class Driver:
     # -- Home mount
 
     def _make_private_mount(self) -> None:
+        """Bind home onto itself unless it is a mount point, then make it private.
+
+        Checking for a mount point and binding are two steps, so another
+        process's cleanup can unmount the mount at home in between, its own
+        or the one made here (umount takes the top of the stack).  MS_PRIVATE
+        then fails with EINVAL, and the steps are tried again.
+        """
         home = os.fsencode(self.home)
+        attempts = 5
         try:
-            for attempt in range(3):
+            for attempt in range(attempts):
                 if not _is_mount_point(home):
                     _mount(home, home, _MS_BIND, "bind mount home onto itself")
                     self._made_mount = True
@@ -1516,10 +1524,10 @@ class Driver:
                     _mount(None, home, _MS_PRIVATE, "make home a private mount")
                     return
                 except OSError as error:
-                    # EINVAL: the bind mount another process made was
-                    # unmounted by its cleanup after the check above.
-                    if error.errno != errno.EINVAL or self._made_mount or attempt == 2:
+                    if error.errno != errno.EINVAL or attempt == attempts - 1:
                         raise
+                    self._made_mount = False
+                    log.debug("the mount at %s went away during init; trying again", self.home)
         except PermissionError as error:
             # Without CAP_SYS_ADMIN (rootless use) mounts inside layers are
             # the caller's own, so the store works without a private mount.
