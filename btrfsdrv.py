@@ -1,10 +1,10 @@
 """btrfs layer store for container tooling, in pure Python.
 
-A port of the btrfs graph driver of containers/storage: a layer is a btrfs
-subvolume at ``HOME/subvolumes/ID``, a child layer is a writable snapshot of
-its parent, and a layer may carry a size limit that a btrfs qgroup enforces and
-``HOME/quotas/ID`` records as a decimal byte count.  Stores are compatible with
-Podman, Buildah and CRI-O in both directions.
+A port of the btrfs graph driver of containers/storage.  A layer is a btrfs
+subvolume at ``HOME/subvolumes/ID``, and a child layer is a writable snapshot
+of its parent.  A layer may carry a size limit, which a btrfs qgroup enforces
+and ``HOME/quotas/ID`` records as a decimal byte count.  Stores are compatible
+with Podman, Buildah and CRI-O in both directions.
 
 Everything goes through ``fcntl.ioctl`` and a few libc calls made with ctypes,
 so the module needs no compiler, no btrfs-progs and no libbtrfsutil.  The
