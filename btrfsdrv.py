@@ -1504,34 +1504,46 @@ class Driver:
 
     # -- Home mount
 
-    def _make_private_mount(self) -> None:
-        """Bind home onto itself unless it is a mount point, then make it private.
+    def _home_mount_lock(self) -> _Fd:
+        """Lock home's directory (flock) for the mount steps of init and cleanup.
 
-        Checking for a mount point and binding are two steps, so another
-        process's cleanup can unmount the mount at home in between, its own
-        or the one made here (umount takes the top of the stack).  MS_PRIVATE
-        then fails with EINVAL, and the steps are tried again.
+        The kernel has no atomic "bind unless mounted", and umount takes
+        whatever mount is on top of home.  Under this lock, btrfsdrv
+        processes check, bind and unmount one at a time, so they never stack
+        two bind mounts or unmount one made by another btrfsdrv process
+        between its bind and MS_PRIVATE.  The lock is on the directory inode,
+        which is the same through the bind mount.  Other programs (Podman)
+        do not take it; init retries the steps when they race with one.
         """
+        fd = os.open(self.home, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return _Fd(fd)
+
+    def _make_private_mount(self) -> None:
+        """Bind home onto itself unless it is a mount point, then make it private."""
         home = os.fsencode(self.home)
         attempts = 5
         try:
-            for attempt in range(attempts):
-                if not _is_mount_point(home):
-                    _mount(home, home, _MS_BIND, "bind mount home onto itself")
-                    self._made_mount = True
-                    log.debug("bind-mounted %s onto itself", self.home)
-                try:
-                    _mount(None, home, _MS_PRIVATE, "make home a private mount")
-                    return
-                except OSError as error:
-                    if error.errno != errno.EINVAL or attempt == attempts - 1:
-                        raise
-                    self._made_mount = False
-                    log.debug("the mount at %s went away during init; trying again", self.home)
+            with self._home_mount_lock():
+                for attempt in range(attempts):
+                    try:
+                        if not _is_mount_point(home):
+                            _mount(home, home, _MS_BIND, "bind mount home onto itself")
+                            self._made_mount = True
+                            log.debug("bind-mounted %s onto itself", self.home)
+                        _mount(None, home, _MS_PRIVATE, "make home a private mount")
+                        return
+                    except OSError as error:
+                        # EINVAL or ENOENT: another program unmounted home
+                        # between the check and these calls.
+                        if error.errno not in (errno.EINVAL, errno.ENOENT) or attempt == attempts - 1:
+                            raise
+                        self._made_mount = False
+                        log.debug("the mount at %s changed during init; trying again", self.home)
         except PermissionError as error:
             # Without CAP_SYS_ADMIN (rootless use) mounts inside layers are
             # the caller's own, so the store works without a private mount.
-            log.warning("cannot make %s a private mount, continuing without: %s", self.home, error)
+            log.info("cannot make %s a private mount, continuing without: %s", self.home, error)
 
     def cleanup(self) -> None:
         """Unmount the bind mount of home that this driver made, if any.
@@ -1541,7 +1553,8 @@ class Driver:
         if not self._made_mount:
             return
         try:
-            _umount(self.home, _MNT_DETACH)
+            with self._home_mount_lock():
+                _umount(self.home, _MNT_DETACH)
         except OSError as error:
             if error.errno != errno.EINVAL:  # EINVAL: no longer mounted
                 raise

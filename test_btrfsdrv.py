@@ -1713,7 +1713,7 @@ def test_concurrent_inits_on_one_home(fs):
     )
     module_dir = os.path.dirname(btrfsdrv.__file__)
     processes = [subprocess.Popen([sys.executable, "-c", script, module_dir, home], stderr=subprocess.PIPE)
-                 for _ in range(12)]
+                 for _ in range(16)]
     results = [(process.wait(), process.stderr.read().decode()) for process in processes]
     for status, stderr in results:
         assert status == 0, stderr
