@@ -2121,7 +2121,12 @@ def _delete_nested_subvolume(layer_fd: int, subvolume: NestedSubvolume, path: An
                 raise _os_error(errno.ESTALE, "delete nested subvolume", display,
                                 f"it is no longer subvolume {subvolume.id}; run remove again")
             _clear_read_only(child_fd, display)
-        _delete_subvolume_or_contents(parent_fd, name, display)
+        try:
+            _delete_subvolume_or_contents(parent_fd, name, display)
+        except FileNotFoundError:
+            # Renamed away since the check; remove lists the subvolumes again.
+            # A FileNotFoundError must not escape: callers read it as "no such layer".
+            return False
     return True
 
 
@@ -3313,6 +3318,22 @@ class _PendingDirTimes:
         self.file.close()
 
 
+# Names of the temporary files apply_diff makes in a layer's root directory.
+_APPLY_TEMPORARY_PREFIX = ".btrfsdrv-"
+
+
+def _remove_apply_temporaries(root_fd: int) -> None:
+    """Delete the temporary files that a killed apply_diff left in a layer's root."""
+    pattern = re.compile(re.escape(_APPLY_TEMPORARY_PREFIX) + r"(apply|epoch)-[0-9a-f]{16}")
+    with os.scandir(root_fd) as entries:
+        names = [entry.name for entry in entries
+                 if pattern.fullmatch(entry.name) and not entry.is_dir(follow_symlinks=False)]
+    for name in names:
+        with _suppress_missing():
+            os.unlink(name, dir_fd=root_fd)
+            log.warning("removed %s from the layer, left by an apply_diff that was killed", name)
+
+
 def _layer_epoch(root_fd: int) -> int:
     """Return a ctime that every inode this apply creates or changes will reach.
 
@@ -3320,7 +3341,7 @@ def _layer_epoch(root_fd: int) -> int:
     probe inode. The probe is repeated until that clock moves on, so every
     inode changed before this call has a smaller ctime than the result.
     """
-    name = f".btrfsdrv-epoch-{os.getpid()}"
+    name = f"{_APPLY_TEMPORARY_PREFIX}epoch-{os.urandom(8).hex()}"
     first = None
     while True:
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -3341,6 +3362,35 @@ def _layer_epoch(root_fd: int) -> int:
 _DataReader = Callable[["tarfile.TarInfo", io.BufferedWriter], None]
 
 
+_TAR_ID_MAX = 2**32 - 2  # (uid_t)-1 means "unchanged" to chown(2)
+_TAR_DEVICE_MAX = 2**32 - 1
+_TAR_MTIME_MAX = 2**63 // 1_000_000_000 - 1  # seconds whose nanoseconds fit in int64
+_XATTR_NAME_MAX = 255  # XATTR_NAME_MAX of linux/limits.h
+_XATTR_SIZE_MAX = 65536  # XATTR_SIZE_MAX of linux/limits.h
+
+
+def _check_member_values(member: tarfile.TarInfo) -> None:
+    """Raise ValueError when a tar header holds a number the kernel cannot take."""
+    mtime = member.mtime
+    if not isinstance(mtime, (int, float)) or mtime != mtime or not -_TAR_MTIME_MAX <= mtime <= _TAR_MTIME_MAX:
+        raise ValueError(f"modification time {mtime!r} is out of range")
+    for field, value, maximum in (("uid", member.uid, _TAR_ID_MAX), ("gid", member.gid, _TAR_ID_MAX),
+                                  ("devmajor", member.devmajor, _TAR_DEVICE_MAX),
+                                  ("devminor", member.devminor, _TAR_DEVICE_MAX)):
+        if not isinstance(value, int) or not 0 <= value <= maximum:
+            raise ValueError(f"{field} {value!r} is out of range (0 to {maximum})")
+
+
+def _check_xattrs(xattrs: dict[str, bytes]) -> None:
+    """Raise ValueError for extended attributes that the kernel would reject."""
+    for name, value in xattrs.items():
+        _, _, suffix = name.partition(".")
+        if not suffix or len(name.encode("utf-8", "surrogateescape")) > _XATTR_NAME_MAX or "\0" in name:
+            raise ValueError(f"invalid extended attribute name {name!r}")
+        if len(value) > _XATTR_SIZE_MAX:
+            raise ValueError(f"extended attribute {name!r} is {len(value)} bytes, more than {_XATTR_SIZE_MAX}")
+
+
 class _LayerApplier:
     """Applies the entries of a layer tar to a layer directory.
 
@@ -3358,7 +3408,7 @@ class _LayerApplier:
         self.ignore_chown_errors = ignore_chown_errors
         self.dir_times = _PendingDirTimes()
         self.epoch_ns = _layer_epoch(root_fd)
-        self.temporary_name = f".btrfsdrv-apply-{os.getpid()}-{id(self)}"
+        self.temporary_name = f"{_APPLY_TEMPORARY_PREFIX}apply-{os.urandom(8).hex()}"
         self.warned_chown = False
         self.parent_cache: tuple[tuple[str, ...], int] | None = None
 
@@ -3441,6 +3491,10 @@ class _LayerApplier:
         if parts and parts[-1].startswith(WHITEOUT_PREFIX):
             self.apply_whiteout(parts, path)
             return
+        # Reject what would fail halfway before anything at the path is replaced.
+        _check_member_values(member)
+        self.host_owner(member, path)
+        _check_xattrs(self.xattrs(member))
         if not parts:
             if not member.isdir():
                 raise ValueError(f"entry {path!r} names the layer root but is not a directory")
@@ -3573,28 +3627,31 @@ class _LayerApplier:
         """Create a symlink, hard link, device node or FIFO under a temporary name, then rename it."""
         import tarfile
 
+        # Temporary names live in the layer root, where the next apply finds
+        # and deletes those that a killed one left.
         temporary = self.temporary_name
+        root_fd = self.root_fd
         if member.issym():
             # The target is stored as given: nothing here ever follows it.
-            os.symlink(member.linkname, temporary, dir_fd=parent_fd)
+            os.symlink(member.linkname, temporary, dir_fd=root_fd)
         elif member.islnk():
-            self.link(parent_fd, temporary, member, path)
+            self.link(root_fd, temporary, member, path)
         else:
             kind = {tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK,
                     tarfile.FIFOTYPE: stat.S_IFIFO}[member.type]
             device = os.makedev(member.devmajor, member.devminor) if kind != stat.S_IFIFO else 0
-            os.mknod(temporary, kind | 0o600, device, dir_fd=parent_fd)
+            os.mknod(temporary, kind | 0o600, device, dir_fd=root_fd)
         try:
             if not member.islnk():
                 # A hard link shares the metadata of its target, as with GNU tar.
-                self.set_path_metadata(parent_fd, temporary, member, path)
+                self.set_path_metadata(root_fd, temporary, member, path)
             self.remove_existing(parent_fd, parts, keep_directory=False)
-            os.rename(temporary, parts[-1], src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+            os.rename(temporary, parts[-1], src_dir_fd=root_fd, dst_dir_fd=parent_fd)
         finally:
             # rename() does nothing when both names are links to one inode,
             # so the temporary name can remain even after success.
             with _suppress_missing():
-                os.unlink(temporary, dir_fd=parent_fd)
+                os.unlink(temporary, dir_fd=root_fd)
 
     def link_target(self, member: tarfile.TarInfo, path: str) -> tuple[int, str]:
         """Resolve a hard link's target inside the layer; return its directory fd and name.
@@ -3645,10 +3702,14 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
     """
     import tarfile
 
+    if not hasattr(diff, "read"):
+        raise TypeError(f"apply_diff needs a readable binary file object, not {type(diff).__name__}; "
+                        "open the tar with open(path, 'rb')")
     counting = _CountingReader(diff)
     tar_input = _decompressed(counting)
     root_fd = _open_directory(layer_dir)
     try:
+        _remove_apply_temporaries(root_fd)
         applier = _LayerApplier(root_fd, uid_maps, gid_maps, ignore_chown_errors)
     except BaseException:
         # An open descriptor keeps a removed layer's subvolume from being cleaned.
@@ -3706,6 +3767,12 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
                 applier.apply(member, copy_data)
             except ValueError as error:
                 raise ValueError(f"entry {member.name!r} at offset {member.offset}: {error}") from None
+            except (OverflowError, struct.error) as error:
+                raise ValueError(f"entry {member.name!r} at offset {member.offset}: "
+                                 f"a value is out of range: {error}") from None
+            except OSError as error:
+                raise OSError(error.errno, f"apply entry {member.name!r} at offset {member.offset} failed: "
+                              f"{error.strerror}", os.fsdecode(layer_dir)) from None
             if member.isreg():
                 total_size += member.size
             applied += 1
@@ -3736,19 +3803,35 @@ def _id_map_pair(pair: Any, what: str) -> tuple[list[IDMap], list[IDMap]] | None
 
 
 def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int) -> None:
-    """Change an entry's owner, keeping setuid, setgid and security.capability."""
-    capability = None
-    if stat.S_ISREG(st.st_mode):
-        try:
-            capability = os.getxattr(_fd_path(dir_fd, name), "security.capability", follow_symlinks=False)
-        except OSError as error:
-            if error.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
-                raise
-    os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
-    if st.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(st.st_mode):
-        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dir_fd)
-    if capability is not None:
-        os.setxattr(_fd_path(dir_fd, name), "security.capability", capability, follow_symlinks=False)
+    """Change an entry's owner, keeping setuid, setgid and security.capability.
+
+    chown clears setuid, setgid and the capability, which are then restored.
+    Every call goes through an O_PATH descriptor of the inode the walk saw,
+    so an entry swapped for a symlink meanwhile (a running container can do
+    that) raises ESTALE instead of redirecting a chmod outside the layer.
+    """
+    if stat.S_ISLNK(st.st_mode):
+        os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)  # lchown never follows
+        return
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    with _Fd(fd):
+        current = os.fstat(fd)
+        if not os.path.samestat(current, st) or stat.S_IFMT(current.st_mode) != stat.S_IFMT(st.st_mode):
+            raise OSError(errno.ESTALE, "entry changed while its owner was remapped; run the remap again",
+                          _fd_path(dir_fd, name).decode(errors="surrogateescape"))
+        inode = f"/proc/self/fd/{fd}"
+        capability = None
+        if stat.S_ISREG(st.st_mode):
+            try:
+                capability = os.getxattr(inode, "security.capability")
+            except OSError as error:
+                if error.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+        os.chown(inode, uid, gid)
+        if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+            os.chmod(inode, stat.S_IMODE(st.st_mode))
+        if capability is not None:
+            os.setxattr(inode, "security.capability", capability)
 
 
 def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], Sequence[IDMap]] | None,

@@ -1764,6 +1764,117 @@ def test_create_rejects_malformed_storage_opt(driver, storage_opt):
         driver.create("layer", storage_opt=storage_opt)
     assert not driver.exists("layer")
 
+
+def tar_bytes(*members):
+    """Return a PAX tar of (TarInfo, data or None) pairs."""
+    import io
+    import tarfile
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            archive.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buffer.getvalue()
+
+
+def test_remap_refuses_entry_swapped_for_symlink(driver, tmp_path):
+    outside = tmp_path / "outside"
+    outside.write_text("host file")
+    os.chmod(outside, 0o600)
+    driver.create("layer")
+    root = driver.get("layer")
+    os.chmod(root, 0o755)
+    setuid_file = os.path.join(root, "tool")
+    with open(setuid_file, "w") as output:
+        output.write("binary")
+    os.chmod(setuid_file, 0o4755)
+    st = os.lstat(setuid_file)
+    os.unlink(setuid_file)
+    os.symlink(str(outside), setuid_file)  # what a running container can do mid-remap
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(OSError) as raised:
+            btrfsdrv._chown_entry(root_fd, "tool", st, 1000, 1000)
+    finally:
+        os.close(root_fd)
+    assert raised.value.errno == errno.ESTALE
+    assert stat.S_IMODE(os.stat(outside).st_mode) == 0o600
+    assert os.stat(outside).st_uid == 0
+
+
+@pytest.mark.parametrize("field, value", [
+    ("mtime", "1e30"), ("mtime", "inf"), ("mtime", "-1e19"), ("uid", "4294967296"), ("gid", "-2"),
+])
+def test_apply_rejects_out_of_range_header_values(driver, field, value):
+    import io
+    import tarfile
+    driver.create("base")
+    base = driver.get("base")
+    os.chmod(base, 0o755)
+    with open(os.path.join(base, "a"), "w") as output:
+        output.write("keep me")
+    driver.create("layer", "base")
+    entry = tarfile.TarInfo("a")
+    entry.type = tarfile.DIRTYPE
+    entry.pax_headers = {field: value}
+    with pytest.raises(ValueError, match="entry 'a' at offset 0"):
+        driver.apply_diff("layer", io.BytesIO(tar_bytes((entry, None))))
+    with open(os.path.join(driver.get("layer"), "a")) as data:
+        assert data.read() == "keep me"
+
+
+def test_failed_directory_entry_keeps_existing_file(driver):
+    import io
+    import tarfile
+    driver.create("base")
+    base = driver.get("base")
+    os.chmod(base, 0o755)
+    with open(os.path.join(base, "a"), "w") as output:
+        output.write("keep me")
+    driver.create("layer", "base")
+    entry = tarfile.TarInfo("a")
+    entry.type = tarfile.DIRTYPE
+    entry.uid = entry.gid = 70000
+    maps = [btrfsdrv.IDMap(0, 100000, 65536)]
+    with pytest.raises(ValueError, match="has no host id"):
+        driver.apply_diff("layer", io.BytesIO(tar_bytes((entry, None))), uid_maps=maps, gid_maps=maps)
+    with open(os.path.join(driver.get("layer"), "a")) as data:
+        assert data.read() == "keep me"
+    big = tarfile.TarInfo("a")
+    big.type = tarfile.DIRTYPE
+    big.pax_headers = {"SCHILY.xattr.user.big": "x" * 70000}
+    with pytest.raises(ValueError, match="more than 65536"):
+        driver.apply_diff("layer", io.BytesIO(tar_bytes((big, None))))
+    assert os.path.isfile(os.path.join(driver.get("layer"), "a"))
+
+
+def test_apply_removes_leftover_temporaries(driver):
+    import io
+    import tarfile
+    driver.create("layer")
+    root = driver.get("layer")
+    os.chmod(root, 0o755)
+    leftover = os.path.join(root, ".btrfsdrv-apply-0123456789abcdef")
+    with open(leftover, "w") as output:
+        output.write("from a killed apply")
+    kept = os.path.join(root, ".btrfsdrv-image-file")
+    with open(kept, "w") as output:
+        output.write("image content")
+    link = tarfile.TarInfo("d/link")
+    link.type = tarfile.SYMTYPE
+    link.linkname = "/etc/passwd"
+    driver.apply_diff("layer", io.BytesIO(tar_bytes((link, None), (tarfile.TarInfo("d/f"), b"data"))))
+    assert not os.path.lexists(leftover)
+    assert os.path.exists(kept)
+    assert sorted(os.listdir(os.path.join(root, "d"))) == ["f", "link"]
+
+
+def test_apply_diff_rejects_a_path(driver):
+    driver.create("layer")
+    with pytest.raises(TypeError, match="readable binary file object"):
+        driver.apply_diff("layer", "/tmp/layer.tar")
+
 # -- Untrusted input at the edges (seeded property tests) ---------------------
 
 PROPERTY_SEED = int(os.environ.get("BTRFSDRV_SEED", "20261204"))
