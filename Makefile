@@ -5,7 +5,7 @@ PYTEST ?= $(PYTHON) -m pytest
 PYTEST_ARGS ?=
 APT_GET = DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: test test-deps test-source test-vendored vendor demo bench bench-deps lint clean \
+.PHONY: demo-deps test test-deps test-source test-vendored vendor demo bench bench-deps lint clean \
 	struct-table crosscheck packages
 
 # The README's test command: prepare the machine, then run the whole suite
@@ -54,8 +54,14 @@ test-vendored: vendor
 vendor:
 	$(PYTHON) tools/vendor.py --output dist/btrfsdrv.py
 
-demo: test-deps
+demo: demo-deps
 	$(PYTHON) tools/demo.py
+
+# The demo needs only mkfs.btrfs.
+demo-deps:
+	@if ! command -v mkfs.btrfs >/dev/null 2>&1; then \
+		$(APT_GET) update -qq && $(APT_GET) install -y -qq btrfs-progs; \
+	fi
 
 # Benchmarks against libbtrfsutil, the btrfs CLI and GNU tar (see
 # BENCHMARKS.md). CASES selects cases (CASES=snapshot,remove); QUICK=1 runs

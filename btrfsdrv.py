@@ -1405,7 +1405,7 @@ class Driver:
         # Resolved once, so that a home reached through a symlink works with
         # the O_NOFOLLOW opens below and with the mount table's paths.
         self.home = os.path.realpath(os.fsdecode(os.fspath(home)))
-        self.options = parse_options(list(options))
+        self.options = parse_options(options if isinstance(options, (str, bytes)) else list(options))
         self.uid_maps = _id_maps(uid_maps, "uid_maps")
         self.gid_maps = _id_maps(gid_maps, "gid_maps")
         # Without maps, layers belong to root, or to the caller when it is not
@@ -3926,11 +3926,15 @@ def _command_usage(driver: Driver, args: Any) -> Any:
 def _command_cleanup(driver: Driver, args: Any) -> Any:
     driver.cleanup()
     home = os.fsencode(os.path.realpath(driver.home))
+    unmounted = False
     if _is_self_bind_mount(home):
-        # A bind mount that a killed btrfsdrv or containers/storage process left.
+        # A bind mount that a killed btrfsdrv or containers/storage process
+        # left, or that one still running uses, as containers/storage's
+        # Cleanup would unmount it too.
         _umount(home, _MNT_DETACH)
-        log.debug("unmounted leftover bind mount of %s", driver.home)
-    return {"home": driver.home, "mounted": _is_mount_point(home)}
+        unmounted = True
+        log.debug("unmounted the bind mount of %s onto itself", driver.home)
+    return {"home": driver.home, "unmounted_bind_mount": unmounted}
 
 
 def _is_self_bind_mount(directory: bytes) -> bool:
@@ -4016,7 +4020,12 @@ def _add_diff_commands(add: Any) -> None:
     ):
         command = add(name, handler, help_text)
         command.add_argument("id", help="layer id: one path component, at most 255 bytes")
-        command.add_argument("--parent", help="id of the parent layer; without it the whole layer counts")
+        if name == "apply":
+            command.add_argument("--parent", help="id of the parent layer; accepted for compatibility and "
+                                 "unused, because the layer is already a snapshot of its parent")
+        else:
+            command.add_argument("--parent", help="id of the layer to compare with; without it every file "
+                                 "of the layer counts as added")
 
 
 def _command_changes(driver: Driver, args: Any) -> Any:
@@ -4104,7 +4113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _describe_error(error: BaseException) -> str:
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
-        return f"{error.filename}: {error.strerror}"
+        message = f"{error.filename}: {error.strerror}"
+        if error.errno in (errno.EACCES, errno.EPERM) and "; " not in error.strerror:
+            message += "; run as root or as the owner of the store"
+        return message
     return str(error)
 
 

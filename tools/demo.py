@@ -95,6 +95,8 @@ def run_demo(filesystem):
                                     fill_until_quota, container, 4 * limit)
         outcome = errno.errorcode.get(error, "no error") if error else "no error"
         print(f"             wrote {written // 1024**2} MiB, then the kernel returned {outcome}")
+        print("             (the limit counts referenced bytes: data shared with the base, the new")
+        print("             file and the metadata that describes them)")
         if error != errno.EDQUOT:
             raise SystemExit(f"demo failed: expected EDQUOT from the size limit, got {outcome}")
 
@@ -105,8 +107,10 @@ def run_demo(filesystem):
         print("\nper-layer usage:")
         for layer in driver.list_layers():
             usage = timer.step(f"usage of {layer}", driver.read_write_disk_usage, layer)
-            limit = driver.metadata(layer).get("SizeLimit", "none")
-            print(f"             {usage.size / 1024**2:8.1f} MiB in {usage.inode_count} inodes, limit {limit}")
+            size_limit = driver.metadata(layer).get("SizeLimit")
+            limit_text = f"{int(size_limit) / 1024**2:.1f} MiB" if size_limit else "none"
+            print(f"             {usage.size / 1024**2:8.1f} MiB in {usage.inode_count} inodes, "
+                  f"limit {limit_text}")
 
         print("\nremoving layers, children first:")
         for layer in ["container", "app3", "app2", "app1", "base"]:
