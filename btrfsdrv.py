@@ -1231,6 +1231,9 @@ def parse_storage_opt(storage_opt: Mapping[str, str] | None) -> int | None:
     return size
 
 
+_ID_MAX = 2**32 - 2
+
+
 def _id_maps(maps: Iterable[Any] | None, what: str) -> list[IDMap] | None:
     if maps is None:
         return None
@@ -1242,6 +1245,9 @@ def _id_maps(maps: Iterable[Any] | None, what: str) -> list[IDMap] | None:
             raise ValueError(f"invalid {what} entry {entry!r}: expected (container_id, host_id, size)") from None
         if any(not isinstance(value, int) or value < 0 for value in mapping) or mapping.size == 0:
             raise ValueError(f"invalid {what} entry {entry!r}: ids and size must be non-negative integers, size > 0")
+        # Ids are 32-bit, and (uid_t)-1 tells chown(2) to leave the id unchanged.
+        if max(mapping.container_id, mapping.host_id) + mapping.size - 1 > _ID_MAX:
+            raise ValueError(f"invalid {what} entry {entry!r}: ids must stay at or below {_ID_MAX}")
         result.append(mapping)
     return result
 
@@ -2544,8 +2550,13 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: int | None, top: str = "",
                 if (changed_inodes is not None and parent_entry is not None
                         and entry.inode() == parent_entry.inode() and entry.inode() not in changed_inodes):
                     continue  # the same inode, unchanged since the snapshot
-                new = entry.stat(follow_symlinks=False)
-                old = parent_entry.stat(follow_symlinks=False) if parent_entry is not None else None
+                try:
+                    new = entry.stat(follow_symlinks=False)
+                    old = parent_entry.stat(follow_symlinks=False) if parent_entry is not None else None
+                except FileNotFoundError:
+                    # A FileNotFoundError must not escape: callers read it as "no such layer".
+                    raise OSError(errno.ESTALE, f"{path} vanished while the layer was walked; stop "
+                                  "whatever writes to the layer and run the operation again") from None
                 reported = False
                 if old is None:
                     count += 1
@@ -3325,12 +3336,17 @@ _APPLY_TEMPORARY_PREFIX = ".btrfsdrv-"
 def _remove_apply_temporaries(root_fd: int) -> None:
     """Delete the temporary files that a killed apply_diff left in a layer's root."""
     pattern = re.compile(re.escape(_APPLY_TEMPORARY_PREFIX) + r"(apply|epoch)-[0-9a-f]{16}")
+    # NOTE: a layer file that a tar or a container gave such a name is deleted
+    # too; the random 16-digit suffix makes that unlikely but not impossible.
     with os.scandir(root_fd) as entries:
-        names = [entry.name for entry in entries
-                 if pattern.fullmatch(entry.name) and not entry.is_dir(follow_symlinks=False)]
-    for name in names:
+        names = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries
+                 if pattern.fullmatch(entry.name)]
+    for name, is_dir in names:
         with _suppress_missing():
-            os.unlink(name, dir_fd=root_fd)
+            if is_dir:
+                _remove_tree(root_fd, name)
+            else:
+                os.unlink(name, dir_fd=root_fd)
             log.warning("removed %s from the layer, left by an apply_diff that was killed", name)
 
 
@@ -3364,7 +3380,10 @@ _DataReader = Callable[["tarfile.TarInfo", io.BufferedWriter], None]
 
 _TAR_ID_MAX = 2**32 - 2  # (uid_t)-1 means "unchanged" to chown(2)
 _TAR_DEVICE_MAX = 2**32 - 1
-_TAR_MTIME_MAX = 2**63 // 1_000_000_000 - 1  # seconds whose nanoseconds fit in int64
+# NOTE: seconds whose nanoseconds fit in int64 (up to the year 2262), as the
+# applier keeps directory times in nanoseconds; btrfs itself stores later
+# times, so a layer holding one exports a diff that apply_diff rejects.
+_TAR_MTIME_MAX = 2**63 // 1_000_000_000 - 1
 _XATTR_NAME_MAX = 255  # XATTR_NAME_MAX of linux/limits.h
 _XATTR_SIZE_MAX = 65536  # XATTR_SIZE_MAX of linux/limits.h
 
@@ -3589,18 +3608,41 @@ class _LayerApplier:
 
     def apply_directory(self, parent_fd: int, name: str | None, parts: list[str], member: tarfile.TarInfo,
                         path: str) -> None:
-        if name is None:
-            fd = os.dup(parent_fd)
+        existing = _lstat_at(parent_fd, name) if name is not None else None
+        if name is None or (existing is not None and stat.S_ISDIR(existing.st_mode)):
+            # Both are directories: only the metadata of the existing one changes.
+            fd = os.dup(parent_fd) if name is None else _open_directory(name, parent_fd)
+            try:
+                self.set_fd_metadata(fd, member, path)
+            finally:
+                os.close(fd)
         else:
-            if self.remove_existing(parent_fd, parts, keep_directory=True) is None:
-                os.mkdir(name, 0o700, dir_fd=parent_fd)
-            fd = _open_directory(name, parent_fd)
-        try:
-            self.set_fd_metadata(fd, member, path)
-        finally:
-            os.close(fd)
+            self.install_directory(parent_fd, parts, member, path)
         mtime_ns = int(member.mtime * _NS_PER_SECOND)
         self.dir_times.add(parts, mtime_ns, mtime_ns)
+
+    def install_directory(self, parent_fd: int, parts: list[str], member: tarfile.TarInfo, path: str) -> None:
+        """Make a new directory under a temporary name, then move it over what is at parts.
+
+        A failure while setting its metadata (an xattr the filesystem rejects)
+        leaves the entry it was to replace as it was.
+        """
+        temporary = self.temporary_name
+        os.mkdir(temporary, 0o700, dir_fd=self.root_fd)
+        installed = False
+        try:
+            fd = _open_directory(temporary, self.root_fd)
+            try:
+                self.set_fd_metadata(fd, member, path)
+            finally:
+                os.close(fd)
+            self.remove_existing(parent_fd, parts, keep_directory=False)
+            os.rename(temporary, parts[-1], src_dir_fd=self.root_fd, dst_dir_fd=parent_fd)
+            installed = True
+        finally:
+            if not installed:
+                with _suppress_missing():
+                    os.rmdir(temporary, dir_fd=self.root_fd)
 
     def apply_file(self, parts: list[str], member: tarfile.TarInfo, data_reader: _DataReader, path: str) -> None:
         # The data goes to a temporary file in the layer root first, so that a
@@ -3813,9 +3855,15 @@ def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int)
     if stat.S_ISLNK(st.st_mode):
         os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)  # lchown never follows
         return
-    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    with _Fd(fd):
-        current = os.fstat(fd)
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        fd = -1
+    with _OptionalFd(fd if fd >= 0 else None):
+        current = os.fstat(fd) if fd >= 0 else None
+        if current is None:
+            raise OSError(errno.ESTALE, "entry vanished while its owner was remapped",
+                          _fd_path(dir_fd, name).decode(errors="surrogateescape"))
         if not os.path.samestat(current, st) or stat.S_IFMT(current.st_mode) != stat.S_IFMT(st.st_mode):
             raise OSError(errno.ESTALE, "entry changed while its owner was remapped; run the remap again",
                           _fd_path(dir_fd, name).decode(errors="surrogateescape"))

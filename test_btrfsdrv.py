@@ -1875,6 +1875,32 @@ def test_apply_diff_rejects_a_path(driver):
     with pytest.raises(TypeError, match="readable binary file object"):
         driver.apply_diff("layer", "/tmp/layer.tar")
 
+
+@pytest.mark.parametrize("xattr, value", [("user.big", "A" * 20000), ("security.capability", "abc")])
+def test_directory_entry_failing_in_kernel_keeps_file(driver, xattr, value):
+    import io
+    import tarfile
+    driver.create("layer")
+    root = driver.get("layer")
+    os.chmod(root, 0o755)
+    with open(os.path.join(root, "victim"), "w") as output:
+        output.write("important data")
+    entry = tarfile.TarInfo("victim")
+    entry.type = tarfile.DIRTYPE
+    entry.mode = 0o755
+    entry.pax_headers = {f"SCHILY.xattr.{xattr}": value}
+    with pytest.raises(OSError, match="entry 'victim' at offset 0"):
+        driver.apply_diff("layer", io.BytesIO(tar_bytes((entry, None))))
+    with open(os.path.join(root, "victim")) as data:
+        assert data.read() == "important data"
+    assert [name for name in os.listdir(root) if name.startswith(".btrfsdrv-")] == []
+
+
+@pytest.mark.parametrize("mapping", [(0, 2**32, 1), (0, 2**32 - 1, 1), (2**32 - 1, 0, 1)])
+def test_id_maps_reject_ids_beyond_32_bits(fs, mapping):
+    with pytest.raises(ValueError, match="ids must stay at or below"):
+        btrfsdrv.Driver(fs.path("home"), uid_maps=[mapping], gid_maps=[(0, 0, 1)])
+
 # -- Untrusted input at the edges (seeded property tests) ---------------------
 
 PROPERTY_SEED = int(os.environ.get("BTRFSDRV_SEED", "20261204"))
