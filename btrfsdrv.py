@@ -2423,6 +2423,14 @@ def _is_carried_xattr(name: str) -> bool:
     return name == "security.capability" or name.startswith("user.")
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _read_xattrs(target: int | bytes) -> dict[str, bytes]:
     """Read the carried extended attributes of an fd or a path (not followed)."""
     follow = isinstance(target, int)
@@ -2935,7 +2943,12 @@ class _TarEntryWriter:
         if info.type != tarfile.LNKTYPE:
             xattrs = _read_xattrs(data.fileno()) if data is not None else _entry_xattrs(dir_fd, name, st)
             info.pax_headers = {"SCHILY.xattr." + key: value.decode("utf-8", "surrogateescape")
-                                for key, value in xattrs.items()}
+                                for key, value in xattrs.items() if _is_utf8(key)}
+            for key in xattrs:
+                if not _is_utf8(key):
+                    # PAX records need UTF-8 keys, so such a name cannot be carried.
+                    log.warning("not carrying extended attribute %r of %s: its name is not UTF-8",
+                                key, archive_name)
         try:
             self.tar.addfile(info, data)
         finally:
@@ -3428,6 +3441,7 @@ class _LayerApplier:
         self.dir_times = _PendingDirTimes()
         self.epoch_ns = _layer_epoch(root_fd)
         self.temporary_name = f"{_APPLY_TEMPORARY_PREFIX}apply-{os.urandom(8).hex()}"
+        self.root_dev = os.fstat(root_fd).st_dev
         self.warned_chown = False
         self.parent_cache: tuple[tuple[str, ...], int] | None = None
 
@@ -3611,6 +3625,8 @@ class _LayerApplier:
         existing = _lstat_at(parent_fd, name) if name is not None else None
         if name is None or (existing is not None and stat.S_ISDIR(existing.st_mode)):
             # Both are directories: only the metadata of the existing one changes.
+            # NOTE: when the kernel rejects an xattr here, the owner and mode set
+            # before it stay changed; the directory and its contents remain.
             fd = os.dup(parent_fd) if name is None else _open_directory(name, parent_fd)
             try:
                 self.set_fd_metadata(fd, member, path)
@@ -3628,27 +3644,28 @@ class _LayerApplier:
         leaves the entry it was to replace as it was.
         """
         temporary = self.temporary_name
-        os.mkdir(temporary, 0o700, dir_fd=self.root_fd)
+        staging_fd = self.staging_fd(parent_fd)
+        os.mkdir(temporary, 0o700, dir_fd=staging_fd)
         installed = False
         try:
-            fd = _open_directory(temporary, self.root_fd)
+            fd = _open_directory(temporary, staging_fd)
             try:
                 self.set_fd_metadata(fd, member, path)
             finally:
                 os.close(fd)
             self.remove_existing(parent_fd, parts, keep_directory=False)
-            os.rename(temporary, parts[-1], src_dir_fd=self.root_fd, dst_dir_fd=parent_fd)
+            os.rename(temporary, parts[-1], src_dir_fd=staging_fd, dst_dir_fd=parent_fd)
             installed = True
         finally:
             if not installed:
                 with _suppress_missing():
-                    os.rmdir(temporary, dir_fd=self.root_fd)
+                    os.rmdir(temporary, dir_fd=staging_fd)
 
     def apply_file(self, parts: list[str], member: tarfile.TarInfo, data_reader: _DataReader, path: str) -> None:
         # The data goes to a temporary file in the layer root first, so that a
         # truncated stream fails before any parent directory is created.
         temporary = self.temporary_name
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=self.root_fd)
         installed = False
         try:
@@ -3656,6 +3673,9 @@ class _LayerApplier:
                 data_reader(member, out)
             self.set_fd_metadata(fd, member, path)
             parent_fd = self.entry_parent(parts, path)
+            if self.staging_fd(parent_fd) != self.root_fd:
+                self.copy_into_subvolume(fd, parent_fd, parts, member, path)
+                return
             self.remove_existing(parent_fd, parts, keep_directory=False)
             os.rename(temporary, parts[-1], src_dir_fd=self.root_fd, dst_dir_fd=parent_fd)
             installed = True
@@ -3665,6 +3685,41 @@ class _LayerApplier:
                 with _suppress_missing():
                     os.unlink(temporary, dir_fd=self.root_fd)
 
+    def staging_fd(self, parent_fd: int) -> int:
+        """Return where a temporary for an entry in parent_fd goes: the layer root if it can.
+
+        rename(2) cannot cross subvolumes (EXDEV), so an entry inside a nested
+        subvolume is staged in its own directory.  The next apply deletes only
+        the leftovers of a killed apply that sit in the layer root.
+        """
+        if os.fstat(parent_fd).st_dev == self.root_dev:
+            return self.root_fd
+        return parent_fd
+
+    def copy_into_subvolume(self, source_fd: int, parent_fd: int, parts: list[str],
+                            member: tarfile.TarInfo, path: str) -> None:
+        """Install a regular file whose data is staged in the root into another subvolume."""
+        temporary = self.temporary_name
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=parent_fd)
+        installed = False
+        try:
+            os.lseek(source_fd, 0, os.SEEK_SET)
+            while True:
+                chunk = os.read(source_fd, 1 << 20)
+                if not chunk:
+                    break
+                os.write(fd, chunk)
+            self.set_fd_metadata(fd, member, path)
+            self.remove_existing(parent_fd, parts, keep_directory=False)
+            os.rename(temporary, parts[-1], src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+            installed = True
+        finally:
+            os.close(fd)
+            if not installed:
+                with _suppress_missing():
+                    os.unlink(temporary, dir_fd=parent_fd)
+
     def apply_special(self, parent_fd: int, parts: list[str], member: tarfile.TarInfo, path: str) -> None:
         """Create a symlink, hard link, device node or FIFO under a temporary name, then rename it."""
         import tarfile
@@ -3672,7 +3727,7 @@ class _LayerApplier:
         # Temporary names live in the layer root, where the next apply finds
         # and deletes those that a killed one left.
         temporary = self.temporary_name
-        root_fd = self.root_fd
+        root_fd = self.staging_fd(parent_fd)
         if member.issym():
             # The target is stored as given: nothing here ever follows it.
             os.symlink(member.linkname, temporary, dir_fd=root_fd)
@@ -3889,34 +3944,47 @@ def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], 
     to_container is the (uid_maps, gid_maps) pair that maps the current host
     ids back to container ids, and to_host the pair that maps those to the
     new host ids; None or empty maps are the identity. The root keeps its
-    owner. Each inode is changed once.
+    owner. Each inode is changed once. A first walk checks that every owner
+    maps, so an owner outside the maps raises ValueError before anything
+    changes, and running the remap again never shifts an owner twice.
     """
-    old_uid_maps, old_gid_maps = to_container or ((), ())
-    new_uid_maps, new_gid_maps = to_host or ((), ())
+    maps = (to_container or ((), ())), (to_host or ((), ()))
     root_fd = _open_directory(layer_dir)
-    seen_inodes = set()
     try:
-        for item in _walk_changes(root_fd, None):
-            st = item.st
-            assert st is not None  # a walk without a parent yields only ADDs
-            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                inode = (st.st_dev, st.st_ino)
-                if inode in seen_inodes:
-                    continue
-                seen_inodes.add(inode)
-            container_uid = _map_id(old_uid_maps, st.st_uid, False)
-            container_gid = _map_id(old_gid_maps, st.st_gid, False)
-            if container_uid is None or container_gid is None:
-                raise ValueError(f"{item.path!r}: owner {st.st_uid}:{st.st_gid} is outside the old ID maps")
-            uid = _map_id(new_uid_maps, container_uid, True)
-            gid = _map_id(new_gid_maps, container_gid, True)
-            if uid is None or gid is None:
-                raise ValueError(f"{item.path!r}: container owner {container_uid}:{container_gid} "
-                                 "is outside the new ID maps")
-            if (uid, gid) != (st.st_uid, st.st_gid):
-                _chown_entry(item.dir_fd, item.name, st, uid, gid)
+        for _ in _remapped_owners(root_fd, maps):  # checks every owner first
+            pass
+        for item, (uid, gid) in _remapped_owners(root_fd, maps):
+            _chown_entry(item.dir_fd, item.name, item.st, uid, gid)
     finally:
         os.close(root_fd)
+
+
+def _remapped_owners(
+    root_fd: int, maps: tuple[tuple[Sequence[IDMap], Sequence[IDMap]], tuple[Sequence[IDMap], Sequence[IDMap]]],
+) -> Iterator[tuple[Any, tuple[int, int]]]:
+    """Yield (walked entry, new owner) for each inode whose owner changes, each once."""
+    (old_uid_maps, old_gid_maps), (new_uid_maps, new_gid_maps) = maps
+    seen_inodes = set()
+    for item in _walk_changes(root_fd, None):
+        st = item.st
+        assert st is not None  # a walk without a parent yields only ADDs
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            inode = (st.st_dev, st.st_ino)
+            if inode in seen_inodes:
+                continue
+            seen_inodes.add(inode)
+        container_uid = _map_id(old_uid_maps, st.st_uid, False)
+        container_gid = _map_id(old_gid_maps, st.st_gid, False)
+        if container_uid is None or container_gid is None:
+            raise ValueError(f"{item.path!r}: owner {st.st_uid}:{st.st_gid} is outside the old ID maps; "
+                             "nothing was changed")
+        uid = _map_id(new_uid_maps, container_uid, True)
+        gid = _map_id(new_gid_maps, container_gid, True)
+        if uid is None or gid is None:
+            raise ValueError(f"{item.path!r}: container owner {container_uid}:{container_gid} "
+                             "is outside the new ID maps; nothing was changed")
+        if (uid, gid) != (st.st_uid, st.st_gid):
+            yield item, (uid, gid)
 
 
 # -- Command line ------------------------------------------------------------------------

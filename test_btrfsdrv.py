@@ -1901,6 +1901,62 @@ def test_id_maps_reject_ids_beyond_32_bits(fs, mapping):
     with pytest.raises(ValueError, match="ids must stay at or below"):
         btrfsdrv.Driver(fs.path("home"), uid_maps=[mapping], gid_maps=[(0, 0, 1)])
 
+
+def test_apply_inside_nested_subvolume(driver):
+    import io
+    import tarfile
+    driver.create("layer")
+    root = driver.get("layer")
+    os.chmod(root, 0o755)
+    btrfsdrv.create_subvolume(os.path.join(root, "sv"))
+    for name in ("old", "f2", "f3"):
+        with open(os.path.join(root, "sv", name), "w") as output:
+            output.write(name)
+    new_file = tarfile.TarInfo("sv/old")
+    directory = tarfile.TarInfo("sv/f2")
+    directory.type = tarfile.DIRTYPE
+    symlink = tarfile.TarInfo("sv/f3")
+    symlink.type = tarfile.SYMTYPE
+    symlink.linkname = "x"
+    driver.apply_diff("layer", io.BytesIO(tar_bytes((new_file, b"new"), (directory, None), (symlink, None))))
+    with open(os.path.join(root, "sv", "old")) as data:
+        assert data.read() == "new"
+    assert os.path.isdir(os.path.join(root, "sv", "f2"))
+    assert os.readlink(os.path.join(root, "sv", "f3")) == "x"
+    assert sorted(os.listdir(os.path.join(root, "sv"))) == ["f2", "f3", "old"]
+
+
+def test_remap_checks_every_owner_first(driver):
+    driver.create("layer")
+    root = driver.get("layer")
+    for name, owner in (("a", 100000), ("m", 5), ("z", 100001)):
+        with open(os.path.join(root, name), "w") as output:
+            output.write(name)
+        os.chown(os.path.join(root, name), owner, owner)
+    old = [btrfsdrv.IDMap(0, 100000, 200000)]
+    new = [btrfsdrv.IDMap(0, 150000, 200000)]
+    for _ in range(2):
+        with pytest.raises(ValueError, match="outside the old ID maps; nothing was changed"):
+            driver.update_layer_id_map("layer", (old, old), (new, new))
+        owners = {name: os.lstat(os.path.join(root, name)).st_uid for name in "amz"}
+        assert owners == {"a": 100000, "m": 5, "z": 100001}
+
+
+def test_diff_skips_non_utf8_xattr_name(driver, caplog):
+    import tarfile
+    driver.create("layer")
+    root = driver.get("layer")
+    os.chmod(root, 0o755)
+    with open(os.path.join(root, "x"), "w") as output:
+        output.write("x")
+    os.setxattr(os.path.join(root, "x"), b"user.\xff\xfe", b"v")
+    os.setxattr(os.path.join(root, "x"), "user.ok", b"kept")
+    with caplog.at_level("WARNING", logger="btrfsdrv"), driver.diff("layer") as stream:
+        with tarfile.open(fileobj=stream, mode="r|") as archive:
+            headers = {member.name: dict(member.pax_headers) for member in archive}
+    assert headers["x"]["SCHILY.xattr.user.ok"] == "kept"
+    assert "not UTF-8" in caplog.text
+
 # -- Untrusted input at the edges (seeded property tests) ---------------------
 
 PROPERTY_SEED = int(os.environ.get("BTRFSDRV_SEED", "20261204"))
