@@ -1680,10 +1680,13 @@ class Driver:
                 self._create_empty(subvolumes_fd, name, path)
             else:
                 self._create_snapshot(subvolumes_fd, parent_name, name, path)
+            # The subvolume id tells the one made here from one that a racing
+            # remove and create put in its place (st_dev can be reused).
+            created = self._subvolume_id_at(subvolumes_fd, name, path)
             try:
                 self._finish_layer(subvolumes_fd, name, path, size, mount_label)
             except BaseException:
-                self._roll_back(subvolumes_fd, name, path)
+                self._roll_back(subvolumes_fd, name, path, created)
                 raise
 
     def _create_empty(self, subvolumes_fd: int, name: bytes, path: str) -> None:
@@ -1754,12 +1757,29 @@ class Driver:
         except PermissionError:
             return
 
-    def _roll_back(self, subvolumes_fd: int, name: bytes, path: str) -> None:
+    @staticmethod
+    def _subvolume_id_at(dir_fd: int, name: bytes, path: str) -> int | None:
+        """Return the id of the subvolume at name below dir_fd, None when it is gone."""
+        try:
+            fd = _open_directory(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+        with _Fd(fd):
+            return _subvolume_id_of_fd(fd, path)
+
+    def _roll_back(self, subvolumes_fd: int, name: bytes, path: str, created: int | None) -> None:
         """Delete a layer whose create failed: its quota file first, then its subvolume.
 
         While the subvolume exists no other create can take its id, so the
-        quota file with that name can only be this layer's.
+        quota file with that name can only be this layer's.  When a racing
+        remove and create replaced the subvolume, the new layer is left alone.
         """
+        current = self._subvolume_id_at(subvolumes_fd, name, path)
+        if current is None:
+            return
+        if current != created:
+            log.warning("not rolling back %s: another process replaced it during the failed create", path)
+            return
         try:
             self._remove_quota_file(name)
         except OSError as error:
@@ -3401,6 +3421,37 @@ _XATTR_NAME_MAX = 255  # XATTR_NAME_MAX of linux/limits.h
 _XATTR_SIZE_MAX = 65536  # XATTR_SIZE_MAX of linux/limits.h
 
 
+# tarfile reads a PAX extended header or a GNU long name whole into memory,
+# so a few hundred kilobytes of compressed input could claim gigabytes.
+_EXTENDED_HEADER_MAX = 1 << 20
+_bounded_tarinfo: Any = None
+
+
+def _bounded_tarinfo_class() -> Any:
+    """Return a TarInfo subclass that rejects extended headers over 1 MiB before reading them."""
+    global _bounded_tarinfo
+    if _bounded_tarinfo is None:
+        import tarfile
+
+        class BoundedTarInfo(tarfile.TarInfo):
+            def _check_extended_size(self) -> None:
+                if self.size > _EXTENDED_HEADER_MAX:
+                    # TarFile.next() turns this (undeclared in typeshed) into ReadError.
+                    raise tarfile.SubsequentHeaderError(  # type: ignore[attr-defined]
+                        f"extended header of {self.size} bytes is larger than {_EXTENDED_HEADER_MAX}")
+
+            def _proc_gnulong(self, tarfile: Any) -> Any:
+                self._check_extended_size()
+                return super()._proc_gnulong(tarfile)  # type: ignore[misc]
+
+            def _proc_pax(self, tarfile: Any) -> Any:
+                self._check_extended_size()
+                return super()._proc_pax(tarfile)  # type: ignore[misc]
+
+        _bounded_tarinfo = BoundedTarInfo
+    return _bounded_tarinfo
+
+
 def _check_member_values(member: tarfile.TarInfo) -> None:
     """Raise ValueError when a tar header holds a number the kernel cannot take."""
     mtime = member.mtime
@@ -3843,7 +3894,8 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
 
     try:
         try:
-            tar = tarfile.open(fileobj=tar_input, mode="r|", encoding="utf-8", errors="surrogateescape")
+            tar = tarfile.open(fileobj=tar_input, mode="r|", encoding="utf-8", errors="surrogateescape",
+                               tarinfo=_bounded_tarinfo_class())
         except tarfile.ReadError as error:
             if tar_input.position == 0 and str(error) == "empty file":
                 return 0  # an empty stream is an empty layer, as for containers/storage

@@ -1957,6 +1957,47 @@ def test_diff_skips_non_utf8_xattr_name(driver, caplog):
     assert headers["x"]["SCHILY.xattr.user.ok"] == "kept"
     assert "not UTF-8" in caplog.text
 
+
+@pytest.mark.parametrize("kind", ["pax", "longname"])
+def test_apply_rejects_huge_extended_header(driver, kind):
+    import gzip
+    import io
+    import tarfile
+    driver.create("layer")
+    entry = tarfile.TarInfo("f")
+    if kind == "pax":
+        entry.pax_headers = {"comment": "x" * (2 << 20)}
+        data = tar_bytes((entry, b"data"))
+    else:
+        entry.name = "n" * (2 << 20)
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as archive:
+            entry.size = 4
+            archive.addfile(entry, io.BytesIO(b"data"))
+        data = buffer.getvalue()
+    with pytest.raises(ValueError, match="larger than 1048576") as raised:
+        driver.apply_diff("layer", io.BytesIO(gzip.compress(data)))
+    assert len(str(raised.value)) < 1000
+    assert os.listdir(driver.get("layer")) == []
+
+
+def test_failed_create_spares_layer_that_replaced_it(driver, monkeypatch):
+    driver.create("base")
+    original = btrfsdrv.Driver._finish_layer
+
+    def finish_after_race(self, subvolumes_fd, name, path, size, mount_label):
+        # Another process removes the new layer and creates one with the same id.
+        monkeypatch.setattr(btrfsdrv.Driver, "_finish_layer", original)
+        driver.remove("layer")
+        driver.create("layer", "base")
+        raise OSError(errno.EIO, "injected failure")
+
+    monkeypatch.setattr(btrfsdrv.Driver, "_finish_layer", finish_after_race)
+    with pytest.raises(OSError, match="injected failure"):
+        driver.create("layer")
+    assert driver.exists("layer")
+    assert btrfsdrv.is_subvolume(driver.get("layer"))
+
 # -- Untrusted input at the edges (seeded property tests) ---------------------
 
 PROPERTY_SEED = int(os.environ.get("BTRFSDRV_SEED", "20261204"))
