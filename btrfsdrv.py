@@ -1245,7 +1245,7 @@ def _id_maps(maps: Iterable[Any] | None, what: str) -> list[IDMap] | None:
             raise ValueError(f"invalid {what} entry {entry!r}: expected (container_id, host_id, size)") from None
         if any(not isinstance(value, int) or value < 0 for value in mapping) or mapping.size == 0:
             raise ValueError(f"invalid {what} entry {entry!r}: ids and size must be non-negative integers, size > 0")
-        # Ids are 32-bit, and (uid_t)-1 tells chown(2) to leave the id unchanged.
+        # Ids are 32-bit, and chown(2) reads (uid_t)-1 as "leave the id unchanged".
         if max(mapping.container_id, mapping.host_id) + mapping.size - 1 > _ID_MAX:
             raise ValueError(f"invalid {what} entry {entry!r}: ids must stay at or below {_ID_MAX}")
         result.append(mapping)
@@ -1306,7 +1306,7 @@ def _write_file_atomically(directory_fd: int, name: bytes, data: bytes, path: st
     power loss soon after a create could keep the layer and lose its quota
     file, leaving the layer without its limit.  The temporary file is
     locked (flock) while it exists, so a process that finds it unlocked
-    knows its writer died and may delete it.
+    can conclude that its writer died and may delete it.
     """
     temporary = b".%s.%s%s" % (name, os.urandom(6).hex().encode(), _TEMPORARY_SUFFIX.encode())
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -1680,7 +1680,7 @@ class Driver:
                 self._create_empty(subvolumes_fd, name, path)
             else:
                 self._create_snapshot(subvolumes_fd, parent_name, name, path)
-            # The subvolume id tells the one made here from one that a racing
+            # The subvolume id distinguishes the one made here from one that a racing
             # remove and create put in its place (st_dev can be reused).
             created = self._subvolume_id_at(subvolumes_fd, name, path)
             try:
@@ -3370,7 +3370,7 @@ def _remove_apply_temporaries(root_fd: int) -> None:
     """Delete the temporary files that a killed apply_diff left in a layer's root."""
     pattern = re.compile(re.escape(_APPLY_TEMPORARY_PREFIX) + r"(apply|epoch)-[0-9a-f]{16}")
     # NOTE: a layer file that a tar or a container gave such a name is deleted
-    # too; the random 16-digit suffix makes that unlikely but not impossible.
+    # too. The random 16-digit suffix makes that unlikely, not impossible.
     with os.scandir(root_fd) as entries:
         names = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries
                  if pattern.fullmatch(entry.name)]
@@ -3413,9 +3413,9 @@ _DataReader = Callable[["tarfile.TarInfo", io.BufferedWriter], None]
 
 _TAR_ID_MAX = 2**32 - 2  # (uid_t)-1 means "unchanged" to chown(2)
 _TAR_DEVICE_MAX = 2**32 - 1
-# NOTE: seconds whose nanoseconds fit in int64 (up to the year 2262), as the
-# applier keeps directory times in nanoseconds; btrfs itself stores later
-# times, so a layer holding one exports a diff that apply_diff rejects.
+# NOTE: seconds whose nanoseconds fit in int64 (up to the year 2262), because
+# the applier keeps directory times in nanoseconds. btrfs stores later times,
+# so a layer with one exports a diff that apply_diff rejects.
 _TAR_MTIME_MAX = 2**63 // 1_000_000_000 - 1
 _XATTR_NAME_MAX = 255  # XATTR_NAME_MAX of linux/limits.h
 _XATTR_SIZE_MAX = 65536  # XATTR_SIZE_MAX of linux/limits.h
@@ -3453,7 +3453,7 @@ def _bounded_tarinfo_class() -> Any:
 
 
 def _check_member_values(member: tarfile.TarInfo) -> None:
-    """Raise ValueError when a tar header holds a number the kernel cannot take."""
+    """Raise ValueError when a tar header contains a number the kernel cannot take."""
     mtime = member.mtime
     if not isinstance(mtime, (int, float)) or mtime != mtime or not -_TAR_MTIME_MAX <= mtime <= _TAR_MTIME_MAX:
         raise ValueError(f"modification time {mtime!r} is out of range")

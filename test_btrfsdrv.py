@@ -39,7 +39,6 @@ except ImportError:  # vendored build: the definitions are inlined in btrfsdrv
     ioctl_structs = btrfsdrv
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
-IMAGE_SIZE = 2 * 1024**3
 
 
 # -- Fixtures: loopback btrfs filesystems ------------------------------------
@@ -70,80 +69,11 @@ def require_kernel():
     pytest.skip(obstacle)
 
 
-def _mounts_below(directory):
-    """Return the mount points at or below directory, deepest first."""
-    directory = os.path.realpath(directory)
-    points = []
-    with open("/proc/self/mountinfo", "rb") as mountinfo:
-        for line in mountinfo:
-            point = os.fsdecode(btrfsdrv._unescape_mountinfo(line.split()[4]))
-            if point == directory or point.startswith(directory + "/"):
-                points.append(point)
-    return sorted(points, key=len, reverse=True)
-
-
-class LoopbackBtrfs:
-    """A btrfs filesystem in a sparse image, attached to a loop device and mounted.
-
-    Teardown unmounts only mounts at or below its own mount point and detaches
-    only the loop device that losetup returned for its image.
-    """
-
-    def __init__(self, directory, size=IMAGE_SIZE, mount_options=(), mkfs_options=()):
-        self.directory = str(directory)
-        self.image = os.path.join(self.directory, "btrfs.img")
-        self.mountpoint = os.path.join(self.directory, "mnt")
-        self.mount_options = tuple(mount_options)
-        self.device = None
-        os.makedirs(self.mountpoint, exist_ok=True)
-        with open(self.image, "wb") as image:
-            image.truncate(size)
-        subprocess.run(
-            ["mkfs.btrfs", "-q", "-f", *mkfs_options, self.image],
-            check=True, capture_output=True,
-        )
-        self.device = subprocess.run(
-            ["losetup", "--find", "--show", self.image],
-            check=True, capture_output=True, text=True,
-        ).stdout.strip()
-        try:
-            self.mount()
-        except BaseException:
-            self.teardown()
-            raise
-
-    def mount(self, options=None):
-        options = self.mount_options if options is None else tuple(options)
-        command = ["mount", "-t", "btrfs"]
-        if options:
-            command += ["-o", ",".join(options)]
-        subprocess.run(command + [self.device, self.mountpoint], check=True, capture_output=True)
-
-    def remount(self, options=None):
-        """Unmount everything below the mount point and mount the filesystem again."""
-        self.unmount_all()
-        self.mount(options)
-
-    def unmount_all(self):
-        for point in _mounts_below(self.mountpoint):
-            subprocess.run(["umount", point], check=False, capture_output=True)
-        for point in _mounts_below(self.mountpoint):
-            subprocess.run(["umount", "-l", point], check=False, capture_output=True)
-
-    def teardown(self):
-        self.unmount_all()
-        if self.device:
-            subprocess.run(["losetup", "-d", self.device], check=False, capture_output=True)
-            self.device = None
-
-    def btrfs(self, *args):
-        """Run the btrfs CLI and return its standard output."""
-        return subprocess.run(
-            ["btrfs", *args], check=True, capture_output=True, text=True,
-        ).stdout
-
-    def path(self, *parts):
-        return os.path.join(self.mountpoint, *parts)
+# The demo, the benchmarks and these tests share one loopback helper: it
+# unmounts only below its own mount point and detaches only its own device.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
+from loopback import LoopbackBtrfs  # noqa: E402
+from loopback import mounts_below as _mounts_below  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -4294,7 +4224,7 @@ def _vendor_to(path):
 
 @pytest.fixture
 def vendored_dir(tmp_path):
-    """A directory that holds a fresh dist/btrfsdrv.py and nothing else."""
+    """A directory that contains a fresh dist/btrfsdrv.py and nothing else."""
     directory = tmp_path / "vendored"
     directory.mkdir()
     _vendor_to(directory / "btrfsdrv.py")

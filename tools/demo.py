@@ -1,10 +1,10 @@
 """The btrfsdrv main job on real data: a layer store on a loopback btrfs.
 
 Run as root: ``sudo make demo``.  The demo makes a btrfs in a sparse file
-under a temporary directory, fills a base layer with the running Python's
-standard library, stacks size-limited snapshot layers on it, writes into one
-until its qgroup limit stops the write with EDQUOT, prints status, usage and
-timings, removes every layer and tears the filesystem down.  It leaves no
+under a temporary directory and fills a base layer with the running Python's
+standard library.  It stacks size-limited snapshot layers on it and writes
+into one until its qgroup limit stops the write with EDQUOT.  Then it prints
+status, usage and timings, removes every layer and tears the filesystem down.  It leaves no
 mount and no loop device behind, also when interrupted with Ctrl-C or SIGTERM.
 """
 
