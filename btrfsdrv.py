@@ -1136,8 +1136,8 @@ def parse_size(value: str) -> int:
     """
     if not isinstance(value, str):
         raise ValueError(f"invalid size {value!r}: expected a string such as '10G'")
-    # The longest valid size below 2**63 bytes has 19 digits; far longer
-    # input would only make int() raise its own digit-limit error.
+    # A valid size below 2**63 bytes has at most 19 digits.  Far longer input
+    # would only make int() raise its own digit-limit error.
     match = re.fullmatch(_SIZE_PATTERN, value, re.IGNORECASE | re.ASCII) if len(value) <= 64 else None
     if match is None:
         raise ValueError(
@@ -1581,10 +1581,6 @@ class Driver:
         if not quota_enabled(fd, self.home):
             _enable_quota(fd, self.options.quota_mode == "simple", self.home)
 
-    def _quota_on(self) -> bool:
-        with self._open_home() as fd:
-            return quota_enabled(fd, self.home)
-
     def _apply_limit(self, home_fd: int, layer_fd: int, size: int, path: str) -> None:
         """Set the layer's qgroup limit, turning quota on first when it is off.
 
@@ -1600,7 +1596,8 @@ class Driver:
             _set_layer_limit(home_fd, qgroup_id, size, path)
         except OSError as error:
             # Without CAP_SYS_ADMIN the ioctl fails with EPERM before it
-            # checks quota, and turning quota on then says what is missing.
+            # checks quota, and the attempt to turn quota on then raises an
+            # error that names the missing privilege.
             if error.errno not in (errno.ENOTCONN, errno.EPERM):
                 raise
             self._ensure_quota(home_fd)

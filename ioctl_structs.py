@@ -691,8 +691,8 @@ class btrfs_ioctl_get_subvol_rootref_args(ctypes.Structure):
     """``struct btrfs_ioctl_get_subvol_rootref_args`` (linux/btrfs.h).
 
     The ioctl fails with EOVERFLOW when more refs remain than fit in
-    ``rootref``; it then has filled the array and set ``min_treeid`` so that
-    calling it again continues.
+    ``rootref``.  It has then filled the array and set ``min_treeid``, so
+    calling it again continues the listing.
     """
 
     _fields_ = [

@@ -3495,14 +3495,19 @@ def _bind_mount(source, target):
     subprocess.run(["mount", "--bind", source, target], check=True, capture_output=True)
 
 
+def _mount_source(fs, tmp_path, source):
+    """Return a directory to bind-mount into a layer: on the host, or another subvolume."""
+    if source == "host":
+        return str(tmp_path / "host")
+    mounted = fs.path("other")
+    btrfsdrv.create_subvolume(mounted)
+    return mounted
+
+
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 @pytest.mark.parametrize("source", ["host", "subvolume"])
 def test_remove_refuses_mount_inside_layer(driver, fs, tmp_path, monkeypatch, kind, source):
-    if source == "host":
-        mounted = str(tmp_path / "host")
-    else:
-        mounted = fs.path("other")
-        btrfsdrv.create_subvolume(mounted)
+    mounted = _mount_source(fs, tmp_path, source)
     digest = make_sentinel(mounted)
     root = make_layer_of_kind(driver, "busy", kind, monkeypatch)
     populate_hostile(root, mounted, entries=10)
@@ -3529,11 +3534,7 @@ def test_remove_refuses_mount_inside_layer(driver, fs, tmp_path, monkeypatch, ki
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 @pytest.mark.parametrize("source", ["host", "subvolume"])
 def test_remove_mount_made_after_check(driver, fs, tmp_path, monkeypatch, kind, source):
-    if source == "host":
-        mounted = str(tmp_path / "host")
-    else:
-        mounted = fs.path("other")
-        btrfsdrv.create_subvolume(mounted)
+    mounted = _mount_source(fs, tmp_path, source)
     digest = make_sentinel(mounted)
     root = make_layer_of_kind(driver, "busy", kind, monkeypatch)
     target = os.path.join(root, "dir", "mnt")
@@ -4247,9 +4248,9 @@ def _run_isolated(code, import_dir, *args, check=True):
 def test_vendored_run_tests_the_right_module():
     if VENDORED:
         assert btrfsdrv.__file__ == os.path.join(os.path.abspath(os.environ["BTRFSDRV_PATH"]), "btrfsdrv.py")
-        # A fresh interpreter started like this run (same directory and
-        # environment) finds no ioctl_structs; this process's sys.path may
-        # have grown since, through tools that other tests import.
+        # Ask a fresh interpreter started like this run (same directory and
+        # environment), because tools that other tests import may have grown
+        # this process's sys.path since it started.
         probe = subprocess.run(
             [sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec('ioctl_structs'))"],
             capture_output=True, text=True, check=True, cwd=MODULE_DIR,
@@ -4534,7 +4535,7 @@ ROOTFS_FILES = {
 
 # Podman runs in a private mount namespace: mounts it makes end with it, and
 # a tmpfs over /var/lib there takes the blob info cache that Podman 4.3 keeps
-# in /var/lib/containers/cache for root whatever --root says.
+# in /var/lib/containers/cache for root whatever --root is.
 _PODMAN_WRAPPER = 'mount -t tmpfs -o mode=0755 btrfsdrv-test /var/lib && exec podman "$@"'
 
 
