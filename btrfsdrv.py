@@ -2363,12 +2363,15 @@ def _open_entry_parent(root_fd: int, parts: Sequence[str], path: str, create: bo
     return fd
 
 
-def _remove_tree(dir_fd: int, name: str) -> None:
+def _remove_tree(dir_fd: int, name: str, before_unlink: Callable[[int, str], None] | None = None) -> None:
     """Remove name inside dir_fd and, if it is a directory, all below it.
 
     The walk is fd-relative and never follows a symlink, so it cannot leave
-    the tree that it removes.
+    the tree that it removes.  before_unlink(dir_fd, name) is called before
+    each non-directory is unlinked (and for name itself before anything).
     """
+    if before_unlink is not None:
+        before_unlink(dir_fd, name)
     try:
         os.unlink(name, dir_fd=dir_fd)
         return
@@ -2389,6 +2392,8 @@ def _remove_tree(dir_fd: int, name: str) -> None:
                     stack.append((fd, entry.name, child, os.scandir(child)))
                     descended = True
                     break
+                if before_unlink is not None:
+                    before_unlink(fd, entry.name)
                 try:
                     os.unlink(entry.name, dir_fd=fd)
                 except FileNotFoundError:
@@ -3488,6 +3493,11 @@ class _LayerApplier:
         self.ignore_chown_errors = ignore_chown_errors
         self.dir_times = _PendingDirTimes()
         self.epoch_ns = _layer_epoch(root_fd)
+        # Inodes of the parent layer whose ctime this apply changed by adding
+        # or removing one of their names, as (st_dev, st_ino), and the names
+        # this apply linked to them, as (st_dev, directory st_ino, name).
+        self.relinked: set[tuple[int, int]] = set()
+        self.linked_names: set[tuple[int, int, str]] = set()
         self.temporary_name = f"{_APPLY_TEMPORARY_PREFIX}apply-{os.urandom(8).hex()}"
         self.root_dev = os.fstat(root_fd).st_dev
         self.warned_chown = False
@@ -3632,7 +3642,7 @@ class _LayerApplier:
             if base == WHITEOUT_OPAQUE_DIR:
                 self.empty_opaque_directory(parent_fd)
             else:
-                _remove_tree(parent_fd, target)
+                self.remove_tree(parent_fd, target)
         finally:
             os.close(parent_fd)
 
@@ -3640,19 +3650,41 @@ class _LayerApplier:
         """Remove everything below dir_fd that this apply did not create or change.
 
         What this layer wrote has a ctime at or after the apply's epoch; what
-        came from the parent is older. NOTE: a hard link that this layer adds
-        to an inode of the parent also makes that inode's other names look new.
+        came from the parent is older, except for the parent's inodes that
+        this apply linked or unlinked another name of.  Their names count as
+        the layer's only where this apply made them.
         """
+        dir_st = os.fstat(dir_fd)
         for name, entry in _list_dir(dir_fd):
             st = entry.stat(follow_symlinks=False)
-            if st.st_ctime_ns < self.epoch_ns:
-                _remove_tree(dir_fd, name)
+            if self.from_parent_layer(dir_st, name, st):
+                self.remove_tree(dir_fd, name)
             elif stat.S_ISDIR(st.st_mode):
                 child = _open_directory(name, dir_fd)
                 try:
                     self.empty_opaque_directory(child)
                 finally:
                     os.close(child)
+
+    def from_parent_layer(self, dir_st: os.stat_result, name: str, st: os.stat_result) -> bool:
+        """Return whether name (in the directory dir_st) came from the parent layer."""
+        if st.st_ctime_ns < self.epoch_ns:
+            return True
+        if stat.S_ISDIR(st.st_mode) or (st.st_dev, st.st_ino) not in self.relinked:
+            return False
+        return (dir_st.st_dev, dir_st.st_ino, name) not in self.linked_names
+
+    def is_parent_inode(self, st: os.stat_result) -> bool:
+        return st.st_ctime_ns < self.epoch_ns or (st.st_dev, st.st_ino) in self.relinked
+
+    def note_unlink(self, dir_fd: int, name: str) -> None:
+        """Remember a parent-layer inode that keeps other names after name is unlinked."""
+        st = _lstat_at(dir_fd, name)
+        if st is not None and st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) and self.is_parent_inode(st):
+            self.relinked.add((st.st_dev, st.st_ino))
+
+    def remove_tree(self, dir_fd: int, name: str) -> None:
+        _remove_tree(dir_fd, name, self.note_unlink)
 
     def remove_existing(self, dir_fd: int, parts: list[str], keep_directory: bool) -> os.stat_result | None:
         """Remove what is at parts (inside dir_fd) unless both it and the new entry are directories."""
@@ -3665,7 +3697,7 @@ class _LayerApplier:
         if stat.S_ISDIR(st.st_mode) and self.parent_cache is not None:
             if self.parent_cache[0][:len(parts)] == tuple(parts):
                 self.forget_parent()  # the kept directory is inside the one removed
-        _remove_tree(dir_fd, name)
+        self.remove_tree(dir_fd, name)
         return None
 
     def apply_directory(self, parent_fd: int, name: str | None, parts: list[str], member: tarfile.TarInfo,
@@ -3776,11 +3808,12 @@ class _LayerApplier:
         # and deletes those that a killed one left.
         temporary = self.temporary_name
         root_fd = self.staging_fd(parent_fd)
+        linked_parent_inode = False
         if member.issym():
             # The target is stored as given: nothing here ever follows it.
             os.symlink(member.linkname, temporary, dir_fd=root_fd)
         elif member.islnk():
-            self.link(root_fd, temporary, member, path)
+            linked_parent_inode = self.link(root_fd, temporary, member, path)
         else:
             kind = {tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK,
                     tarfile.FIFOTYPE: stat.S_IFIFO}[member.type]
@@ -3792,14 +3825,17 @@ class _LayerApplier:
                 self.set_path_metadata(root_fd, temporary, member, path)
             self.remove_existing(parent_fd, parts, keep_directory=False)
             os.rename(temporary, parts[-1], src_dir_fd=root_fd, dst_dir_fd=parent_fd)
+            if linked_parent_inode:
+                parent_st = os.fstat(parent_fd)
+                self.linked_names.add((parent_st.st_dev, parent_st.st_ino, parts[-1]))
         finally:
             # rename() does nothing when both names are links to one inode,
             # so the temporary name can remain even after success.
             with _suppress_missing():
                 os.unlink(temporary, dir_fd=root_fd)
 
-    def link_target(self, member: tarfile.TarInfo, path: str) -> tuple[int, str]:
-        """Resolve a hard link's target inside the layer; return its directory fd and name.
+    def link_target(self, member: tarfile.TarInfo, path: str) -> tuple[int, str, os.stat_result]:
+        """Resolve a hard link's target inside the layer; return its directory fd, name and stat.
 
         The target must exist and be neither a directory nor a symlink. The
         caller closes the fd.
@@ -3816,15 +3852,20 @@ class _LayerApplier:
             os.close(target_dir_fd)
             problem = "does not exist in the layer" if st is None else "is a symlink or directory"
             raise ValueError(f"hard link {path!r}: target {target!r} {problem}")
-        return target_dir_fd, target_parts[-1]
+        return target_dir_fd, target_parts[-1], st
 
-    def link(self, parent_fd: int, temporary: str, member: tarfile.TarInfo, path: str) -> None:
-        target_dir_fd, target_name = self.link_target(member, path)
+    def link(self, parent_fd: int, temporary: str, member: tarfile.TarInfo, path: str) -> bool:
+        """Make temporary a hard link to the entry's target; return whether that is a parent-layer inode."""
+        target_dir_fd, target_name, st = self.link_target(member, path)
         try:
             os.link(target_name, temporary, src_dir_fd=target_dir_fd, dst_dir_fd=parent_fd,
                     follow_symlinks=False)
         finally:
             os.close(target_dir_fd)
+        if not self.is_parent_inode(st):
+            return False
+        self.relinked.add((st.st_dev, st.st_ino))
+        return True
 
 
 class _suppress_missing:

@@ -2477,6 +2477,40 @@ def test_apply_opaque_directory_keeps_own_entries(tmp_path):
     assert sorted(os.listdir(layer + "/d")) == ["later", "new"]
 
 
+def parent_layer_with_hard_links(tmp_path):
+    """A layer whose d/a and e/b are two names of one inode, all older than the apply."""
+    layer = str(tmp_path / "l")
+    write(layer + "/d/a", b"parent")
+    os.mkdir(layer + "/e")
+    os.link(layer + "/d/a", layer + "/e/b")
+    time.sleep(0.01)
+    return layer
+
+
+@pytest.mark.parametrize("first", [
+    pytest.param([entry("e/.wh.b")], id="whiteout-other-name"),
+    pytest.param([entry("e/b", data=b"new")], id="replace-other-name"),
+    pytest.param([entry("e/c", tarfile.LNKTYPE, linkname="d/a")], id="link-to-it"),
+])
+def test_apply_opaque_directory_removes_relinked_parent_files(tmp_path, first):
+    # Each first entry changes the ctime of d/a's inode through another name;
+    # d/a still comes from the parent layer, so the opaque directory hides it.
+    layer = parent_layer_with_hard_links(tmp_path)
+    apply(layer, make_tar(first + [entry("d/.wh..wh..opq")]))
+    assert os.listdir(layer + "/d") == []
+
+
+def test_apply_opaque_directory_keeps_links_it_made_to_parent_files(tmp_path):
+    layer = parent_layer_with_hard_links(tmp_path)
+    raw = make_tar([entry("d/own", tarfile.LNKTYPE, linkname="e/b"), entry("d/.wh..wh..opq"),
+                    entry("e/.wh..wh..opq")])
+    apply(layer, raw)
+    assert os.listdir(layer + "/d") == ["own"]
+    assert os.listdir(layer + "/e") == []
+    with open(layer + "/d/own", "rb") as file:
+        assert file.read() == b"parent"
+
+
 def test_apply_reports_progress(tmp_path):
     layer = tmp_path / "l"
     layer.mkdir()
