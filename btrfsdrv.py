@@ -3476,6 +3476,21 @@ def _check_xattrs(xattrs: dict[str, bytes]) -> None:
             raise ValueError(f"extended attribute {name!r} is {len(value)} bytes, more than {_XATTR_SIZE_MAX}")
 
 
+def _sparse_regions(member: tarfile.TarInfo) -> list[tuple[int, int]]:
+    """Return the data regions (offset, length) of a GNU sparse member, checked against its size."""
+    regions = []
+    end = 0
+    for offset, length in member.sparse or ():
+        if length == 0:
+            continue  # GNU tar ends its maps with empty regions
+        if offset < end or length < 0 or offset + length > member.size:
+            raise ValueError(f"invalid sparse map: region at offset {offset} of length {length} overlaps "
+                             f"the one before it or ends past the file size {member.size}")
+        regions.append((offset, length))
+        end = offset + length
+    return regions
+
+
 class _LayerApplier:
     """Applies the entries of a layer tar to a layer directory.
 
@@ -3918,7 +3933,20 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
     def copy_data(member: tarfile.TarInfo, out: io.BufferedWriter) -> None:
         source = tar.extractfile(member)
         assert source is not None  # copy_data is called only for regular files
-        remaining = member.size
+        if member.sparse is None:
+            copy_range(source, out, member.size)
+            return
+        # A GNU sparse member: only its data regions are written, so holes
+        # stay holes. The unbuffered reader never reads ahead into a hole.
+        regions = _sparse_regions(member)
+        raw = source.raw
+        for offset, length in regions:
+            raw.seek(offset)
+            out.seek(offset)
+            copy_range(raw, out, length)
+        out.truncate(member.size)
+
+    def copy_range(source: Any, out: io.BufferedWriter, remaining: int) -> None:
         while remaining:
             try:
                 chunk = source.read(min(remaining, _COPY_CHUNK))

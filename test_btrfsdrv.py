@@ -2531,6 +2531,46 @@ def test_apply_maps_owners_to_host(tmp_path):
     assert (st.st_uid, st.st_gid) == (100005, 100007)
 
 
+@pytest.mark.parametrize("tar_format", ["gnu", "posix"])
+def test_apply_writes_sparse_members_with_holes(tmp_path, tar_format):
+    source, layer = tmp_path / "source", tmp_path / "layer"
+    source.mkdir()
+    layer.mkdir()
+    with open(source / "sparse", "wb") as file:
+        file.seek(64 << 20)
+        file.write(b"middle")
+        file.truncate(128 << 20)
+    raw = subprocess.run(["tar", "-C", str(source), "--sparse", f"--format={tar_format}", "-cf", "-", "sparse"],
+                         stdout=subprocess.PIPE, check=True).stdout
+    assert len(raw) < 64 << 10
+    assert apply(layer, raw) == 128 << 20
+    st = os.stat(layer / "sparse")
+    assert st.st_size == 128 << 20
+    assert st.st_blocks * 512 < 1 << 20
+    with open(layer / "sparse", "rb") as file:
+        file.seek((64 << 20) - 1)
+        assert file.read(8) == b"\0middle\0"
+
+
+def sparse_tar(sparse_map, real_size, data):
+    """A PAX tar with one GNU sparse (format 0.1) member named f."""
+    info, _ = entry("f")
+    info.pax_headers = {"GNU.sparse.map": sparse_map, "GNU.sparse.realsize": str(real_size),
+                        "GNU.sparse.name": "f"}
+    return make_tar([(info, data)])
+
+
+@pytest.mark.parametrize("sparse_map", ["1000,3,100,3", "100,3,4999,3", "-5,3", "0,10,5,3"])
+def test_apply_rejects_invalid_sparse_maps(tmp_path, sparse_map):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    (layer / "f").write_bytes(b"before")
+    with pytest.raises(ValueError, match="invalid sparse map"):
+        apply(layer, sparse_tar(sparse_map, 5000, b"abcxyz"))
+    assert os.listdir(layer) == ["f"]
+    assert (layer / "f").read_bytes() == b"before"
+
+
 def test_apply_unmappable_owner(tmp_path):
     layer = tmp_path / "l"
     layer.mkdir()
