@@ -2125,8 +2125,9 @@ def _delete_nested_subvolume(layer_fd: int, subvolume: NestedSubvolume, path: An
     """Delete one nested subvolume after checking it is what the kernel listed.
 
     Return False when it is gone already.  The parent directory is opened from
-    the layer one component at a time, and the subvolume must still have the
-    listed id: a renamed, replaced or mounted-over entry is never deleted.
+    the layer one component at a time, the subvolume must be on the layer's
+    mount and still have the listed id: a renamed, replaced or mounted-over
+    entry is never deleted.
     """
     parent_path, _, name = subvolume.path.rpartition(b"/")
     display = os.path.join(os.fsdecode(path), os.fsdecode(subvolume.path))
@@ -2140,6 +2141,7 @@ def _delete_nested_subvolume(layer_fd: int, subvolume: NestedSubvolume, path: An
         except (FileNotFoundError, NotADirectoryError):
             return False
         with _Fd(child_fd):
+            _check_same_mount(layer_fd, child_fd, "delete nested subvolume", display)
             if not _is_subvolume_stat(os.fstat(child_fd)) or _subvolume_id_of_fd(child_fd, display) != subvolume.id:
                 raise _os_error(errno.ESTALE, "delete nested subvolume", display,
                                 f"it is no longer subvolume {subvolume.id}; run remove again")
@@ -2151,6 +2153,22 @@ def _delete_nested_subvolume(layer_fd: int, subvolume: NestedSubvolume, path: An
             # A FileNotFoundError must not escape: callers read it as "no such layer".
             return False
     return True
+
+
+def _check_same_mount(top_fd: int, fd: int, operation: str, path: Any) -> None:
+    """Raise EBUSY when fd was reached through a mount point below top_fd."""
+    top_mount = _mount_id(top_fd)
+    if top_mount is not None and _mount_id(fd) != top_mount:
+        raise _os_error(errno.EBUSY, operation, path, "it is a mount point or lies behind one; unmount it first")
+
+
+def _check_no_mounts_below(fd: int, path: Any) -> None:
+    """Raise EBUSY when anything is mounted below the directory fd."""
+    directory = os.readlink(f"/proc/self/fd/{fd}")
+    mounts = _mount_points_below(os.fsencode(directory), include_self=False)
+    if mounts:
+        raise _os_error(errno.EBUSY, "delete subvolume", path,
+                        f"{os.fsdecode(mounts[0])} is mounted inside it; unmount it first")
 
 
 def _delete_subvolume_or_contents(dir_fd: int, name: bytes, path: Any) -> None:
@@ -2226,9 +2244,13 @@ def delete_subvolume(path: PathArg, *, recursive: bool = False) -> None:
     parent_fd, name = _open_parent(path)
     with _Fd(parent_fd):
         with _Fd(_open_directory(name, dir_fd=parent_fd)) as fd:
+            # The kernel destroys the subvolume under a mount point, not the
+            # mounted directory that fd would be: check and delete one thing.
+            _check_same_mount(parent_fd, fd, "delete subvolume", path)
             if not _is_subvolume_stat(os.fstat(fd)):
                 raise _os_error(errno.EINVAL, "delete subvolume", path, "it is not a subvolume")
             if recursive:
+                _check_no_mounts_below(fd, path)
                 nested = find_nested_subvolumes(fd, _subvolume_id_of_fd(fd, path), path)
                 for subvolume in reversed(nested):
                     _delete_nested_subvolume(fd, subvolume, path)

@@ -1429,6 +1429,35 @@ def test_subvolume_helpers_accept_path_types(fs):
         assert not btrfsdrv.is_subvolume(fs.mountpoint + "/..")
 
 
+def test_delete_subvolume_refuses_mounts(fs):
+    top, other = fs.path("top"), fs.path("other")
+    btrfsdrv.create_subvolume(top)
+    btrfsdrv.create_subvolume(top + "/nested")
+    btrfsdrv.create_subvolume(other)
+    btrfsdrv.create_subvolume(other + "/inner")
+    before = fs.btrfs("subvolume", "list", fs.mountpoint)
+
+    subprocess.run(["mount", "--bind", other, top + "/nested"], check=True)
+    try:
+        with pytest.raises(OSError, match="is mounted inside it") as error:
+            btrfsdrv.delete_subvolume(top, recursive=True)
+        assert error.value.errno == errno.EBUSY
+    finally:
+        subprocess.run(["umount", top + "/nested"], check=True)
+
+    # The kernel would destroy the subvolume under the mount point, while
+    # the checks and the nested subvolumes would be those of the mounted one.
+    subprocess.run(["mount", "--bind", other, top], check=True)
+    try:
+        for recursive in (False, True):
+            with pytest.raises(OSError, match="mount point") as error:
+                btrfsdrv.delete_subvolume(top, recursive=recursive)
+            assert error.value.errno == errno.EBUSY
+    finally:
+        subprocess.run(["umount", top], check=True)
+    assert fs.btrfs("subvolume", "list", fs.mountpoint) == before
+
+
 def test_is_subvolume_false_for_plain_directory(fs):
     os.mkdir(fs.path("plain"))
     assert not btrfsdrv.is_subvolume(fs.path("plain"))
