@@ -3500,9 +3500,10 @@ def _check_xattrs(xattrs: dict[str, bytes]) -> None:
 
 def _sparse_regions(member: tarfile.TarInfo) -> list[tuple[int, int]]:
     """Return the data regions (offset, length) of a GNU sparse member, checked against its size."""
+    sparse_map: Any = member.sparse  # typeshed declares it an int
     regions = []
     end = 0
-    for offset, length in member.sparse or ():
+    for offset, length in sparse_map or ():
         if length == 0:
             continue  # GNU tar ends its maps with empty regions
         if offset < end or length < 0 or offset + length > member.size:
@@ -3953,7 +3954,8 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
             progress(counting.count, applied)
 
     def copy_data(member: tarfile.TarInfo, out: io.BufferedWriter) -> None:
-        source = tar.extractfile(member)
+        # An io.BufferedReader over tarfile's reader of the member's data.
+        source: Any = tar.extractfile(member)
         assert source is not None  # copy_data is called only for regular files
         if member.sparse is None:
             copy_range(source, out, member.size)
