@@ -2556,11 +2556,14 @@ class _DirFrame:
     """A directory on the stack of _walk_changes. The walk's top, never reported, has st None and name ""."""
 
     __slots__ = ("path", "layer_fd", "parent_fd", "entries", "parent_entries",
-                 "changes_at_entry", "report_when_changed", "st", "name")
+                 "changes_at_entry", "report_when_changed", "st", "name", "same_tree")
 
     def __init__(self, path: str, layer_fd: int, parent_fd: int | None, report_when_changed: bool,
-                 st: os.stat_result | None, name: str, changes_at_entry: int) -> None:
+                 st: os.stat_result | None, name: str, changes_at_entry: int, same_tree: bool) -> None:
         self.path = path
+        # Whether equal inode numbers on both sides name one inode: true in
+        # the fast path, until the walk enters a nested subvolume.
+        self.same_tree = same_tree
         self.layer_fd = layer_fd
         self.parent_fd = parent_fd
         self.entries = iter(_list_dir(layer_fd))
@@ -2569,6 +2572,16 @@ class _DirFrame:
         self.changes_at_entry = changes_at_entry
         self.st = st
         self.name = name
+
+
+def _is_plain_directory_entry(entry: os.DirEntry[str]) -> bool:
+    """Return whether a directory entry is a directory of its own subvolume.
+
+    readdir() gives the entry of a nested subvolume (and of a snapshot's
+    placeholder for one) the subvolume id as its inode number, while stat()
+    gives 256 (2 for the placeholder).
+    """
+    return entry.stat(follow_symlinks=False).st_ino == entry.inode()
 
 
 def _walk_changes(layer_root_fd: int, parent_root_fd: int | None, top: str = "",
@@ -2584,14 +2597,19 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: int | None, top: str = "",
     two directory fds open per level, so a tree deeper than about half of
     RLIMIT_NOFILE fails with EMFILE.
 
-    With changed_inodes (the tree-search fast path) only the top directory's
-    own entries are compared, and an entry that is the same inode on both
-    sides and not in changed_inodes counts as unchanged without a look.
+    With changed_inodes (the tree-search fast path), an entry that is the
+    same inode on both sides and not in changed_inodes counts as unchanged
+    without a look, and a directory that is the same inode on both sides is
+    not entered, because the fast path compares each dirty directory on its
+    own. A directory that is another inode (one renamed into place, or a
+    snapshot's placeholder for a nested subvolume) is compared in full, and
+    so is everything below a nested subvolume, whose inode numbers come from
+    another tree.
     """
     count = 0
     stack = [_DirFrame(top, os.dup(layer_root_fd),
                        os.dup(parent_root_fd) if parent_root_fd is not None else None,
-                       False, None, "", 0)]
+                       False, None, "", 0, changed_inodes is not None)]
     try:
         while stack:
             frame = stack[-1]
@@ -2599,8 +2617,12 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: int | None, top: str = "",
             for name, entry in frame.entries:
                 path = frame.path + "/" + name
                 parent_entry = frame.parent_entries.pop(name, None)
-                if (changed_inodes is not None and parent_entry is not None
-                        and entry.inode() == parent_entry.inode() and entry.inode() not in changed_inodes):
+                same_inode = (frame.same_tree and parent_entry is not None
+                              and entry.inode() == parent_entry.inode())
+                if same_inode and entry.is_dir(follow_symlinks=False):
+                    assert parent_entry is not None  # same_inode implies it
+                    same_inode = _is_plain_directory_entry(entry) and _is_plain_directory_entry(parent_entry)
+                if same_inode and changed_inodes is not None and entry.inode() not in changed_inodes:
                     continue  # the same inode, unchanged since the snapshot
                 try:
                     new = entry.stat(follow_symlinks=False)
@@ -2622,8 +2644,8 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: int | None, top: str = "",
                         yield _WalkedChange(path, ChangeKind.MODIFY, new, frame.layer_fd, name)
                 if not stat.S_ISDIR(new.st_mode):
                     continue
-                if changed_inodes is not None and old is not None and stat.S_ISDIR(old.st_mode):
-                    continue  # the fast path compares each changed directory on its own
+                if same_inode and old is not None and stat.S_ISDIR(old.st_mode):
+                    continue  # the fast path compares each dirty directory on its own
                 child_fd = _open_listed_dir(frame.layer_fd, name, new, path)
                 child_parent_fd = None
                 if old is not None and stat.S_ISDIR(old.st_mode):
@@ -2633,9 +2655,11 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: int | None, top: str = "",
                     except BaseException:
                         os.close(child_fd)
                         raise
+                same_tree = (frame.same_tree and new.st_ino != BTRFS_FIRST_FREE_OBJECTID
+                             and (old is None or old.st_ino != BTRFS_FIRST_FREE_OBJECTID))
                 try:
                     stack.append(_DirFrame(path, child_fd, child_parent_fd, not reported,
-                                           new, name, count))
+                                           new, name, count, same_tree))
                 except BaseException:
                     os.close(child_fd)
                     if child_parent_fd is not None:

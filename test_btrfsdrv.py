@@ -3203,6 +3203,53 @@ def test_fast_path_matches_full_walk(driver, seed):
     assert fast == full, f"seed {seed}, edits {edits}"
 
 
+def test_fast_path_sees_directories_renamed_into_place(driver):
+    driver.create("base")
+    base = driver.get("base")
+    for name, data in (("app", b"old version"), ("app.new", b"NEW VERSION 2.0"), ("one", b"1"), ("two", b"2")):
+        write(f"{base}/opt/{name}/bin/tool", data)
+    # Tar-applied layers give every directory one mtime, so only the inodes differ.
+    for directory, dirnames, _ in os.walk(base):
+        for name in dirnames:
+            os.utime(os.path.join(directory, name), (1_700_000_000, 1_700_000_000))
+    driver.create("child", "base")
+    child = driver.get("child")
+    shutil.rmtree(child + "/opt/app")
+    os.rename(child + "/opt/app.new", child + "/opt/app")
+    os.rename(child + "/opt/one", child + "/opt/swap")
+    os.rename(child + "/opt/two", child + "/opt/one")
+    os.rename(child + "/opt/swap", child + "/opt/two")
+    for name in ("opt", "opt/app", "opt/one", "opt/two"):
+        os.utime(f"{child}/{name}", (1_700_000_000, 1_700_000_000))
+
+    full = btrfsdrv.layer_changes(child, base)
+    assert "/opt/app/bin/tool" in [change.path for change in full]
+    assert driver.changes("child", "base") == full
+    with driver.diff("child", "base") as stream:
+        assert b"NEW VERSION 2.0" in stream.read()
+
+
+def test_fast_path_compares_nested_subvolumes(driver):
+    driver.create("base")
+    base = driver.get("base")
+    btrfsdrv.create_subvolume(base + "/placeholder")
+    write(base + "/placeholder/inside", b"parent")
+    btrfsdrv.create_subvolume(base + "/replaced")
+    write(base + "/replaced/file", b"parent")
+    driver.create("child", "base")
+    child = driver.get("child")
+    # The snapshot has empty placeholder directories where base has subvolumes.
+    os.rmdir(child + "/replaced")
+    btrfsdrv.create_subvolume(child + "/replaced")
+    write(child + "/replaced/file", b"child!")
+
+    full = btrfsdrv.layer_changes(child, base)
+    paths = [change.path for change in full]
+    assert "/placeholder/inside" in paths
+    assert "/replaced/file" in paths
+    assert driver.changes("child", "base") == full
+
+
 def test_fast_path_declines_unrelated_layers(driver):
     driver.create("one")
     driver.create("two")
