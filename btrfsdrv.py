@@ -771,7 +771,7 @@ _FS_IMMUTABLE_FL = 0x00000010
 _FS_APPEND_FL = 0x00000020
 
 
-def _clear_inode_flags(dir_fd: int, name: bytes | None) -> bool:
+def _clear_inode_flags(dir_fd: int, name: str | bytes | None) -> bool:
     """Clear the immutable and append-only flags of name (or of dir_fd itself).
 
     Return True when a flag was cleared.  Only regular files and directories
@@ -804,7 +804,7 @@ def _clear_inode_flags(dir_fd: int, name: bytes | None) -> bool:
     return True
 
 
-def _make_owner_accessible(dir_fd: int, name: bytes | None) -> bool:
+def _make_owner_accessible(dir_fd: int, name: str | bytes | None) -> bool:
     """Add owner read, write and search permission to directory name (or dir_fd itself).
 
     Return True when the mode changed.  Only a directory that the caller owns
@@ -827,7 +827,7 @@ def _make_owner_accessible(dir_fd: int, name: bytes | None) -> bool:
     return True
 
 
-def _unlink_at(dir_fd: int, name: bytes, is_dir: bool) -> None:
+def _unlink_at(dir_fd: int, name: str | bytes, is_dir: bool) -> None:
     """Unlink name (rmdir when is_dir), clearing chattr +i/+a flags when they block it."""
     for attempt in range(2):
         try:
@@ -986,6 +986,37 @@ def _mount_points_below(directory: bytes, include_self: bool = True) -> list[byt
         if mount.mount_point.startswith(prefix) or (include_self and mount.mount_point == directory):
             points.append(mount.mount_point)
     return points
+
+
+def _check_no_mounts_below(fd: int, operation: str, path: Any) -> None:
+    """Raise EBUSY when anything is mounted below the directory fd.
+
+    Paths inside a layer are resolved one component at a time, and opening
+    a mount point enters the mounted tree, so the operations that read or
+    write a layer's contents start with this check.
+    """
+    directory = os.readlink(f"/proc/self/fd/{fd}")
+    mounts = _mount_points_below(os.fsencode(directory), include_self=False)
+    if mounts:
+        raise _os_error(errno.EBUSY, operation, path,
+                        f"{os.fsdecode(mounts[0])} is mounted inside it; unmount it first")
+
+
+def _check_same_mount(top_fd: int, fd: int, operation: str, path: Any) -> None:
+    """Raise EBUSY when fd was reached through a mount point below top_fd."""
+    top_mount = _mount_id(top_fd)
+    if top_mount is not None and _mount_id(fd) != top_mount:
+        raise _os_error(errno.EBUSY, operation, path, "it is a mount point or lies behind one; unmount it first")
+
+
+def _check_mount_boundary(parent_fd: int, child_fd: int, operation: str, path: Any) -> None:
+    """Raise EBUSY when child_fd, opened by name from parent_fd, is on another mount.
+
+    This catches a mount made after the operation's first check. A nested
+    subvolume or a mount has another st_dev, and only then are mount ids read.
+    """
+    if os.fstat(child_fd).st_dev != os.fstat(parent_fd).st_dev:
+        _check_same_mount(parent_fd, child_fd, operation, path)
 
 
 def _is_mount_point(directory: bytes) -> bool:
@@ -2155,22 +2186,6 @@ def _delete_nested_subvolume(layer_fd: int, subvolume: NestedSubvolume, path: An
     return True
 
 
-def _check_same_mount(top_fd: int, fd: int, operation: str, path: Any) -> None:
-    """Raise EBUSY when fd was reached through a mount point below top_fd."""
-    top_mount = _mount_id(top_fd)
-    if top_mount is not None and _mount_id(fd) != top_mount:
-        raise _os_error(errno.EBUSY, operation, path, "it is a mount point or lies behind one; unmount it first")
-
-
-def _check_no_mounts_below(fd: int, path: Any) -> None:
-    """Raise EBUSY when anything is mounted below the directory fd."""
-    directory = os.readlink(f"/proc/self/fd/{fd}")
-    mounts = _mount_points_below(os.fsencode(directory), include_self=False)
-    if mounts:
-        raise _os_error(errno.EBUSY, "delete subvolume", path,
-                        f"{os.fsdecode(mounts[0])} is mounted inside it; unmount it first")
-
-
 def _delete_subvolume_or_contents(dir_fd: int, name: bytes, path: Any) -> None:
     """Destroy subvolume name; without the privilege to, empty it and rmdir it.
 
@@ -2250,7 +2265,7 @@ def delete_subvolume(path: PathArg, *, recursive: bool = False) -> None:
             if not _is_subvolume_stat(os.fstat(fd)):
                 raise _os_error(errno.EINVAL, "delete subvolume", path, "it is not a subvolume")
             if recursive:
-                _check_no_mounts_below(fd, path)
+                _check_no_mounts_below(fd, "delete subvolume", path)
                 nested = find_nested_subvolumes(fd, _subvolume_id_of_fd(fd, path), path)
                 for subvolume in reversed(nested):
                     _delete_nested_subvolume(fd, subvolume, path)
@@ -2340,9 +2355,13 @@ def _list_dir(dir_fd: int) -> list[tuple[str, os.DirEntry[str]]]:
 def _open_listed_dir(dir_fd: int, name: str, listed: os.stat_result, path: str) -> int:
     """Open a subdirectory and check that it is still the one that was listed."""
     fd = _open_directory_for_reading(name, dir_fd)
-    if not os.path.samestat(os.fstat(fd), listed):
+    try:
+        if not os.path.samestat(os.fstat(fd), listed):
+            raise OSError(errno.ESTALE, "directory was replaced during the walk", path)
+        _check_mount_boundary(dir_fd, fd, "walk layer", path)
+    except BaseException:
         os.close(fd)
-        raise OSError(errno.ESTALE, "directory was replaced during the walk", path)
+        raise
     return fd
 
 
@@ -2377,8 +2396,30 @@ def _open_entry_parent(root_fd: int, parts: Sequence[str], path: str, create: bo
                     raise
                 prefix = "/".join(parts[:index + 1])
                 raise ValueError(f"path {path!r}: {prefix!r} is not a directory") from None
+            try:
+                _check_mount_boundary(fd, child, "open layer directory", "/".join(parts[:index + 1]))
+            except BaseException:
+                os.close(child)
+                raise
             os.close(fd)
             fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_entered_directory(dir_fd: int, name: str) -> int:
+    """Open directory name of dir_fd for removing its contents.
+
+    A mount point is refused, and a read-only nested subvolume is made
+    writable, because its entries are to be deleted.
+    """
+    fd = _open_directory(name, dir_fd)
+    try:
+        _check_mount_boundary(dir_fd, fd, "remove directory", _fd_path(dir_fd, name))
+        if os.fstat(fd).st_ino == BTRFS_FIRST_FREE_OBJECTID:
+            _clear_read_only(fd, name)
     except BaseException:
         os.close(fd)
         raise
@@ -2388,21 +2429,23 @@ def _open_entry_parent(root_fd: int, parts: Sequence[str], path: str, create: bo
 def _remove_tree(dir_fd: int, name: str, before_unlink: Callable[[int, str], None] | None = None) -> None:
     """Remove name inside dir_fd and, if it is a directory, all below it.
 
-    The walk is fd-relative and never follows a symlink, so it cannot leave
-    the tree that it removes.  before_unlink(dir_fd, name) is called before
+    The walk is fd-relative and never follows a symlink or enters a mount, so
+    it cannot leave the tree that it removes. Immutable and append-only
+    flags are cleared where they block a deletion, and read-only nested
+    subvolumes are made writable. before_unlink(dir_fd, name) is called before
     each non-directory is unlinked (and for name itself before anything).
     """
     if before_unlink is not None:
         before_unlink(dir_fd, name)
     try:
-        os.unlink(name, dir_fd=dir_fd)
+        _unlink_at(dir_fd, name, is_dir=False)
         return
     except FileNotFoundError:
         return
     except IsADirectoryError:
         pass
 
-    top_fd = _open_directory(name, dir_fd)
+    top_fd = _open_entered_directory(dir_fd, name)
     stack = [(dir_fd, name, top_fd, os.scandir(top_fd))]
     try:
         while stack:
@@ -2410,14 +2453,14 @@ def _remove_tree(dir_fd: int, name: str, before_unlink: Callable[[int, str], Non
             descended = False
             for entry in scan:
                 if entry.is_dir(follow_symlinks=False):
-                    child = _open_directory(entry.name, fd)
+                    child = _open_entered_directory(fd, entry.name)
                     stack.append((fd, entry.name, child, os.scandir(child)))
                     descended = True
                     break
                 if before_unlink is not None:
                     before_unlink(fd, entry.name)
                 try:
-                    os.unlink(entry.name, dir_fd=fd)
+                    _unlink_at(fd, entry.name, is_dir=False)
                 except FileNotFoundError:
                     pass
             if descended:
@@ -2425,7 +2468,7 @@ def _remove_tree(dir_fd: int, name: str, before_unlink: Callable[[int, str], Non
             stack.pop()
             scan.close()
             os.close(fd)
-            os.rmdir(dir_name, dir_fd=parent_fd)
+            _unlink_at(parent_fd, dir_name, is_dir=True)
     finally:
         for _, _, fd, scan in stack:
             scan.close()
@@ -2697,8 +2740,10 @@ def layer_changes(layer_dir: PathArg, parent_dir: PathArg | None = None) -> list
     layer_fd = _open_directory_for_reading(layer_dir)
     parent_fd = None
     try:
+        _check_no_mounts_below(layer_fd, "list layer changes", layer_dir)
         if parent_dir is not None:
             parent_fd = _open_directory_for_reading(parent_dir)
+            _check_no_mounts_below(parent_fd, "list layer changes", parent_dir)
         changes = [Change(item.path, item.kind) for item in _walk_changes(layer_fd, parent_fd)]
     finally:
         os.close(layer_fd)
@@ -2717,8 +2762,10 @@ def layer_diff_size(layer_dir: PathArg, parent_dir: PathArg | None = None) -> in
     layer_fd = _open_directory_for_reading(layer_dir)
     parent_fd = None
     try:
+        _check_no_mounts_below(layer_fd, "measure layer diff", layer_dir)
         if parent_dir is not None:
             parent_fd = _open_directory_for_reading(parent_dir)
+            _check_no_mounts_below(parent_fd, "measure layer diff", parent_dir)
         return _sum_sizes(item.st for item in _walk_changes(layer_fd, parent_fd)
                           if item.kind != ChangeKind.DELETE and item.st is not None)
     finally:
@@ -2864,16 +2911,21 @@ def _open_directory_path(root_fd: int, path: str) -> int | None:
         return None
     if parent_fd is None:
         return None
-    try:
-        return _open_directory_for_reading(parts[-1], parent_fd)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as error:
-        if error.errno == errno.ELOOP:
+    with _Fd(parent_fd):
+        try:
+            fd = _open_directory_for_reading(parts[-1], parent_fd)
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        raise
-    finally:
-        os.close(parent_fd)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                return None
+            raise
+        try:
+            _check_mount_boundary(parent_fd, fd, "walk layer", path)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
 
 
 def _snapshot_changes(layer_dir: str, parent_dir: str) -> list[Change] | None:
@@ -2889,6 +2941,8 @@ def _snapshot_changes(layer_dir: str, parent_dir: str) -> list[Change] | None:
     parent_fd = None
     try:
         parent_fd = _open_directory_for_reading(parent_dir)
+        _check_no_mounts_below(layer_fd, "list layer changes", layer_dir)
+        _check_no_mounts_below(parent_fd, "list layer changes", parent_dir)
         if not (_is_subvolume_stat(os.fstat(layer_fd)) and _is_subvolume_stat(os.fstat(parent_fd))):
             return None
         try:
@@ -3027,9 +3081,13 @@ class _TarEntryWriter:
     @staticmethod
     def _open_file(dir_fd: int, name: str, st: os.stat_result, path: str) -> io.BufferedReader:
         fd = _open_for_reading(name, _FILE_READ_FLAGS, dir_fd)
-        if not os.path.samestat(os.fstat(fd), st):
+        try:
+            if not os.path.samestat(os.fstat(fd), st):
+                raise OSError(errno.ESTALE, "file was replaced while the diff was written", path)
+            _check_mount_boundary(dir_fd, fd, "write layer diff", path)
+        except BaseException:
             os.close(fd)
-            raise OSError(errno.ESTALE, "file was replaced while the diff was written", path)
+            raise
         return open(fd, "rb", closefd=True)
 
     def add_whiteout(self, path: str) -> None:
@@ -3152,6 +3210,7 @@ def layer_diff(layer_dir: PathArg, parent_dir: PathArg | None = None, uid_maps: 
     """
     layer_fd = _open_directory_for_reading(layer_dir)
     try:
+        _check_no_mounts_below(layer_fd, "write layer diff", layer_dir)
         if parent_dir is None:
             def write(out: io.BufferedWriter) -> None:
                 try:
@@ -3724,6 +3783,7 @@ class _LayerApplier:
             elif stat.S_ISDIR(st.st_mode):
                 child = _open_directory(name, dir_fd)
                 try:
+                    _check_mount_boundary(dir_fd, child, "apply opaque directory", _fd_path(dir_fd, name))
                     self.empty_opaque_directory(child)
                 finally:
                     os.close(child)
@@ -3957,6 +4017,7 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
     tar_input = _decompressed(counting)
     root_fd = _open_directory(layer_dir)
     try:
+        _check_no_mounts_below(root_fd, "apply layer diff", layer_dir)
         _remove_apply_temporaries(root_fd)
         applier = _LayerApplier(root_fd, uid_maps, gid_maps, ignore_chown_errors)
     except BaseException:
@@ -4117,6 +4178,7 @@ def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], 
     maps = (to_container or ((), ())), (to_host or ((), ()))
     root_fd = _open_directory(layer_dir)
     try:
+        _check_no_mounts_below(root_fd, "remap layer owners", layer_dir)
         for _ in _remapped_owners(root_fd, maps):  # checks every owner first
             pass
         for item, (uid, gid) in _remapped_owners(root_fd, maps):

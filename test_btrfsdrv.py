@@ -3711,6 +3711,104 @@ def test_remove_mount_made_after_check(driver, fs, tmp_path, monkeypatch, kind, 
         assert btrfsdrv.is_subvolume(mounted)
 
 
+def _mount_escape_attempts(driver):
+    """Operations that would read or change the mounted directory at mnt of layer busy."""
+    maps = ([btrfsdrv.IDMap(0, 100000, 65536)],) * 2
+
+    def read_diff():
+        with driver.diff("busy") as stream:
+            stream.read()
+
+    def apply(*members):
+        driver.apply_diff("busy", io.BytesIO(make_tar(list(members))))
+
+    return {
+        "changes": lambda: driver.changes("busy"),
+        "changes-against-parent": lambda: driver.changes("busy", "base"),
+        "diff": read_diff,
+        "diff-size": lambda: driver.diff_size("busy"),
+        "remap": lambda: driver.update_layer_id_map("busy", None, maps),
+        "apply-whiteout": lambda: apply(entry("mnt/.wh.precious")),
+        "apply-opaque": lambda: apply(entry("mnt/.wh..wh..opq")),
+        "apply-file": lambda: apply(entry("mnt/planted", data=b"x")),
+        "apply-replace": lambda: apply(entry("mnt", data=b"x")),
+    }
+
+
+@pytest.mark.parametrize("source", ["host", "subvolume"])
+def test_layer_operations_refuse_mounts_inside(driver, fs, tmp_path, source):
+    mounted = _mount_source(fs, tmp_path, source)
+    digest = make_sentinel(mounted)
+    driver.create("base")
+    driver.create("busy", "base")
+    target = os.path.join(driver.get("busy"), "mnt")
+    os.mkdir(target)
+    _bind_mount(mounted, target)
+    try:
+        for name, attempt in _mount_escape_attempts(driver).items():
+            with pytest.raises(OSError, match="is mounted inside it") as raised:
+                attempt()
+            assert raised.value.errno == errno.EBUSY, name
+            assert tree_digest(mounted) == digest, name
+    finally:
+        subprocess.run(["umount", target], check=True)
+    assert tree_digest(mounted) == digest
+
+
+@pytest.mark.parametrize("source", ["host", "subvolume"])
+def test_layer_operations_mount_made_after_check(driver, fs, tmp_path, monkeypatch, source):
+    mounted = _mount_source(fs, tmp_path, source)
+    digest = make_sentinel(mounted)
+    driver.create("base")
+    driver.create("busy", "base")
+    target = os.path.join(driver.get("busy"), "mnt")
+    os.mkdir(target)
+    with open(os.path.join(target, "precious"), "wb") as output:
+        output.write(b"layer")
+    original = btrfsdrv._check_no_mounts_below
+
+    def check_then_mount(fd, operation, path):
+        original(fd, operation, path)
+        if not os.path.ismount(target):
+            _bind_mount(mounted, target)
+
+    monkeypatch.setattr(btrfsdrv, "_check_no_mounts_below", check_then_mount)
+    try:
+        for name, attempt in _mount_escape_attempts(driver).items():
+            with pytest.raises(OSError) as raised:
+                attempt()
+            assert raised.value.errno == errno.EBUSY, name
+            assert "mount point" in str(raised.value), name
+            assert tree_digest(mounted) == digest, name
+            subprocess.run(["umount", target], check=True)
+    finally:
+        for point in _mounts_below(target):
+            subprocess.run(["umount", "-l", point], check=False)
+    assert tree_digest(mounted) == digest
+
+
+def test_apply_removes_immutable_and_read_only_contents(driver):
+    driver.create("layer")
+    root = driver.get("layer")
+    for directory in ("replaced", "whited-out"):
+        os.makedirs(os.path.join(root, directory, "sub"))
+        for name in "abcdefgh":
+            write(os.path.join(root, directory, "sub", name), b"x")
+        btrfsdrv.create_subvolume(os.path.join(root, directory, "nested"))
+        write(os.path.join(root, directory, "nested", "file"), b"x")
+        btrfsdrv.create_snapshot(os.path.join(root, directory, "nested"),
+                                 os.path.join(root, directory, "read-only"), read_only=True)
+        chattr("+i", os.path.join(root, directory, "sub", "e"))
+        chattr("+a", os.path.join(root, directory, "sub", "f"))
+        chattr("+i", os.path.join(root, directory, "sub"))
+
+    driver.apply_diff("layer", io.BytesIO(make_tar([entry("replaced", data=b"a file now"),
+                                                    entry(".wh.whited-out")])))
+    assert sorted(os.listdir(root)) == ["replaced"]
+    with open(os.path.join(root, "replaced"), "rb") as data:
+        assert data.read() == b"a file now"
+
+
 # A child that runs one driver operation and SIGKILLs itself at the Nth line
 # event inside btrfsdrv.py (with N 0, it runs to the end and prints the count).
 _KILL_CHILD = r"""
