@@ -1422,6 +1422,19 @@ def _relabel(layer_fd: int, label: str, path: Any) -> None:
 _REMOVE_ATTEMPTS = 3
 
 
+def _check_real_directory(directory: str) -> None:
+    """Raise DriverError when directory is a symlink or another non-directory (a missing one is fine)."""
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise DriverError(
+            f"{directory} is not a directory (a symlink or another file is in its place); "
+            "move it away so the driver can create the directory"
+        )
+
+
 class Driver:
     """The btrfs graph driver: layers as subvolumes below one home directory.
 
@@ -1485,6 +1498,11 @@ class Driver:
     def _subvolumes_dir(self) -> str:
         return os.path.join(self.home, "subvolumes")
 
+    def _open_subvolumes(self) -> _Fd:
+        """Open HOME/subvolumes without following a symlink."""
+        _check_real_directory(self._subvolumes_dir)
+        return _Fd(_open_directory(self._subvolumes_dir))
+
     @property
     def _quotas_dir(self) -> str:
         return os.path.join(self.home, "quotas")
@@ -1502,15 +1520,7 @@ class Driver:
         in their place (which only a writer of home can make) is rejected.
         """
         for directory in (self._subvolumes_dir, self._quotas_dir):
-            try:
-                st = os.lstat(directory)
-            except FileNotFoundError:
-                continue
-            if not stat.S_ISDIR(st.st_mode):
-                raise DriverError(
-                    f"{directory} is not a directory (a symlink or another file is in its place); "
-                    "move it away so the driver can create the directory"
-                )
+            _check_real_directory(directory)
 
     def _open_quotas(self, create: bool = False) -> _OptionalFd:
         """Open HOME/quotas without following a symlink; None when it does not exist."""
@@ -1703,7 +1713,7 @@ class Driver:
         if os.path.lexists(path):
             raise FileExistsError(errno.EEXIST, f"layer {os.fsdecode(name)!r} already exists", path)
 
-        with _Fd(_open_directory(self._subvolumes_dir)) as subvolumes_fd:
+        with self._open_subvolumes() as subvolumes_fd:
             if parent_name is None:
                 self._create_empty(subvolumes_fd, name, path)
             else:
@@ -1823,7 +1833,7 @@ class Driver:
         """Delete a layer with its nested subvolumes, qgroup and quota file."""
         name = validate_layer_id(layer_id)
         path = self._layer_dir(layer_id)
-        with _Fd(_open_directory(self._subvolumes_dir)) as subvolumes_fd:
+        with self._open_subvolumes() as subvolumes_fd:
             try:
                 st = os.stat(name, dir_fd=subvolumes_fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -1966,6 +1976,9 @@ class Driver:
         return path
 
     def _require_layer(self, layer_id: str, path: str) -> os.stat_result:
+        # Layer paths are strings that the callers and the kernel resolve
+        # again, so the layout is checked before each use, not only at init.
+        _check_real_directory(self._subvolumes_dir)
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -1983,12 +1996,14 @@ class Driver:
             path = self._layer_dir(layer_id)
         except ValueError:
             return False
+        _check_real_directory(self._subvolumes_dir)
         try:
             return stat.S_ISDIR(os.lstat(path).st_mode)
         except OSError:
             return False
 
     def list_layers(self) -> list[str]:
+        _check_real_directory(self._subvolumes_dir)
         layers = []
         with os.scandir(self._subvolumes_dir) as entries:
             for entry in entries:

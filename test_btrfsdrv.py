@@ -1573,6 +1573,33 @@ def test_quotas_swapped_for_symlink_after_init(driver, tmp_path):
     assert sorted(os.listdir(outside)) == ["victim"]
 
 
+def test_subvolumes_swapped_for_symlink_after_init(driver, tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "layer").mkdir(parents=True)
+    (outside / "layer" / "victim").write_text("keep")
+    driver.create("layer")
+    subvolumes = os.path.join(driver.home, "subvolumes")
+    os.rename(subvolumes, subvolumes + ".real")
+    os.symlink(str(outside), subvolumes)
+    tar = make_tar([entry("new", data=b"written"), entry(".wh.victim")])
+    attempts = {
+        "apply_diff": lambda: driver.apply_diff("layer", io.BytesIO(tar)),
+        "get": lambda: driver.get("layer"),
+        "exists": lambda: driver.exists("layer"),
+        "list_layers": driver.list_layers,
+        "changes": lambda: driver.changes("layer"),
+        "usage": lambda: driver.read_write_disk_usage("layer"),
+        "metadata": lambda: driver.metadata("layer"),
+        "update_layer_id_map": lambda: driver.update_layer_id_map("layer", None, None),
+        "create": lambda: driver.create("other"),
+        "remove": lambda: driver.remove("layer"),
+    }
+    for name, attempt in attempts.items():
+        with pytest.raises(btrfsdrv.DriverError, match="subvolumes is not a directory"):
+            attempt()
+    assert sorted(os.listdir(outside / "layer")) == ["victim"]
+
+
 def test_home_through_symlink(fs):
     real = fs.path("real-home")
     os.makedirs(real)
