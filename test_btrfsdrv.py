@@ -2811,6 +2811,59 @@ def test_hostile_corrupt_gzip(trees):
     assert no_temporaries(layer)
 
 
+def random_hostile_member(rng, sentinel):
+    """Return a (TarInfo, data) pair built from names and targets that aim at the sentinel."""
+    components = ["a", "b", "link", "up", "..", ".", "", ".wh.a", ".wh.link", ".wh..wh..opq",
+                  ".wh..wh.plnk", "sentinel", str(sentinel).lstrip("/")]
+    name = "/".join(rng.choice(components) for _ in range(rng.randint(1, 4)))
+    if rng.random() < 0.2:
+        name = "/" + name
+    targets = [str(sentinel), str(sentinel / "secret"), "../sentinel", "../sentinel/secret",
+               "../../" * 4, "/", "a", "link", "link/secret", "up/secret"]
+    kind = rng.choice([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE,
+                       tarfile.FIFOTYPE, tarfile.CHRTYPE])
+    info, data = entry(name, kind, linkname=rng.choice(targets), mode=rng.choice([0o644, 0o4755, 0o000]))
+    if kind == tarfile.CHRTYPE:
+        info.devmajor, info.devminor = 1, 3
+    if kind == tarfile.REGTYPE:
+        data = b"owned"
+    return info, data
+
+
+def mutate_bytes(rng, raw):
+    """Flip, cut or repeat bytes of a tar stream."""
+    raw = bytearray(raw)
+    choice = rng.random()
+    if choice < 0.6:
+        for _ in range(rng.randint(1, 8)):
+            raw[rng.randrange(len(raw))] = rng.randrange(256)
+    elif choice < 0.8:
+        raw = raw[:rng.randrange(len(raw))]
+    else:
+        start = rng.randrange(len(raw))
+        raw[start:start] = raw[start:start + rng.randint(1, 1024)]
+    return bytes(raw)
+
+
+def test_apply_random_and_mutated_tars_stay_inside(trees):
+    layer, sentinel, digest = trees
+    beside = sorted(os.listdir(layer.parent))
+
+    def check(rng):
+        raw = make_tar([random_hostile_member(rng, sentinel) for _ in range(rng.randint(1, 8))])
+        if rng.random() < 0.5:
+            raw = mutate_bytes(rng, raw)
+        try:
+            apply(layer, raw)
+        except (ValueError, OSError):
+            pass  # a rejected stream is fine; only what it left behind matters
+        assert_sentinel_intact(sentinel, digest)
+        assert sorted(os.listdir(layer.parent)) == beside
+        assert no_temporaries(layer)
+
+    run_cases(check, cases=1000)
+
+
 # ID-map updates -------------------------------------------------------------
 
 
