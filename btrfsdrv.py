@@ -1330,31 +1330,79 @@ def _read_quota_file(quotas_fd: int | None, name: bytes, path: str) -> int | Non
     return int(stripped)
 
 
+def _temporary_name(name: bytes) -> bytes:
+    """Return a unique name ".NAME.RANDOM.tmp" that _remove_stale_temporary_files recognizes.
+
+    NAME is cut to 200 bytes so that the result fits NAME_MAX (255 bytes).
+    """
+    return b".%s.%s%s" % (name[:200], os.urandom(6).hex().encode(), _TEMPORARY_SUFFIX.encode())
+
+
+def _open_locked_temporary(directory_fd: int, temporary: bytes) -> tuple[int, bool]:
+    """Open a new file for writing in directory_fd, locked (flock) before anyone can open it.
+
+    Return the descriptor and whether the file already has the name
+    temporary.  With O_TMPFILE the file has no name until _link_temporary
+    gives it one, so no other process can see it unlocked.  Filesystems and
+    kernels without O_TMPFILE get a file created under temporary and locked
+    right after; _remove_stale_temporary_files may delete such a file in
+    between, which then fails the write with ENOENT.
+    """
+    try:
+        fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644, dir_fd=directory_fd)
+        named = False
+    except OSError as error:
+        if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(temporary, flags, 0o644, dir_fd=directory_fd)
+        named = True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        if named:
+            os.unlink(temporary, dir_fd=directory_fd)
+        raise
+    return fd, named
+
+
+def _link_temporary(fd: int, directory_fd: int, temporary: bytes) -> None:
+    """Give the O_TMPFILE file open as fd the name temporary in directory_fd.
+
+    linkat with AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH, so the link
+    goes through /proc/self/fd, which needs /proc mounted.
+    """
+    os.link(f"/proc/self/fd/{fd}", temporary, dst_dir_fd=directory_fd, follow_symlinks=True)
+
+
 def _write_file_atomically(directory_fd: int, name: bytes, data: bytes, path: str) -> None:
     """Write name below directory_fd: temporary file, fsync, rename, fsync of the directory.
 
     Creating a subvolume commits its transaction, so without the fsyncs a
     power loss soon after a create could keep the layer and lose its quota
     file, leaving the layer without its limit.  The temporary file is
-    locked (flock) while it exists, so a process that finds it unlocked
-    can conclude that its writer died and may delete it.
+    locked (flock) whenever it has a name, so a process that finds it
+    unlocked can conclude that its writer died and may delete it.
     """
-    temporary = b".%s.%s%s" % (name, os.urandom(6).hex().encode(), _TEMPORARY_SUFFIX.encode())
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    temporary = _temporary_name(name)
     try:
-        fd = os.open(temporary, flags, 0o644, dir_fd=directory_fd)
+        fd, named = _open_locked_temporary(directory_fd, temporary)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             # A short write would leave a torn file behind the rename.
             if os.write(fd, data) != len(data):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             os.fsync(fd)
+            if not named:
+                _link_temporary(fd, directory_fd, temporary)
+                named = True
             os.rename(temporary, name, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
         except BaseException:
-            try:
-                os.unlink(temporary, dir_fd=directory_fd)
-            except FileNotFoundError:
-                pass
+            if named:
+                try:
+                    os.unlink(temporary, dir_fd=directory_fd)
+                except FileNotFoundError:
+                    pass
             raise
         finally:
             os.close(fd)

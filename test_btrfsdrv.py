@@ -4115,6 +4115,82 @@ def test_processes_create_same_id(fs):
         assert_store_consistent(fs, driver, ["base"])
 
 
+def _open_drivers_until(home, stop):
+    """Open and clean up Drivers on home, each removing stale temporary files, until stop is set."""
+    while not stop.is_set():
+        btrfsdrv.Driver(home).cleanup()
+
+
+def test_sized_create_races_driver_init(fs):
+    home = fs.path("home")
+    with btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as driver:
+        stop = _FORK.Event()
+        workers = [_FORK.Process(target=_open_drivers_until, args=(home, stop)) for _ in range(3)]
+        for worker in workers:
+            worker.start()
+        failures = []
+        try:
+            for index in range(300):
+                layer_id = f"sized-{index}"
+                try:
+                    driver.create(layer_id, storage_opt={"size": "8m"})
+                    driver.remove(layer_id)
+                except OSError as error:
+                    failures.append(f"{layer_id}: {error}")
+        finally:
+            stop.set()
+            for worker in workers:
+                worker.join()
+
+        assert failures == []
+        assert [worker.exitcode for worker in workers] == [0, 0, 0]
+
+
+def test_quota_file_is_locked_before_it_has_a_name(driver, monkeypatch):
+    real_flock = fcntl.flock
+    cleanups = []
+
+    def flock_after_cleanup(fd, operation):
+        # Another process's init runs between the creation of the temporary
+        # file and its lock.
+        if operation == fcntl.LOCK_EX and stat.S_ISREG(os.fstat(fd).st_mode) and not cleanups:
+            quotas_fd = os.open(os.path.join(driver.home, "quotas"), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                btrfsdrv._remove_stale_temporary_files(quotas_fd, "quotas")
+            finally:
+                os.close(quotas_fd)
+            cleanups.append(fd)
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(btrfsdrv.fcntl, "flock", flock_after_cleanup)
+    driver.create("sized", storage_opt={"size": "8m"})
+
+    assert cleanups != []
+    assert driver.metadata("sized")["SizeLimit"] == str(8 * 1024**2)
+
+
+def test_quota_file_written_without_o_tmpfile(driver, monkeypatch):
+    real_open = os.open
+
+    def open_without_tmpfile(path, flags, *args, **kwargs):
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(btrfsdrv.os, "open", open_without_tmpfile)
+    driver.create("sized", storage_opt={"size": "8m"})
+
+    with open(os.path.join(driver.home, "quotas", "sized"), "rb") as quota:
+        assert quota.read() == str(8 * 1024**2).encode()
+    assert os.listdir(os.path.join(driver.home, "quotas")) == ["sized"]
+
+
+def test_sized_layer_with_longest_id(driver):
+    layer_id = "x" * 255
+    driver.create(layer_id, storage_opt={"size": "8m"})
+    assert driver.metadata(layer_id)["SizeLimit"] == str(8 * 1024**2)
+
+
 def _race_on_layer(home, role, layer_id, barrier, queue):
     """Remove layer_id, get it, or snapshot it, as role selects, and report each outcome."""
     outcomes = []
