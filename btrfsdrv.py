@@ -1412,7 +1412,11 @@ def _write_file_atomically(directory_fd: int, name: bytes, data: bytes, path: st
 
 
 def _remove_stale_temporary_files(directory_fd: int, directory: str) -> None:
-    """Delete temporary files below directory_fd whose writer died before renaming them."""
+    """Delete temporary files below directory_fd whose writer died before renaming them.
+
+    A file is stale when no process holds its lock (flock).  Entries with a
+    temporary name that are not regular files are left alone with a warning.
+    """
     with os.scandir(directory_fd) as iterator:
         names = [entry.name for entry in iterator
                  if entry.name.startswith(".") and entry.name.endswith(_TEMPORARY_SUFFIX)]
@@ -1420,9 +1424,18 @@ def _remove_stale_temporary_files(directory_fd: int, directory: str) -> None:
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         try:
             fd = os.open(name, flags, dir_fd=directory_fd)
-        except OSError:
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            log.warning("ignoring %s: %s; it is not a temporary file of btrfsdrv, so move it away",
+                        os.path.join(directory, name), error.strerror)
             continue
         with _Fd(fd):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                log.warning("ignoring %s: it is not a regular file, so not a temporary file of btrfsdrv; "
+                            "move it away", os.path.join(directory, name))
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -1431,7 +1444,7 @@ def _remove_stale_temporary_files(directory_fd: int, directory: str) -> None:
                 current = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            if os.path.samestat(os.fstat(fd), current):
+            if os.path.samestat(st, current):
                 os.unlink(name, dir_fd=directory_fd)
                 log.warning("removed %s, left by a process that died while writing it",
                             os.path.join(directory, name))
@@ -1504,15 +1517,11 @@ class Driver:
         self._make_directory(self._subvolumes_dir)
         self._check_layout()
         self._make_private_mount()
-        with self._open_quotas() as quotas_fd:
-            if quotas_fd is not None:
-                _remove_stale_temporary_files(quotas_fd, self._quotas_dir)
-        if self.options.quota_required:
-            try:
-                self._ensure_quota()
-            except BaseException:
-                self.cleanup()
-                raise
+        try:
+            self._prepare_quotas()
+        except BaseException:
+            self._cleanup_after_failed_init()
+            raise
         log.debug("initialized btrfs driver at %s", self.home)
 
     def __str__(self) -> str:
@@ -1630,6 +1639,14 @@ class Driver:
             # the caller's own, so the store works without a private mount.
             log.info("cannot make %s a private mount, continuing without: %s", self.home, error)
 
+    def _cleanup_after_failed_init(self) -> None:
+        """Unmount the bind mount of a failed init, logging a failure so that the init's error stays."""
+        try:
+            self.cleanup()
+        except OSError as error:
+            log.warning("could not unmount the bind mount of %s after a failed init: %s; "
+                        "run the cleanup command", self.home, error)
+
     def cleanup(self) -> None:
         """Unmount the bind mount of home that this driver made, if any.
 
@@ -1650,6 +1667,14 @@ class Driver:
 
     def _open_home(self) -> _Fd:
         return _Fd(_open_directory(self.home))
+
+    def _prepare_quotas(self) -> None:
+        """Delete stale temporary quota files and turn quota on when an option needs it."""
+        with self._open_quotas() as quotas_fd:
+            if quotas_fd is not None:
+                _remove_stale_temporary_files(quotas_fd, self._quotas_dir)
+        if self.options.quota_required:
+            self._ensure_quota()
 
     def _ensure_quota(self, fd: int | None = None) -> None:
         """Turn quota on unless it is on; fd is any directory on home's filesystem."""

@@ -3989,6 +3989,48 @@ def test_create_ignores_stale_quota_file(fs):
         assert qgroup_limits(fs).get(layer) is None
 
 
+@pytest.mark.parametrize("kind", ["directory", "fifo", "symlink"])
+def test_init_skips_temporary_name_that_is_not_a_file(fs, caplog, kind):
+    home = fs.path("home")
+    entry = os.path.join(home, "quotas", ".layer.0123456789ab.tmp")
+    os.makedirs(os.path.dirname(entry))
+    if kind == "directory":
+        os.mkdir(entry)
+    elif kind == "fifo":
+        os.mkfifo(entry)
+    else:
+        os.symlink("/", entry)
+
+    with caplog.at_level("WARNING", logger="btrfsdrv"):
+        with btrfsdrv.Driver(home) as driver:
+            driver.create("layer")
+
+    assert os.path.lexists(entry)
+    assert entry in caplog.text
+    assert "move it away" in caplog.text
+    assert _mounts_below(home) == []
+
+
+def read_mount_table():
+    with open("/proc/self/mountinfo", "rb") as mountinfo:
+        return mountinfo.read()
+
+
+def test_failed_init_unmounts_its_bind_mount(fs, monkeypatch):
+    home = fs.path("home")
+    before = read_mount_table()
+
+    def fail(*args):
+        raise OSError(errno.EIO, "injected failure")
+
+    monkeypatch.setattr(btrfsdrv, "_remove_stale_temporary_files", fail)
+    os.makedirs(os.path.join(home, "quotas"))
+    with pytest.raises(OSError, match="injected failure"):
+        btrfsdrv.Driver(home)
+
+    assert read_mount_table() == before
+
+
 def test_init_and_cleanup_1000_times(fs):
     home = fs.path("home")
     with open("/proc/self/mountinfo", "rb") as mountinfo:
