@@ -1785,7 +1785,7 @@ class Driver:
             # remove and create put in its place (st_dev can be reused).
             created = self._subvolume_id_at(subvolumes_fd, name, path)
             try:
-                self._finish_layer(subvolumes_fd, name, path, size, mount_label)
+                self._finish_layer(subvolumes_fd, name, path, created, size, mount_label)
             except BaseException:
                 self._roll_back(subvolumes_fd, name, path, created)
                 raise
@@ -1813,9 +1813,16 @@ class Driver:
             except FileExistsError:
                 raise FileExistsError(errno.EEXIST, f"layer {os.fsdecode(name)!r} already exists", path) from None
 
-    def _finish_layer(self, subvolumes_fd: int, name: bytes, path: str, size: int | None, mount_label: str) -> None:
-        """Set owner, mode, quota and label of a new layer; its creator rolls back on error."""
+    def _finish_layer(self, subvolumes_fd: int, name: bytes, path: str, created: int | None, size: int | None,
+                      mount_label: str) -> None:
+        """Set owner, mode, quota and label of a new layer; its creator rolls back on error.
+
+        created is the subvolume id the create recorded.  Another process
+        may have removed the layer and created one with the same id since,
+        and that layer is left alone: ESTALE.
+        """
         with _Fd(_open_directory(name, dir_fd=subvolumes_fd)) as layer_fd:
+            self._check_created_subvolume(layer_fd, path, created)
             st = os.fstat(layer_fd)
             # A btrfs directory's size is twice the length of its entries'
             # names, so 0 means empty without reading the directory.
@@ -1836,12 +1843,24 @@ class Driver:
                     _write_file_atomically(quotas_fd, name, str(size).encode(), self._quota_file(name))
                 log.debug("wrote quota file for %s: %d bytes", path, size)
             else:
-                # While this layer's subvolume exists no other create can take
-                # its id, so a quota file of that name is a remove's leftover.
+                # A quota file of this name is a leftover of a killed remove.
+                # NOTE: a remove and create of this id by another process
+                # after the check above still race with this, and the other
+                # layer's quota file is then deleted.
                 self._remove_quota_file(name)
                 self._clear_inherited_limit(subvolumes_fd, layer_fd, path)
             if mount_label and _selinux_enabled():
                 _relabel(layer_fd, mount_label, path)
+
+    @staticmethod
+    def _check_created_subvolume(layer_fd: int, path: str, created: int | None) -> None:
+        """Raise ESTALE unless layer_fd is the subvolume with id created."""
+        current = _subvolume_id_of_fd(layer_fd, path)
+        if current != created:
+            raise _os_error(errno.ESTALE, "create layer", path,
+                            f"another process removed the new layer and created subvolume {current} "
+                            "under the same id; that layer now has the id, so create yours "
+                            "under another id or remove that layer first")
 
     def _clear_inherited_limit(self, subvolumes_fd: int, layer_fd: int, path: str) -> None:
         """Clear a limit a new layer's qgroup kept from a deleted subvolume with its id.
@@ -1871,9 +1890,9 @@ class Driver:
     def _roll_back(self, subvolumes_fd: int, name: bytes, path: str, created: int | None) -> None:
         """Delete a layer whose create failed: its quota file first, then its subvolume.
 
-        While the subvolume exists no other create can take its id, so the
-        quota file with that name can only be this layer's.  When a racing
-        remove and create replaced the subvolume, the new layer is left alone.
+        Nothing is deleted when a racing remove and create replaced the
+        subvolume before the check here.  NOTE: a replacement after the
+        check still loses its quota file.
         """
         current = self._subvolume_id_at(subvolumes_fd, name, path)
         if current is None:

@@ -1944,7 +1944,7 @@ def test_failed_create_spares_layer_that_replaced_it(driver, monkeypatch):
     driver.create("base")
     original = btrfsdrv.Driver._finish_layer
 
-    def finish_after_race(self, subvolumes_fd, name, path, size, mount_label):
+    def finish_after_race(self, *args, **kwargs):
         # Another process removes the new layer and creates one with the same id.
         monkeypatch.setattr(btrfsdrv.Driver, "_finish_layer", original)
         driver.remove("layer")
@@ -1956,6 +1956,27 @@ def test_failed_create_spares_layer_that_replaced_it(driver, monkeypatch):
         driver.create("layer")
     assert driver.exists("layer")
     assert btrfsdrv.is_subvolume(driver.get("layer"))
+
+def test_create_leaves_layer_that_replaced_it_alone(driver, fs, monkeypatch):
+    driver.create("base")
+    original = btrfsdrv.Driver._finish_layer
+
+    def finish_after_race(self, *args, **kwargs):
+        # Another process removes the new layer and creates a sized one with the same id.
+        monkeypatch.setattr(btrfsdrv.Driver, "_finish_layer", original)
+        driver.remove("layer")
+        driver.create("layer", "base", storage_opt={"size": "8m"})
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(btrfsdrv.Driver, "_finish_layer", finish_after_race)
+    with pytest.raises(OSError, match="another process") as raised:
+        driver.create("layer")
+
+    assert raised.value.errno == errno.ESTALE
+    assert raised.value.filename == os.path.join(driver.home, "subvolumes", "layer")
+    assert driver.metadata("layer")["SizeLimit"] == str(8 * 1024**2)
+    assert qgroup_limits(fs)[btrfsdrv.subvolume_id(driver.get("layer"))] == 8 * 1024**2
+
 
 # -- Untrusted input at the edges (seeded property tests) ---------------------
 
