@@ -1450,6 +1450,102 @@ def _remove_stale_temporary_files(directory_fd: int, directory: str) -> None:
                             os.path.join(directory, name))
 
 
+class _QuotaFileAside:
+    """Keep a layer's quota file under a locked temporary name while the layer is deleted.
+
+    Used as a with-block around the delete.  On success the file is
+    deleted.  When the delete fails and the layer is still there, the file
+    gets its name back.  A remove killed inside the block leaves the file
+    under its temporary name and unlocked, so the next Driver init deletes
+    it.  NOTE: that also happens when the kill comes before the delete, and
+    the surviving layer then has no quota file until it is created again.
+    A quota file that cannot be renamed (a directory, or quotas is not a
+    directory) is left for the remove to delete afterwards.
+    """
+
+    def __init__(self, quotas_dir: str, name: bytes, layer_path: str) -> None:
+        self.quotas_dir = quotas_dir
+        self.name = name
+        self.layer_path = layer_path
+        self.quota_file = os.path.join(quotas_dir, os.fsdecode(name))
+        self.quotas_fd: int | None = None
+        self.fd: int | None = None
+        self.temporary: bytes | None = None
+
+    def __enter__(self) -> _QuotaFileAside:
+        try:
+            self._set_aside()
+        except OSError as error:
+            log.warning("could not rename %s during the remove of its layer: %s", self.quota_file, error)
+            self._close()
+        return self
+
+    def _set_aside(self) -> None:
+        try:
+            self.quotas_fd = _open_directory(self.quotas_dir)
+        except FileNotFoundError:
+            return
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            self.fd = os.open(self.name, flags, dir_fd=self.quotas_fd)
+        except FileNotFoundError:
+            return
+        except OSError as error:
+            if error.errno == errno.ELOOP:  # a symlink, which the remove deletes afterwards
+                return
+            raise
+        st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode):
+            return
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        # The lock is on the inode opened above, so the rename must move that inode.
+        if not os.path.samestat(st, os.stat(self.name, dir_fd=self.quotas_fd, follow_symlinks=False)):
+            return
+        temporary = _temporary_name(self.name)
+        os.rename(self.name, temporary, src_dir_fd=self.quotas_fd, dst_dir_fd=self.quotas_fd)
+        self.temporary = temporary
+        log.debug("renamed %s to %s during the remove of its layer", self.quota_file, os.fsdecode(temporary))
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        try:
+            if self.temporary is not None:
+                if kind is None or not os.path.lexists(self.layer_path):
+                    self._delete()
+                else:
+                    self._restore()
+        finally:
+            self._close()
+
+    def _delete(self) -> None:
+        assert self.temporary is not None and self.quotas_fd is not None
+        temporary = os.path.join(self.quotas_dir, os.fsdecode(self.temporary))
+        try:
+            os.unlink(self.temporary, dir_fd=self.quotas_fd)
+        except OSError as error:
+            log.warning("could not delete %s, the quota file of removed layer %s: %s; delete it by hand",
+                        temporary, self.layer_path, error.strerror)
+            return
+        log.debug("removed quota file %s", temporary)
+
+    def _restore(self) -> None:
+        assert self.temporary is not None and self.quotas_fd is not None
+        temporary = os.path.join(self.quotas_dir, os.fsdecode(self.temporary))
+        try:
+            os.rename(self.temporary, self.name, src_dir_fd=self.quotas_fd, dst_dir_fd=self.quotas_fd)
+        except OSError as error:
+            log.warning("could not rename %s back to %s after the failed remove: %s; rename it by hand",
+                        temporary, self.quota_file, error.strerror)
+            return
+        log.debug("renamed %s back to %s after the failed remove", temporary, self.quota_file)
+
+    def _close(self) -> None:
+        for fd in (self.fd, self.quotas_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.quotas_fd = None
+
+
 # -- SELinux labels ----------------------------------------------------------------
 
 
@@ -1775,6 +1871,7 @@ class Driver:
         path = self._layer_dir(layer_id)
         if os.path.lexists(path):
             raise FileExistsError(errno.EEXIST, f"layer {os.fsdecode(name)!r} already exists", path)
+        self._check_quota_file_writable(name, size)
 
         with _Fd(_open_directory(self._subvolumes_dir)) as subvolumes_fd:
             if parent_name is None:
@@ -1789,6 +1886,25 @@ class Driver:
             except BaseException:
                 self._roll_back(subvolumes_fd, name, path, created)
                 raise
+
+    def _check_quota_file_writable(self, name: bytes, size: int | None) -> None:
+        """Raise before a create changes anything when it could not write or delete the layer's quota file.
+
+        HOME/quotas must be a directory.  A directory at HOME/quotas/ID
+        blocks only a sized create, because the rename of the new quota file
+        fails on it; a create without a size leaves it with a warning.
+        """
+        with self._open_quotas() as quotas_fd:
+            if quotas_fd is None or size is None:
+                return
+            try:
+                st = os.stat(name, dir_fd=quotas_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+        if stat.S_ISDIR(st.st_mode):
+            raise _os_error(errno.EISDIR, "create layer", self._quota_file(name),
+                            "the size limit is recorded in this quota file, which is a directory; "
+                            "move the directory away")
 
     def _create_empty(self, subvolumes_fd: int, name: bytes, path: str) -> None:
         try:
@@ -1919,10 +2035,7 @@ class Driver:
             try:
                 st = os.stat(name, dir_fd=subvolumes_fd, follow_symlinks=False)
             except FileNotFoundError:
-                try:
-                    self._remove_quota_file(layer_id)
-                except OSError as error:
-                    log.warning("could not delete the leftover quota file of %s: %s", path, error)
+                self._remove_leftover_quota_file(name)
                 raise FileNotFoundError(
                     errno.ENOENT, f"layer {os.fsdecode(name)!r} not found; list the layers to check the id",
                     path) from None
@@ -1932,7 +2045,7 @@ class Driver:
             else:
                 self._check_no_mounts(path)
                 self._remove_layer_directory(subvolumes_fd, name, path)
-        self._remove_quota_file(layer_id)
+        self._remove_leftover_quota_file(name)
 
     def _check_no_mounts(self, path: str) -> None:
         # Home is resolved at init and a layer id is one component, so path
@@ -1956,11 +2069,13 @@ class Driver:
                 _clear_read_only(layer_fd, path)
                 quota_on = self._clear_limit(subvolumes_fd, layer_subvolume_id, path)
         if subvolume_ids:
-            self._destroy_layer_subvolume(subvolumes_fd, name, path, subvolume_ids)
+            with _QuotaFileAside(self._quotas_dir, name, path):
+                self._destroy_layer_subvolume(subvolumes_fd, name, path, subvolume_ids)
             if quota_on:
                 self._destroy_qgroups(subvolumes_fd, subvolume_ids)
         else:
-            _unlink_at(subvolumes_fd, name, is_dir=True)
+            with _QuotaFileAside(self._quotas_dir, name, path):
+                _unlink_at(subvolumes_fd, name, is_dir=True)
             log.debug("removed directory %s", path)
 
     def _destroy_layer_subvolume(self, subvolumes_fd: int, name: bytes, path: str, subvolume_ids: list[int]) -> None:
@@ -2029,7 +2144,13 @@ class Driver:
             log.warning("could not destroy qgroups %s of removed layer: %s", subvolume_ids, error)
 
     def _remove_quota_file(self, layer_id: Any) -> None:
+        """Delete HOME/quotas/ID; a directory in its place is left alone with a warning.
+
+        Readers ignore anything there but a regular file, so a directory
+        fails no operation.
+        """
         name = validate_layer_id(layer_id)
+        quota_file = self._quota_file(name)
         with self._open_quotas() as quotas_fd:
             if quotas_fd is None:
                 return
@@ -2037,7 +2158,21 @@ class Driver:
                 os.unlink(name, dir_fd=quotas_fd)
             except FileNotFoundError:
                 return
-        log.debug("removed quota file of %s", os.fsdecode(name))
+            except IsADirectoryError:
+                log.warning("could not delete %s: it is a directory, not a quota file; delete it by hand",
+                            quota_file)
+                return
+            except OSError as error:
+                raise _os_error(error.errno, "delete quota file", quota_file) from None
+        log.debug("removed quota file %s", quota_file)
+
+    def _remove_leftover_quota_file(self, name: bytes) -> None:
+        """Delete the quota file of a layer that is gone, logging a failure instead of raising it."""
+        try:
+            self._remove_quota_file(name)
+        except OSError as error:
+            log.warning("could not delete the quota file of removed layer %r: %s; delete %s by hand",
+                        os.fsdecode(name), error, self._quota_file(name))
 
     # -- Get, put and queries
 

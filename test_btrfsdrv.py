@@ -3923,6 +3923,8 @@ def check_store_after_kill(fs, home, operation, returned):
     with btrfsdrv.Driver(home) as driver:
         names = os.listdir(quotas) if os.path.isdir(quotas) else []
         assert [name for name in names if name.endswith(".tmp")] == []
+        if not driver.exists("victim"):
+            assert "victim" not in names, "orphan quota file"
         for name in names:
             with open(os.path.join(quotas, name), "rb") as quota:
                 assert quota.read() == str(VICTIM_SIZE).encode(), name
@@ -3993,6 +3995,94 @@ def test_kill_at_every_step(fs, operation, record_property):
     cleanup = run_cli(home, "cleanup")
     assert cleanup.returncode == 0, cleanup.stderr
     assert _mounts_below(home) == []
+
+
+# Removes the sized layer "victim" and is SIGKILLed right after its subvolume is deleted.
+_KILL_AFTER_DELETE = r"""
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import btrfsdrv
+
+original = btrfsdrv._delete_subvolume_or_contents
+
+
+def delete_then_die(*args):
+    original(*args)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+btrfsdrv._delete_subvolume_or_contents = delete_then_die
+btrfsdrv.Driver(sys.argv[2]).remove("victim")
+"""
+
+
+def test_remove_killed_after_delete_leaves_no_quota_file(fs):
+    home = fs.path("home")
+    with btrfsdrv.Driver(home) as driver:
+        driver.create("victim", storage_opt={"size": "16m"})
+    module_dir = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
+
+    result = subprocess.run([sys.executable, "-c", _KILL_AFTER_DELETE, module_dir, home], capture_output=True)
+
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    with btrfsdrv.Driver(home) as driver:
+        assert not driver.exists("victim")
+        assert os.listdir(os.path.join(home, "quotas")) == []
+
+
+def test_failed_remove_keeps_quota_file(driver, monkeypatch):
+    driver.create("sized", storage_opt={"size": "8m"})
+    quotas = os.path.join(driver.home, "quotas")
+    renamed = []
+
+    def refuse(dir_fd, name, path):
+        renamed.extend(os.listdir(quotas))
+        # Another process's init runs while the quota file has its temporary name.
+        btrfsdrv.Driver(driver.home).cleanup()
+        raise OSError(errno.EBUSY, "injected failure")
+
+    monkeypatch.setattr(btrfsdrv, "_delete_subvolume_or_contents", refuse)
+    with pytest.raises(OSError, match="injected failure"):
+        driver.remove("sized")
+
+    assert [name.endswith(".tmp") for name in renamed] == [True]
+    assert os.listdir(quotas) == ["sized"]
+    assert driver.metadata("sized")["SizeLimit"] == str(8 * 1024**2)
+
+
+def test_remove_with_quota_directory_in_place(driver, caplog):
+    driver.create("layer", storage_opt={"size": "8m"})
+    quota_file = os.path.join(driver.home, "quotas", "layer")
+    os.unlink(quota_file)
+    os.mkdir(quota_file)
+
+    with caplog.at_level("WARNING", logger="btrfsdrv"):
+        driver.remove("layer")
+    assert not driver.exists("layer")
+    assert f"could not delete {quota_file}" in caplog.text
+    assert "by hand" in caplog.text
+
+    with pytest.raises(IsADirectoryError, match="move the directory away") as raised:
+        driver.create("layer", storage_opt={"size": "8m"})
+    assert raised.value.filename == quota_file
+    assert not driver.exists("layer")
+    driver.create("layer")
+    assert "SizeLimit" not in driver.metadata("layer")
+
+
+def test_remove_after_quotas_replaced_by_file(driver, caplog):
+    driver.create("layer", storage_opt={"size": "8m"})
+    quotas = os.path.join(driver.home, "quotas")
+    shutil.rmtree(quotas)
+    with open(quotas, "w") as replacement:
+        replacement.write("not a directory")
+
+    with caplog.at_level("WARNING", logger="btrfsdrv"):
+        driver.remove("layer")
+
+    assert not driver.exists("layer")
+    assert os.path.join(quotas, "layer") in caplog.text
+    assert "by hand" in caplog.text
 
 
 def test_create_ignores_stale_quota_file(fs):
