@@ -1596,6 +1596,10 @@ class Driver:
         uid_maps: Iterable[Any] | None = None,
         gid_maps: Iterable[Any] | None = None,
     ) -> None:
+        if not os.fspath(home):
+            # realpath would turn it into the current directory.
+            raise ValueError("invalid home '': it is empty; pass the driver's home directory on btrfs, "
+                             "such as /var/lib/containers/storage/btrfs")
         # Resolved once, so that a home reached through a symlink works with
         # the O_NOFOLLOW opens below and with the mount table's paths.
         self.home = os.path.realpath(os.fsdecode(os.fspath(home)))
@@ -1610,6 +1614,9 @@ class Driver:
 
         _require_btrfs(self.home)
         self._make_directory(self.home)
+        if not os.path.isdir(self.home):
+            raise NotADirectoryError(errno.ENOTDIR, "home is not a directory; move the file away or pass "
+                                     "another directory as home", self.home)
         self._make_directory(self._subvolumes_dir)
         self._check_layout()
         self._make_private_mount()

@@ -987,6 +987,30 @@ def test_init_accepts_bytes_and_pathlike_home(fs):
             assert isinstance(driver.get("layer"), str)
 
 
+# Both tests run in tmp_path, so that a regression could only touch that directory.
+@pytest.mark.parametrize("home", ["", b""])
+def test_init_rejects_empty_home(home, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="invalid home '': it is empty"):
+        btrfsdrv.Driver(home)
+
+
+def test_cli_rejects_empty_home(tmp_path):
+    result = subprocess.run([sys.executable, btrfsdrv.__file__, "--home", "", "list"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "invalid home" in result.stderr
+
+
+def test_init_rejects_home_that_is_a_file(fs):
+    home = fs.path("home")
+    with open(home, "w") as regular_file:
+        regular_file.write("not a directory")
+    with pytest.raises(NotADirectoryError, match="home is not a directory; move the file away") as raised:
+        btrfsdrv.Driver(home)
+    assert raised.value.filename == home
+
+
 def test_init_function_returns_driver(home):
     with btrfsdrv.init(home) as driver:
         assert isinstance(driver, btrfsdrv.Driver)
