@@ -3724,7 +3724,7 @@ def _remove_apply_temporaries(root_fd: int) -> None:
             log.warning("removed %s from the layer, left by an apply_diff that was killed", name)
 
 
-def _layer_epoch(root_fd: int) -> int:
+def _layer_epoch(root_fd: int, layer_dir: PathArg) -> int:
     """Return a ctime that every inode this apply creates or changes will reach.
 
     The kernel stamps ctime from a coarse clock, so the epoch is read from a
@@ -3734,8 +3734,13 @@ def _layer_epoch(root_fd: int) -> int:
     name = f"{_APPLY_TEMPORARY_PREFIX}epoch-{os.urandom(8).hex()}"
     first = None
     while True:
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=root_fd)
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=root_fd)
+        except FileNotFoundError:
+            # Creating an entry in a deleted directory fails with ENOENT.
+            raise _os_error(errno.ENOENT, "apply layer diff", layer_dir,
+                            "the layer was removed during the apply") from None
         try:
             ctime = os.fstat(fd).st_ctime_ns
         finally:
@@ -3841,13 +3846,13 @@ class _LayerApplier:
     """
 
     def __init__(self, root_fd: int, uid_maps: Sequence[IDMap] | None, gid_maps: Sequence[IDMap] | None,
-                 ignore_chown_errors: bool) -> None:
+                 ignore_chown_errors: bool, layer_dir: PathArg) -> None:
         self.root_fd = root_fd
         self.uid_maps = uid_maps
         self.gid_maps = gid_maps
         self.ignore_chown_errors = ignore_chown_errors
         self.dir_times = _PendingDirTimes()
-        self.epoch_ns = _layer_epoch(root_fd)
+        self.epoch_ns = _layer_epoch(root_fd, layer_dir)
         # Inodes of the parent layer whose ctime this apply changed by adding
         # or removing one of their names, as (st_dev, st_ino), and the names
         # this apply linked to them, as (st_dev, directory st_ino, name).
@@ -4253,7 +4258,7 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
     try:
         _check_no_mounts_below(root_fd, "apply layer diff", layer_dir)
         _remove_apply_temporaries(root_fd)
-        applier = _LayerApplier(root_fd, uid_maps, gid_maps, ignore_chown_errors)
+        applier = _LayerApplier(root_fd, uid_maps, gid_maps, ignore_chown_errors, layer_dir)
     except BaseException:
         # An open descriptor keeps a removed layer's subvolume from being cleaned.
         os.close(root_fd)

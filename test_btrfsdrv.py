@@ -3832,6 +3832,23 @@ def test_layer_operations_mount_made_after_check(driver, fs, tmp_path, monkeypat
     assert tree_digest(mounted) == digest
 
 
+def test_apply_names_layer_removed_during_apply(driver, monkeypatch):
+    import io
+
+    driver.create("layer")
+    path = driver.get("layer")
+    original = btrfsdrv._remove_apply_temporaries
+
+    def remove_layer_first(root_fd):
+        original(root_fd)
+        driver.remove("layer")
+
+    monkeypatch.setattr(btrfsdrv, "_remove_apply_temporaries", remove_layer_first)
+    with pytest.raises(FileNotFoundError, match="apply layer diff failed.*removed during the apply") as raised:
+        driver.apply_diff("layer", io.BytesIO(make_tar([entry("file", data=b"data")])))
+    assert raised.value.filename == path
+
+
 def test_apply_removes_immutable_and_read_only_contents(driver):
     driver.create("layer")
     root = driver.get("layer")
