@@ -43,7 +43,7 @@ from typing import (
 import ioctl_structs as _structs
 from ioctl_structs import (
     BTRFS_FIRST_FREE_OBJECTID, BTRFS_INODE_REF_KEY,
-    BTRFS_QGROUP_LIMIT_MAX_RFER, BTRFS_QGROUP_STATUS_FLAG_ON,
+    BTRFS_QGROUP_LIMIT_MAX_RFER, BTRFS_QGROUP_STATUS_FLAG_ON, BTRFS_QGROUP_STATUS_FLAG_SIMPLE_MODE,
     BTRFS_QGROUP_STATUS_KEY, BTRFS_QGROUP_LIMIT_KEY, BTRFS_QUOTA_CTL_ENABLE,
     BTRFS_QUOTA_CTL_ENABLE_SIMPLE_QUOTA, BTRFS_QUOTA_TREE_OBJECTID,
     BTRFS_ROOT_REF_KEY, BTRFS_ROOT_TREE_OBJECTID, BTRFS_SUBVOL_RDONLY,
@@ -1057,6 +1057,34 @@ def quota_enabled(fd: int, path: Any = None) -> bool:
     except PermissionError:
         return _quota_enabled_from_sysfs(fd, path)
     return status is not None and bool(status.flags & BTRFS_QGROUP_STATUS_FLAG_ON)
+
+
+# Values of /sys/fs/btrfs/FSID/qgroups/mode (Linux 6.7 and newer) as btrfs.quota_mode names them.
+_SYSFS_QUOTA_MODES = {"qgroup": "full", "squota": "simple"}
+
+
+def _quota_mode(fd: int, path: Any = None) -> str | None:
+    """Return the quota mode of the filesystem of fd, "full" or "simple", or None when quota is off."""
+    try:
+        status = _quota_status(fd, path)
+    except PermissionError:
+        return _quota_mode_from_sysfs(fd, path)
+    if status is None or not status.flags & BTRFS_QGROUP_STATUS_FLAG_ON:
+        return None
+    return "simple" if status.flags & BTRFS_QGROUP_STATUS_FLAG_SIMPLE_MODE else "full"
+
+
+def _quota_mode_from_sysfs(fd: int, path: Any) -> str | None:
+    """Read the quota mode without CAP_SYS_ADMIN; kernels before 6.7 have only full quotas."""
+    if not _quota_enabled_from_sysfs(fd, path):
+        return None
+    fsid = _format_uuid(_fs_info(fd, path).fsid)
+    try:
+        with open(f"/sys/fs/btrfs/{fsid}/qgroups/mode") as mode_file:
+            mode = mode_file.read().strip()
+    except FileNotFoundError:
+        return "full"
+    return _SYSFS_QUOTA_MODES.get(mode, mode)
 
 
 def _enable_quota(fd: int, simple: bool, path: Any) -> None:
@@ -2233,12 +2261,16 @@ class Driver:
     def status(self) -> list[tuple[str, str]]:
         with self._open_home() as fd:
             fsid = _format_uuid(_fs_info(fd, self.home).fsid)
-            quota = quota_enabled(fd, self.home)
+            mode = _quota_mode(fd, self.home)
+        if mode is not None and mode != self.options.quota_mode:
+            log.warning("quota on %s is in %s mode, but btrfs.quota_mode is %s; the filesystem's mode applies "
+                        "until quota is disabled and enabled again", self.home, mode, self.options.quota_mode)
         return [
             ("Filesystem UUID", str(fsid)),
             ("Kernel Version", os.uname().release),
-            ("Quota Enabled", "true" if quota else "false"),
-            ("Quota Mode", self.options.quota_mode),
+            ("Quota Enabled", "true" if mode is not None else "false"),
+            # The configured mode while quota is off: the mode a create would enable.
+            ("Quota Mode", mode or self.options.quota_mode),
             ("Min Space", str(self.options.min_space)),
             ("Default Size", str(self.options.default_size or 0)),
             ("Layers", str(len(self.list_layers()))),

@@ -1361,6 +1361,21 @@ def test_status_reports_filesystem_and_quota(driver, fs):
     assert status["Min Space"] == "0"
 
 
+def test_status_reports_filesystem_quota_mode(home, caplog):
+    with btrfsdrv.Driver(home, ["btrfs.min_space=0"]):
+        pass
+    with btrfsdrv.Driver(home, ["btrfs.quota_mode=simple"]) as driver:
+        with caplog.at_level("WARNING", logger="btrfsdrv"):
+            status = dict(driver.status())
+        assert status["Quota Enabled"] == "true"
+        assert status["Quota Mode"] == "full"
+        assert "btrfs.quota_mode is simple" in caplog.text
+
+        # Without CAP_SYS_ADMIN the mode comes from sysfs.
+        with open_top(driver.home) as (fd, _):
+            assert btrfsdrv._quota_mode_from_sysfs(fd, driver.home) == "full"
+
+
 def test_metadata(driver, fs):
     driver.create("base")
     driver.create("child", "base", storage_opt={"size": "10m"})
