@@ -1709,8 +1709,13 @@ class Driver:
         except FileNotFoundError:
             return _OptionalFd(None)
         except OSError as error:
-            raise _os_error(error.errno, "open quotas directory", self._quotas_dir,
-                            "it must be a directory, not a symlink") from None
+            if error.errno in (errno.ELOOP, errno.ENOTDIR):
+                hint = "it must be a directory, not a symlink"
+            elif error.errno in (errno.EACCES, errno.EPERM):
+                hint = "run as root or as the owner of the store"
+            else:
+                hint = ""
+            raise _os_error(error.errno, "open quotas directory", self._quotas_dir, hint) from None
 
     def _read_quota(self, layer_id: Any) -> int | None:
         name = validate_layer_id(layer_id)

@@ -1700,6 +1700,24 @@ def test_unprivileged_create_owns_layer(fs):
     assert layers == ["base"]
 
 
+def test_unreadable_quotas_directory_names_permission(fs):
+    home = fs.path("home")
+    os.makedirs(os.path.join(home, "quotas"), mode=0o700)
+    os.makedirs(os.path.join(home, "subvolumes"))
+    os.chmod(home, 0o755)
+    os.chmod(os.path.join(home, "subvolumes"), 0o755)
+    make_traversable(home)
+
+    def scenario():
+        with pytest.raises(PermissionError) as raised:
+            btrfsdrv.Driver(home)
+        return str(raised.value)
+
+    message = run_as_user(scenario)
+    assert "open quotas directory failed: Permission denied; run as root or as the owner" in message
+    assert "symlink" not in message
+
+
 def test_concurrent_inits_on_one_home(fs):
     home = fs.path("home")
     os.makedirs(home)
