@@ -1224,6 +1224,20 @@ def validate_layer_id(layer_id: Any) -> bytes:
     return _encode_name(layer_id, _NAME_MAX, "layer id")
 
 
+def _check_utf8_layer_id(name: bytes, layer_id: Any) -> None:
+    """Raise ValueError unless a new layer's id is valid UTF-8.
+
+    containers/storage records layer ids in layers.json, and Go's
+    encoding/json replaces bytes that are not UTF-8 with U+FFFD, so such an
+    id would not survive in a containers/storage store.
+    """
+    try:
+        name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"invalid layer id {layer_id!r}: it is not valid UTF-8, which containers/storage "
+                         "needs to record it; use an id of UTF-8 text") from None
+
+
 class _Options(NamedTuple):
     min_space: int
     default_size: int | None
@@ -1906,6 +1920,7 @@ class Driver:
         read_write: bool,
     ) -> None:
         name = validate_layer_id(layer_id)
+        _check_utf8_layer_id(name, layer_id)
         parent_name = None if parent is None or parent == "" else validate_layer_id(parent)
         size = self._layer_size(storage_opt, read_write)
         path = self._layer_dir(layer_id)
@@ -4528,7 +4543,29 @@ def _command_exists(driver: Driver, args: Any) -> Any:
 
 
 def _command_list(driver: Driver, args: Any) -> Any:
-    return driver.list_layers()
+    layers = driver.list_layers()
+    if args.json:
+        return [layer_id if _is_utf8(layer_id) else _escape_layer_id(layer_id) for layer_id in layers]
+    return [_escape_layer_id(layer_id) for layer_id in layers]
+
+
+def _escape_layer_id(layer_id: str) -> str:
+    r"""Escape a backslash, a non-printable character or a byte that is not UTF-8 as Python does.
+
+    The result fits on one line and names one id: \\, \n, \x1b, \u200b, or
+    \xff for the byte 0xff.
+    """
+    parts = []
+    for character in layer_id:
+        if character == "\\":
+            parts.append("\\\\")
+        elif "\udc80" <= character <= "\udcff":  # a byte that os.fsdecode could not decode
+            parts.append(f"\\x{ord(character) - 0xDC00:02x}")
+        elif not character.isprintable():
+            parts.append(character.encode("unicode_escape").decode("ascii"))
+        else:
+            parts.append(character)
+    return "".join(parts)
 
 
 def _command_status(driver: Driver, args: Any) -> Any:

@@ -1539,6 +1539,26 @@ def test_cli_errors_are_one_line(fs, arguments, status, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("layer_id", [b"\xff", os.fsdecode(b"caf\xe9")])
+def test_create_rejects_id_that_is_not_utf8(driver, layer_id):
+    with pytest.raises(ValueError, match="not valid UTF-8"):
+        driver.create(layer_id)
+    assert driver.list_layers() == []
+
+
+def test_cli_list_escapes_ids(driver):
+    driver.create("two\nlines")
+    driver.create("back\\slash")
+    os.mkdir(os.path.join(os.fsencode(driver.home), b"subvolumes", b"made-by-hand-\xff"))
+
+    plain = run_cli(driver.home, "list")
+    as_json = run_cli(driver.home, "--json", "list")
+
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.splitlines() == ["back\\\\slash", "made-by-hand-\\xff", "two\\nlines"]
+    assert json.loads(as_json.stdout) == ["back\\slash", "made-by-hand-\\xff", "two\nlines"]
+
+
 def test_cli_help_documents_exit_status():
     result = subprocess.run([sys.executable, btrfsdrv.__file__, "--help"], capture_output=True, text=True)
     assert result.returncode == 0
