@@ -1075,7 +1075,7 @@ def _quota_mode(fd: int, path: Any = None) -> str | None:
 
 
 def _quota_mode_from_sysfs(fd: int, path: Any) -> str | None:
-    """Read the quota mode without CAP_SYS_ADMIN; kernels before 6.7 have only full quotas."""
+    """Read the quota mode without CAP_SYS_ADMIN. Kernels before 6.7 have no mode file and only full quotas."""
     if not _quota_enabled_from_sysfs(fd, path):
         return None
     fsid = _format_uuid(_fs_info(fd, path).fsid)
@@ -1947,7 +1947,7 @@ class Driver:
 
         HOME/quotas must be a directory.  A directory at HOME/quotas/ID
         blocks only a sized create, because the rename of the new quota file
-        fails on it; a create without a size leaves it with a warning.
+        fails on it.  A create without a size leaves it with a warning.
         """
         with self._open_quotas() as quotas_fd:
             if quotas_fd is None or size is None:
@@ -1988,9 +1988,9 @@ class Driver:
                       mount_label: str) -> None:
         """Set owner, mode, quota and label of a new layer; its creator rolls back on error.
 
-        created is the subvolume id the create recorded.  Another process
-        may have removed the layer and created one with the same id since,
-        and that layer is left alone: ESTALE.
+        created is the subvolume id the create recorded.  When another
+        process removed the layer and created one with the same id since,
+        this raises ESTALE and leaves that layer alone.
         """
         with _Fd(_open_directory(name, dir_fd=subvolumes_fd)) as layer_fd:
             self._check_created_subvolume(layer_fd, path, created)
@@ -2199,7 +2199,7 @@ class Driver:
             log.warning("could not destroy qgroups %s of removed layer: %s", subvolume_ids, error)
 
     def _remove_quota_file(self, layer_id: Any) -> None:
-        """Delete HOME/quotas/ID; a directory in its place is left alone with a warning.
+        """Delete HOME/quotas/ID, leaving a directory in its place with a warning.
 
         Readers ignore anything there but a regular file, so a directory
         fails no operation.

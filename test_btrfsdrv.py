@@ -4129,13 +4129,13 @@ def test_failed_remove_keeps_quota_file(driver, monkeypatch):
     quotas = os.path.join(driver.home, "quotas")
     renamed = []
 
-    def refuse(dir_fd, name, path):
+    def fail_delete(dir_fd, name, path):
         renamed.extend(os.listdir(quotas))
         # Another process's init runs while the quota file has its temporary name.
         btrfsdrv.Driver(driver.home).cleanup()
         raise OSError(errno.EBUSY, "injected failure")
 
-    monkeypatch.setattr(btrfsdrv, "_delete_subvolume_or_contents", refuse)
+    monkeypatch.setattr(btrfsdrv, "_delete_subvolume_or_contents", fail_delete)
     with pytest.raises(OSError, match="injected failure"):
         driver.remove("sized")
 
