@@ -43,7 +43,7 @@ from typing import (
 import ioctl_structs as _structs
 from ioctl_structs import (
     BTRFS_FIRST_FREE_OBJECTID, BTRFS_INODE_REF_KEY,
-    BTRFS_QGROUP_LIMIT_MAX_RFER, BTRFS_QGROUP_STATUS_FLAG_ON,
+    BTRFS_QGROUP_LIMIT_MAX_RFER, BTRFS_QGROUP_STATUS_FLAG_ON, BTRFS_QGROUP_STATUS_FLAG_SIMPLE_MODE,
     BTRFS_QGROUP_STATUS_KEY, BTRFS_QGROUP_LIMIT_KEY, BTRFS_QUOTA_CTL_ENABLE,
     BTRFS_QUOTA_CTL_ENABLE_SIMPLE_QUOTA, BTRFS_QUOTA_TREE_OBJECTID,
     BTRFS_ROOT_REF_KEY, BTRFS_ROOT_TREE_OBJECTID, BTRFS_SUBVOL_RDONLY,
@@ -1059,6 +1059,34 @@ def quota_enabled(fd: int, path: Any = None) -> bool:
     return status is not None and bool(status.flags & BTRFS_QGROUP_STATUS_FLAG_ON)
 
 
+# Values of /sys/fs/btrfs/FSID/qgroups/mode (Linux 6.7 and newer) as btrfs.quota_mode names them.
+_SYSFS_QUOTA_MODES = {"qgroup": "full", "squota": "simple"}
+
+
+def _quota_mode(fd: int, path: Any = None) -> str | None:
+    """Return the quota mode of the filesystem of fd, "full" or "simple", or None when quota is off."""
+    try:
+        status = _quota_status(fd, path)
+    except PermissionError:
+        return _quota_mode_from_sysfs(fd, path)
+    if status is None or not status.flags & BTRFS_QGROUP_STATUS_FLAG_ON:
+        return None
+    return "simple" if status.flags & BTRFS_QGROUP_STATUS_FLAG_SIMPLE_MODE else "full"
+
+
+def _quota_mode_from_sysfs(fd: int, path: Any) -> str | None:
+    """Read the quota mode without CAP_SYS_ADMIN. Kernels before 6.7 have no mode file and only full quotas."""
+    if not _quota_enabled_from_sysfs(fd, path):
+        return None
+    fsid = _format_uuid(_fs_info(fd, path).fsid)
+    try:
+        with open(f"/sys/fs/btrfs/{fsid}/qgroups/mode") as mode_file:
+            mode = mode_file.read().strip()
+    except FileNotFoundError:
+        return "full"
+    return _SYSFS_QUOTA_MODES.get(mode, mode)
+
+
 def _enable_quota(fd: int, simple: bool, path: Any) -> None:
     args = btrfs_ioctl_quota_ctl_args()
     args.cmd = BTRFS_QUOTA_CTL_ENABLE_SIMPLE_QUOTA if simple else BTRFS_QUOTA_CTL_ENABLE
@@ -1196,6 +1224,20 @@ def validate_layer_id(layer_id: Any) -> bytes:
     return _encode_name(layer_id, _NAME_MAX, "layer id")
 
 
+def _check_utf8_layer_id(name: bytes, layer_id: Any) -> None:
+    """Raise ValueError unless a new layer's id is valid UTF-8.
+
+    containers/storage records layer ids in layers.json, and Go's
+    encoding/json replaces bytes that are not UTF-8 with U+FFFD, so such an
+    id would not survive in a containers/storage store.
+    """
+    try:
+        name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"invalid layer id {layer_id!r}: it is not valid UTF-8, which containers/storage "
+                         "needs to record it; use an id of UTF-8 text") from None
+
+
 class _Options(NamedTuple):
     min_space: int
     default_size: int | None
@@ -1330,31 +1372,79 @@ def _read_quota_file(quotas_fd: int | None, name: bytes, path: str) -> int | Non
     return int(stripped)
 
 
+def _temporary_name(name: bytes) -> bytes:
+    """Return a unique name ".NAME.RANDOM.tmp" that _remove_stale_temporary_files recognizes.
+
+    NAME is cut to 200 bytes so that the result fits NAME_MAX (255 bytes).
+    """
+    return b".%s.%s%s" % (name[:200], os.urandom(6).hex().encode(), _TEMPORARY_SUFFIX.encode())
+
+
+def _open_locked_temporary(directory_fd: int, temporary: bytes) -> tuple[int, bool]:
+    """Open a new file for writing in directory_fd, locked (flock) before anyone can open it.
+
+    Return the descriptor and whether the file already has the name
+    temporary.  With O_TMPFILE the file has no name until _link_temporary
+    gives it one, so no other process can see it unlocked.  Filesystems and
+    kernels without O_TMPFILE get a file created under temporary and locked
+    right after; _remove_stale_temporary_files may delete such a file in
+    between, which then fails the write with ENOENT.
+    """
+    try:
+        fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644, dir_fd=directory_fd)
+        named = False
+    except OSError as error:
+        if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(temporary, flags, 0o644, dir_fd=directory_fd)
+        named = True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        if named:
+            os.unlink(temporary, dir_fd=directory_fd)
+        raise
+    return fd, named
+
+
+def _link_temporary(fd: int, directory_fd: int, temporary: bytes) -> None:
+    """Give the O_TMPFILE file open as fd the name temporary in directory_fd.
+
+    linkat with AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH, so the link
+    goes through /proc/self/fd, which needs /proc mounted.
+    """
+    os.link(f"/proc/self/fd/{fd}", temporary, dst_dir_fd=directory_fd, follow_symlinks=True)
+
+
 def _write_file_atomically(directory_fd: int, name: bytes, data: bytes, path: str) -> None:
     """Write name below directory_fd: temporary file, fsync, rename, fsync of the directory.
 
     Creating a subvolume commits its transaction, so without the fsyncs a
     power loss soon after a create could keep the layer and lose its quota
     file, leaving the layer without its limit.  The temporary file is
-    locked (flock) while it exists, so a process that finds it unlocked
-    can conclude that its writer died and may delete it.
+    locked (flock) whenever it has a name, so a process that finds it
+    unlocked can conclude that its writer died and may delete it.
     """
-    temporary = b".%s.%s%s" % (name, os.urandom(6).hex().encode(), _TEMPORARY_SUFFIX.encode())
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    temporary = _temporary_name(name)
     try:
-        fd = os.open(temporary, flags, 0o644, dir_fd=directory_fd)
+        fd, named = _open_locked_temporary(directory_fd, temporary)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             # A short write would leave a torn file behind the rename.
             if os.write(fd, data) != len(data):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             os.fsync(fd)
+            if not named:
+                _link_temporary(fd, directory_fd, temporary)
+                named = True
             os.rename(temporary, name, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
         except BaseException:
-            try:
-                os.unlink(temporary, dir_fd=directory_fd)
-            except FileNotFoundError:
-                pass
+            if named:
+                try:
+                    os.unlink(temporary, dir_fd=directory_fd)
+                except FileNotFoundError:
+                    pass
             raise
         finally:
             os.close(fd)
@@ -1364,7 +1454,11 @@ def _write_file_atomically(directory_fd: int, name: bytes, data: bytes, path: st
 
 
 def _remove_stale_temporary_files(directory_fd: int, directory: str) -> None:
-    """Delete temporary files below directory_fd whose writer died before renaming them."""
+    """Delete temporary files below directory_fd whose writer died before renaming them.
+
+    A file is stale when no process holds its lock (flock).  Entries with a
+    temporary name that are not regular files are left alone with a warning.
+    """
     with os.scandir(directory_fd) as iterator:
         names = [entry.name for entry in iterator
                  if entry.name.startswith(".") and entry.name.endswith(_TEMPORARY_SUFFIX)]
@@ -1372,9 +1466,18 @@ def _remove_stale_temporary_files(directory_fd: int, directory: str) -> None:
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         try:
             fd = os.open(name, flags, dir_fd=directory_fd)
-        except OSError:
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            log.warning("ignoring %s: %s; it is not a temporary file of btrfsdrv, so move it away",
+                        os.path.join(directory, name), error.strerror)
             continue
         with _Fd(fd):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                log.warning("ignoring %s: it is not a regular file, so not a temporary file of btrfsdrv; "
+                            "move it away", os.path.join(directory, name))
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -1383,10 +1486,106 @@ def _remove_stale_temporary_files(directory_fd: int, directory: str) -> None:
                 current = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            if os.path.samestat(os.fstat(fd), current):
+            if os.path.samestat(st, current):
                 os.unlink(name, dir_fd=directory_fd)
                 log.warning("removed %s, left by a process that died while writing it",
                             os.path.join(directory, name))
+
+
+class _QuotaFileAside:
+    """Keep a layer's quota file under a locked temporary name while the layer is deleted.
+
+    Used as a with-block around the delete.  On success the file is
+    deleted.  When the delete fails and the layer is still there, the file
+    gets its name back.  A remove killed inside the block leaves the file
+    under its temporary name and unlocked, so the next Driver init deletes
+    it.  NOTE: that also happens when the kill comes before the delete, and
+    the surviving layer then has no quota file until it is created again.
+    A quota file that cannot be renamed (a directory, or quotas is not a
+    directory) is left for the remove to delete afterwards.
+    """
+
+    def __init__(self, quotas_dir: str, name: bytes, layer_path: str) -> None:
+        self.quotas_dir = quotas_dir
+        self.name = name
+        self.layer_path = layer_path
+        self.quota_file = os.path.join(quotas_dir, os.fsdecode(name))
+        self.quotas_fd: int | None = None
+        self.fd: int | None = None
+        self.temporary: bytes | None = None
+
+    def __enter__(self) -> _QuotaFileAside:
+        try:
+            self._set_aside()
+        except OSError as error:
+            log.warning("could not rename %s during the remove of its layer: %s", self.quota_file, error)
+            self._close()
+        return self
+
+    def _set_aside(self) -> None:
+        try:
+            self.quotas_fd = _open_directory(self.quotas_dir)
+        except FileNotFoundError:
+            return
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            self.fd = os.open(self.name, flags, dir_fd=self.quotas_fd)
+        except FileNotFoundError:
+            return
+        except OSError as error:
+            if error.errno == errno.ELOOP:  # a symlink, which the remove deletes afterwards
+                return
+            raise
+        st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode):
+            return
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        # The lock is on the inode opened above, so the rename must move that inode.
+        if not os.path.samestat(st, os.stat(self.name, dir_fd=self.quotas_fd, follow_symlinks=False)):
+            return
+        temporary = _temporary_name(self.name)
+        os.rename(self.name, temporary, src_dir_fd=self.quotas_fd, dst_dir_fd=self.quotas_fd)
+        self.temporary = temporary
+        log.debug("renamed %s to %s during the remove of its layer", self.quota_file, os.fsdecode(temporary))
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        try:
+            if self.temporary is not None:
+                if kind is None or not os.path.lexists(self.layer_path):
+                    self._delete()
+                else:
+                    self._restore()
+        finally:
+            self._close()
+
+    def _delete(self) -> None:
+        assert self.temporary is not None and self.quotas_fd is not None
+        temporary = os.path.join(self.quotas_dir, os.fsdecode(self.temporary))
+        try:
+            os.unlink(self.temporary, dir_fd=self.quotas_fd)
+        except OSError as error:
+            log.warning("could not delete %s, the quota file of removed layer %s: %s; delete it by hand",
+                        temporary, self.layer_path, error.strerror)
+            return
+        log.debug("removed quota file %s", temporary)
+
+    def _restore(self) -> None:
+        assert self.temporary is not None and self.quotas_fd is not None
+        temporary = os.path.join(self.quotas_dir, os.fsdecode(self.temporary))
+        try:
+            os.rename(self.temporary, self.name, src_dir_fd=self.quotas_fd, dst_dir_fd=self.quotas_fd)
+        except OSError as error:
+            log.warning("could not rename %s back to %s after the failed remove: %s; rename it by hand",
+                        temporary, self.quota_file, error.strerror)
+            return
+        log.debug("renamed %s back to %s after the failed remove", temporary, self.quota_file)
+
+    def _close(self) -> None:
+        for fd in (self.fd, self.quotas_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.quotas_fd = None
 
 
 # -- SELinux labels ----------------------------------------------------------------
@@ -1452,6 +1651,10 @@ class Driver:
         uid_maps: Iterable[Any] | None = None,
         gid_maps: Iterable[Any] | None = None,
     ) -> None:
+        if not os.fspath(home):
+            # realpath would turn it into the current directory.
+            raise ValueError("invalid home '': it is empty; pass the driver's home directory on btrfs, "
+                             "such as /var/lib/containers/storage/btrfs")
         # Resolved once, so that a home reached through a symlink works with
         # the O_NOFOLLOW opens below and with the mount table's paths.
         self.home = os.path.realpath(os.fsdecode(os.fspath(home)))
@@ -1466,18 +1669,17 @@ class Driver:
 
         _require_btrfs(self.home)
         self._make_directory(self.home)
+        if not os.path.isdir(self.home):
+            raise NotADirectoryError(errno.ENOTDIR, "home is not a directory; move the file away or pass "
+                                     "another directory as home", self.home)
         self._make_directory(self._subvolumes_dir)
         self._check_layout()
         self._make_private_mount()
-        with self._open_quotas() as quotas_fd:
-            if quotas_fd is not None:
-                _remove_stale_temporary_files(quotas_fd, self._quotas_dir)
-        if self.options.quota_required:
-            try:
-                self._ensure_quota()
-            except BaseException:
-                self.cleanup()
-                raise
+        try:
+            self._prepare_quotas()
+        except BaseException:
+            self._cleanup_after_failed_init()
+            raise
         log.debug("initialized btrfs driver at %s", self.home)
 
     def __str__(self) -> str:
@@ -1531,8 +1733,13 @@ class Driver:
         except FileNotFoundError:
             return _OptionalFd(None)
         except OSError as error:
-            raise _os_error(error.errno, "open quotas directory", self._quotas_dir,
-                            "it must be a directory, not a symlink") from None
+            if error.errno in (errno.ELOOP, errno.ENOTDIR):
+                hint = "it must be a directory, not a symlink"
+            elif error.errno in (errno.EACCES, errno.EPERM):
+                hint = "run as root or as the owner of the store"
+            else:
+                hint = ""
+            raise _os_error(error.errno, "open quotas directory", self._quotas_dir, hint) from None
 
     def _read_quota(self, layer_id: Any) -> int | None:
         name = validate_layer_id(layer_id)
@@ -1592,6 +1799,14 @@ class Driver:
             # the caller's own, so the store works without a private mount.
             log.info("cannot make %s a private mount, continuing without: %s", self.home, error)
 
+    def _cleanup_after_failed_init(self) -> None:
+        """Unmount the bind mount of a failed init, logging a failure so that the init's error stays."""
+        try:
+            self.cleanup()
+        except OSError as error:
+            log.warning("could not unmount the bind mount of %s after a failed init: %s; "
+                        "run the cleanup command", self.home, error)
+
     def cleanup(self) -> None:
         """Unmount the bind mount of home that this driver made, if any.
 
@@ -1612,6 +1827,14 @@ class Driver:
 
     def _open_home(self) -> _Fd:
         return _Fd(_open_directory(self.home))
+
+    def _prepare_quotas(self) -> None:
+        """Delete stale temporary quota files and turn quota on when an option needs it."""
+        with self._open_quotas() as quotas_fd:
+            if quotas_fd is not None:
+                _remove_stale_temporary_files(quotas_fd, self._quotas_dir)
+        if self.options.quota_required:
+            self._ensure_quota()
 
     def _ensure_quota(self, fd: int | None = None) -> None:
         """Turn quota on unless it is on; fd is any directory on home's filesystem."""
@@ -1707,11 +1930,13 @@ class Driver:
         read_write: bool,
     ) -> None:
         name = validate_layer_id(layer_id)
+        _check_utf8_layer_id(name, layer_id)
         parent_name = None if parent is None or parent == "" else validate_layer_id(parent)
         size = self._layer_size(storage_opt, read_write)
         path = self._layer_dir(layer_id)
         if os.path.lexists(path):
             raise FileExistsError(errno.EEXIST, f"layer {os.fsdecode(name)!r} already exists", path)
+        self._check_quota_file_writable(name, size)
 
         with self._open_subvolumes() as subvolumes_fd:
             if parent_name is None:
@@ -1722,10 +1947,29 @@ class Driver:
             # remove and create put in its place (st_dev can be reused).
             created = self._subvolume_id_at(subvolumes_fd, name, path)
             try:
-                self._finish_layer(subvolumes_fd, name, path, size, mount_label)
+                self._finish_layer(subvolumes_fd, name, path, created, size, mount_label)
             except BaseException:
                 self._roll_back(subvolumes_fd, name, path, created)
                 raise
+
+    def _check_quota_file_writable(self, name: bytes, size: int | None) -> None:
+        """Raise before a create changes anything when it could not write or delete the layer's quota file.
+
+        HOME/quotas must be a directory.  A directory at HOME/quotas/ID
+        blocks only a sized create, because the rename of the new quota file
+        fails on it.  A create without a size leaves it with a warning.
+        """
+        with self._open_quotas() as quotas_fd:
+            if quotas_fd is None or size is None:
+                return
+            try:
+                st = os.stat(name, dir_fd=quotas_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+        if stat.S_ISDIR(st.st_mode):
+            raise _os_error(errno.EISDIR, "create layer", self._quota_file(name),
+                            "the size limit is recorded in this quota file, which is a directory; "
+                            "move the directory away")
 
     def _create_empty(self, subvolumes_fd: int, name: bytes, path: str) -> None:
         try:
@@ -1750,9 +1994,16 @@ class Driver:
             except FileExistsError:
                 raise FileExistsError(errno.EEXIST, f"layer {os.fsdecode(name)!r} already exists", path) from None
 
-    def _finish_layer(self, subvolumes_fd: int, name: bytes, path: str, size: int | None, mount_label: str) -> None:
-        """Set owner, mode, quota and label of a new layer; its creator rolls back on error."""
+    def _finish_layer(self, subvolumes_fd: int, name: bytes, path: str, created: int | None, size: int | None,
+                      mount_label: str) -> None:
+        """Set owner, mode, quota and label of a new layer; its creator rolls back on error.
+
+        created is the subvolume id the create recorded.  When another
+        process removed the layer and created one with the same id since,
+        this raises ESTALE and leaves that layer alone.
+        """
         with _Fd(_open_directory(name, dir_fd=subvolumes_fd)) as layer_fd:
+            self._check_created_subvolume(layer_fd, path, created)
             st = os.fstat(layer_fd)
             # A btrfs directory's size is twice the length of its entries'
             # names, so 0 means empty without reading the directory.
@@ -1773,12 +2024,24 @@ class Driver:
                     _write_file_atomically(quotas_fd, name, str(size).encode(), self._quota_file(name))
                 log.debug("wrote quota file for %s: %d bytes", path, size)
             else:
-                # While this layer's subvolume exists no other create can take
-                # its id, so a quota file of that name is a remove's leftover.
+                # A quota file of this name is a leftover of a killed remove.
+                # NOTE: a remove and create of this id by another process
+                # after the check above still race with this, and the other
+                # layer's quota file is then deleted.
                 self._remove_quota_file(name)
                 self._clear_inherited_limit(subvolumes_fd, layer_fd, path)
             if mount_label and _selinux_enabled():
                 _relabel(layer_fd, mount_label, path)
+
+    @staticmethod
+    def _check_created_subvolume(layer_fd: int, path: str, created: int | None) -> None:
+        """Raise ESTALE unless layer_fd is the subvolume with id created."""
+        current = _subvolume_id_of_fd(layer_fd, path)
+        if current != created:
+            raise _os_error(errno.ESTALE, "create layer", path,
+                            f"another process removed the new layer and created subvolume {current} "
+                            "under the same id; that layer now has the id, so create yours "
+                            "under another id or remove that layer first")
 
     def _clear_inherited_limit(self, subvolumes_fd: int, layer_fd: int, path: str) -> None:
         """Clear a limit a new layer's qgroup kept from a deleted subvolume with its id.
@@ -1808,9 +2071,9 @@ class Driver:
     def _roll_back(self, subvolumes_fd: int, name: bytes, path: str, created: int | None) -> None:
         """Delete a layer whose create failed: its quota file first, then its subvolume.
 
-        While the subvolume exists no other create can take its id, so the
-        quota file with that name can only be this layer's.  When a racing
-        remove and create replaced the subvolume, the new layer is left alone.
+        Nothing is deleted when a racing remove and create replaced the
+        subvolume before the check here.  NOTE: a replacement after the
+        check still loses its quota file.
         """
         current = self._subvolume_id_at(subvolumes_fd, name, path)
         if current is None:
@@ -1837,10 +2100,7 @@ class Driver:
             try:
                 st = os.stat(name, dir_fd=subvolumes_fd, follow_symlinks=False)
             except FileNotFoundError:
-                try:
-                    self._remove_quota_file(layer_id)
-                except OSError as error:
-                    log.warning("could not delete the leftover quota file of %s: %s", path, error)
+                self._remove_leftover_quota_file(name)
                 raise FileNotFoundError(
                     errno.ENOENT, f"layer {os.fsdecode(name)!r} not found; list the layers to check the id",
                     path) from None
@@ -1850,7 +2110,7 @@ class Driver:
             else:
                 self._check_no_mounts(path)
                 self._remove_layer_directory(subvolumes_fd, name, path)
-        self._remove_quota_file(layer_id)
+        self._remove_leftover_quota_file(name)
 
     def _check_no_mounts(self, path: str) -> None:
         # Home is resolved at init and a layer id is one component, so path
@@ -1874,11 +2134,13 @@ class Driver:
                 _clear_read_only(layer_fd, path)
                 quota_on = self._clear_limit(subvolumes_fd, layer_subvolume_id, path)
         if subvolume_ids:
-            self._destroy_layer_subvolume(subvolumes_fd, name, path, subvolume_ids)
+            with _QuotaFileAside(self._quotas_dir, name, path):
+                self._destroy_layer_subvolume(subvolumes_fd, name, path, subvolume_ids)
             if quota_on:
                 self._destroy_qgroups(subvolumes_fd, subvolume_ids)
         else:
-            _unlink_at(subvolumes_fd, name, is_dir=True)
+            with _QuotaFileAside(self._quotas_dir, name, path):
+                _unlink_at(subvolumes_fd, name, is_dir=True)
             log.debug("removed directory %s", path)
 
     def _destroy_layer_subvolume(self, subvolumes_fd: int, name: bytes, path: str, subvolume_ids: list[int]) -> None:
@@ -1947,7 +2209,13 @@ class Driver:
             log.warning("could not destroy qgroups %s of removed layer: %s", subvolume_ids, error)
 
     def _remove_quota_file(self, layer_id: Any) -> None:
+        """Delete HOME/quotas/ID, leaving a directory in its place with a warning.
+
+        Readers ignore anything there but a regular file, so a directory
+        fails no operation.
+        """
         name = validate_layer_id(layer_id)
+        quota_file = self._quota_file(name)
         with self._open_quotas() as quotas_fd:
             if quotas_fd is None:
                 return
@@ -1955,7 +2223,21 @@ class Driver:
                 os.unlink(name, dir_fd=quotas_fd)
             except FileNotFoundError:
                 return
-        log.debug("removed quota file of %s", os.fsdecode(name))
+            except IsADirectoryError:
+                log.warning("could not delete %s: it is a directory, not a quota file; delete it by hand",
+                            quota_file)
+                return
+            except OSError as error:
+                raise _os_error(error.errno, "delete quota file", quota_file) from None
+        log.debug("removed quota file %s", quota_file)
+
+    def _remove_leftover_quota_file(self, name: bytes) -> None:
+        """Delete the quota file of a layer that is gone, logging a failure instead of raising it."""
+        try:
+            self._remove_quota_file(name)
+        except OSError as error:
+            log.warning("could not delete the quota file of removed layer %r: %s; delete %s by hand",
+                        os.fsdecode(name), error, self._quota_file(name))
 
     # -- Get, put and queries
 
@@ -2014,12 +2296,16 @@ class Driver:
     def status(self) -> list[tuple[str, str]]:
         with self._open_home() as fd:
             fsid = _format_uuid(_fs_info(fd, self.home).fsid)
-            quota = quota_enabled(fd, self.home)
+            mode = _quota_mode(fd, self.home)
+        if mode is not None and mode != self.options.quota_mode:
+            log.warning("quota on %s is in %s mode, but btrfs.quota_mode is %s; the filesystem's mode applies "
+                        "until quota is disabled and enabled again", self.home, mode, self.options.quota_mode)
         return [
             ("Filesystem UUID", str(fsid)),
             ("Kernel Version", os.uname().release),
-            ("Quota Enabled", "true" if quota else "false"),
-            ("Quota Mode", self.options.quota_mode),
+            ("Quota Enabled", "true" if mode is not None else "false"),
+            # The configured mode while quota is off: the mode a create would enable.
+            ("Quota Mode", mode or self.options.quota_mode),
             ("Min Space", str(self.options.min_space)),
             ("Default Size", str(self.options.default_size or 0)),
             ("Layers", str(len(self.list_layers()))),
@@ -3505,7 +3791,7 @@ def _remove_apply_temporaries(root_fd: int) -> None:
             log.warning("removed %s from the layer, left by an apply_diff that was killed", name)
 
 
-def _layer_epoch(root_fd: int) -> int:
+def _layer_epoch(root_fd: int, layer_dir: PathArg) -> int:
     """Return a ctime that every inode this apply creates or changes will reach.
 
     The kernel stamps ctime from a coarse clock, so the epoch is read from a
@@ -3515,8 +3801,13 @@ def _layer_epoch(root_fd: int) -> int:
     name = f"{_APPLY_TEMPORARY_PREFIX}epoch-{os.urandom(8).hex()}"
     first = None
     while True:
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=root_fd)
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=root_fd)
+        except FileNotFoundError:
+            # Creating an entry in a deleted directory fails with ENOENT.
+            raise _os_error(errno.ENOENT, "apply layer diff", layer_dir,
+                            "the layer was removed during the apply") from None
         try:
             ctime = os.fstat(fd).st_ctime_ns
         finally:
@@ -3622,13 +3913,13 @@ class _LayerApplier:
     """
 
     def __init__(self, root_fd: int, uid_maps: Sequence[IDMap] | None, gid_maps: Sequence[IDMap] | None,
-                 ignore_chown_errors: bool) -> None:
+                 ignore_chown_errors: bool, layer_dir: PathArg) -> None:
         self.root_fd = root_fd
         self.uid_maps = uid_maps
         self.gid_maps = gid_maps
         self.ignore_chown_errors = ignore_chown_errors
         self.dir_times = _PendingDirTimes()
-        self.epoch_ns = _layer_epoch(root_fd)
+        self.epoch_ns = _layer_epoch(root_fd, layer_dir)
         # Inodes of the parent layer whose ctime this apply changed by adding
         # or removing one of their names, as (st_dev, st_ino), and the names
         # this apply linked to them, as (st_dev, directory st_ino, name).
@@ -4034,7 +4325,7 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
     try:
         _check_no_mounts_below(root_fd, "apply layer diff", layer_dir)
         _remove_apply_temporaries(root_fd)
-        applier = _LayerApplier(root_fd, uid_maps, gid_maps, ignore_chown_errors)
+        applier = _LayerApplier(root_fd, uid_maps, gid_maps, ignore_chown_errors, layer_dir)
     except BaseException:
         # An open descriptor keeps a removed layer's subvolume from being cleaned.
         os.close(root_fd)
@@ -4267,7 +4558,29 @@ def _command_exists(driver: Driver, args: Any) -> Any:
 
 
 def _command_list(driver: Driver, args: Any) -> Any:
-    return driver.list_layers()
+    layers = driver.list_layers()
+    if args.json:
+        return [layer_id if _is_utf8(layer_id) else _escape_layer_id(layer_id) for layer_id in layers]
+    return [_escape_layer_id(layer_id) for layer_id in layers]
+
+
+def _escape_layer_id(layer_id: str) -> str:
+    r"""Escape a backslash, a non-printable character or a byte that is not UTF-8 as Python does.
+
+    The result fits on one line and names one id: \\, \n, \x1b, \u200b, or
+    \xff for the byte 0xff.
+    """
+    parts = []
+    for character in layer_id:
+        if character == "\\":
+            parts.append("\\\\")
+        elif "\udc80" <= character <= "\udcff":  # a byte that os.fsdecode could not decode
+            parts.append(f"\\x{ord(character) - 0xDC00:02x}")
+        elif not character.isprintable():
+            parts.append(character.encode("unicode_escape").decode("ascii"))
+        else:
+            parts.append(character)
+    return "".join(parts)
 
 
 def _command_status(driver: Driver, args: Any) -> Any:

@@ -987,6 +987,30 @@ def test_init_accepts_bytes_and_pathlike_home(fs):
             assert isinstance(driver.get("layer"), str)
 
 
+# Both tests run in tmp_path, so that a regression could only touch that directory.
+@pytest.mark.parametrize("home", ["", b""])
+def test_init_rejects_empty_home(home, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="invalid home '': it is empty"):
+        btrfsdrv.Driver(home)
+
+
+def test_cli_rejects_empty_home(tmp_path):
+    result = subprocess.run([sys.executable, btrfsdrv.__file__, "--home", "", "list"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "invalid home" in result.stderr
+
+
+def test_init_rejects_home_that_is_a_file(fs):
+    home = fs.path("home")
+    with open(home, "w") as regular_file:
+        regular_file.write("not a directory")
+    with pytest.raises(NotADirectoryError, match="home is not a directory; move the file away") as raised:
+        btrfsdrv.Driver(home)
+    assert raised.value.filename == home
+
+
 def test_init_function_returns_driver(home):
     with btrfsdrv.init(home) as driver:
         assert isinstance(driver, btrfsdrv.Driver)
@@ -1337,6 +1361,21 @@ def test_status_reports_filesystem_and_quota(driver, fs):
     assert status["Min Space"] == "0"
 
 
+def test_status_reports_filesystem_quota_mode(home, caplog):
+    with btrfsdrv.Driver(home, ["btrfs.min_space=0"]):
+        pass
+    with btrfsdrv.Driver(home, ["btrfs.quota_mode=simple"]) as driver:
+        with caplog.at_level("WARNING", logger="btrfsdrv"):
+            status = dict(driver.status())
+        assert status["Quota Enabled"] == "true"
+        assert status["Quota Mode"] == "full"
+        assert "btrfs.quota_mode is simple" in caplog.text
+
+        # Without CAP_SYS_ADMIN the mode comes from sysfs.
+        with open_top(driver.home) as (fd, _):
+            assert btrfsdrv._quota_mode_from_sysfs(fd, driver.home) == "full"
+
+
 def test_metadata(driver, fs):
     driver.create("base")
     driver.create("child", "base", storage_opt={"size": "10m"})
@@ -1498,6 +1537,26 @@ def test_cli_errors_are_one_line(fs, arguments, status, message):
     assert result.returncode == status
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("layer_id", [b"\xff", os.fsdecode(b"caf\xe9")])
+def test_create_rejects_id_that_is_not_utf8(driver, layer_id):
+    with pytest.raises(ValueError, match="not valid UTF-8"):
+        driver.create(layer_id)
+    assert driver.list_layers() == []
+
+
+def test_cli_list_escapes_ids(driver):
+    driver.create("two\nlines")
+    driver.create("back\\slash")
+    os.mkdir(os.path.join(os.fsencode(driver.home), b"subvolumes", b"made-by-hand-\xff"))
+
+    plain = run_cli(driver.home, "list")
+    as_json = run_cli(driver.home, "--json", "list")
+
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.splitlines() == ["back\\\\slash", "made-by-hand-\\xff", "two\\nlines"]
+    assert json.loads(as_json.stdout) == ["back\\slash", "made-by-hand-\\xff", "two\nlines"]
 
 
 def test_cli_help_documents_exit_status():
@@ -1686,6 +1745,24 @@ def test_unprivileged_create_owns_layer(fs):
     assert (uid, gid) == (65534, 65534)
     assert "CAP_SYS_ADMIN" in message
     assert layers == ["base"]
+
+
+def test_unreadable_quotas_directory_names_permission(fs):
+    home = fs.path("home")
+    os.makedirs(os.path.join(home, "quotas"), mode=0o700)
+    os.makedirs(os.path.join(home, "subvolumes"))
+    os.chmod(home, 0o755)
+    os.chmod(os.path.join(home, "subvolumes"), 0o755)
+    make_traversable(home)
+
+    def scenario():
+        with pytest.raises(PermissionError) as raised:
+            btrfsdrv.Driver(home)
+        return str(raised.value)
+
+    message = run_as_user(scenario)
+    assert "open quotas directory failed: Permission denied; run as root or as the owner" in message
+    assert "symlink" not in message
 
 
 def test_concurrent_inits_on_one_home(fs):
@@ -1971,7 +2048,7 @@ def test_failed_create_spares_layer_that_replaced_it(driver, monkeypatch):
     driver.create("base")
     original = btrfsdrv.Driver._finish_layer
 
-    def finish_after_race(self, subvolumes_fd, name, path, size, mount_label):
+    def finish_after_race(self, *args, **kwargs):
         # Another process removes the new layer and creates one with the same id.
         monkeypatch.setattr(btrfsdrv.Driver, "_finish_layer", original)
         driver.remove("layer")
@@ -1983,6 +2060,27 @@ def test_failed_create_spares_layer_that_replaced_it(driver, monkeypatch):
         driver.create("layer")
     assert driver.exists("layer")
     assert btrfsdrv.is_subvolume(driver.get("layer"))
+
+def test_create_leaves_layer_that_replaced_it_alone(driver, fs, monkeypatch):
+    driver.create("base")
+    original = btrfsdrv.Driver._finish_layer
+
+    def finish_after_race(self, *args, **kwargs):
+        # Another process removes the new layer and creates a sized one with the same id.
+        monkeypatch.setattr(btrfsdrv.Driver, "_finish_layer", original)
+        driver.remove("layer")
+        driver.create("layer", "base", storage_opt={"size": "8m"})
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(btrfsdrv.Driver, "_finish_layer", finish_after_race)
+    with pytest.raises(OSError, match="another process") as raised:
+        driver.create("layer")
+
+    assert raised.value.errno == errno.ESTALE
+    assert raised.value.filename == os.path.join(driver.home, "subvolumes", "layer")
+    assert driver.metadata("layer")["SizeLimit"] == str(8 * 1024**2)
+    assert qgroup_limits(fs)[btrfsdrv.subvolume_id(driver.get("layer"))] == 8 * 1024**2
+
 
 # -- Untrusted input at the edges (seeded property tests) ---------------------
 
@@ -3867,6 +3965,23 @@ def test_layer_operations_mount_made_after_check(driver, fs, tmp_path, monkeypat
     assert tree_digest(mounted) == digest
 
 
+def test_apply_names_layer_removed_during_apply(driver, monkeypatch):
+    import io
+
+    driver.create("layer")
+    path = driver.get("layer")
+    original = btrfsdrv._remove_apply_temporaries
+
+    def remove_layer_first(root_fd):
+        original(root_fd)
+        driver.remove("layer")
+
+    monkeypatch.setattr(btrfsdrv, "_remove_apply_temporaries", remove_layer_first)
+    with pytest.raises(FileNotFoundError, match="apply layer diff failed.*removed during the apply") as raised:
+        driver.apply_diff("layer", io.BytesIO(make_tar([entry("file", data=b"data")])))
+    assert raised.value.filename == path
+
+
 def test_apply_removes_immutable_and_read_only_contents(driver):
     driver.create("layer")
     root = driver.get("layer")
@@ -3982,6 +4097,8 @@ def check_store_after_kill(fs, home, operation, returned):
     with btrfsdrv.Driver(home) as driver:
         names = os.listdir(quotas) if os.path.isdir(quotas) else []
         assert [name for name in names if name.endswith(".tmp")] == []
+        if not driver.exists("victim"):
+            assert "victim" not in names, "orphan quota file"
         for name in names:
             with open(os.path.join(quotas, name), "rb") as quota:
                 assert quota.read() == str(VICTIM_SIZE).encode(), name
@@ -4054,6 +4171,94 @@ def test_kill_at_every_step(fs, operation, record_property):
     assert _mounts_below(home) == []
 
 
+# Removes the sized layer "victim" and is SIGKILLed right after its subvolume is deleted.
+_KILL_AFTER_DELETE = r"""
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import btrfsdrv
+
+original = btrfsdrv._delete_subvolume_or_contents
+
+
+def delete_then_die(*args):
+    original(*args)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+btrfsdrv._delete_subvolume_or_contents = delete_then_die
+btrfsdrv.Driver(sys.argv[2]).remove("victim")
+"""
+
+
+def test_remove_killed_after_delete_leaves_no_quota_file(fs):
+    home = fs.path("home")
+    with btrfsdrv.Driver(home) as driver:
+        driver.create("victim", storage_opt={"size": "16m"})
+    module_dir = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
+
+    result = subprocess.run([sys.executable, "-c", _KILL_AFTER_DELETE, module_dir, home], capture_output=True)
+
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    with btrfsdrv.Driver(home) as driver:
+        assert not driver.exists("victim")
+        assert os.listdir(os.path.join(home, "quotas")) == []
+
+
+def test_failed_remove_keeps_quota_file(driver, monkeypatch):
+    driver.create("sized", storage_opt={"size": "8m"})
+    quotas = os.path.join(driver.home, "quotas")
+    renamed = []
+
+    def fail_delete(dir_fd, name, path):
+        renamed.extend(os.listdir(quotas))
+        # Another process's init runs while the quota file has its temporary name.
+        btrfsdrv.Driver(driver.home).cleanup()
+        raise OSError(errno.EBUSY, "injected failure")
+
+    monkeypatch.setattr(btrfsdrv, "_delete_subvolume_or_contents", fail_delete)
+    with pytest.raises(OSError, match="injected failure"):
+        driver.remove("sized")
+
+    assert [name.endswith(".tmp") for name in renamed] == [True]
+    assert os.listdir(quotas) == ["sized"]
+    assert driver.metadata("sized")["SizeLimit"] == str(8 * 1024**2)
+
+
+def test_remove_with_quota_directory_in_place(driver, caplog):
+    driver.create("layer", storage_opt={"size": "8m"})
+    quota_file = os.path.join(driver.home, "quotas", "layer")
+    os.unlink(quota_file)
+    os.mkdir(quota_file)
+
+    with caplog.at_level("WARNING", logger="btrfsdrv"):
+        driver.remove("layer")
+    assert not driver.exists("layer")
+    assert f"could not delete {quota_file}" in caplog.text
+    assert "by hand" in caplog.text
+
+    with pytest.raises(IsADirectoryError, match="move the directory away") as raised:
+        driver.create("layer", storage_opt={"size": "8m"})
+    assert raised.value.filename == quota_file
+    assert not driver.exists("layer")
+    driver.create("layer")
+    assert "SizeLimit" not in driver.metadata("layer")
+
+
+def test_remove_after_quotas_replaced_by_file(driver, caplog):
+    driver.create("layer", storage_opt={"size": "8m"})
+    quotas = os.path.join(driver.home, "quotas")
+    shutil.rmtree(quotas)
+    with open(quotas, "w") as replacement:
+        replacement.write("not a directory")
+
+    with caplog.at_level("WARNING", logger="btrfsdrv"):
+        driver.remove("layer")
+
+    assert not driver.exists("layer")
+    assert os.path.join(quotas, "layer") in caplog.text
+    assert "by hand" in caplog.text
+
+
 def test_create_ignores_stale_quota_file(fs):
     home = fs.path("home")
     with btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as driver:
@@ -4067,6 +4272,48 @@ def test_create_ignores_stale_quota_file(fs):
         assert not os.path.exists(os.path.join(home, "quotas", "reused"))
         assert "SizeLimit" not in driver.metadata("reused")
         assert qgroup_limits(fs).get(layer) is None
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "symlink"])
+def test_init_skips_temporary_name_that_is_not_a_file(fs, caplog, kind):
+    home = fs.path("home")
+    entry = os.path.join(home, "quotas", ".layer.0123456789ab.tmp")
+    os.makedirs(os.path.dirname(entry))
+    if kind == "directory":
+        os.mkdir(entry)
+    elif kind == "fifo":
+        os.mkfifo(entry)
+    else:
+        os.symlink("/", entry)
+
+    with caplog.at_level("WARNING", logger="btrfsdrv"):
+        with btrfsdrv.Driver(home) as driver:
+            driver.create("layer")
+
+    assert os.path.lexists(entry)
+    assert entry in caplog.text
+    assert "move it away" in caplog.text
+    assert _mounts_below(home) == []
+
+
+def read_mount_table():
+    with open("/proc/self/mountinfo", "rb") as mountinfo:
+        return mountinfo.read()
+
+
+def test_failed_init_unmounts_its_bind_mount(fs, monkeypatch):
+    home = fs.path("home")
+    before = read_mount_table()
+
+    def fail(*args):
+        raise OSError(errno.EIO, "injected failure")
+
+    monkeypatch.setattr(btrfsdrv, "_remove_stale_temporary_files", fail)
+    os.makedirs(os.path.join(home, "quotas"))
+    with pytest.raises(OSError, match="injected failure"):
+        btrfsdrv.Driver(home)
+
+    assert read_mount_table() == before
 
 
 def test_init_and_cleanup_1000_times(fs):
@@ -4193,6 +4440,82 @@ def test_processes_create_same_id(fs):
             driver.remove("same")
 
         assert_store_consistent(fs, driver, ["base"])
+
+
+def _open_drivers_until(home, stop):
+    """Open and clean up Drivers on home, each removing stale temporary files, until stop is set."""
+    while not stop.is_set():
+        btrfsdrv.Driver(home).cleanup()
+
+
+def test_sized_create_races_driver_init(fs):
+    home = fs.path("home")
+    with btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as driver:
+        stop = _FORK.Event()
+        workers = [_FORK.Process(target=_open_drivers_until, args=(home, stop)) for _ in range(3)]
+        for worker in workers:
+            worker.start()
+        failures = []
+        try:
+            for index in range(300):
+                layer_id = f"sized-{index}"
+                try:
+                    driver.create(layer_id, storage_opt={"size": "8m"})
+                    driver.remove(layer_id)
+                except OSError as error:
+                    failures.append(f"{layer_id}: {error}")
+        finally:
+            stop.set()
+            for worker in workers:
+                worker.join()
+
+        assert failures == []
+        assert [worker.exitcode for worker in workers] == [0, 0, 0]
+
+
+def test_quota_file_is_locked_before_it_has_a_name(driver, monkeypatch):
+    real_flock = fcntl.flock
+    cleanups = []
+
+    def flock_after_cleanup(fd, operation):
+        # Another process's init runs between the creation of the temporary
+        # file and its lock.
+        if operation == fcntl.LOCK_EX and stat.S_ISREG(os.fstat(fd).st_mode) and not cleanups:
+            quotas_fd = os.open(os.path.join(driver.home, "quotas"), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                btrfsdrv._remove_stale_temporary_files(quotas_fd, "quotas")
+            finally:
+                os.close(quotas_fd)
+            cleanups.append(fd)
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(btrfsdrv.fcntl, "flock", flock_after_cleanup)
+    driver.create("sized", storage_opt={"size": "8m"})
+
+    assert cleanups != []
+    assert driver.metadata("sized")["SizeLimit"] == str(8 * 1024**2)
+
+
+def test_quota_file_written_without_o_tmpfile(driver, monkeypatch):
+    real_open = os.open
+
+    def open_without_tmpfile(path, flags, *args, **kwargs):
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(btrfsdrv.os, "open", open_without_tmpfile)
+    driver.create("sized", storage_opt={"size": "8m"})
+
+    with open(os.path.join(driver.home, "quotas", "sized"), "rb") as quota:
+        assert quota.read() == str(8 * 1024**2).encode()
+    assert os.listdir(os.path.join(driver.home, "quotas")) == ["sized"]
+
+
+def test_sized_layer_with_longest_id(driver):
+    layer_id = "x" * 255
+    driver.create(layer_id, storage_opt={"size": "8m"})
+    assert driver.metadata(layer_id)["SizeLimit"] == str(8 * 1024**2)
 
 
 def _race_on_layer(home, role, layer_id, barrier, queue):
