@@ -1224,18 +1224,22 @@ def validate_layer_id(layer_id: Any) -> bytes:
     return _encode_name(layer_id, _NAME_MAX, "layer id")
 
 
-def _check_utf8_layer_id(name: bytes, layer_id: Any) -> None:
-    """Raise ValueError unless a new layer's id is valid UTF-8.
+def _check_new_layer_id(name: bytes, layer_id: Any) -> None:
+    """Raise ValueError for an id that only existing layers may have.
 
     containers/storage records layer ids in layers.json, and Go's
     encoding/json replaces bytes that are not UTF-8 with U+FFFD, so such an
-    id would not survive in a containers/storage store.
+    id would not survive in a containers/storage store. An id shaped like
+    the driver's temporary files would have its quota file deleted by init.
     """
     try:
         name.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"invalid layer id {layer_id!r}: it is not valid UTF-8, which containers/storage "
                          "needs to record it; use an id of UTF-8 text") from None
+    if _TEMPORARY_NAME.fullmatch(name):
+        raise ValueError(f"invalid layer id {layer_id!r}: it has the form of the driver's temporary files "
+                         "(.NAME.<12 hex digits>.tmp); choose another id")
 
 
 class _Options(NamedTuple):
@@ -1372,6 +1376,10 @@ def _read_quota_file(quotas_fd: int | None, name: bytes, path: str) -> int | Non
     return int(stripped)
 
 
+# What _temporary_name returns; init deletes unlocked files with such names.
+_TEMPORARY_NAME = re.compile(rb"\..*\.[0-9a-f]{12}\.tmp", re.DOTALL)
+
+
 def _temporary_name(name: bytes) -> bytes:
     """Return a unique name ".NAME.RANDOM.tmp" that _remove_stale_temporary_files recognizes.
 
@@ -1460,8 +1468,7 @@ def _remove_stale_temporary_files(directory_fd: int, directory: str) -> None:
     temporary name that are not regular files are left alone with a warning.
     """
     with os.scandir(directory_fd) as iterator:
-        names = [entry.name for entry in iterator
-                 if entry.name.startswith(".") and entry.name.endswith(_TEMPORARY_SUFFIX)]
+        names = [entry.name for entry in iterator if _TEMPORARY_NAME.fullmatch(os.fsencode(entry.name))]
     for name in names:
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         try:
@@ -1930,7 +1937,7 @@ class Driver:
         read_write: bool,
     ) -> None:
         name = validate_layer_id(layer_id)
-        _check_utf8_layer_id(name, layer_id)
+        _check_new_layer_id(name, layer_id)
         parent_name = None if parent is None or parent == "" else validate_layer_id(parent)
         size = self._layer_size(storage_opt, read_write)
         path = self._layer_dir(layer_id)

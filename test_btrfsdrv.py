@@ -1546,6 +1546,15 @@ def test_create_rejects_id_that_is_not_utf8(driver, layer_id):
     assert driver.list_layers() == []
 
 
+def test_create_rejects_id_shaped_like_temporary_file(driver):
+    with pytest.raises(ValueError, match="temporary files"):
+        driver.create(".layer.0123456789ab.tmp", storage_opt={"size": "16m"})
+    assert driver.list_layers() == []
+    driver.create(".layer.tmp", storage_opt={"size": "16m"})
+    btrfsdrv.Driver(driver.home).cleanup()  # init deletes stale temporary files
+    assert driver.metadata(".layer.tmp")["SizeLimit"] == str(16 * 1024**2)
+
+
 def test_cli_list_escapes_ids(driver):
     driver.create("two\nlines")
     driver.create("back\\slash")
