@@ -3281,15 +3281,17 @@ class _TarInput(io.RawIOBase):
     """The decompressed tar bytes, with the tail kept to check the end-of-archive block.
 
     Decompressor failures become _CorruptStream, so that callers can
-    distinguish them from filesystem errors.
+    distinguish them from filesystem errors. compression is the name of the
+    stream's compression ("gzip", "zstd"), or None for a plain tar.
     """
 
     _TAIL = 64 * 1024
 
-    def __init__(self, source: io.BufferedIOBase,
-                 decompression_errors: tuple[type[BaseException], ...]) -> None:
+    def __init__(self, source: io.BufferedIOBase, compression: str | None = None,
+                 decompression_errors: tuple[type[BaseException], ...] = ()) -> None:
         super().__init__()
         self.source = source
+        self.compression = compression
         self.errors = decompression_errors
         self.position = 0
         self.tail = bytearray()
@@ -3302,7 +3304,7 @@ class _TarInput(io.RawIOBase):
         try:
             data = self.source.read(len(view))
         except self.errors as error:
-            raise _CorruptStream(f"corrupt compressed data: {error}") from None
+            raise _CorruptStream(f"truncated or corrupt {self.compression} stream: {error}") from None
         if not data:
             return 0
         view[:len(data)] = data
@@ -3360,32 +3362,43 @@ class _ZstdReader(io.RawIOBase):
         self._input = ctypes.create_string_buffer(0)
         self._in = Buffer(ctypes.addressof(self._input), 0, 0)
         self._frame_complete = True
+        # Whether the last call filled its output buffer inside a frame, so
+        # that the decoder may hold bytes it can return without more input.
+        self._output_pending = False
 
     def _check(self, result: int) -> int:
         if self._lib.ZSTD_isError(result):
-            raise _CorruptStream("corrupt zstd data: " + self._lib.ZSTD_getErrorName(result).decode())
+            raise _CorruptStream("truncated or corrupt zstd stream: "
+                                 + self._lib.ZSTD_getErrorName(result).decode())
         return result
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: WriteableBuffer) -> int:
+        """Decompress into buffer; at the end of the input, raise unless the last frame is complete.
+
+        ZSTD_decompressStream checks a frame's content checksum, when the
+        frame has one, as it decodes the frame's end.
+        """
         ctypes = self._ctypes
         view = memoryview(buffer)
         target = (ctypes.c_char * len(view)).from_buffer(view)
         out = self._buffer_type(ctypes.addressof(target), len(view), 0)
         while out.pos == 0:
-            if self._in.pos == self._in.size:
+            if self._in.pos == self._in.size and not self._output_pending:
                 data = self._source.read(_COPY_CHUNK)
                 if not data:
                     if not self._frame_complete:
-                        raise _CorruptStream("truncated zstd data")
+                        raise _CorruptStream("truncated or corrupt zstd stream: "
+                                             "the input ends inside a frame")
                     return 0
                 self._input = ctypes.create_string_buffer(data, len(data))
                 self._in = self._buffer_type(ctypes.addressof(self._input), len(data), 0)
             result = self._check(self._lib.ZSTD_decompressStream(self._stream, ctypes.byref(out),
                                                                  ctypes.byref(self._in)))
             self._frame_complete = result == 0
+            self._output_pending = result != 0 and out.pos == out.size
         return int(out.pos)
 
     def close(self) -> None:
@@ -3403,18 +3416,33 @@ def _decompressed(counting: _CountingReader) -> _TarInput:
         import gzip
         import zlib
 
-        return _TarInput(gzip.GzipFile(fileobj=raw, mode="rb"), (EOFError, OSError, zlib.error))
+        return _TarInput(gzip.GzipFile(fileobj=raw, mode="rb"), "gzip", (EOFError, OSError, zlib.error))
     if magic.startswith(b"BZh"):
         import bz2
 
-        return _TarInput(bz2.BZ2File(raw), (EOFError, OSError))
+        return _TarInput(bz2.BZ2File(raw), "bzip2", (EOFError, OSError))
     if magic.startswith(b"\xfd7zXZ\x00"):
         import lzma
 
-        return _TarInput(lzma.LZMAFile(raw), (EOFError, lzma.LZMAError))
+        return _TarInput(lzma.LZMAFile(raw), "xz", (EOFError, lzma.LZMAError))
     if magic.startswith(b"\x28\xb5\x2f\xfd"):
-        return _TarInput(io.BufferedReader(_ZstdReader(raw), buffer_size=_COPY_CHUNK), ())
-    return _TarInput(raw, ())
+        # _ZstdReader raises _CorruptStream itself.
+        return _TarInput(io.BufferedReader(_ZstdReader(raw), buffer_size=_COPY_CHUNK), "zstd")
+    return _TarInput(raw)
+
+
+def _read_to_end(tar_input: _TarInput) -> None:
+    """Read the rest of a layer stream after its end-of-archive block and discard it.
+
+    Decompressors check their CRCs, content checksums and end markers only
+    when they reach the end of the stream, so a truncated or corrupt stream
+    raises here. Whatever follows the end of a plain tar is read and ignored,
+    as the pkg/chrootarchive of containers/storage does after unpacking
+    (tar pads its output to whole records), so that a program writing the
+    layer into a pipe does not fail with EPIPE.
+    """
+    while tar_input.read(_COPY_CHUNK):
+        pass
 
 
 class _PendingDirTimes:
@@ -4006,7 +4034,9 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
 
     Returns the sum of the regular files' sizes in the tar. Raises ValueError
     naming the entry and offset for a corrupt, truncated or hostile stream;
-    the layer then keeps every entry before the bad one.
+    the layer then keeps every entry before the bad one. The stream is read
+    to its end, so a compressed stream that fails its checksum or lacks its
+    end after the last entry raises too, with every entry applied.
     """
     import tarfile
 
@@ -4105,6 +4135,12 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
         if end is None or end.count(0) != len(end):
             raise ValueError(f"invalid layer tar at offset {tar.offset} (after entry {last_name!r}): "
                              "truncated or corrupt, no end-of-archive block")
+        try:
+            _read_to_end(tar_input)
+        except _CorruptStream as error:
+            raise ValueError(f"invalid layer tar at offset {tar_input.position} (after the end-of-archive "
+                             f"block at offset {tar.offset}): {error}; every entry was applied, but the "
+                             "data of any of them may be corrupt") from None
         applier.dir_times.apply(root_fd)
         report(force=True)
         return total_size

@@ -2114,8 +2114,11 @@ def test_quota_file_reader_random_contents(tmp_path):
 
 # -- Layer diffs ---------------------------------------------------------------
 
+import bz2  # noqa: E402
+import gzip  # noqa: E402
 import hashlib  # noqa: E402
 import io  # noqa: E402
+import lzma  # noqa: E402
 import random  # noqa: E402
 import struct  # noqa: E402
 import tarfile  # noqa: E402
@@ -2450,6 +2453,22 @@ def test_apply_accepts_compressed_streams(tmp_path, compress):
     assert (layer / "dir" / "file").read_bytes() == b"hello"
 
 
+@pytest.mark.parametrize("read_size", [7, 4096, 1 << 20])
+def test_zstd_reader_returns_whole_frame(read_size):
+    data = bytes(3 << 20) + random_content(100_000, 3)
+    packed = compress_with(["zstd", "-c"], data)
+    reader = btrfsdrv._ZstdReader(io.BufferedReader(io.BytesIO(packed)))
+    output = bytearray()
+    buffer = bytearray(read_size)
+    while True:
+        count = reader.readinto(buffer)
+        if not count:
+            break
+        output += buffer[:count]
+    reader.close()
+    assert output == data
+
+
 def test_apply_without_libzstd_names_it(tmp_path, monkeypatch):
     import ctypes
 
@@ -2782,6 +2801,55 @@ def test_hostile_corrupt_gzip(trees):
     with pytest.raises(ValueError):
         apply(layer, packed[:len(packed) // 2])
     assert no_temporaries(layer)
+
+
+def flip_byte_inside(packed, marker):
+    """Return packed with one byte changed inside the first copy of marker, which must be stored verbatim."""
+    spoiled = bytearray(packed)
+    spoiled[packed.index(marker) + len(marker) // 2] ^= 0x01
+    return bytes(spoiled)
+
+
+def compress_with(command, raw):
+    if shutil.which(command[0]) is None:
+        pytest.skip(f"{command[0]} is not installed")
+    return subprocess.run(command, input=raw, stdout=subprocess.PIPE, check=True).stdout
+
+
+# Each case spoils a stream after the tar's last block, where only the
+# decompressor's end-of-stream checks can notice.
+SPOILED_STREAMS = {
+    "gzip-crc": lambda raw, data: flip_byte_inside(gzip.compress(raw, compresslevel=0), data),
+    "gzip-no-trailer": lambda raw, data: gzip.compress(raw)[:-8],
+    "xz-no-end": lambda raw, data: lzma.compress(raw)[:-24],
+    "bzip2-no-end": lambda raw, data: bz2.compress(raw)[:-4],
+    "zstd-checksum": lambda raw, data: flip_byte_inside(compress_with(["zstd", "-c", "--check"], raw), data),
+    "zstd-no-end": lambda raw, data: compress_with(["zstd", "-c", "--check"], raw)[:-4],
+}
+
+
+@pytest.mark.parametrize("spoil", sorted(SPOILED_STREAMS))
+def test_apply_checks_end_of_compressed_stream(tmp_path, spoil):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    # Incompressible and larger than the 1 MiB read buffers, so that the
+    # first entry is applied before the decompressor reaches the end.
+    data = random_content(3 << 20, 7)
+    raw = make_tar([entry("first", data=b"1"), entry("big", data=data)])
+    with pytest.raises(ValueError, match=r"truncated or corrupt \w+ stream") as raised:
+        apply(layer, SPOILED_STREAMS[spoil](raw, data[100_000:100_064]))
+    assert "offset" in str(raised.value)
+    assert (layer / "first").read_bytes() == b"1"  # entries before the error stay applied
+
+
+def test_apply_discards_data_after_plain_tar(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    raw = make_tar([entry("f", data=b"data")])
+    stream = io.BytesIO(raw + b"\0" * (3 << 20) + b"trailing bytes")
+    assert btrfsdrv.apply_layer_diff(str(layer), stream) == 4
+    assert stream.read() == b""  # read to the end, as a pipe writer needs
+    assert (layer / "f").read_bytes() == b"data"
 
 
 # ID-map updates -------------------------------------------------------------
