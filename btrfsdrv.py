@@ -3609,11 +3609,16 @@ def _check_xattrs(xattrs: dict[str, bytes]) -> None:
             raise ValueError(f"extended attribute {name!r} is {len(value)} bytes, more than {_XATTR_SIZE_MAX}")
 
 
-def _sparse_regions(member: tarfile.TarInfo) -> list[tuple[int, int]]:
-    """Return the data regions (offset, length) of a GNU sparse member, checked against its size."""
+def _sparse_regions(member: tarfile.TarInfo, stored_size: int) -> list[tuple[int, int]]:
+    """Return the data regions (offset, length) of a GNU sparse member, checked against its sizes.
+
+    stored_size is the number of data bytes that the archive holds for the
+    member. Regions that add up to more would read the headers after it.
+    """
     sparse_map: Any = member.sparse  # typeshed declares it an int
     regions = []
     end = 0
+    total = 0
     for offset, length in sparse_map or ():
         if length == 0:
             continue  # GNU tar ends its maps with empty regions
@@ -3622,6 +3627,10 @@ def _sparse_regions(member: tarfile.TarInfo) -> list[tuple[int, int]]:
                              f"the one before it or ends past the file size {member.size}")
         regions.append((offset, length))
         end = offset + length
+        total += length
+    if total > stored_size:
+        raise ValueError(f"invalid sparse map: its regions hold {total} bytes, but the archive stores "
+                         f"only {stored_size} bytes of data for the entry")
     return regions
 
 
@@ -4077,7 +4086,9 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
             return
         # A GNU sparse member: only its data regions are written, so holes
         # stay holes. The unbuffered reader never reads ahead into a hole.
-        regions = _sparse_regions(member)
+        # Its stored data runs up to the next header at tar.offset, padded to
+        # whole 512-byte blocks.
+        regions = _sparse_regions(member, tar.offset - member.offset_data)
         raw = source.raw
         for offset, length in regions:
             raw.seek(offset)

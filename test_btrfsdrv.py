@@ -2619,6 +2619,17 @@ def test_apply_rejects_invalid_sparse_maps(tmp_path, sparse_map):
     assert (layer / "f").read_bytes() == b"before"
 
 
+def test_apply_rejects_sparse_map_beyond_stored_data(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    info, _ = entry("s")
+    info.pax_headers = {"GNU.sparse.map": "0,4,100,600", "GNU.sparse.size": "1000"}
+    raw = make_tar([entry("first", data=b"1"), (info, b"12345678"), entry("next", data=b"2")])
+    with pytest.raises(ValueError, match=r"entry 's'.*invalid sparse map.*604 bytes.*only 512"):
+        apply(layer, raw)
+    assert sorted(os.listdir(layer)) == ["first"]
+
+
 def test_apply_unmappable_owner(tmp_path):
     layer = tmp_path / "l"
     layer.mkdir()
