@@ -2805,6 +2805,48 @@ def test_hostile_corrupt_header(trees):
         apply(layer, bytes(raw))
 
 
+def pax_header_tar(records, data):
+    """A tar whose second member, s, has the PAX records given as (key, value) byte pairs."""
+    body = b""
+    for key, value in records:
+        record = b" " + key + b"=" + value + b"\n"
+        length = len(record) + len(str(len(record)))
+        length += len(str(length)) - len(str(len(record)))
+        body += str(length).encode() + record
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type = tarfile.XHDTYPE
+    header.size = len(body)
+    member = tarfile.TarInfo("s")
+    member.size = len(data)
+    first = make_tar([entry("first", data=b"1")])[:1024]
+    return (first + header.tobuf(tarfile.USTAR_FORMAT) + body + b"\0" * (-len(body) % 512)
+            + member.tobuf(tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % 512) + b"\0" * 1024)
+
+
+SPARSE_1_0 = [(b"GNU.sparse.major", b"1"), (b"GNU.sparse.minor", b"0"), (b"GNU.sparse.realsize", b"100")]
+
+
+@pytest.mark.parametrize("records, data", [
+    ([(b"GNU.sparse.size", b"x")], b"12345678"),
+    ([(b"GNU.sparse.map", b"0,zz")], b"12345678"),
+    ([(b"GNU.sparse.map", b"0,4\xff")], b"12345678"),
+    (SPARSE_1_0, b"zz\n"),
+    (SPARSE_1_0, b"99999999999999999999\n"),
+], ids=["sparse-size", "sparse-map", "sparse-map-bytes", "sparse-1.0-map", "sparse-1.0-count"])
+def test_apply_names_offset_of_malformed_header(tmp_path, records, data):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    with pytest.raises(ValueError, match=r"^invalid layer tar at offset \d+ \(after entry 'first'\): "):
+        apply(layer, pax_header_tar(records, data))
+    assert sorted(os.listdir(layer)) == ["first"]
+
+
+def test_apply_names_offset_of_malformed_first_header(tmp_path):
+    raw = pax_header_tar([(b"GNU.sparse.size", b"x")], b"12345678")[1024:]
+    with pytest.raises(ValueError, match=r"^invalid layer tar at offset 0 \(after entry None\): malformed"):
+        apply(tmp_path, raw)
+
+
 def test_hostile_corrupt_gzip(trees):
     layer, sentinel, digest = trees
     packed = subprocess.run(["gzip", "-c"], input=make_tar([entry("f", data=os.urandom(50000))]),
