@@ -4042,6 +4042,24 @@ def _invalid_tar_header(error: BaseException, offset: int, last_name: str | None
     return ValueError(f"invalid layer tar at offset {offset} (after entry {last_name!r}): {detail}")
 
 
+def _skip_to_next_header(tar: tarfile.TarFile) -> None:
+    """Read and discard what is left of the current entry's data in a stream.
+
+    TarFile.next() skips forward in a stream with a loop of reads that goes
+    on at the end of the input, so an entry whose data is never read (a
+    whiteout) with a huge size in its header would make it spin forever.
+    """
+    import tarfile
+
+    stream: Any = tar.fileobj  # tarfile's stream reader, in mode "r|"
+    remaining = tar.offset - stream.tell()
+    while remaining > 0:
+        chunk = stream.read(min(remaining, _COPY_CHUNK))
+        if not chunk:
+            raise tarfile.ReadError("the entry's data ends before the size in its header")
+        remaining -= len(chunk)
+
+
 class _suppress_missing:
     def __enter__(self) -> _suppress_missing:
         return self
@@ -4155,6 +4173,10 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
             except OSError as error:
                 raise OSError(error.errno, f"apply entry {member.name!r} at offset {member.offset} failed: "
                               f"{error.strerror}", os.fsdecode(layer_dir)) from None
+            try:
+                _skip_to_next_header(tar)
+            except header_errors as error:
+                raise _invalid_tar_header(error, tar.offset, last_name) from None
             if member.isreg():
                 total_size += member.size
             applied += 1

@@ -2847,6 +2847,25 @@ def test_apply_names_offset_of_malformed_first_header(tmp_path):
         apply(tmp_path, raw)
 
 
+@pytest.mark.parametrize("name", [".wh.gone", ".wh..wh.plnk/1"])
+def test_apply_unread_entry_with_huge_size_fails(tmp_path, name):
+    info, _ = entry(name)
+    info.pax_headers = {"size": str(10**20)}
+    raw = make_tar([entry("first", data=b"1"), (info, None)])
+
+    def time_out(signum, frame):
+        raise TimeoutError("apply_diff did not return")
+
+    previous = signal.signal(signal.SIGALRM, time_out)
+    signal.alarm(10)
+    try:
+        with pytest.raises(ValueError, match=r"offset \d+ \(after entry '.*'\): the entry's data ends"):
+            apply(tmp_path, raw)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_hostile_corrupt_gzip(trees):
     layer, sentinel, digest = trees
     packed = subprocess.run(["gzip", "-c"], input=make_tar([entry("f", data=os.urandom(50000))]),
