@@ -3073,6 +3073,14 @@ class _TarEntryWriter:
                                 key, archive_name)
         try:
             self.tar.addfile(info, data)
+        except OSError as error:
+            # tarfile raises an OSError without errno when the data ends
+            # before the size in the header; a failed write has an errno.
+            if data is None or error.errno is not None:
+                raise
+            raise OSError(errno.ESTALE, f"file shrank below its size of {info.size} bytes while the diff "
+                          "was written; stop whatever writes to the layer and run the diff again",
+                          path) from None
         finally:
             if data is not None:
                 data.close()

@@ -2408,6 +2408,23 @@ def test_diff_close_early_releases(tmp_path):
     assert released == [True]
 
 
+def test_diff_names_file_that_shrinks(tmp_path, monkeypatch):
+    layer = str(tmp_path / "l")
+    write(layer + "/dir/file", b"x" * 100_000)
+    open_file = btrfsdrv._TarEntryWriter._open_file
+
+    def open_and_shrink(dir_fd, name, st, path):
+        data = open_file(dir_fd, name, st, path)
+        os.truncate(layer + "/dir/file", 10)  # as a running container could
+        return data
+
+    monkeypatch.setattr(btrfsdrv._TarEntryWriter, "_open_file", staticmethod(open_and_shrink))
+    with pytest.raises(OSError, match="shrank") as raised:
+        read_diff(layer)
+    assert raised.value.errno == errno.ESTALE
+    assert raised.value.filename == "/dir/file"
+
+
 def test_diff_apply_round_trip(tmp_path):
     parent, layer, target = str(tmp_path / "p"), str(tmp_path / "l"), str(tmp_path / "t")
     write(parent + "/etc/passwd", b"root", mtime=1000)
