@@ -4220,16 +4220,21 @@ def _id_map_pair(pair: Any, what: str) -> tuple[list[IDMap], list[IDMap]] | None
     return _id_maps(uid_maps, what + " uid_maps") or [], _id_maps(gid_maps, what + " gid_maps") or []
 
 
-def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int) -> None:
+def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int, path: str) -> None:
     """Change an entry's owner, keeping setuid, setgid and security.capability.
 
     chown clears setuid, setgid and the capability, which are then restored.
     Every call goes through an O_PATH descriptor of the inode the walk saw,
     so an entry swapped for a symlink meanwhile (a running container can do
     that) raises ESTALE instead of redirecting a chmod outside the layer.
+    An immutable or append-only file or directory gets its flags cleared for
+    the change and set again after it. path names the entry in errors.
     """
     if stat.S_ISLNK(st.st_mode):
-        os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)  # lchown never follows
+        try:
+            os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)  # lchown never follows
+        except OSError as error:
+            raise _os_error(error.errno, "change owner", path) from None
         return
     try:
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -4238,24 +4243,91 @@ def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int)
     with _OptionalFd(fd if fd >= 0 else None):
         current = os.fstat(fd) if fd >= 0 else None
         if current is None:
-            raise OSError(errno.ESTALE, "entry vanished while its owner was remapped",
-                          _fd_path(dir_fd, name).decode(errors="surrogateescape"))
+            raise OSError(errno.ESTALE, "entry vanished while its owner was remapped", path)
         if not os.path.samestat(current, st) or stat.S_IFMT(current.st_mode) != stat.S_IFMT(st.st_mode):
             raise OSError(errno.ESTALE, "entry changed while its owner was remapped; run the remap again",
-                          _fd_path(dir_fd, name).decode(errors="surrogateescape"))
+                          path)
         inode = f"/proc/self/fd/{fd}"
-        capability = None
-        if stat.S_ISREG(st.st_mode):
+
+        def change() -> None:
             try:
-                capability = os.getxattr(inode, "security.capability")
+                _set_owner(inode, st, uid, gid)
             except OSError as error:
-                if error.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
-                    raise
-        os.chown(inode, uid, gid)
-        if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
-            os.chmod(inode, stat.S_IMODE(st.st_mode))
-        if capability is not None:
-            os.setxattr(inode, "security.capability", capability)
+                raise _os_error(error.errno, "change owner", path) from None
+
+        try:
+            change()
+        except PermissionError:
+            if not _run_with_inode_flags_cleared(inode, st, change, path):
+                raise
+
+
+def _set_owner(inode: str, st: os.stat_result, uid: int, gid: int) -> None:
+    """Change the owner of inode (a /proc/self/fd path), restoring what chown clears."""
+    capability = None
+    if stat.S_ISREG(st.st_mode):
+        try:
+            capability = os.getxattr(inode, "security.capability")
+        except OSError as error:
+            if error.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+    os.chown(inode, uid, gid)
+    if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+        os.chmod(inode, stat.S_IMODE(st.st_mode))
+    if capability is not None:
+        os.setxattr(inode, "security.capability", capability)
+
+
+def _run_with_inode_flags_cleared(inode: str, st: os.stat_result, change: Callable[[], None], path: str) -> bool:
+    """Run change with the immutable and append-only flags of inode cleared, then set them again.
+
+    inode is a /proc/self/fd path; only regular files and directories are
+    opened. Return False, without running change, when inode has neither flag.
+    """
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        return False
+    # Opening the /proc link reopens the inode that the walk checked.
+    try:
+        fd = os.open(inode, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    with _Fd(fd):
+        # The kernel reads and writes an int, although the request number
+        # encodes sizeof(long).
+        flags = ctypes.c_int()
+        try:
+            fcntl.ioctl(fd, _structs.FS_IOC_GETFLAGS, flags)
+        except OSError:
+            return False  # a filesystem without inode flags
+        original = flags.value
+        if not original & (_FS_IMMUTABLE_FL | _FS_APPEND_FL):
+            return False
+        cleared = ctypes.c_int(original & ~(_FS_IMMUTABLE_FL | _FS_APPEND_FL))
+        _ioctl(fd, _structs.FS_IOC_SETFLAGS, cleared, "clear immutable and append-only flags", path)
+        try:
+            change()
+        finally:
+            _ioctl(fd, _structs.FS_IOC_SETFLAGS, ctypes.c_int(original),
+                   "set immutable and append-only flags again", path)
+    log.debug("cleared and restored the immutable and append-only flags of %s", path)
+    return True
+
+
+def _check_writable_subvolume(dir_fd: int, name: str, st: os.stat_result, path: str) -> None:
+    """Raise EROFS when name (in dir_fd) is the root of a read-only nested subvolume.
+
+    A subvolume's root directory has inode number 256 and a st_dev of its
+    own, so an inode 256 on another filesystem is never mistaken for one.
+    """
+    if not stat.S_ISDIR(st.st_mode) or st.st_ino != BTRFS_FIRST_FREE_OBJECTID:
+        return
+    if st.st_dev == os.fstat(dir_fd).st_dev:
+        return
+    with _Fd(_open_directory(name, dir_fd)) as fd:
+        if _subvolume_flags(fd, path) & BTRFS_SUBVOL_RDONLY:
+            raise _os_error(errno.EROFS, "remap layer owners", path,
+                            f"the nested subvolume is read-only. Make it writable with 'btrfs property "
+                            f"set {path} ro false' and run the remap again (nothing was changed)")
 
 
 def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], Sequence[IDMap]] | None,
@@ -4266,17 +4338,24 @@ def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], 
     ids back to container ids, and to_host the pair that maps those to the
     new host ids; None or empty maps are the identity. The root keeps its
     owner. Each inode is changed once. A first walk checks that every owner
-    maps, so an owner outside the maps raises ValueError before anything
-    changes, and running the remap again never shifts an owner twice.
+    maps and that no nested subvolume is read-only, so those raise ValueError
+    or EROFS before anything changes, and running the remap again after them
+    never shifts an owner twice.
     """
     maps = (to_container or ((), ())), (to_host or ((), ()))
+    layer_path = os.fsdecode(layer_dir)
     root_fd = _open_directory(layer_dir)
     try:
         _check_no_mounts_below(root_fd, "remap layer owners", layer_dir)
-        for _ in _remapped_owners(root_fd, maps):  # checks every owner first
-            pass
+        for item, _ in _remapped_owners(root_fd, maps):  # checks every owner first
+            _check_writable_subvolume(item.dir_fd, item.name, item.st, layer_path + item.path)
+        # NOTE: an error in this pass (an I/O error, or an entry changed by a
+        # running container) leaves the layer partly remapped. Running the
+        # remap again then shifts the owners changed before the error a
+        # second time wherever the old and new ranges overlap.
         for item, (uid, gid) in _remapped_owners(root_fd, maps):
-            _chown_entry(item.dir_fd, item.name, item.st, uid, gid)
+            if (uid, gid) != (item.st.st_uid, item.st.st_gid):
+                _chown_entry(item.dir_fd, item.name, item.st, uid, gid, layer_path + item.path)
     finally:
         os.close(root_fd)
 
@@ -4284,7 +4363,7 @@ def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], 
 def _remapped_owners(
     root_fd: int, maps: tuple[tuple[Sequence[IDMap], Sequence[IDMap]], tuple[Sequence[IDMap], Sequence[IDMap]]],
 ) -> Iterator[tuple[Any, tuple[int, int]]]:
-    """Yield (walked entry, new owner) for each inode whose owner changes, each once."""
+    """Yield (walked entry, new owner) for each inode below root_fd, each once."""
     (old_uid_maps, old_gid_maps), (new_uid_maps, new_gid_maps) = maps
     seen_inodes = set()
     for item in _walk_changes(root_fd, None):
@@ -4305,8 +4384,7 @@ def _remapped_owners(
         if uid is None or gid is None:
             raise ValueError(f"{item.path!r}: container owner {container_uid}:{container_gid} "
                              "is outside the new ID maps; nothing was changed")
-        if (uid, gid) != (st.st_uid, st.st_gid):
-            yield item, (uid, gid)
+        yield item, (uid, gid)
 
 
 # -- Command line ------------------------------------------------------------------------

@@ -1754,7 +1754,7 @@ def test_remap_refuses_entry_swapped_for_symlink(driver, tmp_path):
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         with pytest.raises(OSError) as raised:
-            btrfsdrv._chown_entry(root_fd, "tool", st, 1000, 1000)
+            btrfsdrv._chown_entry(root_fd, "tool", st, 1000, 1000, setuid_file)
     finally:
         os.close(root_fd)
     assert raised.value.errno == errno.ESTALE
@@ -1899,6 +1899,66 @@ def test_remap_checks_every_owner_first(driver):
             driver.update_layer_id_map("layer", (old, old), (new, new))
         owners = {name: os.lstat(os.path.join(root, name)).st_uid for name in "amz"}
         assert owners == {"a": 100000, "m": 5, "z": 100001}
+
+
+def inode_flags(path):
+    flags = ctypes.c_int()  # the kernel copies an int, whatever linux/fs.h declares
+    _ioctl(path, ioctl_structs.FS_IOC_GETFLAGS, flags)
+    return flags.value & (ioctl_structs.FS_IMMUTABLE_FL | ioctl_structs.FS_APPEND_FL)
+
+
+def test_remap_changes_immutable_and_append_only_entries(driver):
+    driver.create("layer")
+    root = driver.get("layer")
+    write(root + "/dir/immutable", b"x", mode=0o4755)
+    write(root + "/dir/append-only", b"x")
+    os.mkdir(root + "/locked")
+    chattr("+i", root + "/dir/immutable", root + "/locked")
+    chattr("+a", root + "/dir/append-only")
+    new = [btrfsdrv.IDMap(0, 100000, 65536)]
+    try:
+        driver.update_layer_id_map("layer", None, (new, new))
+        for name in ("dir/immutable", "dir/append-only", "locked"):
+            assert os.stat(os.path.join(root, name)).st_uid == 100000, name
+        assert stat.S_IMODE(os.stat(root + "/dir/immutable").st_mode) == 0o4755
+        assert inode_flags(root + "/dir/immutable") == ioctl_structs.FS_IMMUTABLE_FL
+        assert inode_flags(root + "/locked") == ioctl_structs.FS_IMMUTABLE_FL
+        assert inode_flags(root + "/dir/append-only") == ioctl_structs.FS_APPEND_FL
+    finally:
+        chattr("-i", root + "/dir/immutable", root + "/locked")
+        chattr("-a", root + "/dir/append-only")
+
+
+def test_remap_rejects_read_only_nested_subvolume(driver):
+    driver.create("layer")
+    root = driver.get("layer")
+    write(root + "/a", b"a")
+    btrfsdrv.create_subvolume(root + "/nested")
+    write(root + "/nested/file", b"x")
+    btrfsdrv.create_snapshot(root + "/nested", root + "/read-only", read_only=True)
+    new = [btrfsdrv.IDMap(0, 100000, 65536)]
+    with pytest.raises(OSError, match=r"btrfs property set .*/read-only ro false") as raised:
+        driver.update_layer_id_map("layer", None, (new, new))
+    assert raised.value.errno == errno.EROFS
+    assert raised.value.filename == root + "/read-only"
+    for name in ("a", "nested", "nested/file", "read-only/file"):
+        assert os.stat(os.path.join(root, name)).st_uid == 0, name
+
+
+def test_remap_error_names_layer_path(driver, monkeypatch):
+    driver.create("layer")
+    root = driver.get("layer")
+    write(root + "/dir/file", b"x")
+
+    def fail(inode, st, uid, gid):
+        raise OSError(errno.EIO, "Input/output error", inode)
+
+    monkeypatch.setattr(btrfsdrv, "_set_owner", fail)
+    new = [btrfsdrv.IDMap(0, 100000, 65536)]
+    with pytest.raises(OSError, match="change owner failed") as raised:
+        driver.update_layer_id_map("layer", None, (new, new))
+    assert raised.value.errno == errno.EIO
+    assert raised.value.filename == root + "/dir"
 
 
 def test_diff_skips_non_utf8_xattr_name(driver, caplog):
