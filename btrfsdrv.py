@@ -3591,8 +3591,46 @@ def _bounded_tarinfo_class() -> Any:
                 self._check_extended_size()
                 return super()._proc_pax(tarfile)  # type: ignore[misc]
 
+            def _proc_gnusparse_10(self, next: Any, pax_headers: Any, tarfile: Any) -> None:
+                # tarfile's own version reads as many numbers as the map's
+                # count claims into one list, without a bound.
+                _read_sparse_map_1_0(next, tarfile.fileobj)
+
         _bounded_tarinfo = BoundedTarInfo
     return _bounded_tarinfo
+
+
+def _read_sparse_map_1_0(member: tarfile.TarInfo, stream: Any) -> None:
+    """Read the map in front of the data of a GNU sparse 1.0 member, at most 1 MiB of it.
+
+    The map is decimal numbers, one a line, in whole 512-byte blocks: the
+    region count, then the offset and length of each region. Sets the
+    member's sparse map and the offset of its data in stream.
+    """
+    import tarfile
+
+    count = None
+    numbers: list[int] = []
+    text = b""
+    read = 0
+    while count is None or len(numbers) < 2 * count:
+        if b"\n" not in text:
+            block = stream.read(tarfile.BLOCKSIZE)
+            read += len(block)
+            if not block:
+                raise tarfile.SubsequentHeaderError("GNU sparse map ends early")  # type: ignore[attr-defined]
+            if read > _EXTENDED_HEADER_MAX:
+                raise tarfile.SubsequentHeaderError(  # type: ignore[attr-defined]
+                    f"GNU sparse map is larger than {_EXTENDED_HEADER_MAX} bytes")
+            text += block
+            continue
+        line, text = text.split(b"\n", 1)
+        if count is None:
+            count = int(line)
+        else:
+            numbers.append(int(line))
+    member.offset_data = stream.tell()
+    member.sparse = list(zip(numbers[::2], numbers[1::2]))  # type: ignore[assignment]
 
 
 def _check_member_values(member: tarfile.TarInfo) -> None:

@@ -2918,6 +2918,14 @@ def test_apply_names_offset_of_malformed_header(tmp_path, records, data):
     assert sorted(os.listdir(layer)) == ["first"]
 
 
+def test_apply_bounds_sparse_1_0_map(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    data = b"1000000000\n" + b"0\n" * (2 << 20)
+    with pytest.raises(ValueError, match=r"offset \d+ \(after entry 'first'\): GNU sparse map is larger"):
+        apply(layer, gzip.compress(pax_header_tar(SPARSE_1_0, data)))
+
+
 def test_apply_names_offset_of_malformed_first_header(tmp_path):
     raw = pax_header_tar([(b"GNU.sparse.size", b"x")], b"12345678")[1024:]
     with pytest.raises(ValueError, match=r"^invalid layer tar at offset 0 \(after entry None\): malformed"):
