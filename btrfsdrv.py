@@ -3075,7 +3075,7 @@ class _TarEntryWriter:
             self.tar.addfile(info, data)
         except OSError as error:
             # tarfile raises an OSError without errno when the data ends
-            # before the size in the header; a failed write has an errno.
+            # before the size in the header. A failed write has an errno.
             if data is None or error.errno is not None:
                 raise
             raise OSError(errno.ESTALE, f"file shrank below its size of {info.size} bytes while the diff "
@@ -3384,7 +3384,7 @@ class _ZstdReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: WriteableBuffer) -> int:
-        """Decompress into buffer; at the end of the input, raise unless the last frame is complete.
+        """Decompress into buffer, and raise at the end of the input unless the last frame is complete.
 
         ZSTD_decompressStream checks a frame's content checksum, when the
         frame has one, as it decodes the frame's end.
@@ -3446,8 +3446,8 @@ def _read_to_end(tar_input: _TarInput) -> None:
     when they reach the end of the stream, so a truncated or corrupt stream
     raises here. Whatever follows the end of a plain tar is read and ignored,
     as the pkg/chrootarchive of containers/storage does after unpacking
-    (tar pads its output to whole records), so that a program writing the
-    layer into a pipe does not fail with EPIPE.
+    (tar pads its output to whole records). A program writing the layer
+    into a pipe then does not fail with EPIPE.
     """
     while tar_input.read(_COPY_CHUNK):
         pass
@@ -4092,7 +4092,7 @@ def _skip_to_next_header(tar: tarfile.TarFile) -> None:
     """Read and discard what is left of the current entry's data in a stream.
 
     TarFile.next() skips forward in a stream with a loop of reads that goes
-    on at the end of the input, so an entry whose data is never read (a
+    on at the end of the input. An entry whose data is never read (a
     whiteout) with a huge size in its header would make it spin forever.
     """
     import tarfile

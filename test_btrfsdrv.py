@@ -1907,7 +1907,7 @@ def inode_flags(path):
     return flags.value & (ioctl_structs.FS_IMMUTABLE_FL | ioctl_structs.FS_APPEND_FL)
 
 
-def test_remap_changes_immutable_and_append_only_entries(driver):
+def test_remap_changes_immutable_entries(driver):
     driver.create("layer")
     root = driver.get("layer")
     write(root + "/dir/immutable", b"x", mode=0o4755)
@@ -2696,7 +2696,7 @@ def test_apply_rejects_invalid_sparse_maps(tmp_path, sparse_map):
     assert (layer / "f").read_bytes() == b"before"
 
 
-def test_apply_rejects_sparse_map_beyond_stored_data(tmp_path):
+def test_apply_rejects_sparse_map_beyond_data(tmp_path):
     layer = tmp_path / "layer"
     layer.mkdir()
     info, _ = entry("s")
