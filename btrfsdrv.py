@@ -3381,6 +3381,14 @@ class _TarEntryWriter:
                                 key, archive_name)
         try:
             self.tar.addfile(info, data)
+        except OSError as error:
+            # tarfile raises an OSError without errno when the data ends
+            # before the size in the header. A failed write has an errno.
+            if data is None or error.errno is not None:
+                raise
+            raise OSError(errno.ESTALE, f"file shrank below its size of {info.size} bytes while the diff "
+                          "was written; stop whatever writes to the layer and run the diff again",
+                          path) from None
         finally:
             if data is not None:
                 data.close()
@@ -3589,15 +3597,17 @@ class _TarInput(io.RawIOBase):
     """The decompressed tar bytes, with the tail kept to check the end-of-archive block.
 
     Decompressor failures become _CorruptStream, so that callers can
-    distinguish them from filesystem errors.
+    distinguish them from filesystem errors. compression is the name of the
+    stream's compression ("gzip", "zstd"), or None for a plain tar.
     """
 
     _TAIL = 64 * 1024
 
-    def __init__(self, source: io.BufferedIOBase,
-                 decompression_errors: tuple[type[BaseException], ...]) -> None:
+    def __init__(self, source: io.BufferedIOBase, compression: str | None = None,
+                 decompression_errors: tuple[type[BaseException], ...] = ()) -> None:
         super().__init__()
         self.source = source
+        self.compression = compression
         self.errors = decompression_errors
         self.position = 0
         self.tail = bytearray()
@@ -3610,7 +3620,7 @@ class _TarInput(io.RawIOBase):
         try:
             data = self.source.read(len(view))
         except self.errors as error:
-            raise _CorruptStream(f"corrupt compressed data: {error}") from None
+            raise _CorruptStream(f"truncated or corrupt {self.compression} stream: {error}") from None
         if not data:
             return 0
         view[:len(data)] = data
@@ -3668,32 +3678,43 @@ class _ZstdReader(io.RawIOBase):
         self._input = ctypes.create_string_buffer(0)
         self._in = Buffer(ctypes.addressof(self._input), 0, 0)
         self._frame_complete = True
+        # Whether the last call filled its output buffer inside a frame, so
+        # that the decoder may hold bytes it can return without more input.
+        self._output_pending = False
 
     def _check(self, result: int) -> int:
         if self._lib.ZSTD_isError(result):
-            raise _CorruptStream("corrupt zstd data: " + self._lib.ZSTD_getErrorName(result).decode())
+            raise _CorruptStream("truncated or corrupt zstd stream: "
+                                 + self._lib.ZSTD_getErrorName(result).decode())
         return result
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: WriteableBuffer) -> int:
+        """Decompress into buffer, and raise at the end of the input unless the last frame is complete.
+
+        ZSTD_decompressStream checks a frame's content checksum, when the
+        frame has one, as it decodes the frame's end.
+        """
         ctypes = self._ctypes
         view = memoryview(buffer)
         target = (ctypes.c_char * len(view)).from_buffer(view)
         out = self._buffer_type(ctypes.addressof(target), len(view), 0)
         while out.pos == 0:
-            if self._in.pos == self._in.size:
+            if self._in.pos == self._in.size and not self._output_pending:
                 data = self._source.read(_COPY_CHUNK)
                 if not data:
                     if not self._frame_complete:
-                        raise _CorruptStream("truncated zstd data")
+                        raise _CorruptStream("truncated or corrupt zstd stream: "
+                                             "the input ends inside a frame")
                     return 0
                 self._input = ctypes.create_string_buffer(data, len(data))
                 self._in = self._buffer_type(ctypes.addressof(self._input), len(data), 0)
             result = self._check(self._lib.ZSTD_decompressStream(self._stream, ctypes.byref(out),
                                                                  ctypes.byref(self._in)))
             self._frame_complete = result == 0
+            self._output_pending = result != 0 and out.pos == out.size
         return int(out.pos)
 
     def close(self) -> None:
@@ -3711,18 +3732,33 @@ def _decompressed(counting: _CountingReader) -> _TarInput:
         import gzip
         import zlib
 
-        return _TarInput(gzip.GzipFile(fileobj=raw, mode="rb"), (EOFError, OSError, zlib.error))
+        return _TarInput(gzip.GzipFile(fileobj=raw, mode="rb"), "gzip", (EOFError, OSError, zlib.error))
     if magic.startswith(b"BZh"):
         import bz2
 
-        return _TarInput(bz2.BZ2File(raw), (EOFError, OSError))
+        return _TarInput(bz2.BZ2File(raw), "bzip2", (EOFError, OSError))
     if magic.startswith(b"\xfd7zXZ\x00"):
         import lzma
 
-        return _TarInput(lzma.LZMAFile(raw), (EOFError, lzma.LZMAError))
+        return _TarInput(lzma.LZMAFile(raw), "xz", (EOFError, lzma.LZMAError))
     if magic.startswith(b"\x28\xb5\x2f\xfd"):
-        return _TarInput(io.BufferedReader(_ZstdReader(raw), buffer_size=_COPY_CHUNK), ())
-    return _TarInput(raw, ())
+        # _ZstdReader raises _CorruptStream itself.
+        return _TarInput(io.BufferedReader(_ZstdReader(raw), buffer_size=_COPY_CHUNK), "zstd")
+    return _TarInput(raw)
+
+
+def _read_to_end(tar_input: _TarInput) -> None:
+    """Read the rest of a layer stream after its end-of-archive block and discard it.
+
+    Decompressors check their CRCs, content checksums and end markers only
+    when they reach the end of the stream, so a truncated or corrupt stream
+    raises here. Whatever follows the end of a plain tar is read and ignored,
+    as the pkg/chrootarchive of containers/storage does after unpacking
+    (tar pads its output to whole records). A program writing the layer
+    into a pipe then does not fail with EPIPE.
+    """
+    while tar_input.read(_COPY_CHUNK):
+        pass
 
 
 class _PendingDirTimes:
@@ -3868,8 +3904,46 @@ def _bounded_tarinfo_class() -> Any:
                 self._check_extended_size()
                 return super()._proc_pax(tarfile)  # type: ignore[misc]
 
+            def _proc_gnusparse_10(self, next: Any, pax_headers: Any, tarfile: Any) -> None:
+                # tarfile's own version reads as many numbers as the map's
+                # count claims into one list, without a bound.
+                _read_sparse_map_1_0(next, tarfile.fileobj)
+
         _bounded_tarinfo = BoundedTarInfo
     return _bounded_tarinfo
+
+
+def _read_sparse_map_1_0(member: tarfile.TarInfo, stream: Any) -> None:
+    """Read the map in front of the data of a GNU sparse 1.0 member, at most 1 MiB of it.
+
+    The map is decimal numbers, one a line, in whole 512-byte blocks: the
+    region count, then the offset and length of each region. Sets the
+    member's sparse map and the offset of its data in stream.
+    """
+    import tarfile
+
+    count = None
+    numbers: list[int] = []
+    text = b""
+    read = 0
+    while count is None or len(numbers) < 2 * count:
+        if b"\n" not in text:
+            block = stream.read(tarfile.BLOCKSIZE)
+            read += len(block)
+            if not block:
+                raise tarfile.SubsequentHeaderError("GNU sparse map ends early")  # type: ignore[attr-defined]
+            if read > _EXTENDED_HEADER_MAX:
+                raise tarfile.SubsequentHeaderError(  # type: ignore[attr-defined]
+                    f"GNU sparse map is larger than {_EXTENDED_HEADER_MAX} bytes")
+            text += block
+            continue
+        line, text = text.split(b"\n", 1)
+        if count is None:
+            count = int(line)
+        else:
+            numbers.append(int(line))
+    member.offset_data = stream.tell()
+    member.sparse = list(zip(numbers[::2], numbers[1::2]))  # type: ignore[assignment]
 
 
 def _check_member_values(member: tarfile.TarInfo) -> None:
@@ -3894,11 +3968,16 @@ def _check_xattrs(xattrs: dict[str, bytes]) -> None:
             raise ValueError(f"extended attribute {name!r} is {len(value)} bytes, more than {_XATTR_SIZE_MAX}")
 
 
-def _sparse_regions(member: tarfile.TarInfo) -> list[tuple[int, int]]:
-    """Return the data regions (offset, length) of a GNU sparse member, checked against its size."""
+def _sparse_regions(member: tarfile.TarInfo, stored_size: int) -> list[tuple[int, int]]:
+    """Return the data regions (offset, length) of a GNU sparse member, checked against its sizes.
+
+    stored_size is the number of data bytes that the archive holds for the
+    member. Regions that add up to more would read the headers after it.
+    """
     sparse_map: Any = member.sparse  # typeshed declares it an int
     regions = []
     end = 0
+    total = 0
     for offset, length in sparse_map or ():
         if length == 0:
             continue  # GNU tar ends its maps with empty regions
@@ -3907,6 +3986,10 @@ def _sparse_regions(member: tarfile.TarInfo) -> list[tuple[int, int]]:
                              f"the one before it or ends past the file size {member.size}")
         regions.append((offset, length))
         end = offset + length
+        total += length
+    if total > stored_size:
+        raise ValueError(f"invalid sparse map: its regions hold {total} bytes, but the archive stores "
+                         f"only {stored_size} bytes of data for the entry")
     return regions
 
 
@@ -4303,6 +4386,39 @@ class _LayerApplier:
         return True
 
 
+def _invalid_tar_header(error: BaseException, offset: int, last_name: str | None) -> ValueError:
+    """Build the ValueError for a tar header at offset that cannot be read.
+
+    Besides its own errors, tarfile lets ValueError (UnicodeDecodeError
+    among them) escape from its parsing of PAX records and GNU sparse maps,
+    as a fuzzed run of CPython 3.11 showed.
+    """
+    import tarfile
+
+    detail = str(error)
+    if not isinstance(error, (tarfile.TarError, EOFError, _CorruptStream)):
+        detail = f"malformed header: {error}"
+    return ValueError(f"invalid layer tar at offset {offset} (after entry {last_name!r}): {detail}")
+
+
+def _skip_to_next_header(tar: tarfile.TarFile) -> None:
+    """Read and discard what is left of the current entry's data in a stream.
+
+    TarFile.next() skips forward in a stream with a loop of reads that goes
+    on at the end of the input. An entry whose data is never read (a
+    whiteout) with a huge size in its header would make it spin forever.
+    """
+    import tarfile
+
+    stream: Any = tar.fileobj  # tarfile's stream reader, in mode "r|"
+    remaining = tar.offset - stream.tell()
+    while remaining > 0:
+        chunk = stream.read(min(remaining, _COPY_CHUNK))
+        if not chunk:
+            raise tarfile.ReadError("the entry's data ends before the size in its header")
+        remaining -= len(chunk)
+
+
 class _suppress_missing:
     def __enter__(self) -> _suppress_missing:
         return self
@@ -4319,7 +4435,9 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
 
     Returns the sum of the regular files' sizes in the tar. Raises ValueError
     naming the entry and offset for a corrupt, truncated or hostile stream;
-    the layer then keeps every entry before the bad one.
+    the layer then keeps every entry before the bad one. The stream is read
+    to its end, so a compressed stream that fails its checksum or lacks its
+    end after the last entry raises too, with every entry applied.
     """
     import tarfile
 
@@ -4360,7 +4478,9 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
             return
         # A GNU sparse member: only its data regions are written, so holes
         # stay holes. The unbuffered reader never reads ahead into a hole.
-        regions = _sparse_regions(member)
+        # Its stored data runs up to the next header at tar.offset, padded to
+        # whole 512-byte blocks.
+        regions = _sparse_regions(member, tar.offset - member.offset_data)
         raw = source.raw
         for offset, length in regions:
             raw.seek(offset)
@@ -4380,6 +4500,9 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
             remaining -= len(chunk)
             report()
 
+    # What reading a tar header can raise. _CorruptStream is a ValueError, and
+    # OverflowError is caught as for entries, for numbers too large for C.
+    header_errors = (tarfile.TarError, EOFError, ValueError, OverflowError)
     try:
         try:
             tar = tarfile.open(fileobj=tar_input, mode="r|", encoding="utf-8", errors="surrogateescape",
@@ -4387,15 +4510,14 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
         except tarfile.ReadError as error:
             if tar_input.position == 0 and str(error) == "empty file":
                 return 0  # an empty stream is an empty layer, as for containers/storage
-            raise ValueError(f"invalid layer tar at offset 0: {error}") from None
-        except _CorruptStream as error:
-            raise ValueError(f"invalid layer tar at offset 0: {error}") from None
+            raise _invalid_tar_header(error, 0, None) from None
+        except header_errors as error:
+            raise _invalid_tar_header(error, 0, None) from None
         while True:
             try:
                 member = tar.next()
-            except (tarfile.TarError, EOFError, _CorruptStream) as error:
-                raise ValueError(f"invalid layer tar at offset {tar.offset} (after entry "
-                                 f"{last_name!r}): {error}") from None
+            except header_errors as error:
+                raise _invalid_tar_header(error, tar.offset, last_name) from None
             if member is None:
                 break
             _forget_tar_members(tar)  # tarfile keeps every member read; memory must stay flat
@@ -4410,6 +4532,10 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
             except OSError as error:
                 raise OSError(error.errno, f"apply entry {member.name!r} at offset {member.offset} failed: "
                               f"{error.strerror}", os.fsdecode(layer_dir)) from None
+            try:
+                _skip_to_next_header(tar)
+            except header_errors as error:
+                raise _invalid_tar_header(error, tar.offset, last_name) from None
             if member.isreg():
                 total_size += member.size
             applied += 1
@@ -4418,6 +4544,12 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
         if end is None or end.count(0) != len(end):
             raise ValueError(f"invalid layer tar at offset {tar.offset} (after entry {last_name!r}): "
                              "truncated or corrupt, no end-of-archive block")
+        try:
+            _read_to_end(tar_input)
+        except _CorruptStream as error:
+            raise ValueError(f"invalid layer tar at offset {tar_input.position} (after the end-of-archive "
+                             f"block at offset {tar.offset}): {error}; every entry was applied, but the "
+                             "data of any of them may be corrupt") from None
         applier.dir_times.apply(root_fd)
         report(force=True)
         return total_size
@@ -4439,16 +4571,21 @@ def _id_map_pair(pair: Any, what: str) -> tuple[list[IDMap], list[IDMap]] | None
     return _id_maps(uid_maps, what + " uid_maps") or [], _id_maps(gid_maps, what + " gid_maps") or []
 
 
-def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int) -> None:
+def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int, path: str) -> None:
     """Change an entry's owner, keeping setuid, setgid and security.capability.
 
     chown clears setuid, setgid and the capability, which are then restored.
     Every call goes through an O_PATH descriptor of the inode the walk saw,
     so an entry swapped for a symlink meanwhile (a running container can do
     that) raises ESTALE instead of redirecting a chmod outside the layer.
+    An immutable or append-only file or directory gets its flags cleared for
+    the change and set again after it. path names the entry in errors.
     """
     if stat.S_ISLNK(st.st_mode):
-        os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)  # lchown never follows
+        try:
+            os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)  # lchown never follows
+        except OSError as error:
+            raise _os_error(error.errno, "change owner", path) from None
         return
     try:
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -4457,24 +4594,91 @@ def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int)
     with _OptionalFd(fd if fd >= 0 else None):
         current = os.fstat(fd) if fd >= 0 else None
         if current is None:
-            raise OSError(errno.ESTALE, "entry vanished while its owner was remapped",
-                          _fd_path(dir_fd, name).decode(errors="surrogateescape"))
+            raise OSError(errno.ESTALE, "entry vanished while its owner was remapped", path)
         if not os.path.samestat(current, st) or stat.S_IFMT(current.st_mode) != stat.S_IFMT(st.st_mode):
             raise OSError(errno.ESTALE, "entry changed while its owner was remapped; run the remap again",
-                          _fd_path(dir_fd, name).decode(errors="surrogateescape"))
+                          path)
         inode = f"/proc/self/fd/{fd}"
-        capability = None
-        if stat.S_ISREG(st.st_mode):
+
+        def change() -> None:
             try:
-                capability = os.getxattr(inode, "security.capability")
+                _set_owner(inode, st, uid, gid)
             except OSError as error:
-                if error.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
-                    raise
-        os.chown(inode, uid, gid)
-        if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
-            os.chmod(inode, stat.S_IMODE(st.st_mode))
-        if capability is not None:
-            os.setxattr(inode, "security.capability", capability)
+                raise _os_error(error.errno, "change owner", path) from None
+
+        try:
+            change()
+        except PermissionError:
+            if not _run_with_inode_flags_cleared(inode, st, change, path):
+                raise
+
+
+def _set_owner(inode: str, st: os.stat_result, uid: int, gid: int) -> None:
+    """Change the owner of inode (a /proc/self/fd path), restoring what chown clears."""
+    capability = None
+    if stat.S_ISREG(st.st_mode):
+        try:
+            capability = os.getxattr(inode, "security.capability")
+        except OSError as error:
+            if error.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+    os.chown(inode, uid, gid)
+    if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+        os.chmod(inode, stat.S_IMODE(st.st_mode))
+    if capability is not None:
+        os.setxattr(inode, "security.capability", capability)
+
+
+def _run_with_inode_flags_cleared(inode: str, st: os.stat_result, change: Callable[[], None], path: str) -> bool:
+    """Run change with the immutable and append-only flags of inode cleared, then set them again.
+
+    inode is a /proc/self/fd path; only regular files and directories are
+    opened. Return False, without running change, when inode has neither flag.
+    """
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        return False
+    # Opening the /proc link reopens the inode that the walk checked.
+    try:
+        fd = os.open(inode, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    with _Fd(fd):
+        # The kernel reads and writes an int, although the request number
+        # encodes sizeof(long).
+        flags = ctypes.c_int()
+        try:
+            fcntl.ioctl(fd, _structs.FS_IOC_GETFLAGS, flags)
+        except OSError:
+            return False  # a filesystem without inode flags
+        original = flags.value
+        if not original & (_FS_IMMUTABLE_FL | _FS_APPEND_FL):
+            return False
+        cleared = ctypes.c_int(original & ~(_FS_IMMUTABLE_FL | _FS_APPEND_FL))
+        _ioctl(fd, _structs.FS_IOC_SETFLAGS, cleared, "clear immutable and append-only flags", path)
+        try:
+            change()
+        finally:
+            _ioctl(fd, _structs.FS_IOC_SETFLAGS, ctypes.c_int(original),
+                   "set immutable and append-only flags again", path)
+    log.debug("cleared and restored the immutable and append-only flags of %s", path)
+    return True
+
+
+def _check_writable_subvolume(dir_fd: int, name: str, st: os.stat_result, path: str) -> None:
+    """Raise EROFS when name (in dir_fd) is the root of a read-only nested subvolume.
+
+    A subvolume's root directory has inode number 256 and a st_dev of its
+    own, so an inode 256 on another filesystem is never mistaken for one.
+    """
+    if not stat.S_ISDIR(st.st_mode) or st.st_ino != BTRFS_FIRST_FREE_OBJECTID:
+        return
+    if st.st_dev == os.fstat(dir_fd).st_dev:
+        return
+    with _Fd(_open_directory(name, dir_fd)) as fd:
+        if _subvolume_flags(fd, path) & BTRFS_SUBVOL_RDONLY:
+            raise _os_error(errno.EROFS, "remap layer owners", path,
+                            f"the nested subvolume is read-only. Make it writable with 'btrfs property "
+                            f"set {path} ro false' and run the remap again (nothing was changed)")
 
 
 def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], Sequence[IDMap]] | None,
@@ -4485,17 +4689,24 @@ def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], 
     ids back to container ids, and to_host the pair that maps those to the
     new host ids; None or empty maps are the identity. The root keeps its
     owner. Each inode is changed once. A first walk checks that every owner
-    maps, so an owner outside the maps raises ValueError before anything
-    changes, and running the remap again never shifts an owner twice.
+    maps and that no nested subvolume is read-only, so those raise ValueError
+    or EROFS before anything changes, and running the remap again after them
+    never shifts an owner twice.
     """
     maps = (to_container or ((), ())), (to_host or ((), ()))
+    layer_path = os.fsdecode(layer_dir)
     root_fd = _open_directory(layer_dir)
     try:
         _check_no_mounts_below(root_fd, "remap layer owners", layer_dir)
-        for _ in _remapped_owners(root_fd, maps):  # checks every owner first
-            pass
+        for item, _ in _remapped_owners(root_fd, maps):  # checks every owner first
+            _check_writable_subvolume(item.dir_fd, item.name, item.st, layer_path + item.path)
+        # NOTE: an error in this pass (an I/O error, or an entry changed by a
+        # running container) leaves the layer partly remapped. Running the
+        # remap again then shifts the owners changed before the error a
+        # second time wherever the old and new ranges overlap.
         for item, (uid, gid) in _remapped_owners(root_fd, maps):
-            _chown_entry(item.dir_fd, item.name, item.st, uid, gid)
+            if (uid, gid) != (item.st.st_uid, item.st.st_gid):
+                _chown_entry(item.dir_fd, item.name, item.st, uid, gid, layer_path + item.path)
     finally:
         os.close(root_fd)
 
@@ -4503,7 +4714,7 @@ def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], 
 def _remapped_owners(
     root_fd: int, maps: tuple[tuple[Sequence[IDMap], Sequence[IDMap]], tuple[Sequence[IDMap], Sequence[IDMap]]],
 ) -> Iterator[tuple[Any, tuple[int, int]]]:
-    """Yield (walked entry, new owner) for each inode whose owner changes, each once."""
+    """Yield (walked entry, new owner) for each inode below root_fd, each once."""
     (old_uid_maps, old_gid_maps), (new_uid_maps, new_gid_maps) = maps
     seen_inodes = set()
     for item in _walk_changes(root_fd, None):
@@ -4524,8 +4735,7 @@ def _remapped_owners(
         if uid is None or gid is None:
             raise ValueError(f"{item.path!r}: container owner {container_uid}:{container_gid} "
                              "is outside the new ID maps; nothing was changed")
-        if (uid, gid) != (st.st_uid, st.st_gid):
-            yield item, (uid, gid)
+        yield item, (uid, gid)
 
 
 # -- Command line ------------------------------------------------------------------------

@@ -1867,7 +1867,7 @@ def test_remap_refuses_entry_swapped_for_symlink(driver, tmp_path):
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         with pytest.raises(OSError) as raised:
-            btrfsdrv._chown_entry(root_fd, "tool", st, 1000, 1000)
+            btrfsdrv._chown_entry(root_fd, "tool", st, 1000, 1000, setuid_file)
     finally:
         os.close(root_fd)
     assert raised.value.errno == errno.ESTALE
@@ -2012,6 +2012,66 @@ def test_remap_checks_every_owner_first(driver):
             driver.update_layer_id_map("layer", (old, old), (new, new))
         owners = {name: os.lstat(os.path.join(root, name)).st_uid for name in "amz"}
         assert owners == {"a": 100000, "m": 5, "z": 100001}
+
+
+def inode_flags(path):
+    flags = ctypes.c_int()  # the kernel copies an int, whatever linux/fs.h declares
+    _ioctl(path, ioctl_structs.FS_IOC_GETFLAGS, flags)
+    return flags.value & (ioctl_structs.FS_IMMUTABLE_FL | ioctl_structs.FS_APPEND_FL)
+
+
+def test_remap_changes_immutable_entries(driver):
+    driver.create("layer")
+    root = driver.get("layer")
+    write(root + "/dir/immutable", b"x", mode=0o4755)
+    write(root + "/dir/append-only", b"x")
+    os.mkdir(root + "/locked")
+    chattr("+i", root + "/dir/immutable", root + "/locked")
+    chattr("+a", root + "/dir/append-only")
+    new = [btrfsdrv.IDMap(0, 100000, 65536)]
+    try:
+        driver.update_layer_id_map("layer", None, (new, new))
+        for name in ("dir/immutable", "dir/append-only", "locked"):
+            assert os.stat(os.path.join(root, name)).st_uid == 100000, name
+        assert stat.S_IMODE(os.stat(root + "/dir/immutable").st_mode) == 0o4755
+        assert inode_flags(root + "/dir/immutable") == ioctl_structs.FS_IMMUTABLE_FL
+        assert inode_flags(root + "/locked") == ioctl_structs.FS_IMMUTABLE_FL
+        assert inode_flags(root + "/dir/append-only") == ioctl_structs.FS_APPEND_FL
+    finally:
+        chattr("-i", root + "/dir/immutable", root + "/locked")
+        chattr("-a", root + "/dir/append-only")
+
+
+def test_remap_rejects_read_only_nested_subvolume(driver):
+    driver.create("layer")
+    root = driver.get("layer")
+    write(root + "/a", b"a")
+    btrfsdrv.create_subvolume(root + "/nested")
+    write(root + "/nested/file", b"x")
+    btrfsdrv.create_snapshot(root + "/nested", root + "/read-only", read_only=True)
+    new = [btrfsdrv.IDMap(0, 100000, 65536)]
+    with pytest.raises(OSError, match=r"btrfs property set .*/read-only ro false") as raised:
+        driver.update_layer_id_map("layer", None, (new, new))
+    assert raised.value.errno == errno.EROFS
+    assert raised.value.filename == root + "/read-only"
+    for name in ("a", "nested", "nested/file", "read-only/file"):
+        assert os.stat(os.path.join(root, name)).st_uid == 0, name
+
+
+def test_remap_error_names_layer_path(driver, monkeypatch):
+    driver.create("layer")
+    root = driver.get("layer")
+    write(root + "/dir/file", b"x")
+
+    def fail(inode, st, uid, gid):
+        raise OSError(errno.EIO, "Input/output error", inode)
+
+    monkeypatch.setattr(btrfsdrv, "_set_owner", fail)
+    new = [btrfsdrv.IDMap(0, 100000, 65536)]
+    with pytest.raises(OSError, match="change owner failed") as raised:
+        driver.update_layer_id_map("layer", None, (new, new))
+    assert raised.value.errno == errno.EIO
+    assert raised.value.filename == root + "/dir"
 
 
 def test_diff_skips_non_utf8_xattr_name(driver, caplog):
@@ -2248,8 +2308,11 @@ def test_quota_file_reader_random_contents(tmp_path):
 
 # -- Layer diffs ---------------------------------------------------------------
 
+import bz2  # noqa: E402
+import gzip  # noqa: E402
 import hashlib  # noqa: E402
 import io  # noqa: E402
+import lzma  # noqa: E402
 import random  # noqa: E402
 import struct  # noqa: E402
 import tarfile  # noqa: E402
@@ -2539,6 +2602,23 @@ def test_diff_close_early_releases(tmp_path):
     assert released == [True]
 
 
+def test_diff_names_file_that_shrinks(tmp_path, monkeypatch):
+    layer = str(tmp_path / "l")
+    write(layer + "/dir/file", b"x" * 100_000)
+    open_file = btrfsdrv._TarEntryWriter._open_file
+
+    def open_and_shrink(dir_fd, name, st, path):
+        data = open_file(dir_fd, name, st, path)
+        os.truncate(layer + "/dir/file", 10)  # as a running container could
+        return data
+
+    monkeypatch.setattr(btrfsdrv._TarEntryWriter, "_open_file", staticmethod(open_and_shrink))
+    with pytest.raises(OSError, match="shrank") as raised:
+        read_diff(layer)
+    assert raised.value.errno == errno.ESTALE
+    assert raised.value.filename == "/dir/file"
+
+
 def test_diff_apply_round_trip(tmp_path):
     parent, layer, target = str(tmp_path / "p"), str(tmp_path / "l"), str(tmp_path / "t")
     write(parent + "/etc/passwd", b"root", mtime=1000)
@@ -2582,6 +2662,22 @@ def test_apply_accepts_compressed_streams(tmp_path, compress):
     packed = subprocess.run([compress, "-c"], input=raw, stdout=subprocess.PIPE, check=True).stdout
     assert apply(layer, packed) == 5
     assert (layer / "dir" / "file").read_bytes() == b"hello"
+
+
+@pytest.mark.parametrize("read_size", [7, 4096, 1 << 20])
+def test_zstd_reader_returns_whole_frame(read_size):
+    data = bytes(3 << 20) + random_content(100_000, 3)
+    packed = compress_with(["zstd", "-c"], data)
+    reader = btrfsdrv._ZstdReader(io.BufferedReader(io.BytesIO(packed)))
+    output = bytearray()
+    buffer = bytearray(read_size)
+    while True:
+        count = reader.readinto(buffer)
+        if not count:
+            break
+        output += buffer[:count]
+    reader.close()
+    assert output == data
 
 
 def test_apply_without_libzstd_names_it(tmp_path, monkeypatch):
@@ -2732,6 +2828,17 @@ def test_apply_rejects_invalid_sparse_maps(tmp_path, sparse_map):
         apply(layer, sparse_tar(sparse_map, 5000, b"abcxyz"))
     assert os.listdir(layer) == ["f"]
     assert (layer / "f").read_bytes() == b"before"
+
+
+def test_apply_rejects_sparse_map_beyond_data(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    info, _ = entry("s")
+    info.pax_headers = {"GNU.sparse.map": "0,4,100,600", "GNU.sparse.size": "1000"}
+    raw = make_tar([entry("first", data=b"1"), (info, b"12345678"), entry("next", data=b"2")])
+    with pytest.raises(ValueError, match=r"entry 's'.*invalid sparse map.*604 bytes.*only 512"):
+        apply(layer, raw)
+    assert sorted(os.listdir(layer)) == ["first"]
 
 
 def test_apply_unmappable_owner(tmp_path):
@@ -2909,6 +3016,75 @@ def test_hostile_corrupt_header(trees):
         apply(layer, bytes(raw))
 
 
+def pax_header_tar(records, data):
+    """A tar whose second member, s, has the PAX records given as (key, value) byte pairs."""
+    body = b""
+    for key, value in records:
+        record = b" " + key + b"=" + value + b"\n"
+        length = len(record) + len(str(len(record)))
+        length += len(str(length)) - len(str(len(record)))
+        body += str(length).encode() + record
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type = tarfile.XHDTYPE
+    header.size = len(body)
+    member = tarfile.TarInfo("s")
+    member.size = len(data)
+    first = make_tar([entry("first", data=b"1")])[:1024]
+    return (first + header.tobuf(tarfile.USTAR_FORMAT) + body + b"\0" * (-len(body) % 512)
+            + member.tobuf(tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % 512) + b"\0" * 1024)
+
+
+SPARSE_1_0 = [(b"GNU.sparse.major", b"1"), (b"GNU.sparse.minor", b"0"), (b"GNU.sparse.realsize", b"100")]
+
+
+@pytest.mark.parametrize("records, data", [
+    ([(b"GNU.sparse.size", b"x")], b"12345678"),
+    ([(b"GNU.sparse.map", b"0,zz")], b"12345678"),
+    ([(b"GNU.sparse.map", b"0,4\xff")], b"12345678"),
+    (SPARSE_1_0, b"zz\n"),
+    (SPARSE_1_0, b"99999999999999999999\n"),
+], ids=["sparse-size", "sparse-map", "sparse-map-bytes", "sparse-1.0-map", "sparse-1.0-count"])
+def test_apply_names_offset_of_malformed_header(tmp_path, records, data):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    with pytest.raises(ValueError, match=r"^invalid layer tar at offset \d+ \(after entry 'first'\): "):
+        apply(layer, pax_header_tar(records, data))
+    assert sorted(os.listdir(layer)) == ["first"]
+
+
+def test_apply_bounds_sparse_1_0_map(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    data = b"1000000000\n" + b"0\n" * (2 << 20)
+    with pytest.raises(ValueError, match=r"offset \d+ \(after entry 'first'\): GNU sparse map is larger"):
+        apply(layer, gzip.compress(pax_header_tar(SPARSE_1_0, data)))
+
+
+def test_apply_names_offset_of_malformed_first_header(tmp_path):
+    raw = pax_header_tar([(b"GNU.sparse.size", b"x")], b"12345678")[1024:]
+    with pytest.raises(ValueError, match=r"^invalid layer tar at offset 0 \(after entry None\): malformed"):
+        apply(tmp_path, raw)
+
+
+@pytest.mark.parametrize("name", [".wh.gone", ".wh..wh.plnk/1"])
+def test_apply_unread_entry_with_huge_size_fails(tmp_path, name):
+    info, _ = entry(name)
+    info.pax_headers = {"size": str(10**20)}
+    raw = make_tar([entry("first", data=b"1"), (info, None)])
+
+    def time_out(signum, frame):
+        raise TimeoutError("apply_diff did not return")
+
+    previous = signal.signal(signal.SIGALRM, time_out)
+    signal.alarm(10)
+    try:
+        with pytest.raises(ValueError, match=r"offset \d+ \(after entry '.*'\): the entry's data ends"):
+            apply(tmp_path, raw)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_hostile_corrupt_gzip(trees):
     layer, sentinel, digest = trees
     packed = subprocess.run(["gzip", "-c"], input=make_tar([entry("f", data=os.urandom(50000))]),
@@ -2969,6 +3145,55 @@ def test_apply_random_and_mutated_tars_stay_inside(trees):
         assert no_temporaries(layer)
 
     run_cases(check, cases=1000)
+
+
+def flip_byte_inside(packed, marker):
+    """Return packed with one byte changed inside the first copy of marker, which must be stored verbatim."""
+    spoiled = bytearray(packed)
+    spoiled[packed.index(marker) + len(marker) // 2] ^= 0x01
+    return bytes(spoiled)
+
+
+def compress_with(command, raw):
+    if shutil.which(command[0]) is None:
+        pytest.skip(f"{command[0]} is not installed")
+    return subprocess.run(command, input=raw, stdout=subprocess.PIPE, check=True).stdout
+
+
+# Each case spoils a stream after the tar's last block, where only the
+# decompressor's end-of-stream checks can notice.
+SPOILED_STREAMS = {
+    "gzip-crc": lambda raw, data: flip_byte_inside(gzip.compress(raw, compresslevel=0), data),
+    "gzip-no-trailer": lambda raw, data: gzip.compress(raw)[:-8],
+    "xz-no-end": lambda raw, data: lzma.compress(raw)[:-24],
+    "bzip2-no-end": lambda raw, data: bz2.compress(raw)[:-4],
+    "zstd-checksum": lambda raw, data: flip_byte_inside(compress_with(["zstd", "-c", "--check"], raw), data),
+    "zstd-no-end": lambda raw, data: compress_with(["zstd", "-c", "--check"], raw)[:-4],
+}
+
+
+@pytest.mark.parametrize("spoil", sorted(SPOILED_STREAMS))
+def test_apply_checks_end_of_compressed_stream(tmp_path, spoil):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    # Incompressible and larger than the 1 MiB read buffers, so that the
+    # first entry is applied before the decompressor reaches the end.
+    data = random_content(3 << 20, 7)
+    raw = make_tar([entry("first", data=b"1"), entry("big", data=data)])
+    with pytest.raises(ValueError, match=r"truncated or corrupt \w+ stream") as raised:
+        apply(layer, SPOILED_STREAMS[spoil](raw, data[100_000:100_064]))
+    assert "offset" in str(raised.value)
+    assert (layer / "first").read_bytes() == b"1"  # entries before the error stay applied
+
+
+def test_apply_discards_data_after_plain_tar(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    raw = make_tar([entry("f", data=b"data")])
+    stream = io.BytesIO(raw + b"\0" * (3 << 20) + b"trailing bytes")
+    assert btrfsdrv.apply_layer_diff(str(layer), stream) == 4
+    assert stream.read() == b""  # read to the end, as a pipe writer needs
+    assert (layer / "f").read_bytes() == b"data"
 
 
 # ID-map updates -------------------------------------------------------------
