@@ -1376,7 +1376,7 @@ def _read_quota_file(quotas_fd: int | None, name: bytes, path: str) -> int | Non
     return int(stripped)
 
 
-# What _temporary_name returns; init deletes unlocked files with such names.
+# Names of temporary files, as _temporary_name makes them; init deletes unlocked ones.
 _TEMPORARY_NAME = re.compile(rb"\..*\.[0-9a-f]{12}\.tmp", re.DOTALL)
 
 
@@ -4500,7 +4500,7 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
             remaining -= len(chunk)
             report()
 
-    # What reading a tar header can raise. _CorruptStream is a ValueError, and
+    # Exceptions that reading a tar header can raise. _CorruptStream is a ValueError, and
     # OverflowError is caught as for entries, for numbers too large for C.
     header_errors = (tarfile.TarError, EOFError, ValueError, OverflowError)
     try:

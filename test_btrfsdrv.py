@@ -2751,7 +2751,7 @@ def parent_layer_with_hard_links(tmp_path):
     pytest.param([entry("e/b", data=b"new")], id="replace-other-name"),
     pytest.param([entry("e/c", tarfile.LNKTYPE, linkname="d/a")], id="link-to-it"),
 ])
-def test_apply_opaque_directory_removes_relinked_parent_files(tmp_path, first):
+def test_opaque_hides_relinked_parent_files(tmp_path, first):
     # Each first entry changes the ctime of d/a's inode through another name;
     # d/a still comes from the parent layer, so the opaque directory hides it.
     layer = parent_layer_with_hard_links(tmp_path)
@@ -2759,7 +2759,7 @@ def test_apply_opaque_directory_removes_relinked_parent_files(tmp_path, first):
     assert os.listdir(layer + "/d") == []
 
 
-def test_apply_opaque_directory_keeps_links_it_made_to_parent_files(tmp_path):
+def test_opaque_keeps_own_links(tmp_path):
     layer = parent_layer_with_hard_links(tmp_path)
     raw = make_tar([entry("d/own", tarfile.LNKTYPE, linkname="e/b"), entry("d/.wh..wh..opq"),
                     entry("e/.wh..wh..opq")])
@@ -4509,7 +4509,7 @@ def test_create_ignores_stale_quota_file(fs):
 
 
 @pytest.mark.parametrize("kind", ["directory", "fifo", "symlink"])
-def test_init_skips_temporary_name_that_is_not_a_file(fs, caplog, kind):
+def test_init_skips_non_file_temporaries(fs, caplog, kind):
     home = fs.path("home")
     entry = os.path.join(home, "quotas", ".layer.0123456789ab.tmp")
     os.makedirs(os.path.dirname(entry))
@@ -4707,7 +4707,7 @@ def test_sized_create_races_driver_init(fs):
         assert [worker.exitcode for worker in workers] == [0, 0, 0]
 
 
-def test_quota_file_is_locked_before_it_has_a_name(driver, monkeypatch):
+def test_quota_file_locked_before_named(driver, monkeypatch):
     real_flock = fcntl.flock
     cleanups = []
 
