@@ -771,13 +771,25 @@ _FS_IMMUTABLE_FL = 0x00000010
 _FS_APPEND_FL = 0x00000020
 
 
+def _inode_flags(fd: int) -> int | None:
+    """Return the inode flags of fd (FS_IOC_GETFLAGS), None on a filesystem without them."""
+    # The kernel reads and writes an int, although the request number
+    # encodes sizeof(long).
+    value = ctypes.c_int()
+    try:
+        fcntl.ioctl(fd, _structs.FS_IOC_GETFLAGS, value)
+    except OSError:
+        return None
+    return value.value
+
+
 def _clear_inode_flags(dir_fd: int, name: str | bytes | None) -> bool:
     """Clear the immutable and append-only flags of name (or of dir_fd itself).
 
     Return True when a flag was cleared.  Only regular files and directories
     are opened, so a FIFO or device node is never opened for its side effects.
     """
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+    open_flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
     try:
         if name is None:
             fd = os.dup(dir_fd)
@@ -785,19 +797,15 @@ def _clear_inode_flags(dir_fd: int, name: str | bytes | None) -> bool:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
                 return False
-            fd = os.open(name, flags, dir_fd=dir_fd)
+            fd = os.open(name, open_flags, dir_fd=dir_fd)
     except OSError:
         return False
     with _Fd(fd):
-        # The kernel reads and writes an int, although the request number
-        # encodes sizeof(long).
-        value = ctypes.c_int()
+        flags = _inode_flags(fd)
+        if flags is None or not flags & (_FS_IMMUTABLE_FL | _FS_APPEND_FL):
+            return False
         try:
-            fcntl.ioctl(fd, _structs.FS_IOC_GETFLAGS, value)
-            if not value.value & (_FS_IMMUTABLE_FL | _FS_APPEND_FL):
-                return False
-            value.value &= ~(_FS_IMMUTABLE_FL | _FS_APPEND_FL)
-            fcntl.ioctl(fd, _structs.FS_IOC_SETFLAGS, value)
+            fcntl.ioctl(fd, _structs.FS_IOC_SETFLAGS, ctypes.c_int(flags & ~(_FS_IMMUTABLE_FL | _FS_APPEND_FL)))
         except OSError:
             return False
     log.debug("cleared immutable and append-only flags of %s", os.fsdecode(name or b"."))
@@ -4643,15 +4651,8 @@ def _run_with_inode_flags_cleared(inode: str, st: os.stat_result, change: Callab
     except OSError:
         return False
     with _Fd(fd):
-        # The kernel reads and writes an int, although the request number
-        # encodes sizeof(long).
-        flags = ctypes.c_int()
-        try:
-            fcntl.ioctl(fd, _structs.FS_IOC_GETFLAGS, flags)
-        except OSError:
-            return False  # a filesystem without inode flags
-        original = flags.value
-        if not original & (_FS_IMMUTABLE_FL | _FS_APPEND_FL):
+        original = _inode_flags(fd)
+        if original is None or not original & (_FS_IMMUTABLE_FL | _FS_APPEND_FL):
             return False
         cleared = ctypes.c_int(original & ~(_FS_IMMUTABLE_FL | _FS_APPEND_FL))
         _ioctl(fd, _structs.FS_IOC_SETFLAGS, cleared, "clear immutable and append-only flags", path)
