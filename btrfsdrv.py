@@ -3216,6 +3216,20 @@ def _dirty_directory_paths(fd: int, tree_id: int, generation: int, path: str) ->
     return paths, changed
 
 
+def _nested_subvolume_directories(fd: int, tree_id: int, path: str) -> set[str]:
+    """Return the paths of the directories that contain a nested subvolume of the subvolume fd.
+
+    A snapshot has an empty placeholder directory where its source has a
+    nested subvolume, and the directory entry keeps the subvolume id, so the
+    tree search cannot see that difference.
+    """
+    directories = set()
+    for subvolume in find_nested_subvolumes(fd, tree_id, path):
+        parent = os.fsdecode(subvolume.path).rpartition("/")[0]
+        directories.add("/" + parent if parent else "")
+    return directories
+
+
 def _open_directory_path(root_fd: int, path: str) -> int | None:
     """Open a directory below root_fd without following symlinks; None if it is not one."""
     parts = _path_parts(path)
@@ -3274,6 +3288,7 @@ def _snapshot_changes(layer_dir: str, parent_dir: str) -> list[Change] | None:
                 layer_fd, int(layer_info.treeid), generation, layer_dir)
             parent_paths, parent_changed = _dirty_directory_paths(
                 parent_fd, int(parent_info.treeid), generation, parent_dir)
+            parent_paths |= _nested_subvolume_directories(parent_fd, int(parent_info.treeid), parent_dir)
         except OSError as error:
             if error.errno in (errno.EPERM, errno.EACCES, errno.ENOTTY, errno.EINVAL,
                                errno.EOPNOTSUPP, errno.ENAMETOOLONG):

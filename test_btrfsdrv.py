@@ -3706,6 +3706,20 @@ def test_fast_path_compares_nested_subvolumes(driver):
     assert driver.changes("child", "base") == full
 
 
+def test_fast_path_sees_placeholders_in_unchanged_directories(driver):
+    driver.create("base")
+    base = driver.get("base")
+    os.makedirs(base + "/dir/deeper")
+    btrfsdrv.create_subvolume(base + "/dir/deeper/nested")
+    write(base + "/dir/deeper/nested/inside", b"parent")
+    btrfsdrv.create_subvolume(base + "/top")
+    driver.create("child", "base")
+
+    full = btrfsdrv.layer_changes(driver.get("child"), base)
+    assert "/dir/deeper/nested/inside" in [change.path for change in full]
+    assert driver.changes("child", "base") == full
+
+
 def test_fast_path_declines_unrelated_layers(driver):
     driver.create("one")
     driver.create("two")
