@@ -1870,6 +1870,9 @@ class Driver:
         kernel would charge the ioctl's transaction to the layer's qgroup and
         return EDQUOT once the layer is over its new limit.
         """
+        if not _is_subvolume_stat(os.fstat(layer_fd)):
+            # The id would be that of the subvolume containing the directory.
+            raise _os_error(errno.EINVAL, "set layer limit", path, "the layer is not a subvolume")
         qgroup_id = _subvolume_id_of_fd(layer_fd, path)
         try:
             _set_layer_limit(home_fd, qgroup_id, size, path)
@@ -2038,6 +2041,7 @@ class Driver:
                     assert quotas_fd is not None
                     _write_file_atomically(quotas_fd, name, str(size).encode(), self._quota_file(name))
                 log.debug("wrote quota file for %s: %d bytes", path, size)
+                self._check_not_removed(subvolumes_fd, name, path, created)
             else:
                 # A quota file of this name is a leftover of a killed remove.
                 # NOTE: a remove and create of this id by another process
@@ -2047,6 +2051,21 @@ class Driver:
                 self._clear_inherited_limit(subvolumes_fd, layer_fd, path)
             if mount_label and _selinux_enabled():
                 _relabel(layer_fd, mount_label, path)
+
+    def _check_not_removed(self, subvolumes_fd: int, name: bytes, path: str, created: int | None) -> None:
+        """Raise ESTALE, deleting the new quota file, when another process removed the layer.
+
+        A remove that ran before the quota file was written could not delete
+        it, so the file would outlive its layer. When another layer has the
+        id by now, the quota file may be its own and stays.
+        """
+        current = self._subvolume_id_at(subvolumes_fd, name, path)
+        if current == created:
+            return
+        if current is None:
+            self._remove_quota_file(name)
+        raise _os_error(errno.ESTALE, "create layer", path,
+                        "another process removed the layer during the create; create it again")
 
     @staticmethod
     def _check_created_subvolume(layer_fd: int, path: str, created: int | None) -> None:
@@ -2258,6 +2277,8 @@ class Driver:
 
     def get(self, layer_id: str, options: Iterable[str] = (), *, mount_label: str = "") -> str:
         """Return the layer's directory, re-applying its size limit if it has one."""
+        if isinstance(options, (str, bytes)):
+            options = [os.fsdecode(options)]  # one option, not a sequence of characters
         for option in options:
             if option != "ro":
                 raise ValueError(f"invalid mount option {option!r}: btrfs layers take only 'ro'")
@@ -2269,7 +2290,11 @@ class Driver:
                 log.warning("ignoring quota file of %s: a limit of 0 bytes is not valid", layer_id)
             else:
                 with self._open_home() as home_fd, _Fd(_open_directory(path)) as layer_fd:
-                    self._apply_limit(home_fd, layer_fd, size, path)
+                    if _is_subvolume_stat(os.fstat(layer_fd)):
+                        self._apply_limit(home_fd, layer_fd, size, path)
+                    else:
+                        log.warning("ignoring quota file of %s: the layer is a plain directory (a copied "
+                                    "store?), not a subvolume, so it cannot have a limit", path)
         return path
 
     def _require_layer(self, layer_id: str, path: str) -> os.stat_result:

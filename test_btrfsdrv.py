@@ -2151,6 +2151,51 @@ def test_create_leaves_layer_that_replaced_it_alone(driver, fs, monkeypatch):
     assert qgroup_limits(fs)[btrfsdrv.subvolume_id(driver.get("layer"))] == 8 * 1024**2
 
 
+def test_sized_create_removed_before_quota_file(driver, fs, monkeypatch):
+    driver.create("base")
+    original = btrfsdrv._write_file_atomically
+
+    def remove_then_write(*args, **kwargs):
+        # Another process removes the new layer before its quota file exists.
+        monkeypatch.setattr(btrfsdrv, "_write_file_atomically", original)
+        driver.remove("layer")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(btrfsdrv, "_write_file_atomically", remove_then_write)
+    with pytest.raises(OSError, match="removed the layer during the create") as raised:
+        driver.create("layer", "base", storage_opt={"size": "8m"})
+
+    assert raised.value.errno == errno.ESTALE
+    assert not driver.exists("layer")
+    assert os.listdir(os.path.join(driver.home, "quotas")) == []
+
+
+def test_get_ignores_quota_file_of_plain_directory(fs, caplog):
+    # A store copied with cp -a or rsync has plain directories for layers.
+    home = fs.path("home")
+    os.makedirs(os.path.join(home, "subvolumes", "copied"))
+    os.makedirs(os.path.join(home, "quotas"))
+    with open(os.path.join(home, "quotas", "copied"), "w") as quota:
+        quota.write(str(1024**2))
+    with btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as driver:
+        driver.create("sized", storage_opt={"size": "16m"})  # turns quota on
+        with caplog.at_level("WARNING", logger="btrfsdrv"):
+            assert driver.get("copied") == os.path.join(home, "subvolumes", "copied")
+        assert "plain directory" in caplog.text
+        assert qgroup_limits(fs).get(5) is None
+        with open(fs.path("outside"), "wb") as output:
+            output.write(b"x" * (4 * 1024**2))
+        driver.remove("copied")
+        assert not os.path.exists(os.path.join(home, "quotas", "copied"))
+
+
+def test_get_takes_one_option_as_string(driver):
+    driver.create("base")
+    assert driver.get("base", "ro") == os.path.join(driver.home, "subvolumes", "base")
+    with pytest.raises(ValueError, match="invalid mount option 'rw'"):
+        driver.get("base", "rw")
+
+
 # -- Untrusted input at the edges (seeded property tests) ---------------------
 
 PROPERTY_SEED = int(os.environ.get("BTRFSDRV_SEED", "20261204"))
