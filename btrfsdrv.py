@@ -2527,6 +2527,16 @@ def _delete_nested_subvolume(layer_fd: int, subvolume: NestedSubvolume, path: An
     return True
 
 
+def _can_search_trees(fd: int) -> bool:
+    """Return whether the kernel lets this process search btrfs trees, which needs CAP_SYS_ADMIN."""
+    try:
+        for _ in tree_search(fd, BTRFS_ROOT_TREE_OBJECTID, (0, 0, 0), (0, 0, 0)):
+            pass
+    except PermissionError:
+        return False
+    return True
+
+
 def _delete_subvolume_or_contents(dir_fd: int, name: bytes, path: Any) -> None:
     """Destroy subvolume name; without the privilege to, empty it and rmdir it.
 
@@ -2539,6 +2549,14 @@ def _delete_subvolume_or_contents(dir_fd: int, name: bytes, path: Any) -> None:
     except OSError as error:
         if error.errno not in (errno.EPERM, errno.EACCES):
             raise
+        if error.errno == errno.EPERM and _can_search_trees(dir_fd):
+            # Emptying the subvolume would not help: rmdir checks the same.
+            raise _os_error(
+                errno.EPERM, "delete subvolume", path,
+                "the kernel refuses to delete it although this process has CAP_SYS_ADMIN; it may be "
+                "the filesystem's default subvolume (btrfs subvolume get-default), hold an active "
+                "swap file, or be in use by btrfs send",
+            ) from None
         log.debug("cannot destroy subvolume %s (%s); deleting its files", os.fsdecode(path), error)
     with _Fd(_open_directory(name, dir_fd=dir_fd)) as fd:
         try:

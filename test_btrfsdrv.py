@@ -2196,6 +2196,23 @@ def test_get_takes_one_option_as_string(driver):
         driver.get("base", "rw")
 
 
+def test_remove_default_subvolume_keeps_files(driver, fs):
+    driver.create("keep")
+    root = driver.get("keep")
+    write(os.path.join(root, "dir", "file"), b"kept")
+    fs.btrfs("subvolume", "set-default", str(btrfsdrv.subvolume_id(root)), fs.mountpoint)
+
+    with pytest.raises(PermissionError, match="default subvolume") as raised:
+        driver.remove("keep")
+    assert raised.value.filename == root
+    with open(os.path.join(root, "dir", "file"), "rb") as data:
+        assert data.read() == b"kept"
+
+    fs.btrfs("subvolume", "set-default", "5", fs.mountpoint)
+    driver.remove("keep")
+    assert not driver.exists("keep")
+
+
 # -- Untrusted input at the edges (seeded property tests) ---------------------
 
 PROPERTY_SEED = int(os.environ.get("BTRFSDRV_SEED", "20261204"))
