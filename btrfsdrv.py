@@ -5081,17 +5081,32 @@ def _print_result(command: str, result: Any, as_json: bool) -> None:
     import json
 
     if as_json:
-        print(json.dumps(result, indent=2, sort_keys=True))
+        _print_line(json.dumps(result, indent=2, sort_keys=True))
     elif isinstance(result, bool):
-        print("true" if result else "false")
+        _print_line("true" if result else "false")
     elif isinstance(result, dict):
         for key, value in result.items():
-            print(f"{key}: {value}")
+            _print_line(f"{key}: {value}")
     elif isinstance(result, list):
         for item in result:
-            print(item)
+            _print_line(item)
     elif result is not None:
-        print(result)
+        _print_line(result)
+
+
+def _print_line(value: Any) -> None:
+    """Write str(value) and a newline to stdout, a decoded path as its original bytes.
+
+    A layer path that is not UTF-8 comes out as its own bytes, which a shell
+    can use, whatever encoding stdout has.
+    """
+    text = str(value)
+    stdout = getattr(sys.stdout, "buffer", None)
+    if stdout is None:
+        print(text)
+        return
+    sys.stdout.flush()
+    stdout.write(os.fsencode(text) + b"\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -5111,11 +5126,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+    try:
+        if args.command != "exists" or args.json:
+            _print_result(args.command, result, args.json)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader closed the pipe early, as `| head` does. Python would
+        # report the failed flush again at exit, so stdout goes to /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
     if args.command == "exists":
-        if args.json:
-            _print_result(args.command, result, True)
         return EXIT_SUCCESS if result else EXIT_NO
-    _print_result(args.command, result, args.json)
     return EXIT_SUCCESS
 
 

@@ -1511,6 +1511,30 @@ def run_cli(home, *arguments):
     )
 
 
+def test_cli_prints_path_bytes_in_any_encoding(driver):
+    name = b"made-by-hand-\xff"
+    os.mkdir(os.path.join(os.fsencode(driver.home), b"subvolumes", name))
+    result = subprocess.run(
+        [sys.executable, btrfsdrv.__file__, "--home", driver.home, "get", os.fsdecode(name)],
+        capture_output=True, env={**os.environ, "PYTHONIOENCODING": "ascii:strict"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == os.path.join(os.fsencode(driver.home), b"subvolumes", name) + b"\n"
+
+
+def test_cli_output_to_closed_pipe(driver):
+    driver.create("base")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe now fails with EPIPE
+    try:
+        result = subprocess.run([sys.executable, btrfsdrv.__file__, "--home", driver.home, "list"],
+                                stdout=write_end, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    assert result.returncode == btrfsdrv.EXIT_FAILURE
+    assert "Traceback" not in result.stderr
+
+
 def test_cli_create_list_remove(fs):
     home = fs.path("home")
     assert run_cli(home, "create", "base").returncode == 0
