@@ -3380,13 +3380,7 @@ class _TarEntryWriter:
             return
         if info.type != tarfile.LNKTYPE:
             xattrs = _read_xattrs(data.fileno()) if data is not None else _entry_xattrs(dir_fd, name, st)
-            info.pax_headers = {"SCHILY.xattr." + key: value.decode("utf-8", "surrogateescape")
-                                for key, value in xattrs.items() if _is_utf8(key)}
-            for key in xattrs:
-                if not _is_utf8(key):
-                    # PAX records need UTF-8 keys, so such a name cannot be carried.
-                    log.warning("not carrying extended attribute %r of %s: its name is not UTF-8",
-                                key, archive_name)
+            info.pax_headers = self._xattr_records(xattrs, archive_name)
         try:
             self.tar.addfile(info, data)
         except OSError as error:
@@ -3401,6 +3395,27 @@ class _TarEntryWriter:
             if data is not None:
                 data.close()
         _forget_tar_members(self.tar)  # tarfile keeps every member written; memory must stay flat
+
+    @staticmethod
+    def _xattr_records(xattrs: dict[str, bytes], archive_name: str) -> dict[str, str]:
+        """Return the SCHILY.xattr PAX records of an entry's extended attributes.
+
+        A PAX record's key must be UTF-8, and a reader ends it at the first
+        "=", so a name that is not UTF-8 or contains "=" is skipped with a
+        warning: "user.a=b" with value "v" would come back as "user.a" with
+        value "b=v".
+        """
+        records = {}
+        for key, value in xattrs.items():
+            if not _is_utf8(key):
+                log.warning("not carrying extended attribute %r of %s: its name is not UTF-8",
+                            key, archive_name)
+            elif "=" in key:
+                log.warning("not carrying extended attribute %r of %s: its name contains '=', "
+                            "which ends the key of a PAX record", key, archive_name)
+            else:
+                records["SCHILY.xattr." + key] = value.decode("utf-8", "surrogateescape")
+        return records
 
     @staticmethod
     def _open_file(dir_fd: int, name: str, st: os.stat_result, path: str) -> io.BufferedReader:

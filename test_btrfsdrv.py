@@ -2090,6 +2090,23 @@ def test_diff_skips_non_utf8_xattr_name(driver, caplog):
     assert "not UTF-8" in caplog.text
 
 
+def test_diff_skips_xattr_name_with_equals(driver, caplog):
+    driver.create("layer")
+    root = driver.get("layer")
+    write(root + "/x", b"x")
+    os.setxattr(root + "/x", "user.a=b", b"v")
+    os.setxattr(root + "/x", "user.ok", b"kept")
+    with caplog.at_level("WARNING", logger="btrfsdrv"), driver.diff("layer") as stream:
+        raw = stream.read()
+    driver.create("copy")
+    driver.apply_diff("copy", io.BytesIO(raw))
+    names = os.listxattr(driver.get("copy") + "/x")
+    assert os.getxattr(driver.get("copy") + "/x", "user.ok") == b"kept"
+    assert "user.a" not in names
+    assert "user.a=b" not in names
+    assert "contains '='" in caplog.text
+
+
 @pytest.mark.parametrize("kind", ["pax", "longname"])
 def test_apply_rejects_huge_extended_header(driver, kind):
     import gzip
