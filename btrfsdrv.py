@@ -4246,10 +4246,12 @@ class _LayerApplier:
         existing = _lstat_at(parent_fd, name) if name is not None else None
         if name is None or (existing is not None and stat.S_ISDIR(existing.st_mode)):
             # Both are directories: only the metadata of the existing one changes.
-            # NOTE: when the kernel rejects an xattr here, the owner and mode set
-            # before it stay changed; the directory and its contents remain.
+            # NOTE: when the kernel rejects an xattr here, the xattrs removed and
+            # the owner and mode set before it stay changed. The directory and
+            # its contents remain.
             fd = os.dup(parent_fd) if name is None else _open_directory(name, parent_fd)
             try:
+                self.remove_unlisted_xattrs(fd, member, path)
                 self.set_fd_metadata(fd, member, path)
             finally:
                 os.close(fd)
@@ -4257,6 +4259,30 @@ class _LayerApplier:
             self.install_directory(parent_fd, parts, member, path)
         mtime_ns = int(member.mtime * _NS_PER_SECOND)
         self.dir_times.add(parts, mtime_ns, mtime_ns)
+
+    def remove_unlisted_xattrs(self, fd: int, member: tarfile.TarInfo, path: str) -> None:
+        """Remove the carried extended attributes of fd that the entry does not list.
+
+        An entry lists every carried extended attribute of its inode, so one
+        it leaves out was removed in the layer. Names that a diff does not
+        carry (security.selinux, trusted.*) stay.
+        """
+        listed = self.xattrs(member)
+        try:
+            names = os.listxattr(fd)
+        except OSError as error:
+            if error.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                return
+            raise
+        for name in names:
+            if not _is_carried_xattr(name) or name in listed:
+                continue
+            try:
+                os.removexattr(fd, name)
+            except OSError as error:
+                if error.errno != errno.ENODATA:
+                    raise
+            log.debug("removed extended attribute %s of %s", name, path)
 
     def install_directory(self, parent_fd: int, parts: list[str], member: tarfile.TarInfo, path: str) -> None:
         """Make a new directory under a temporary name, then move it over what is at parts.

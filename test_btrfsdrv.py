@@ -2090,6 +2090,25 @@ def test_diff_skips_non_utf8_xattr_name(driver, caplog):
     assert "not UTF-8" in caplog.text
 
 
+def test_apply_removes_xattrs_missing_from_directory(driver):
+    driver.create("base")
+    base = driver.get("base")
+    os.mkdir(base + "/d")
+    os.setxattr(base + "/d", "user.t", b"old")
+    os.setxattr(base + "/d", "user.keep", b"kept")
+    os.setxattr(base + "/d", "trusted.local", b"not carried")
+    driver.create("child", "base")
+    os.removexattr(driver.get("child") + "/d", "user.t")
+    with driver.diff("child", "base") as stream:
+        raw = stream.read()
+    driver.create("target", "base")
+    driver.apply_diff("target", io.BytesIO(raw))
+    merged = driver.get("target") + "/d"
+    assert "user.t" not in os.listxattr(merged)
+    assert os.getxattr(merged, "user.keep") == b"kept"
+    assert os.getxattr(merged, "trusted.local") == b"not carried"
+
+
 def test_diff_skips_xattr_name_with_equals(driver, caplog):
     driver.create("layer")
     root = driver.get("layer")
