@@ -2689,12 +2689,14 @@ def _path_parts(path: str) -> list[str]:
     return parts
 
 
-def _open_entry_parent(root_fd: int, parts: Sequence[str], path: str, create: bool = False) -> int | None:
+def _open_entry_parent(root_fd: int, parts: Sequence[str], path: str, create: bool = False,
+                       created: list[Sequence[str]] | None = None) -> int | None:
     """Open the directory that contains parts[-1], walking from root_fd.
 
     No component is followed if it is a symlink. Returns None when a component
     is missing and create is false; with create, missing directories are made
-    with mode 0755. Raises ValueError when a component is not a directory.
+    with mode 0755, and the components of each one made are appended to
+    created. Raises ValueError when a component is not a directory.
     """
     fd = os.dup(root_fd)
     try:
@@ -2706,6 +2708,8 @@ def _open_entry_parent(root_fd: int, parts: Sequence[str], path: str, create: bo
                     os.close(fd)
                     return None
                 os.mkdir(part, 0o755, dir_fd=fd)
+                if created is not None:
+                    created.append(parts[:index + 1])
                 child = _open_directory(part, fd)
             except (NotADirectoryError, OSError) as error:
                 if error.errno not in (errno.ENOTDIR, errno.ELOOP):
@@ -2859,8 +2863,8 @@ def _read_xattrs(target: int | bytes) -> dict[str, bytes]:
 
 
 def _entry_xattrs(dir_fd: int, name: str, st: os.stat_result) -> dict[str, bytes]:
-    # user.* exists only on regular files and directories, and
-    # security.capability only on regular files, so others are not read.
+    # Linux allows user.* only on regular files and directories, and exec
+    # reads security.capability only from regular files, so others are not read.
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         return {}
     return _read_xattrs(_fd_path(dir_fd, name))
@@ -3898,6 +3902,13 @@ _TAR_DEVICE_MAX = 2**32 - 1
 _TAR_MTIME_MAX = 2**63 // 1_000_000_000 - 1
 _XATTR_NAME_MAX = 255  # XATTR_NAME_MAX of linux/limits.h
 _XATTR_SIZE_MAX = 65536  # XATTR_SIZE_MAX of linux/limits.h
+_PATH_MAX = 4096  # PATH_MAX of linux/limits.h, with the terminating NUL
+# struct vfs_cap_data sizes and magic_etc values of linux/capability.h.
+_VFS_CAP_SIZE_2 = 20
+_VFS_CAP_SIZE_3 = 24
+_VFS_CAP_REVISION_2 = 0x02000000
+_VFS_CAP_REVISION_3 = 0x03000000
+_VFS_CAP_FLAGS_EFFECTIVE = 0x000001
 
 
 # tarfile reads a PAX extended header or a GNU long name whole into memory,
@@ -3989,6 +4000,58 @@ def _check_xattrs(xattrs: dict[str, bytes]) -> None:
             raise ValueError(f"invalid extended attribute name {name!r}")
         if len(value) > _XATTR_SIZE_MAX:
             raise ValueError(f"extended attribute {name!r} is {len(value)} bytes, more than {_XATTR_SIZE_MAX}")
+        if name == "security.capability":
+            _check_capability(value)
+
+
+def _check_symlink_target(member: tarfile.TarInfo) -> None:
+    """Raise ValueError for a symlink target longer than Linux allows.
+
+    symlink(2) takes a target of up to PATH_MAX (4096) bytes with its
+    terminating NUL. btrfs stores a target inline in one leaf, so with 4 KiB
+    nodes it allows only 3949 bytes, and the kernel rejects a longer target
+    with ENAMETOOLONG.
+    """
+    size = len(member.linkname.encode("utf-8", "surrogateescape"))
+    if size >= _PATH_MAX:
+        raise ValueError(f"symlink target is {size} bytes, but Linux allows at most {_PATH_MAX - 1}")
+
+
+def _check_xattr_file_type(member: tarfile.TarInfo, xattrs: dict[str, bytes]) -> None:
+    """Raise ValueError for a user.* extended attribute on a device node or FIFO.
+
+    Linux allows user.* only on regular files and directories (EPERM
+    otherwise). Symlinks and hard links are not checked, because the applier
+    sets no extended attributes on them.
+    """
+    if member.ischr():
+        kind = "character device"
+    elif member.isblk():
+        kind = "block device"
+    elif member.isfifo():
+        kind = "FIFO"
+    else:
+        return
+    for name in xattrs:
+        if name.startswith("user."):
+            raise ValueError(f"extended attribute {name!r} is not allowed on a {kind}: Linux allows "
+                             "user.* only on regular files and directories")
+
+
+def _check_capability(value: bytes) -> None:
+    """Raise ValueError unless value is a security.capability that Linux accepts.
+
+    Since Linux 4.14 setxattr takes only a version 2 (20 bytes) or version
+    3 (24 bytes) struct vfs_cap_data, whose magic_etc field is
+    VFS_CAP_REVISION_2 or _3, optionally with VFS_CAP_FLAGS_EFFECTIVE.
+    """
+    revisions = {_VFS_CAP_SIZE_2: _VFS_CAP_REVISION_2, _VFS_CAP_SIZE_3: _VFS_CAP_REVISION_3}
+    if len(value) in revisions:
+        magic = struct.unpack_from("<I", value)[0]
+        if magic & ~_VFS_CAP_FLAGS_EFFECTIVE == revisions[len(value)]:
+            return
+    raise ValueError(f"invalid security.capability of {len(value)} bytes: expected a version 2 "
+                     f"({_VFS_CAP_SIZE_2} bytes) or version 3 ({_VFS_CAP_SIZE_3} bytes) vfs_cap_data")
 
 
 def _sparse_regions(member: tarfile.TarInfo, stored_size: int) -> list[tuple[int, int]]:
@@ -4042,6 +4105,9 @@ class _LayerApplier:
         self.root_dev = os.fstat(root_fd).st_dev
         self.warned_chown = False
         self.parent_cache: tuple[tuple[str, ...], int] | None = None
+        # The directories that entry_parent made for the current entry, as
+        # their components, in the order they were made.
+        self.created_parents: list[Sequence[str]] = []
 
     def close(self) -> None:
         self.forget_parent()
@@ -4115,6 +4181,15 @@ class _LayerApplier:
     # Entries ------------------------------------------------------------
 
     def apply(self, member: tarfile.TarInfo, data_reader: _DataReader) -> None:
+        """Apply one entry. When it fails, the parent directories made for it are removed again."""
+        self.created_parents = []
+        try:
+            self.apply_entry(member, data_reader)
+        except BaseException:
+            self.remove_created_parents(member.name)
+            raise
+
+    def apply_entry(self, member: tarfile.TarInfo, data_reader: _DataReader) -> None:
         path = member.name
         parts = _path_parts(path)
         if parts and parts[0].startswith(WHITEOUT_META_PREFIX) and parts[-1] != WHITEOUT_OPAQUE_DIR:
@@ -4125,7 +4200,11 @@ class _LayerApplier:
         # Reject what would fail halfway before anything at the path is replaced.
         _check_member_values(member)
         self.host_owner(member, path)
-        _check_xattrs(self.xattrs(member))
+        xattrs = self.xattrs(member)
+        _check_xattrs(xattrs)
+        _check_xattr_file_type(member, xattrs)
+        if member.issym():
+            _check_symlink_target(member)
         if not parts:
             if not member.isdir():
                 raise ValueError(f"entry {path!r} names the layer root but is not a directory")
@@ -4155,11 +4234,34 @@ class _LayerApplier:
         key = tuple(parts[:-1])
         if self.parent_cache is not None and self.parent_cache[0] == key:
             return self.parent_cache[1]
-        fd = _open_entry_parent(self.root_fd, parts, path, create=True)
+        fd = _open_entry_parent(self.root_fd, parts, path, create=True, created=self.created_parents)
         assert fd is not None  # with create, missing directories are made
         self.forget_parent()
         self.parent_cache = (key, fd)
         return fd
+
+    def remove_created_parents(self, path: str) -> None:
+        """Remove the directories that entry_parent made for the failed entry path, deepest first.
+
+        A directory that is not empty, or that cannot be removed for another
+        reason, stays.
+        """
+        if not self.created_parents:
+            return
+        self.forget_parent()  # the kept fd can be one of them
+        for parts in reversed(self.created_parents):
+            directory = "/".join(parts)
+            try:
+                dir_fd = _open_entry_parent(self.root_fd, parts, directory)
+                if dir_fd is None:
+                    continue
+                with _Fd(dir_fd):
+                    os.rmdir(parts[-1], dir_fd=dir_fd)
+            except (OSError, ValueError) as error:
+                log.debug("kept directory %s made for the failed entry %s: %s", directory, path, error)
+                continue
+            log.debug("removed directory %s made for the failed entry %s", directory, path)
+        self.created_parents = []
 
     def forget_parent(self) -> None:
         """Drop the kept parent fd, because a removal may have taken its directory."""
