@@ -783,13 +783,15 @@ def _inode_flags(fd: int) -> int | None:
     return value.value
 
 
+_FLAGS_OPEN = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+
+
 def _clear_inode_flags(dir_fd: int, name: str | bytes | None) -> bool:
     """Clear the immutable and append-only flags of name (or of dir_fd itself).
 
     Return True when a flag was cleared.  Only regular files and directories
     are opened, so a FIFO or device node is never opened for its side effects.
     """
-    open_flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
     try:
         if name is None:
             fd = os.dup(dir_fd)
@@ -797,7 +799,7 @@ def _clear_inode_flags(dir_fd: int, name: str | bytes | None) -> bool:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
                 return False
-            fd = os.open(name, open_flags, dir_fd=dir_fd)
+            fd = os.open(name, _FLAGS_OPEN, dir_fd=dir_fd)
     except OSError:
         return False
     with _Fd(fd):
@@ -810,6 +812,58 @@ def _clear_inode_flags(dir_fd: int, name: str | bytes | None) -> bool:
             return False
     log.debug("cleared immutable and append-only flags of %s", os.fsdecode(name or b"."))
     return True
+
+
+class _SavedInodeFlags:
+    """The immutable and append-only flags of an inode, to set again after a removal cleared them.
+
+    An fd of the inode stays open until restore(), so the flags go back on
+    the inode that was saved, whatever names it has by then.
+    """
+
+    __slots__ = ("fd", "flags")
+
+    def __init__(self, fd: int, flags: int) -> None:
+        self.fd = fd
+        self.flags = flags
+
+    @classmethod
+    def of_fd(cls, fd: int) -> _SavedInodeFlags | None:
+        """Save the flags of fd's inode with a duplicate of fd. Return None when it has neither flag."""
+        flags = _inode_flags(fd)
+        if flags is None or not flags & (_FS_IMMUTABLE_FL | _FS_APPEND_FL):
+            return None
+        return cls(os.dup(fd), flags)
+
+    @classmethod
+    def of_file(cls, dir_fd: int, name: str, st: os.stat_result) -> _SavedInodeFlags | None:
+        """Save the flags of the regular file name, whose lstat is st.
+
+        Return None when it has neither flag or is no longer the inode of st.
+        """
+        try:
+            fd = os.open(name, _FLAGS_OPEN, dir_fd=dir_fd)
+        except OSError:
+            return None
+        with _Fd(fd):
+            if not os.path.samestat(os.fstat(fd), st):
+                return None
+            return cls.of_fd(fd)
+
+    def restore(self) -> None:
+        """Set the saved flags again where they are cleared, and close the fd."""
+        with _Fd(self.fd):
+            current = _inode_flags(self.fd)
+            cleared = self.flags & (_FS_IMMUTABLE_FL | _FS_APPEND_FL) & ~(current or 0)
+            if current is None or not cleared:
+                return
+            try:
+                path = os.readlink(f"/proc/self/fd/{self.fd}")
+            except OSError:
+                path = f"/proc/self/fd/{self.fd}"
+            _ioctl(self.fd, _structs.FS_IOC_SETFLAGS, ctypes.c_int(current | cleared),
+                   "set immutable and append-only flags again", path)
+        log.debug("set the immutable and append-only flags of %s again", path)
 
 
 def _make_owner_accessible(dir_fd: int, name: str | bytes | None) -> bool:
@@ -848,6 +902,11 @@ def _unlink_at(dir_fd: int, name: str | bytes, is_dir: bool) -> None:
             changed = _clear_inode_flags(dir_fd, name) | _clear_inode_flags(dir_fd, None)
             if attempt or not (changed | _make_owner_accessible(dir_fd, None)):
                 raise
+
+
+def _unlink_file(dir_fd: int, name: str) -> None:
+    """Unlink a non-directory as _remove_tree does by default."""
+    _unlink_at(dir_fd, name, is_dir=False)
 
 
 def _remove_contents(top_fd: int, path: Any) -> None:
@@ -2746,19 +2805,19 @@ def _open_entered_directory(dir_fd: int, name: str) -> int:
     return fd
 
 
-def _remove_tree(dir_fd: int, name: str, before_unlink: Callable[[int, str], None] | None = None) -> None:
+def _remove_tree(dir_fd: int, name: str, unlink: Callable[[int, str], None] = _unlink_file) -> None:
     """Remove name inside dir_fd and, if it is a directory, all below it.
 
     The walk is fd-relative and never follows a symlink or enters a mount, so
     it cannot leave the tree that it removes. Immutable and append-only
     flags are cleared where they block a deletion, and read-only nested
-    subvolumes are made writable. before_unlink(dir_fd, name) is called before
-    each non-directory is unlinked (and for name itself before anything).
+    subvolumes are made writable. unlink(dir_fd, name) removes each
+    non-directory, and is called for name itself first. Like _unlink_at, it
+    must raise IsADirectoryError for a directory and FileNotFoundError for a
+    missing name.
     """
-    if before_unlink is not None:
-        before_unlink(dir_fd, name)
     try:
-        _unlink_at(dir_fd, name, is_dir=False)
+        unlink(dir_fd, name)
         return
     except FileNotFoundError:
         return
@@ -2777,10 +2836,8 @@ def _remove_tree(dir_fd: int, name: str, before_unlink: Callable[[int, str], Non
                     stack.append((fd, entry.name, child, os.scandir(child)))
                     descended = True
                     break
-                if before_unlink is not None:
-                    before_unlink(fd, entry.name)
                 try:
-                    _unlink_at(fd, entry.name, is_dir=False)
+                    unlink(fd, entry.name)
                 except FileNotFoundError:
                     pass
             if descended:
@@ -4320,17 +4377,56 @@ class _LayerApplier:
     def is_parent_inode(self, st: os.stat_result) -> bool:
         return st.st_ctime_ns < self.epoch_ns or (st.st_dev, st.st_ino) in self.relinked
 
-    def note_unlink(self, dir_fd: int, name: str) -> None:
-        """Remember a parent-layer inode that keeps other names after name is unlinked."""
+    def unlink(self, dir_fd: int, name: str) -> None:
+        """Unlink a non-directory for _remove_tree.
+
+        An inode with other names survives the unlink, so it is noted for
+        opaque directories and keeps its immutable and append-only flags,
+        which _unlink_at clears when they block the unlink.
+        """
         st = _lstat_at(dir_fd, name)
-        if st is not None and st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) and self.is_parent_inode(st):
-            self.relinked.add((st.st_dev, st.st_ino))
+        saved = None
+        if st is not None and st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            if self.is_parent_inode(st):
+                self.relinked.add((st.st_dev, st.st_ino))
+            if stat.S_ISREG(st.st_mode):
+                saved = _SavedInodeFlags.of_file(dir_fd, name, st)
+        try:
+            _unlink_at(dir_fd, name, is_dir=False)
+        finally:
+            if saved is not None:
+                saved.restore()
 
     def remove_tree(self, dir_fd: int, name: str) -> None:
-        _remove_tree(dir_fd, name, self.note_unlink)
+        """Remove name in dir_fd and all below it, keeping the immutable and append-only flags of dir_fd."""
+        saved = _SavedInodeFlags.of_fd(dir_fd)
+        try:
+            _remove_tree(dir_fd, name, self.unlink)
+        finally:
+            if saved is not None:
+                saved.restore()
+
+    def move_into_place(self, staging_fd: int, temporary: str, parent_fd: int, parts: list[str]) -> None:
+        """Rename temporary (in staging_fd) to parts[-1] in parent_fd, replacing what is there.
+
+        When removing the old entry clears the immutable or append-only flags
+        of parent_fd, they stay cleared for the rename and are set again after
+        it, also when it fails.
+        """
+        saved = _SavedInodeFlags.of_fd(parent_fd)
+        try:
+            self.remove_existing(parent_fd, parts, keep_directory=False)
+            os.rename(temporary, parts[-1], src_dir_fd=staging_fd, dst_dir_fd=parent_fd)
+        finally:
+            if saved is not None:
+                saved.restore()
 
     def remove_existing(self, dir_fd: int, parts: list[str], keep_directory: bool) -> os.stat_result | None:
-        """Remove what is at parts (inside dir_fd) unless both it and the new entry are directories."""
+        """Remove what is at parts (inside dir_fd) unless both it and the new entry are directories.
+
+        The immutable and append-only flags of dir_fd stay cleared if the
+        removal clears them, and callers set them again.
+        """
         name = parts[-1]
         st = _lstat_at(dir_fd, name)
         if st is None:
@@ -4340,7 +4436,7 @@ class _LayerApplier:
         if stat.S_ISDIR(st.st_mode) and self.parent_cache is not None:
             if self.parent_cache[0][:len(parts)] == tuple(parts):
                 self.forget_parent()  # the kept directory is inside the one removed
-        self.remove_tree(dir_fd, name)
+        _remove_tree(dir_fd, name, self.unlink)
         return None
 
     def apply_directory(self, parent_fd: int, name: str | None, parts: list[str], member: tarfile.TarInfo,
@@ -4402,8 +4498,7 @@ class _LayerApplier:
                 self.set_fd_metadata(fd, member, path)
             finally:
                 os.close(fd)
-            self.remove_existing(parent_fd, parts, keep_directory=False)
-            os.rename(temporary, parts[-1], src_dir_fd=staging_fd, dst_dir_fd=parent_fd)
+            self.move_into_place(staging_fd, temporary, parent_fd, parts)
             installed = True
         finally:
             if not installed:
@@ -4425,8 +4520,7 @@ class _LayerApplier:
             if self.staging_fd(parent_fd) != self.root_fd:
                 self.copy_into_subvolume(fd, parent_fd, parts, member, path)
                 return
-            self.remove_existing(parent_fd, parts, keep_directory=False)
-            os.rename(temporary, parts[-1], src_dir_fd=self.root_fd, dst_dir_fd=parent_fd)
+            self.move_into_place(self.root_fd, temporary, parent_fd, parts)
             installed = True
         finally:
             os.close(fd)
@@ -4460,8 +4554,7 @@ class _LayerApplier:
                     break
                 os.write(fd, chunk)
             self.set_fd_metadata(fd, member, path)
-            self.remove_existing(parent_fd, parts, keep_directory=False)
-            os.rename(temporary, parts[-1], src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+            self.move_into_place(parent_fd, temporary, parent_fd, parts)
             installed = True
         finally:
             os.close(fd)
@@ -4492,8 +4585,7 @@ class _LayerApplier:
             if not member.islnk():
                 # A hard link shares the metadata of its target, as with GNU tar.
                 self.set_path_metadata(root_fd, temporary, member, path)
-            self.remove_existing(parent_fd, parts, keep_directory=False)
-            os.rename(temporary, parts[-1], src_dir_fd=root_fd, dst_dir_fd=parent_fd)
+            self.move_into_place(root_fd, temporary, parent_fd, parts)
             if linked_parent_inode:
                 parent_st = os.fstat(parent_fd)
                 self.linked_names.add((parent_st.st_dev, parent_st.st_ino, parts[-1]))

@@ -4333,6 +4333,58 @@ def test_apply_removes_immutable_and_read_only_contents(driver):
         assert data.read() == b"a file now"
 
 
+def test_apply_keeps_flags_of_surviving_inodes(driver):
+    driver.create("base")
+    base = driver.get("base")
+    write(base + "/etc/x")
+    write(base + "/etc/y", b"old")
+    write(base + "/lib/h", b"linked")
+    os.link(base + "/lib/h", base + "/etc/h2")
+    os.mkdir(base + "/opt")
+    os.link(base + "/lib/h", base + "/opt/h3")
+    write(base + "/var/old")
+    chattr("+i", base + "/lib/h", base + "/etc")
+    chattr("+a", base + "/var")
+    driver.create("child", "base")
+    child = driver.get("child")
+    raw = make_tar([entry("etc/.wh.x"), entry("etc/.wh.h2"), entry("etc/y", data=b"new"),
+                    entry("opt/h3", data=b"replaced"), entry("var/.wh..wh..opq")])
+    try:
+        driver.apply_diff("child", io.BytesIO(raw))
+        assert os.listdir(child + "/etc") == ["y"]
+        with open(child + "/etc/y", "rb") as data:
+            assert data.read() == b"new"
+        assert os.listdir(child + "/var") == []
+        assert os.stat(child + "/lib/h").st_nlink == 1
+        assert inode_flags(child + "/etc") == ioctl_structs.FS_IMMUTABLE_FL
+        assert inode_flags(child + "/lib/h") == ioctl_structs.FS_IMMUTABLE_FL
+        assert inode_flags(child + "/var") == ioctl_structs.FS_APPEND_FL
+    finally:
+        for root in (base, child):
+            chattr("-i", root + "/lib/h", root + "/etc")
+            chattr("-a", root + "/var")
+
+
+def test_failed_whiteout_keeps_directory_flags(driver, monkeypatch):
+    driver.create("layer")
+    root = driver.get("layer")
+    write(root + "/etc/x")
+    chattr("+i", root + "/etc")
+    unlink_at = btrfsdrv._unlink_at
+
+    def unlink_then_fail(dir_fd, name, is_dir):
+        unlink_at(dir_fd, name, is_dir)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(btrfsdrv, "_unlink_at", unlink_then_fail)
+    try:
+        with pytest.raises(OSError, match="Input/output error"):
+            driver.apply_diff("layer", io.BytesIO(make_tar([entry("etc/.wh.x")])))
+        assert inode_flags(root + "/etc") == ioctl_structs.FS_IMMUTABLE_FL
+    finally:
+        chattr("-i", root + "/etc")
+
+
 # A child that runs one driver operation and SIGKILLs itself at the Nth line
 # event inside btrfsdrv.py (with N 0, it runs to the end and prints the count).
 _KILL_CHILD = r"""
