@@ -783,13 +783,15 @@ def _inode_flags(fd: int) -> int | None:
     return value.value
 
 
+_FLAGS_OPEN = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+
+
 def _clear_inode_flags(dir_fd: int, name: str | bytes | None) -> bool:
     """Clear the immutable and append-only flags of name (or of dir_fd itself).
 
     Return True when a flag was cleared.  Only regular files and directories
     are opened, so a FIFO or device node is never opened for its side effects.
     """
-    open_flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
     try:
         if name is None:
             fd = os.dup(dir_fd)
@@ -797,7 +799,7 @@ def _clear_inode_flags(dir_fd: int, name: str | bytes | None) -> bool:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
                 return False
-            fd = os.open(name, open_flags, dir_fd=dir_fd)
+            fd = os.open(name, _FLAGS_OPEN, dir_fd=dir_fd)
     except OSError:
         return False
     with _Fd(fd):
@@ -810,6 +812,58 @@ def _clear_inode_flags(dir_fd: int, name: str | bytes | None) -> bool:
             return False
     log.debug("cleared immutable and append-only flags of %s", os.fsdecode(name or b"."))
     return True
+
+
+class _SavedInodeFlags:
+    """The immutable and append-only flags of an inode, to set again after a removal cleared them.
+
+    An fd of the inode stays open until restore(), so the flags go back on
+    the inode that was saved, whatever names it has by then.
+    """
+
+    __slots__ = ("fd", "flags")
+
+    def __init__(self, fd: int, flags: int) -> None:
+        self.fd = fd
+        self.flags = flags
+
+    @classmethod
+    def of_fd(cls, fd: int) -> _SavedInodeFlags | None:
+        """Save the flags of fd's inode with a duplicate of fd. Return None when it has neither flag."""
+        flags = _inode_flags(fd)
+        if flags is None or not flags & (_FS_IMMUTABLE_FL | _FS_APPEND_FL):
+            return None
+        return cls(os.dup(fd), flags)
+
+    @classmethod
+    def of_file(cls, dir_fd: int, name: str, st: os.stat_result) -> _SavedInodeFlags | None:
+        """Save the flags of the regular file name, whose lstat is st.
+
+        Return None when it has neither flag or is no longer the inode of st.
+        """
+        try:
+            fd = os.open(name, _FLAGS_OPEN, dir_fd=dir_fd)
+        except OSError:
+            return None
+        with _Fd(fd):
+            if not os.path.samestat(os.fstat(fd), st):
+                return None
+            return cls.of_fd(fd)
+
+    def restore(self) -> None:
+        """Set the saved flags again where they are cleared, and close the fd."""
+        with _Fd(self.fd):
+            current = _inode_flags(self.fd)
+            cleared = self.flags & (_FS_IMMUTABLE_FL | _FS_APPEND_FL) & ~(current or 0)
+            if current is None or not cleared:
+                return
+            try:
+                path = os.readlink(f"/proc/self/fd/{self.fd}")
+            except OSError:
+                path = f"/proc/self/fd/{self.fd}"
+            _ioctl(self.fd, _structs.FS_IOC_SETFLAGS, ctypes.c_int(current | cleared),
+                   "set immutable and append-only flags again", path)
+        log.debug("set the immutable and append-only flags of %s again", path)
 
 
 def _make_owner_accessible(dir_fd: int, name: str | bytes | None) -> bool:
@@ -848,6 +902,11 @@ def _unlink_at(dir_fd: int, name: str | bytes, is_dir: bool) -> None:
             changed = _clear_inode_flags(dir_fd, name) | _clear_inode_flags(dir_fd, None)
             if attempt or not (changed | _make_owner_accessible(dir_fd, None)):
                 raise
+
+
+def _unlink_file(dir_fd: int, name: str) -> None:
+    """Unlink a non-directory as _remove_tree does by default."""
+    _unlink_at(dir_fd, name, is_dir=False)
 
 
 def _remove_contents(top_fd: int, path: Any) -> None:
@@ -2732,12 +2791,14 @@ def _path_parts(path: str) -> list[str]:
     return parts
 
 
-def _open_entry_parent(root_fd: int, parts: Sequence[str], path: str, create: bool = False) -> int | None:
+def _open_entry_parent(root_fd: int, parts: Sequence[str], path: str, create: bool = False,
+                       created: list[Sequence[str]] | None = None) -> int | None:
     """Open the directory that contains parts[-1], walking from root_fd.
 
     No component is followed if it is a symlink. Returns None when a component
     is missing and create is false; with create, missing directories are made
-    with mode 0755. Raises ValueError when a component is not a directory.
+    with mode 0755, and the components of each one made are appended to
+    created. Raises ValueError when a component is not a directory.
     """
     fd = os.dup(root_fd)
     try:
@@ -2749,6 +2810,8 @@ def _open_entry_parent(root_fd: int, parts: Sequence[str], path: str, create: bo
                     os.close(fd)
                     return None
                 os.mkdir(part, 0o755, dir_fd=fd)
+                if created is not None:
+                    created.append(parts[:index + 1])
                 child = _open_directory(part, fd)
             except (NotADirectoryError, OSError) as error:
                 if error.errno not in (errno.ENOTDIR, errno.ELOOP):
@@ -2785,19 +2848,19 @@ def _open_entered_directory(dir_fd: int, name: str) -> int:
     return fd
 
 
-def _remove_tree(dir_fd: int, name: str, before_unlink: Callable[[int, str], None] | None = None) -> None:
+def _remove_tree(dir_fd: int, name: str, unlink: Callable[[int, str], None] = _unlink_file) -> None:
     """Remove name inside dir_fd and, if it is a directory, all below it.
 
     The walk is fd-relative and never follows a symlink or enters a mount, so
     it cannot leave the tree that it removes. Immutable and append-only
     flags are cleared where they block a deletion, and read-only nested
-    subvolumes are made writable. before_unlink(dir_fd, name) is called before
-    each non-directory is unlinked (and for name itself before anything).
+    subvolumes are made writable. unlink(dir_fd, name) removes each
+    non-directory, and is called for name itself first. Like _unlink_at, it
+    must raise IsADirectoryError for a directory and FileNotFoundError for a
+    missing name.
     """
-    if before_unlink is not None:
-        before_unlink(dir_fd, name)
     try:
-        _unlink_at(dir_fd, name, is_dir=False)
+        unlink(dir_fd, name)
         return
     except FileNotFoundError:
         return
@@ -2816,10 +2879,8 @@ def _remove_tree(dir_fd: int, name: str, before_unlink: Callable[[int, str], Non
                     stack.append((fd, entry.name, child, os.scandir(child)))
                     descended = True
                     break
-                if before_unlink is not None:
-                    before_unlink(fd, entry.name)
                 try:
-                    _unlink_at(fd, entry.name, is_dir=False)
+                    unlink(fd, entry.name)
                 except FileNotFoundError:
                     pass
             if descended:
@@ -2902,8 +2963,8 @@ def _read_xattrs(target: int | bytes) -> dict[str, bytes]:
 
 
 def _entry_xattrs(dir_fd: int, name: str, st: os.stat_result) -> dict[str, bytes]:
-    # user.* exists only on regular files and directories, and
-    # security.capability only on regular files, so others are not read.
+    # Linux allows user.* only on regular files and directories, and exec
+    # reads security.capability only from regular files, so others are not read.
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         return {}
     return _read_xattrs(_fd_path(dir_fd, name))
@@ -3438,13 +3499,7 @@ class _TarEntryWriter:
             return
         if info.type != tarfile.LNKTYPE:
             xattrs = _read_xattrs(data.fileno()) if data is not None else _entry_xattrs(dir_fd, name, st)
-            info.pax_headers = {"SCHILY.xattr." + key: value.decode("utf-8", "surrogateescape")
-                                for key, value in xattrs.items() if _is_utf8(key)}
-            for key in xattrs:
-                if not _is_utf8(key):
-                    # PAX records need UTF-8 keys, so such a name cannot be carried.
-                    log.warning("not carrying extended attribute %r of %s: its name is not UTF-8",
-                                key, archive_name)
+            info.pax_headers = self._xattr_records(xattrs, archive_name)
         try:
             self.tar.addfile(info, data)
         except OSError as error:
@@ -3459,6 +3514,27 @@ class _TarEntryWriter:
             if data is not None:
                 data.close()
         _forget_tar_members(self.tar)  # tarfile keeps every member written; memory must stay flat
+
+    @staticmethod
+    def _xattr_records(xattrs: dict[str, bytes], archive_name: str) -> dict[str, str]:
+        """Return the SCHILY.xattr PAX records of an entry's extended attributes.
+
+        A PAX record's key must be UTF-8, and a reader ends it at the first
+        "=", so a name that is not UTF-8 or contains "=" is skipped with a
+        warning: "user.a=b" with value "v" would come back as "user.a" with
+        value "b=v".
+        """
+        records = {}
+        for key, value in xattrs.items():
+            if not _is_utf8(key):
+                log.warning("not carrying extended attribute %r of %s: its name is not UTF-8",
+                            key, archive_name)
+            elif "=" in key:
+                log.warning("not carrying extended attribute %r of %s: its name contains '=', "
+                            "which ends the key of a PAX record", key, archive_name)
+            else:
+                records["SCHILY.xattr." + key] = value.decode("utf-8", "surrogateescape")
+        return records
 
     @staticmethod
     def _open_file(dir_fd: int, name: str, st: os.stat_result, path: str) -> io.BufferedReader:
@@ -3941,6 +4017,13 @@ _TAR_DEVICE_MAX = 2**32 - 1
 _TAR_MTIME_MAX = 2**63 // 1_000_000_000 - 1
 _XATTR_NAME_MAX = 255  # XATTR_NAME_MAX of linux/limits.h
 _XATTR_SIZE_MAX = 65536  # XATTR_SIZE_MAX of linux/limits.h
+_PATH_MAX = 4096  # PATH_MAX of linux/limits.h, with the terminating NUL
+# struct vfs_cap_data sizes and magic_etc values of linux/capability.h.
+_VFS_CAP_SIZE_2 = 20
+_VFS_CAP_SIZE_3 = 24
+_VFS_CAP_REVISION_2 = 0x02000000
+_VFS_CAP_REVISION_3 = 0x03000000
+_VFS_CAP_FLAGS_EFFECTIVE = 0x000001
 
 
 # tarfile reads a PAX extended header or a GNU long name whole into memory,
@@ -4092,6 +4175,58 @@ def _check_xattrs(xattrs: dict[str, bytes]) -> None:
             raise ValueError(f"invalid extended attribute name {name!r}")
         if len(value) > _XATTR_SIZE_MAX:
             raise ValueError(f"extended attribute {name!r} is {len(value)} bytes, more than {_XATTR_SIZE_MAX}")
+        if name == "security.capability":
+            _check_capability(value)
+
+
+def _check_symlink_target(member: tarfile.TarInfo) -> None:
+    """Raise ValueError for a symlink target longer than Linux allows.
+
+    symlink(2) takes a target of up to PATH_MAX (4096) bytes with its
+    terminating NUL. btrfs stores a target inline in one leaf, so with 4 KiB
+    nodes it allows only 3949 bytes, and the kernel rejects a longer target
+    with ENAMETOOLONG.
+    """
+    size = len(member.linkname.encode("utf-8", "surrogateescape"))
+    if size >= _PATH_MAX:
+        raise ValueError(f"symlink target is {size} bytes, but Linux allows at most {_PATH_MAX - 1}")
+
+
+def _check_xattr_file_type(member: tarfile.TarInfo, xattrs: dict[str, bytes]) -> None:
+    """Raise ValueError for a user.* extended attribute on a device node or FIFO.
+
+    Linux allows user.* only on regular files and directories (EPERM
+    otherwise). Symlinks and hard links are not checked, because the applier
+    sets no extended attributes on them.
+    """
+    if member.ischr():
+        kind = "character device"
+    elif member.isblk():
+        kind = "block device"
+    elif member.isfifo():
+        kind = "FIFO"
+    else:
+        return
+    for name in xattrs:
+        if name.startswith("user."):
+            raise ValueError(f"extended attribute {name!r} is not allowed on a {kind}: Linux allows "
+                             "user.* only on regular files and directories")
+
+
+def _check_capability(value: bytes) -> None:
+    """Raise ValueError unless value is a security.capability that Linux accepts.
+
+    Since Linux 4.14 setxattr takes only a version 2 (20 bytes) or version
+    3 (24 bytes) struct vfs_cap_data, whose magic_etc field is
+    VFS_CAP_REVISION_2 or _3, optionally with VFS_CAP_FLAGS_EFFECTIVE.
+    """
+    revisions = {_VFS_CAP_SIZE_2: _VFS_CAP_REVISION_2, _VFS_CAP_SIZE_3: _VFS_CAP_REVISION_3}
+    if len(value) in revisions:
+        magic = struct.unpack_from("<I", value)[0]
+        if magic & ~_VFS_CAP_FLAGS_EFFECTIVE == revisions[len(value)]:
+            return
+    raise ValueError(f"invalid security.capability of {len(value)} bytes: expected a version 2 "
+                     f"({_VFS_CAP_SIZE_2} bytes) or version 3 ({_VFS_CAP_SIZE_3} bytes) vfs_cap_data")
 
 
 def _sparse_regions(member: tarfile.TarInfo, stored_size: int) -> list[tuple[int, int]]:
@@ -4145,6 +4280,9 @@ class _LayerApplier:
         self.root_dev = os.fstat(root_fd).st_dev
         self.warned_chown = False
         self.parent_cache: tuple[tuple[str, ...], int] | None = None
+        # The directories that entry_parent made for the current entry, as
+        # their components, in the order they were made.
+        self.created_parents: list[Sequence[str]] = []
 
     def close(self) -> None:
         self.forget_parent()
@@ -4218,6 +4356,15 @@ class _LayerApplier:
     # Entries ------------------------------------------------------------
 
     def apply(self, member: tarfile.TarInfo, data_reader: _DataReader) -> None:
+        """Apply one entry. When it fails, the parent directories made for it are removed again."""
+        self.created_parents = []
+        try:
+            self.apply_entry(member, data_reader)
+        except BaseException:
+            self.remove_created_parents(member.name)
+            raise
+
+    def apply_entry(self, member: tarfile.TarInfo, data_reader: _DataReader) -> None:
         path = member.name
         parts = _path_parts(path)
         if parts and parts[0].startswith(WHITEOUT_META_PREFIX) and parts[-1] != WHITEOUT_OPAQUE_DIR:
@@ -4228,7 +4375,11 @@ class _LayerApplier:
         # Reject what would fail halfway before anything at the path is replaced.
         _check_member_values(member)
         self.host_owner(member, path)
-        _check_xattrs(self.xattrs(member))
+        xattrs = self.xattrs(member)
+        _check_xattrs(xattrs)
+        _check_xattr_file_type(member, xattrs)
+        if member.issym():
+            _check_symlink_target(member)
         if not parts:
             if not member.isdir():
                 raise ValueError(f"entry {path!r} names the layer root but is not a directory")
@@ -4258,11 +4409,34 @@ class _LayerApplier:
         key = tuple(parts[:-1])
         if self.parent_cache is not None and self.parent_cache[0] == key:
             return self.parent_cache[1]
-        fd = _open_entry_parent(self.root_fd, parts, path, create=True)
+        fd = _open_entry_parent(self.root_fd, parts, path, create=True, created=self.created_parents)
         assert fd is not None  # with create, missing directories are made
         self.forget_parent()
         self.parent_cache = (key, fd)
         return fd
+
+    def remove_created_parents(self, path: str) -> None:
+        """Remove the directories that entry_parent made for the failed entry path, deepest first.
+
+        A directory that is not empty, or that cannot be removed for another
+        reason, stays.
+        """
+        if not self.created_parents:
+            return
+        self.forget_parent()  # the kept fd can be one of them
+        for parts in reversed(self.created_parents):
+            directory = "/".join(parts)
+            try:
+                dir_fd = _open_entry_parent(self.root_fd, parts, directory)
+                if dir_fd is None:
+                    continue
+                with _Fd(dir_fd):
+                    os.rmdir(parts[-1], dir_fd=dir_fd)
+            except (OSError, ValueError) as error:
+                log.debug("kept directory %s made for the failed entry %s: %s", directory, path, error)
+                continue
+            log.debug("removed directory %s made for the failed entry %s", directory, path)
+        self.created_parents = []
 
     def forget_parent(self) -> None:
         """Drop the kept parent fd, because a removal may have taken its directory."""
@@ -4321,17 +4495,56 @@ class _LayerApplier:
     def is_parent_inode(self, st: os.stat_result) -> bool:
         return st.st_ctime_ns < self.epoch_ns or (st.st_dev, st.st_ino) in self.relinked
 
-    def note_unlink(self, dir_fd: int, name: str) -> None:
-        """Remember a parent-layer inode that keeps other names after name is unlinked."""
+    def unlink(self, dir_fd: int, name: str) -> None:
+        """Unlink a non-directory for _remove_tree.
+
+        An inode with other names survives the unlink, so it is noted for
+        opaque directories and keeps its immutable and append-only flags,
+        which _unlink_at clears when they block the unlink.
+        """
         st = _lstat_at(dir_fd, name)
-        if st is not None and st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) and self.is_parent_inode(st):
-            self.relinked.add((st.st_dev, st.st_ino))
+        saved = None
+        if st is not None and st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            if self.is_parent_inode(st):
+                self.relinked.add((st.st_dev, st.st_ino))
+            if stat.S_ISREG(st.st_mode):
+                saved = _SavedInodeFlags.of_file(dir_fd, name, st)
+        try:
+            _unlink_at(dir_fd, name, is_dir=False)
+        finally:
+            if saved is not None:
+                saved.restore()
 
     def remove_tree(self, dir_fd: int, name: str) -> None:
-        _remove_tree(dir_fd, name, self.note_unlink)
+        """Remove name in dir_fd and all below it, keeping the immutable and append-only flags of dir_fd."""
+        saved = _SavedInodeFlags.of_fd(dir_fd)
+        try:
+            _remove_tree(dir_fd, name, self.unlink)
+        finally:
+            if saved is not None:
+                saved.restore()
+
+    def move_into_place(self, staging_fd: int, temporary: str, parent_fd: int, parts: list[str]) -> None:
+        """Rename temporary (in staging_fd) to parts[-1] in parent_fd, replacing what is there.
+
+        When removing the old entry clears the immutable or append-only flags
+        of parent_fd, they stay cleared for the rename and are set again after
+        it, also when it fails.
+        """
+        saved = _SavedInodeFlags.of_fd(parent_fd)
+        try:
+            self.remove_existing(parent_fd, parts, keep_directory=False)
+            os.rename(temporary, parts[-1], src_dir_fd=staging_fd, dst_dir_fd=parent_fd)
+        finally:
+            if saved is not None:
+                saved.restore()
 
     def remove_existing(self, dir_fd: int, parts: list[str], keep_directory: bool) -> os.stat_result | None:
-        """Remove what is at parts (inside dir_fd) unless both it and the new entry are directories."""
+        """Remove what is at parts (inside dir_fd) unless both it and the new entry are directories.
+
+        The immutable and append-only flags of dir_fd stay cleared if the
+        removal clears them, and callers set them again.
+        """
         name = parts[-1]
         st = _lstat_at(dir_fd, name)
         if st is None:
@@ -4341,7 +4554,7 @@ class _LayerApplier:
         if stat.S_ISDIR(st.st_mode) and self.parent_cache is not None:
             if self.parent_cache[0][:len(parts)] == tuple(parts):
                 self.forget_parent()  # the kept directory is inside the one removed
-        self.remove_tree(dir_fd, name)
+        _remove_tree(dir_fd, name, self.unlink)
         return None
 
     def apply_directory(self, parent_fd: int, name: str | None, parts: list[str], member: tarfile.TarInfo,
@@ -4349,10 +4562,12 @@ class _LayerApplier:
         existing = _lstat_at(parent_fd, name) if name is not None else None
         if name is None or (existing is not None and stat.S_ISDIR(existing.st_mode)):
             # Both are directories: only the metadata of the existing one changes.
-            # NOTE: when the kernel rejects an xattr here, the owner and mode set
-            # before it stay changed; the directory and its contents remain.
+            # NOTE: when the kernel rejects an xattr here, the xattrs removed and
+            # the owner and mode set before it stay changed. The directory and
+            # its contents remain.
             fd = os.dup(parent_fd) if name is None else _open_directory(name, parent_fd)
             try:
+                self.remove_unlisted_xattrs(fd, member, path)
                 self.set_fd_metadata(fd, member, path)
             finally:
                 os.close(fd)
@@ -4360,6 +4575,30 @@ class _LayerApplier:
             self.install_directory(parent_fd, parts, member, path)
         mtime_ns = int(member.mtime * _NS_PER_SECOND)
         self.dir_times.add(parts, mtime_ns, mtime_ns)
+
+    def remove_unlisted_xattrs(self, fd: int, member: tarfile.TarInfo, path: str) -> None:
+        """Remove the carried extended attributes of fd that the entry does not list.
+
+        An entry lists every carried extended attribute of its inode, so one
+        it leaves out was removed in the layer. Names that a diff does not
+        carry (security.selinux, trusted.*) stay.
+        """
+        listed = self.xattrs(member)
+        try:
+            names = os.listxattr(fd)
+        except OSError as error:
+            if error.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                return
+            raise
+        for name in names:
+            if not _is_carried_xattr(name) or name in listed:
+                continue
+            try:
+                os.removexattr(fd, name)
+            except OSError as error:
+                if error.errno != errno.ENODATA:
+                    raise
+            log.debug("removed extended attribute %s of %s", name, path)
 
     def install_directory(self, parent_fd: int, parts: list[str], member: tarfile.TarInfo, path: str) -> None:
         """Make a new directory under a temporary name, then move it over what is at parts.
@@ -4377,8 +4616,7 @@ class _LayerApplier:
                 self.set_fd_metadata(fd, member, path)
             finally:
                 os.close(fd)
-            self.remove_existing(parent_fd, parts, keep_directory=False)
-            os.rename(temporary, parts[-1], src_dir_fd=staging_fd, dst_dir_fd=parent_fd)
+            self.move_into_place(staging_fd, temporary, parent_fd, parts)
             installed = True
         finally:
             if not installed:
@@ -4400,8 +4638,7 @@ class _LayerApplier:
             if self.staging_fd(parent_fd) != self.root_fd:
                 self.copy_into_subvolume(fd, parent_fd, parts, member, path)
                 return
-            self.remove_existing(parent_fd, parts, keep_directory=False)
-            os.rename(temporary, parts[-1], src_dir_fd=self.root_fd, dst_dir_fd=parent_fd)
+            self.move_into_place(self.root_fd, temporary, parent_fd, parts)
             installed = True
         finally:
             os.close(fd)
@@ -4435,8 +4672,7 @@ class _LayerApplier:
                     break
                 os.write(fd, chunk)
             self.set_fd_metadata(fd, member, path)
-            self.remove_existing(parent_fd, parts, keep_directory=False)
-            os.rename(temporary, parts[-1], src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+            self.move_into_place(parent_fd, temporary, parent_fd, parts)
             installed = True
         finally:
             os.close(fd)
@@ -4467,8 +4703,7 @@ class _LayerApplier:
             if not member.islnk():
                 # A hard link shares the metadata of its target, as with GNU tar.
                 self.set_path_metadata(root_fd, temporary, member, path)
-            self.remove_existing(parent_fd, parts, keep_directory=False)
-            os.rename(temporary, parts[-1], src_dir_fd=root_fd, dst_dir_fd=parent_fd)
+            self.move_into_place(root_fd, temporary, parent_fd, parts)
             if linked_parent_inode:
                 parent_st = os.fstat(parent_fd)
                 self.linked_names.add((parent_st.st_dev, parent_st.st_ino, parts[-1]))

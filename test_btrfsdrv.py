@@ -1943,6 +1943,12 @@ def test_failed_directory_entry_keeps_existing_file(driver):
     with pytest.raises(ValueError, match="more than 65536"):
         driver.apply_diff("layer", io.BytesIO(tar_bytes((big, None))))
     assert os.path.isfile(os.path.join(driver.get("layer"), "a"))
+    capability = tarfile.TarInfo("a")
+    capability.type = tarfile.DIRTYPE
+    capability.pax_headers = {"SCHILY.xattr.security.capability": "abc"}
+    with pytest.raises(ValueError, match="invalid security.capability"):
+        driver.apply_diff("layer", io.BytesIO(tar_bytes((capability, None))))
+    assert os.path.isfile(os.path.join(driver.get("layer"), "a"))
 
 
 def test_apply_removes_leftover_temporaries(driver):
@@ -1966,13 +1972,66 @@ def test_apply_removes_leftover_temporaries(driver):
     assert sorted(os.listdir(os.path.join(root, "d"))) == ["f", "link"]
 
 
+def rejected_entry(kind):
+    """Return an entry below the new directories n1/n2 that the apply rejects."""
+    if kind == "long-symlink":
+        return entry("n1/n2/link", tarfile.SYMTYPE, linkname="x" * 5000)
+    if kind == "cross-subvolume-link":
+        return entry("n1/n2/link", tarfile.LNKTYPE, linkname="sv/f")
+    info, data = {
+        "fifo-user-xattr": entry("n1/n2/fifo", tarfile.FIFOTYPE),
+        "device-user-xattr": entry("n1/n2/null", tarfile.CHRTYPE),
+        "directory-invalid-capability": entry("n1/n2/d", tarfile.DIRTYPE, mode=0o755),
+    }[kind]
+    if kind == "device-user-xattr":
+        info.devmajor, info.devminor = 1, 3
+    if kind == "directory-invalid-capability":
+        info.pax_headers = {"SCHILY.xattr.security.capability": "junk"}
+    else:
+        info.pax_headers = {"SCHILY.xattr.user.a": "v"}
+    return info, data
+
+
+@pytest.mark.parametrize("kind, error, message", [
+    pytest.param(kind, error, message, id=kind) for kind, error, message in [
+        ("long-symlink", ValueError, "symlink target is 5000 bytes"),
+        ("fifo-user-xattr", ValueError, "'user.a' is not allowed on a FIFO"),
+        ("device-user-xattr", ValueError, "'user.a' is not allowed on a character device"),
+        ("directory-invalid-capability", ValueError, "invalid security.capability"),
+        ("cross-subvolume-link", OSError, "Invalid cross-device link"),
+    ]
+])
+def test_failed_entry_removes_parents_it_made(driver, kind, error, message):
+    driver.create("layer")
+    root = driver.get("layer")
+    btrfsdrv.create_subvolume(root + "/sv")
+    write(root + "/sv/f", b"in a nested subvolume")
+    with pytest.raises(error, match=message):
+        driver.apply_diff("layer", io.BytesIO(make_tar([rejected_entry(kind)])))
+    assert sorted(os.listdir(root)) == ["sv"]
+
+
+def test_failed_entry_keeps_existing_parents(driver):
+    driver.create("layer")
+    root = driver.get("layer")
+    btrfsdrv.create_subvolume(root + "/sv")
+    write(root + "/sv/f", b"in a nested subvolume")
+    os.mkdir(root + "/old")
+    raw = make_tar([entry("old/new/link", tarfile.LNKTYPE, linkname="sv/f")])
+    with pytest.raises(OSError) as raised:
+        driver.apply_diff("layer", io.BytesIO(raw))
+    assert raised.value.errno == errno.EXDEV
+    assert os.listdir(root + "/old") == []
+    assert sorted(os.listdir(root)) == ["old", "sv"]
+
+
 def test_apply_diff_rejects_a_path(driver):
     driver.create("layer")
     with pytest.raises(TypeError, match="readable binary file object"):
         driver.apply_diff("layer", "/tmp/layer.tar")
 
 
-@pytest.mark.parametrize("xattr, value", [("user.big", "A" * 20000), ("security.capability", "abc")])
+@pytest.mark.parametrize("xattr, value", [("user.big", "A" * 20000)])
 def test_directory_entry_failing_in_kernel_keeps_file(driver, xattr, value):
     import io
     import tarfile
@@ -2112,6 +2171,42 @@ def test_diff_skips_non_utf8_xattr_name(driver, caplog):
             headers = {member.name: dict(member.pax_headers) for member in archive}
     assert headers["x"]["SCHILY.xattr.user.ok"] == "kept"
     assert "not UTF-8" in caplog.text
+
+
+def test_apply_removes_xattrs_missing_from_directory(driver):
+    driver.create("base")
+    base = driver.get("base")
+    os.mkdir(base + "/d")
+    os.setxattr(base + "/d", "user.t", b"old")
+    os.setxattr(base + "/d", "user.keep", b"kept")
+    os.setxattr(base + "/d", "trusted.local", b"not carried")
+    driver.create("child", "base")
+    os.removexattr(driver.get("child") + "/d", "user.t")
+    with driver.diff("child", "base") as stream:
+        raw = stream.read()
+    driver.create("target", "base")
+    driver.apply_diff("target", io.BytesIO(raw))
+    merged = driver.get("target") + "/d"
+    assert "user.t" not in os.listxattr(merged)
+    assert os.getxattr(merged, "user.keep") == b"kept"
+    assert os.getxattr(merged, "trusted.local") == b"not carried"
+
+
+def test_diff_skips_xattr_name_with_equals(driver, caplog):
+    driver.create("layer")
+    root = driver.get("layer")
+    write(root + "/x", b"x")
+    os.setxattr(root + "/x", "user.a=b", b"v")
+    os.setxattr(root + "/x", "user.ok", b"kept")
+    with caplog.at_level("WARNING", logger="btrfsdrv"), driver.diff("layer") as stream:
+        raw = stream.read()
+    driver.create("copy")
+    driver.apply_diff("copy", io.BytesIO(raw))
+    names = os.listxattr(driver.get("copy") + "/x")
+    assert os.getxattr(driver.get("copy") + "/x", "user.ok") == b"kept"
+    assert "user.a" not in names
+    assert "user.a=b" not in names
+    assert "contains '='" in caplog.text
 
 
 @pytest.mark.parametrize("kind", ["pax", "longname"])
@@ -4380,6 +4475,58 @@ def test_apply_removes_immutable_and_read_only_contents(driver):
     assert sorted(os.listdir(root)) == ["replaced"]
     with open(os.path.join(root, "replaced"), "rb") as data:
         assert data.read() == b"a file now"
+
+
+def test_apply_keeps_flags_of_surviving_inodes(driver):
+    driver.create("base")
+    base = driver.get("base")
+    write(base + "/etc/x")
+    write(base + "/etc/y", b"old")
+    write(base + "/lib/h", b"linked")
+    os.link(base + "/lib/h", base + "/etc/h2")
+    os.mkdir(base + "/opt")
+    os.link(base + "/lib/h", base + "/opt/h3")
+    write(base + "/var/old")
+    chattr("+i", base + "/lib/h", base + "/etc")
+    chattr("+a", base + "/var")
+    driver.create("child", "base")
+    child = driver.get("child")
+    raw = make_tar([entry("etc/.wh.x"), entry("etc/.wh.h2"), entry("etc/y", data=b"new"),
+                    entry("opt/h3", data=b"replaced"), entry("var/.wh..wh..opq")])
+    try:
+        driver.apply_diff("child", io.BytesIO(raw))
+        assert os.listdir(child + "/etc") == ["y"]
+        with open(child + "/etc/y", "rb") as data:
+            assert data.read() == b"new"
+        assert os.listdir(child + "/var") == []
+        assert os.stat(child + "/lib/h").st_nlink == 1
+        assert inode_flags(child + "/etc") == ioctl_structs.FS_IMMUTABLE_FL
+        assert inode_flags(child + "/lib/h") == ioctl_structs.FS_IMMUTABLE_FL
+        assert inode_flags(child + "/var") == ioctl_structs.FS_APPEND_FL
+    finally:
+        for root in (base, child):
+            chattr("-i", root + "/lib/h", root + "/etc")
+            chattr("-a", root + "/var")
+
+
+def test_failed_whiteout_keeps_directory_flags(driver, monkeypatch):
+    driver.create("layer")
+    root = driver.get("layer")
+    write(root + "/etc/x")
+    chattr("+i", root + "/etc")
+    unlink_at = btrfsdrv._unlink_at
+
+    def unlink_then_fail(dir_fd, name, is_dir):
+        unlink_at(dir_fd, name, is_dir)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(btrfsdrv, "_unlink_at", unlink_then_fail)
+    try:
+        with pytest.raises(OSError, match="Input/output error"):
+            driver.apply_diff("layer", io.BytesIO(make_tar([entry("etc/.wh.x")])))
+        assert inode_flags(root + "/etc") == ioctl_structs.FS_IMMUTABLE_FL
+    finally:
+        chattr("-i", root + "/etc")
 
 
 # A child that runs one driver operation and SIGKILLs itself at the Nth line
