@@ -4043,6 +4043,7 @@ def _refuse_snap_destroy(monkeypatch):
         raise btrfsdrv._os_error(errno.EPERM, "delete subvolume", path)
 
     monkeypatch.setattr(btrfsdrv, "_subvolume_destroy_at", refuse)
+    monkeypatch.setattr(btrfsdrv, "_can_search_trees", lambda fd: False)
 
 
 def _refuse_tree_search(monkeypatch):
