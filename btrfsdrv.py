@@ -1409,7 +1409,10 @@ def _host_id(maps: Sequence[IDMap] | None, container_id: int, what: str) -> int:
 # -- Quota files -------------------------------------------------------------------
 
 
-_QUOTA_FILE_MAX = 64  # bytes read from a quota file; a valid one has at most 19 digits
+# Bytes read from a quota file. A valid one has at most 19 significant
+# digits, but Go's strconv.ParseUint, which containers/storage reads it
+# with, also takes leading zeros.
+_QUOTA_FILE_MAX = 4096
 _TEMPORARY_SUFFIX = ".tmp"
 
 
@@ -1434,7 +1437,10 @@ def _read_quota_file(quotas_fd: int | None, name: bytes, path: str) -> int | Non
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             log.warning("ignoring quota file %s: it is not a regular file", path)
             return None
-        text = os.read(fd, _QUOTA_FILE_MAX)
+        text = os.read(fd, _QUOTA_FILE_MAX + 1)
+    if len(text) > _QUOTA_FILE_MAX:
+        log.warning("ignoring quota file %s: it is longer than %d bytes", path, _QUOTA_FILE_MAX)
+        return None
     stripped = text.strip()
     if not stripped.isdigit() or not stripped.isascii() or int(stripped) >= _SIZE_LIMIT:
         log.warning("ignoring quota file %s: it must contain a decimal byte count below 2**63, found %r",
@@ -3993,6 +3999,13 @@ def _layer_epoch(root_fd: int, layer_dir: PathArg) -> int:
             # Creating an entry in a deleted directory fails with ENOENT.
             raise _os_error(errno.ENOENT, "apply layer diff", layer_dir,
                             "the layer was removed during the apply") from None
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # NOTE: so a layer that is full cannot take even a diff that only deletes.
+            raise _os_error(error.errno, "apply layer diff", layer_dir,
+                            "no room for the apply's probe file; free space on the filesystem or "
+                            "raise the layer's size limit") from None
         try:
             ctime = os.fstat(fd).st_ctime_ns
         finally:

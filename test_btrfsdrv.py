@@ -2465,6 +2465,18 @@ def read_quota_file(path):
         os.close(directory_fd)
 
 
+@pytest.mark.parametrize("data, value", [
+    pytest.param(b"0" * 100 + b"4096", 4096, id="leading-zeros"),  # as Go's strconv.ParseUint takes them
+    pytest.param(b"1234" + b" " * 70 + b"5", None, id="digits-after-spaces"),
+    pytest.param(b"0" * 4094 + b"512", None, id="longer-than-4096-bytes"),
+])
+def test_quota_file_reader_reads_whole_file(tmp_path, data, value):
+    path = str(tmp_path / "quota")
+    with open(path, "wb") as quota:
+        quota.write(data)
+    assert read_quota_file(path) == value
+
+
 def test_quota_file_reader_random_contents(tmp_path):
     path = str(tmp_path / "quota")
     alphabet = b"0123456789 \n\t-+x.\xff\x00"
@@ -5323,6 +5335,14 @@ def test_layer_at_its_limit(fs):
             driver.apply_diff("box", stream)
         assert raised.value.errno == errno.EDQUOT
         assert raised.value.filename is not None
+        try:
+            driver.apply_diff("box", io.BytesIO(make_tar([entry(".wh.fill")])))
+        except OSError as error:  # the apply's probe file found no room
+            assert error.errno == errno.EDQUOT
+            assert error.filename == root
+            assert "size limit" in str(error)
+        else:
+            assert not os.path.exists(os.path.join(root, "fill"))
 
         driver.remove("box")
 
