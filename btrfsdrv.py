@@ -4540,35 +4540,82 @@ class _LayerApplier:
     def move_into_place(self, staging_fd: int, temporary: str, parent_fd: int, parts: list[str]) -> None:
         """Rename temporary (in staging_fd) to parts[-1] in parent_fd, replacing what is there.
 
-        When removing the old entry clears the immutable or append-only flags
-        of parent_fd, they stay cleared for the rename and are set again after
-        it, also when it fails.
+        A non-directory replacing a non-directory is replaced by rename(2)
+        itself. Anything else there is first moved aside and deleted only
+        after the rename, and moved back when the rename fails. Either way a
+        failed rename (EDQUOT when btrfs cannot reserve metadata) keeps the
+        old entry. Immutable and append-only flags that block the rename are
+        cleared for it and set again on the inodes that survive it.
         """
+        name = parts[-1]
+        existing = _lstat_at(parent_fd, name)
+        new_is_dir = stat.S_ISDIR(os.stat(temporary, dir_fd=staging_fd, follow_symlinks=False).st_mode)
+        aside = None
+        if existing is not None and (new_is_dir or stat.S_ISDIR(existing.st_mode)):
+            aside = self.move_aside(parent_fd, parts, existing)
+            existing = None
+        saved = [_SavedInodeFlags.of_fd(parent_fd)]
+        if existing is not None:
+            self.note_replaced(existing)
+            if stat.S_ISREG(existing.st_mode) and existing.st_nlink > 1:
+                saved.append(_SavedInodeFlags.of_file(parent_fd, name, existing))
+        try:
+            self.rename_clearing_flags(staging_fd, temporary, parent_fd, name)
+        except BaseException:
+            if aside is not None:
+                self.move_back(aside, parent_fd, name)
+            raise
+        finally:
+            for flags in saved:
+                if flags is not None:
+                    flags.restore()
+        if aside is not None:
+            self.remove_tree(aside[0], aside[1])
+
+    def note_replaced(self, st: os.stat_result) -> None:
+        """Note a parent-layer inode whose other names survive the replacement of one of them."""
+        if st.st_nlink > 1 and self.is_parent_inode(st):
+            self.relinked.add((st.st_dev, st.st_ino))
+
+    @staticmethod
+    def rename_clearing_flags(source_fd: int, source: str, target_fd: int, target: str) -> None:
+        """Rename, clearing the immutable and append-only flags of the target and its directory if they block it."""
+        try:
+            os.rename(source, target, src_dir_fd=source_fd, dst_dir_fd=target_fd)
+        except PermissionError:
+            if not (_clear_inode_flags(target_fd, target) | _clear_inode_flags(target_fd, None)
+                    | _clear_inode_flags(source_fd, source)):
+                raise
+            os.rename(source, target, src_dir_fd=source_fd, dst_dir_fd=target_fd)
+
+    def move_aside(self, parent_fd: int, parts: list[str], st: os.stat_result) -> tuple[int, str]:
+        """Move the entry at parts under a new apply temporary name; return its directory fd and name.
+
+        The name is in the staging directory (the layer root when it can be),
+        where the next apply deletes what a killed one left.
+        """
+        if stat.S_ISDIR(st.st_mode) and self.parent_cache is not None:
+            if self.parent_cache[0][:len(parts)] == tuple(parts):
+                self.forget_parent()  # the kept directory is inside the one moved
+        staging_fd = self.staging_fd(parent_fd)
+        aside = f"{_APPLY_TEMPORARY_PREFIX}apply-{os.urandom(8).hex()}"
         saved = _SavedInodeFlags.of_fd(parent_fd)
         try:
-            self.remove_existing(parent_fd, parts, keep_directory=False)
-            os.rename(temporary, parts[-1], src_dir_fd=staging_fd, dst_dir_fd=parent_fd)
+            self.rename_clearing_flags(parent_fd, parts[-1], staging_fd, aside)
         finally:
             if saved is not None:
                 saved.restore()
+        return staging_fd, aside
 
-    def remove_existing(self, dir_fd: int, parts: list[str], keep_directory: bool) -> os.stat_result | None:
-        """Remove what is at parts (inside dir_fd) unless both it and the new entry are directories.
-
-        The immutable and append-only flags of dir_fd stay cleared if the
-        removal clears them, and callers set them again.
-        """
-        name = parts[-1]
-        st = _lstat_at(dir_fd, name)
-        if st is None:
-            return None
-        if keep_directory and stat.S_ISDIR(st.st_mode):
-            return st
-        if stat.S_ISDIR(st.st_mode) and self.parent_cache is not None:
-            if self.parent_cache[0][:len(parts)] == tuple(parts):
-                self.forget_parent()  # the kept directory is inside the one removed
-        _remove_tree(dir_fd, name, self.unlink)
-        return None
+    def move_back(self, aside: tuple[int, str], parent_fd: int, name: str) -> None:
+        """Give an entry moved aside its name again after a failed replacement."""
+        try:
+            self.rename_clearing_flags(aside[0], aside[1], parent_fd, name)
+        except OSError as error:
+            directory = os.readlink(f"/proc/self/fd/{aside[0]}")
+            log.warning("could not move %s back to %s after a failed replacement: %s; rename it back "
+                        "before the next apply_diff, which deletes it", os.path.join(directory, aside[1]),
+                        name, error)
 
     def apply_directory(self, parent_fd: int, name: str | None, parts: list[str], member: tarfile.TarInfo,
                         path: str) -> None:

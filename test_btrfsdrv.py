@@ -4468,6 +4468,38 @@ def test_apply_names_layer_removed_during_apply(driver, monkeypatch):
     assert raised.value.filename == path
 
 
+@pytest.mark.parametrize("old_kind, new_entry", [
+    ("file", entry("victim", data=b"new")),
+    ("directory", entry("victim", data=b"new")),
+    ("file", entry("victim", tarfile.DIRTYPE, mode=0o755)),
+    ("file", entry("victim", tarfile.SYMTYPE, linkname="elsewhere")),
+])
+def test_failed_rename_keeps_replaced_entry(tmp_path, monkeypatch, old_kind, new_entry):
+    # btrfs can fail the rename with EDQUOT when it cannot reserve metadata.
+    layer = tmp_path / "layer"
+    if old_kind == "file":
+        write(str(layer / "victim"), b"old")
+    else:
+        write(str(layer / "victim" / "inside"), b"old")
+    before = tree_digest(str(layer))
+    original = os.rename
+    failed = []
+
+    def rename(source, target, **kwargs):
+        if target == "victim" and not failed:  # the move back may succeed
+            failed.append(source)
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        return original(source, target, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError) as raised:
+        apply(layer, make_tar([new_entry]))
+    assert raised.value.errno == errno.EDQUOT
+    monkeypatch.setattr(os, "rename", original)
+    assert tree_digest(str(layer)) == before
+    assert no_temporaries(layer)
+
+
 def test_apply_removes_immutable_and_read_only_contents(driver):
     driver.create("layer")
     root = driver.get("layer")
