@@ -909,11 +909,13 @@ def _unlink_file(dir_fd: int, name: str) -> None:
     _unlink_at(dir_fd, name, is_dir=False)
 
 
-def _remove_contents(top_fd: int, path: Any) -> None:
+def _remove_contents(top_fd: int, path: Any, unlink: Callable[[int, str], None] | None = None) -> None:
     """Delete everything below top_fd, never following a symlink or entering a mount.
 
     Nested subvolumes met on the way are emptied and removed with rmdir, and
-    read-only ones are made writable first.
+    read-only ones are made writable first. unlink(dir_fd, name), when
+    given, removes each non-directory in place of _unlink_at. The walk holds
+    one directory open at a time, so any depth works.
     """
 
     def visit(fd: int, relative: bytes, entries: list[Any]) -> list[bytes]:
@@ -930,7 +932,10 @@ def _remove_contents(top_fd: int, path: Any) -> None:
                 subdirectories.append(name)
                 continue
             try:
-                _unlink_at(fd, name, is_dir=False)
+                if unlink is None:
+                    _unlink_at(fd, name, is_dir=False)
+                else:
+                    unlink(fd, entry.name)
             except FileNotFoundError:
                 pass
         return subdirectories
@@ -2858,12 +2863,12 @@ def _remove_tree(dir_fd: int, name: str, unlink: Callable[[int, str], None] = _u
     """Remove name inside dir_fd and, if it is a directory, all below it.
 
     The walk is fd-relative and never follows a symlink or enters a mount, so
-    it cannot leave the tree that it removes. Immutable and append-only
-    flags are cleared where they block a deletion, and read-only nested
-    subvolumes are made writable. unlink(dir_fd, name) removes each
-    non-directory, and is called for name itself first. Like _unlink_at, it
-    must raise IsADirectoryError for a directory and FileNotFoundError for a
-    missing name.
+    it cannot leave the tree that it removes, and it holds one directory
+    open at a time. Immutable and append-only flags are cleared where they
+    block a deletion, and read-only nested subvolumes are made writable.
+    unlink(dir_fd, name) removes each non-directory, and is called for name
+    itself first. Like _unlink_at, it must raise IsADirectoryError for a
+    directory and FileNotFoundError for a missing name.
     """
     try:
         unlink(dir_fd, name)
@@ -2873,32 +2878,9 @@ def _remove_tree(dir_fd: int, name: str, unlink: Callable[[int, str], None] = _u
     except IsADirectoryError:
         pass
 
-    top_fd = _open_entered_directory(dir_fd, name)
-    stack = [(dir_fd, name, top_fd, os.scandir(top_fd))]
-    try:
-        while stack:
-            parent_fd, dir_name, fd, scan = stack[-1]
-            descended = False
-            for entry in scan:
-                if entry.is_dir(follow_symlinks=False):
-                    child = _open_entered_directory(fd, entry.name)
-                    stack.append((fd, entry.name, child, os.scandir(child)))
-                    descended = True
-                    break
-                try:
-                    unlink(fd, entry.name)
-                except FileNotFoundError:
-                    pass
-            if descended:
-                continue
-            stack.pop()
-            scan.close()
-            os.close(fd)
-            _unlink_at(parent_fd, dir_name, is_dir=True)
-    finally:
-        for _, _, fd, scan in stack:
-            scan.close()
-            os.close(fd)
+    with _Fd(_open_entered_directory(dir_fd, name)) as fd:
+        _remove_contents(fd, os.readlink(f"/proc/self/fd/{fd}"), unlink)
+    _unlink_at(dir_fd, name, is_dir=True)
 
 
 # ID maps -----------------------------------------------------------------
@@ -4289,6 +4271,8 @@ class _LayerApplier:
         # this apply linked to them, as (st_dev, directory st_ino, name).
         self.relinked: set[tuple[int, int]] = set()
         self.linked_names: set[tuple[int, int, str]] = set()
+        # Directories that an opaque whiteout emptied, as (st_dev, st_ino).
+        self.emptied: set[tuple[int, int]] = set()
         self.temporary_name = f"{_APPLY_TEMPORARY_PREFIX}apply-{os.urandom(8).hex()}"
         self.root_dev = os.fstat(root_fd).st_dev
         self.warned_chown = False
@@ -4482,20 +4466,29 @@ class _LayerApplier:
         What this layer wrote has a ctime at or after the apply's epoch; what
         came from the parent is older, except for the parent's inodes that
         this apply linked or unlinked another name of.  Their names count as
-        the layer's only where this apply made them.
+        the layer's only where this apply made them. The walk holds one
+        directory open at a time, so any depth works.
+
+        A directory emptied once in this apply holds only the layer's own
+        entries from then on, so it is not walked again: a tar repeating the
+        marker costs one stat.
         """
-        dir_st = os.fstat(dir_fd)
-        for name, entry in _list_dir(dir_fd):
-            st = entry.stat(follow_symlinks=False)
-            if self.from_parent_layer(dir_st, name, st):
-                self.remove_tree(dir_fd, name)
-            elif stat.S_ISDIR(st.st_mode):
-                child = _open_directory(name, dir_fd)
-                try:
-                    _check_mount_boundary(dir_fd, child, "apply opaque directory", _fd_path(dir_fd, name))
-                    self.empty_opaque_directory(child)
-                finally:
-                    os.close(child)
+
+        def visit(fd: int, relative: bytes, entries: list[Any]) -> list[bytes]:
+            dir_st = os.fstat(fd)
+            self.emptied.add((dir_st.st_dev, dir_st.st_ino))
+            subdirectories = []
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                if self.from_parent_layer(dir_st, entry.name, st):
+                    self.remove_tree(fd, entry.name)
+                elif stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) not in self.emptied:
+                    subdirectories.append(os.fsencode(entry.name))
+            return subdirectories
+
+        top = os.fstat(dir_fd)
+        if (top.st_dev, top.st_ino) not in self.emptied:
+            walk_tree(dir_fd, visit, path=os.readlink(f"/proc/self/fd/{dir_fd}"))
 
     def from_parent_layer(self, dir_st: os.stat_result, name: str, st: os.stat_result) -> bool:
         """Return whether name (in the directory dir_st) came from the parent layer."""

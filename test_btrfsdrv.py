@@ -3365,6 +3365,71 @@ def mutate_bytes(rng, raw):
     return bytes(raw)
 
 
+_DEEP_WHITEOUT_CHILD = r"""
+import io, os, resource, sys, tarfile
+sys.path.insert(0, sys.argv[1])
+import btrfsdrv
+
+layer, depth = sys.argv[2], int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+fd = os.open(layer, os.O_RDONLY)
+for name in ("d", "e"):
+    os.mkdir(name, dir_fd=fd)
+    level = os.open(name, os.O_RDONLY, dir_fd=fd)
+    for _ in range(depth):
+        os.close(os.open("f", os.O_CREAT | os.O_WRONLY, dir_fd=level))
+        os.mkdir("a", dir_fd=level)
+        deeper = os.open("a", os.O_RDONLY, dir_fd=level)
+        os.close(level)
+        level = deeper
+    os.close(level)
+buffer = io.BytesIO()
+with tarfile.open(fileobj=buffer, mode="w") as tar:
+    tar.addfile(tarfile.TarInfo(".wh.d"))
+    tar.addfile(tarfile.TarInfo("e"), io.BytesIO(b""))
+btrfsdrv.apply_layer_diff(layer, io.BytesIO(buffer.getvalue()))
+print(sorted(os.listdir(layer)))
+"""
+
+
+def test_apply_removes_trees_deeper_than_fd_limit(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    module_dir = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
+    result = subprocess.run([sys.executable, "-c", _DEEP_WHITEOUT_CHILD, module_dir, str(layer), "300"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == "['e']"
+
+
+def test_apply_opaque_directory_of_any_depth(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    deep = "d/" + "a/" * 1100 + "f"
+    apply(layer, make_tar([entry("d", tarfile.DIRTYPE, mode=0o755), entry(deep, data=b"x"),
+                           entry("d/.wh..wh..opq")]))
+    with open(layer / deep, "rb") as data:
+        assert data.read() == b"x"
+
+
+def test_apply_walks_repeated_opaque_marker_once(tmp_path, monkeypatch):
+    layer = tmp_path / "layer"
+    write(str(layer / "d" / "old"), b"parent")
+    time.sleep(0.01)
+    walks = []
+    original = btrfsdrv.walk_tree
+
+    def counting_walk(top_fd, visit, *args, **kwargs):
+        walks.append(top_fd)
+        return original(top_fd, visit, *args, **kwargs)
+
+    monkeypatch.setattr(btrfsdrv, "walk_tree", counting_walk)
+    entries = [entry("d", tarfile.DIRTYPE, mode=0o755)] + [entry(f"d/f{index}") for index in range(50)]
+    apply(layer, make_tar(entries + [entry("d/.wh..wh..opq")] * 200))
+    assert len(walks) == 1
+    assert sorted(os.listdir(layer / "d")) == sorted(f"f{index}" for index in range(50))
+
+
 def test_apply_random_and_mutated_tars_stay_inside(trees):
     layer, sentinel, digest = trees
     beside = sorted(os.listdir(layer.parent))
