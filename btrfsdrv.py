@@ -4595,6 +4595,11 @@ class _LayerApplier:
         saved = _SavedInodeFlags.of_fd(parent_fd)
         try:
             self.rename_clearing_flags(parent_fd, parts[-1], staging_fd, aside)
+        except OSError as error:
+            if error.errno != errno.EBUSY:
+                raise
+            raise _os_error(errno.EBUSY, "replace entry", "/".join(parts),
+                            "it is a mount point; unmount it first") from None
         finally:
             if saved is not None:
                 saved.restore()

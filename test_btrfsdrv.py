@@ -3410,6 +3410,9 @@ def test_apply_opaque_directory_of_any_depth(tmp_path):
                            entry("d/.wh..wh..opq")]))
     with open(layer / deep, "rb") as data:
         assert data.read() == b"x"
+    # shutil.rmtree, which cleans up tmp_path later, recurses once per level.
+    apply(layer, make_tar([entry(".wh.d")]))
+    assert os.listdir(layer) == []
 
 
 def test_apply_walks_repeated_opaque_marker_once(tmp_path, monkeypatch):
