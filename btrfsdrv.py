@@ -59,7 +59,8 @@ from ioctl_structs import (
 # end of ioctl_structs
 
 if TYPE_CHECKING:
-    # Only for annotations: the layer diff functions import tarfile when they run.
+    # Only for annotations: the layer diff functions import lzma and tarfile when they run.
+    import lzma
     import tarfile
     from types import TracebackType
 
@@ -3768,6 +3769,90 @@ class _TarInput(io.RawIOBase):
         return bytes(self.tail[start:start + 512])
 
 
+# Memory that the xz decoder may use. liblzma needs the dictionary size that
+# a stream's header states plus about 1 MiB, so streams of xz -9 and -9e
+# (64 MiB dictionaries) need 65 MiB (the preset table of xz(1)).
+_XZ_MEMORY_LIMIT = 128 * 1024 * 1024
+
+
+class _XzReader(io.RawIOBase):
+    """Decompresses xz streams like lzma.LZMAFile, but with a memory limit.
+
+    A stream's header sets the dictionary size, up to 4 GiB, and the decoder
+    allocates and fills a dictionary of that size. Like LZMAFile, the reader
+    decodes concatenated streams and ignores data after a complete stream
+    that does not start another one, but it reads that data to the end of
+    the input. A stream that ends early raises EOFError, and corrupt data
+    raises lzma.LZMAError.
+
+    NOTE: as in LZMAFile, null bytes after a stream (xz stream padding, which
+    the xz command skips) are decoded as the start of an .lzma stream, so a
+    stream after them is ignored, or the reader raises EOFError.
+    """
+
+    def __init__(self, source: io.BufferedIOBase, memory_limit: int = _XZ_MEMORY_LIMIT) -> None:
+        super().__init__()
+        import lzma
+
+        self._lzma = lzma
+        self._source = source
+        self._memory_limit = memory_limit
+        self._decompressor = self._new_decompressor()
+        self._finished = False
+
+    def _new_decompressor(self) -> lzma.LZMADecompressor:
+        return self._lzma.LZMADecompressor(format=self._lzma.FORMAT_AUTO, memlimit=self._memory_limit)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer)
+        if self._finished or not len(view):
+            return 0
+        while True:
+            if self._decompressor.eof:
+                data = self._decompressor.unused_data or self._source.read(_COPY_CHUNK)
+                if not data:
+                    self._finished = True
+                    return 0
+                self._decompressor = self._new_decompressor()
+                try:
+                    output = self._decompress(data, len(view))
+                except self._lzma.LZMAError:
+                    # Not another stream: ignored, as LZMAFile does.
+                    while self._source.read(_COPY_CHUNK):
+                        pass
+                    self._finished = True
+                    return 0
+            else:
+                data = b""
+                if self._decompressor.needs_input:
+                    data = self._source.read(_COPY_CHUNK)
+                    if not data:
+                        raise EOFError("the input ends before the end of the stream")
+                output = self._decompress(data, len(view))
+            if output:
+                view[:len(output)] = output
+                return len(output)
+
+    def _decompress(self, data: bytes, max_length: int) -> bytes:
+        """Decompress up to max_length bytes, raising _CorruptStream when the memory limit is exceeded."""
+        try:
+            return self._decompressor.decompress(data, max_length)
+        except self._lzma.LZMAError as error:
+            # CPython's _lzma module (checked with 3.11) reports LZMA_MEMLIMIT_ERROR
+            # with this message and no error code. Under another message the
+            # error is handled as corrupt data (after a complete stream, as
+            # data to ignore), and memory stays within the limit either way.
+            if str(error) != "Memory usage limit exceeded":
+                raise
+            raise _CorruptStream(
+                f"xz stream needs more than {self._memory_limit // (1024 * 1024)} MiB of memory to "
+                "decode, because its header states a larger dictionary. Recompress the layer with a "
+                "dictionary of at most 64 MiB (xz -9 or a lower preset)") from None
+
+
 class _ZstdReader(io.RawIOBase):
     """Decompresses a zstd stream with the system's libzstd through ctypes."""
 
@@ -3870,7 +3955,8 @@ def _decompressed(counting: _CountingReader) -> _TarInput:
     if magic.startswith(b"\xfd7zXZ\x00"):
         import lzma
 
-        return _TarInput(lzma.LZMAFile(raw), "xz", (EOFError, lzma.LZMAError))
+        xz_reader = io.BufferedReader(_XzReader(raw), buffer_size=_COPY_CHUNK)
+        return _TarInput(xz_reader, "xz", (EOFError, lzma.LZMAError))
     if magic.startswith(b"\x28\xb5\x2f\xfd"):
         # _ZstdReader raises _CorruptStream itself.
         return _TarInput(io.BufferedReader(_ZstdReader(raw), buffer_size=_COPY_CHUNK), "zstd")
