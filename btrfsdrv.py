@@ -42,7 +42,7 @@ from typing import (
 # the module itself, so the vendored single file needs no import.
 import ioctl_structs as _structs
 from ioctl_structs import (
-    BTRFS_FIRST_FREE_OBJECTID, BTRFS_INODE_REF_KEY,
+    BTRFS_EMPTY_SUBVOL_DIR_OBJECTID, BTRFS_FIRST_FREE_OBJECTID, BTRFS_INODE_REF_KEY,
     BTRFS_QGROUP_LIMIT_MAX_RFER, BTRFS_QGROUP_STATUS_FLAG_ON, BTRFS_QGROUP_STATUS_FLAG_SIMPLE_MODE,
     BTRFS_QGROUP_STATUS_KEY, BTRFS_QGROUP_LIMIT_KEY, BTRFS_QUOTA_CTL_ENABLE,
     BTRFS_QUOTA_CTL_ENABLE_SIMPLE_QUOTA, BTRFS_QUOTA_TREE_OBJECTID,
@@ -349,6 +349,18 @@ def _format_uuid(raw: Any) -> str:
 
 def _is_subvolume_stat(st: os.stat_result) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_ino == BTRFS_FIRST_FREE_OBJECTID
+
+
+def _is_snapshot_placeholder(st: os.stat_result) -> bool:
+    """Return whether st is the placeholder that a snapshot has for a nested subvolume.
+
+    A snapshot does not contain the nested subvolumes of its source. The
+    kernel shows an empty directory with inode number 2 in place of each one,
+    owned by 0:0, and a chown of it changes nothing. Other btrfs inode
+    numbers start at 256. The root directory of an ext4 mount has inode
+    number 2 too, so callers check for mounts, as every layer walk does.
+    """
+    return stat.S_ISDIR(st.st_mode) and st.st_ino == BTRFS_EMPTY_SUBVOL_DIR_OBJECTID
 
 
 # -- Tree search ---------------------------------------------------------------
@@ -3457,7 +3469,12 @@ class _TarEntryWriter:
 
         info = tarfile.TarInfo(archive_name)
         info.mode = stat.S_IMODE(st.st_mode)
-        info.uid, info.gid = _map_owner(self.uid_maps, self.gid_maps, st.st_uid, st.st_gid, False, path)
+        if _is_snapshot_placeholder(st):
+            # The kernel shows a placeholder as 0:0 whatever the layer's ID maps
+            # are, so it is exported as owned by container root, not mapped.
+            info.uid, info.gid = 0, 0
+        else:
+            info.uid, info.gid = _map_owner(self.uid_maps, self.gid_maps, st.st_uid, st.st_gid, False, path)
         info.mtime = st.st_mtime_ns // _NS_PER_SECOND
         mode = st.st_mode
         data = None
@@ -5207,12 +5224,17 @@ def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], 
 def _remapped_owners(
     root_fd: int, maps: tuple[tuple[Sequence[IDMap], Sequence[IDMap]], tuple[Sequence[IDMap], Sequence[IDMap]]],
 ) -> Iterator[tuple[Any, tuple[int, int]]]:
-    """Yield (walked entry, new owner) for each inode below root_fd, each once."""
+    """Yield (walked entry, new owner) for each inode below root_fd, each once.
+
+    Snapshot placeholders are skipped, because their owner cannot be changed.
+    """
     (old_uid_maps, old_gid_maps), (new_uid_maps, new_gid_maps) = maps
     seen_inodes = set()
     for item in _walk_changes(root_fd, None):
         st = item.st
         assert st is not None  # a walk without a parent yields only ADDs
+        if _is_snapshot_placeholder(st):
+            continue
         if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
             inode = (st.st_dev, st.st_ino)
             if inode in seen_inodes:

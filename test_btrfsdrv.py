@@ -2141,6 +2141,50 @@ def test_remap_rejects_read_only_nested_subvolume(driver):
         assert os.stat(os.path.join(root, name)).st_uid == 0, name
 
 
+def test_remap_skips_snapshot_placeholders(driver):
+    driver.create("P")
+    parent = driver.get("P")
+    write(parent + "/file", b"x")
+    btrfsdrv.create_subvolume(parent + "/nested")
+    write(parent + "/nested/inside", b"x")
+    driver.create_read_write("C", "P")
+    child = driver.get("C")
+    # The snapshot has an empty placeholder directory in place of the nested
+    # subvolume, and chown on it changes nothing.
+    assert os.lstat(child + "/nested").st_ino == ioctl_structs.BTRFS_EMPTY_SUBVOL_DIR_OBJECTID
+    maps = [btrfsdrv.IDMap(0, 100000, 65536)]
+
+    driver.update_layer_id_map("C", None, (maps, maps))
+    assert os.lstat(child + "/file").st_uid == 100000
+    driver.update_layer_id_map("C", (maps, maps), None)
+    assert os.lstat(child + "/file").st_uid == 0
+    driver.update_layer_id_map("C", None, (maps, maps))
+    assert os.lstat(child + "/file").st_uid == 100000
+    assert os.lstat(child + "/nested").st_uid == 0
+
+
+def test_diff_exports_snapshot_placeholder_as_root(driver):
+    driver.create("P")
+    parent = driver.get("P")
+    btrfsdrv.create_subvolume(parent + "/nested")
+    write(parent + "/nested/inside", b"x")
+    driver.create_read_write("C", "P")
+    child = driver.get("C")
+    write(child + "/file", b"x")
+    maps = [btrfsdrv.IDMap(0, 100000, 65536)]
+    driver.update_layer_id_map("C", None, (maps, maps))
+
+    full = members(read_diff(child, uid_maps=maps, gid_maps=maps))
+    assert full["nested"].isdir()
+    assert (full["nested"].uid, full["nested"].gid) == (0, 0)
+    assert (full["file"].uid, full["file"].gid) == (0, 0)
+
+    changed = members(read_diff(child, parent, uid_maps=maps, gid_maps=maps))
+    assert changed["nested"].isdir()
+    assert (changed["nested"].uid, changed["nested"].gid) == (0, 0)
+    assert "nested/.wh.inside" in changed
+
+
 def test_remap_error_names_layer_path(driver, monkeypatch):
     driver.create("layer")
     root = driver.get("layer")
