@@ -42,7 +42,7 @@ from typing import (
 # the module itself, so the vendored single file needs no import.
 import ioctl_structs as _structs
 from ioctl_structs import (
-    BTRFS_FIRST_FREE_OBJECTID, BTRFS_INODE_REF_KEY,
+    BTRFS_EMPTY_SUBVOL_DIR_OBJECTID, BTRFS_FIRST_FREE_OBJECTID, BTRFS_INODE_REF_KEY,
     BTRFS_QGROUP_LIMIT_MAX_RFER, BTRFS_QGROUP_STATUS_FLAG_ON, BTRFS_QGROUP_STATUS_FLAG_SIMPLE_MODE,
     BTRFS_QGROUP_STATUS_KEY, BTRFS_QGROUP_LIMIT_KEY, BTRFS_QUOTA_CTL_ENABLE,
     BTRFS_QUOTA_CTL_ENABLE_SIMPLE_QUOTA, BTRFS_QUOTA_TREE_OBJECTID,
@@ -59,7 +59,8 @@ from ioctl_structs import (
 # end of ioctl_structs
 
 if TYPE_CHECKING:
-    # Only for annotations: the layer diff functions import tarfile when they run.
+    # Only for annotations: the layer diff functions import lzma and tarfile when they run.
+    import lzma
     import tarfile
     from types import TracebackType
 
@@ -348,6 +349,18 @@ def _format_uuid(raw: Any) -> str:
 
 def _is_subvolume_stat(st: os.stat_result) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_ino == BTRFS_FIRST_FREE_OBJECTID
+
+
+def _is_snapshot_placeholder(st: os.stat_result) -> bool:
+    """Return whether st is the placeholder that a snapshot has for a nested subvolume.
+
+    A snapshot does not contain the nested subvolumes of its source. The
+    kernel shows an empty directory with inode number 2 in place of each one,
+    owned by 0:0, and a chown of it changes nothing. Other btrfs inode
+    numbers start at 256. The root directory of an ext4 mount has inode
+    number 2 too, so callers check for mounts, as every layer walk does.
+    """
+    return stat.S_ISDIR(st.st_mode) and st.st_ino == BTRFS_EMPTY_SUBVOL_DIR_OBJECTID
 
 
 # -- Tree search ---------------------------------------------------------------
@@ -3456,7 +3469,12 @@ class _TarEntryWriter:
 
         info = tarfile.TarInfo(archive_name)
         info.mode = stat.S_IMODE(st.st_mode)
-        info.uid, info.gid = _map_owner(self.uid_maps, self.gid_maps, st.st_uid, st.st_gid, False, path)
+        if _is_snapshot_placeholder(st):
+            # The kernel shows a placeholder as 0:0 whatever the layer's ID maps
+            # are, so it is exported as owned by container root, not mapped.
+            info.uid, info.gid = 0, 0
+        else:
+            info.uid, info.gid = _map_owner(self.uid_maps, self.gid_maps, st.st_uid, st.st_gid, False, path)
         info.mtime = st.st_mtime_ns // _NS_PER_SECOND
         mode = st.st_mode
         data = None
@@ -3768,6 +3786,90 @@ class _TarInput(io.RawIOBase):
         return bytes(self.tail[start:start + 512])
 
 
+# Memory that the xz decoder may use. liblzma needs the dictionary size that
+# a stream's header states plus about 1 MiB, so streams of xz -9 and -9e
+# (64 MiB dictionaries) need 65 MiB (the preset table of xz(1)).
+_XZ_MEMORY_LIMIT = 128 * 1024 * 1024
+
+
+class _XzReader(io.RawIOBase):
+    """Decompresses xz streams like lzma.LZMAFile, but with a memory limit.
+
+    A stream's header sets the dictionary size, up to 4 GiB, and the decoder
+    allocates and fills a dictionary of that size. Like LZMAFile, the reader
+    decodes concatenated streams and ignores data after a complete stream
+    that does not start another one, but it reads that data to the end of
+    the input. A stream that ends early raises EOFError, and corrupt data
+    raises lzma.LZMAError.
+
+    NOTE: as in LZMAFile, null bytes after a stream (xz stream padding, which
+    the xz command skips) are decoded as the start of an .lzma stream, so a
+    stream after them is ignored, or the reader raises EOFError.
+    """
+
+    def __init__(self, source: io.BufferedIOBase, memory_limit: int = _XZ_MEMORY_LIMIT) -> None:
+        super().__init__()
+        import lzma
+
+        self._lzma = lzma
+        self._source = source
+        self._memory_limit = memory_limit
+        self._decompressor = self._new_decompressor()
+        self._finished = False
+
+    def _new_decompressor(self) -> lzma.LZMADecompressor:
+        return self._lzma.LZMADecompressor(format=self._lzma.FORMAT_AUTO, memlimit=self._memory_limit)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer)
+        if self._finished or not len(view):
+            return 0
+        while True:
+            if self._decompressor.eof:
+                data = self._decompressor.unused_data or self._source.read(_COPY_CHUNK)
+                if not data:
+                    self._finished = True
+                    return 0
+                self._decompressor = self._new_decompressor()
+                try:
+                    output = self._decompress(data, len(view))
+                except self._lzma.LZMAError:
+                    # Not another stream: ignored, as LZMAFile does.
+                    while self._source.read(_COPY_CHUNK):
+                        pass
+                    self._finished = True
+                    return 0
+            else:
+                data = b""
+                if self._decompressor.needs_input:
+                    data = self._source.read(_COPY_CHUNK)
+                    if not data:
+                        raise EOFError("the input ends before the end of the stream")
+                output = self._decompress(data, len(view))
+            if output:
+                view[:len(output)] = output
+                return len(output)
+
+    def _decompress(self, data: bytes, max_length: int) -> bytes:
+        """Decompress up to max_length bytes, raising _CorruptStream when the memory limit is exceeded."""
+        try:
+            return self._decompressor.decompress(data, max_length)
+        except self._lzma.LZMAError as error:
+            # CPython's _lzma module (checked with 3.11) reports LZMA_MEMLIMIT_ERROR
+            # with this message and no error code. Under another message the
+            # error is handled as corrupt data (after a complete stream, as
+            # data to ignore), and memory stays within the limit either way.
+            if str(error) != "Memory usage limit exceeded":
+                raise
+            raise _CorruptStream(
+                f"xz stream needs more than {self._memory_limit // (1024 * 1024)} MiB of memory to "
+                "decode, because its header states a larger dictionary. Recompress the layer with a "
+                "dictionary of at most 64 MiB (xz -9 or a lower preset)") from None
+
+
 class _ZstdReader(io.RawIOBase):
     """Decompresses a zstd stream with the system's libzstd through ctypes."""
 
@@ -3870,7 +3972,8 @@ def _decompressed(counting: _CountingReader) -> _TarInput:
     if magic.startswith(b"\xfd7zXZ\x00"):
         import lzma
 
-        return _TarInput(lzma.LZMAFile(raw), "xz", (EOFError, lzma.LZMAError))
+        xz_reader = io.BufferedReader(_XzReader(raw), buffer_size=_COPY_CHUNK)
+        return _TarInput(xz_reader, "xz", (EOFError, lzma.LZMAError))
     if magic.startswith(b"\x28\xb5\x2f\xfd"):
         # _ZstdReader raises _CorruptStream itself.
         return _TarInput(io.BufferedReader(_ZstdReader(raw), buffer_size=_COPY_CHUNK), "zstd")
@@ -5126,12 +5229,17 @@ def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], 
 def _remapped_owners(
     root_fd: int, maps: tuple[tuple[Sequence[IDMap], Sequence[IDMap]], tuple[Sequence[IDMap], Sequence[IDMap]]],
 ) -> Iterator[tuple[Any, tuple[int, int]]]:
-    """Yield (walked entry, new owner) for each inode below root_fd, each once."""
+    """Yield (walked entry, new owner) for each inode below root_fd, each once.
+
+    Snapshot placeholders are skipped, because their owner cannot be changed.
+    """
     (old_uid_maps, old_gid_maps), (new_uid_maps, new_gid_maps) = maps
     seen_inodes = set()
     for item in _walk_changes(root_fd, None):
         st = item.st
         assert st is not None  # a walk without a parent yields only ADDs
+        if _is_snapshot_placeholder(st):
+            continue
         if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
             inode = (st.st_dev, st.st_ino)
             if inode in seen_inodes:

@@ -2141,6 +2141,50 @@ def test_remap_rejects_read_only_nested_subvolume(driver):
         assert os.stat(os.path.join(root, name)).st_uid == 0, name
 
 
+def test_remap_skips_snapshot_placeholders(driver):
+    driver.create("P")
+    parent = driver.get("P")
+    write(parent + "/file", b"x")
+    btrfsdrv.create_subvolume(parent + "/nested")
+    write(parent + "/nested/inside", b"x")
+    driver.create_read_write("C", "P")
+    child = driver.get("C")
+    # The snapshot has an empty placeholder directory in place of the nested
+    # subvolume, and chown on it changes nothing.
+    assert os.lstat(child + "/nested").st_ino == ioctl_structs.BTRFS_EMPTY_SUBVOL_DIR_OBJECTID
+    maps = [btrfsdrv.IDMap(0, 100000, 65536)]
+
+    driver.update_layer_id_map("C", None, (maps, maps))
+    assert os.lstat(child + "/file").st_uid == 100000
+    driver.update_layer_id_map("C", (maps, maps), None)
+    assert os.lstat(child + "/file").st_uid == 0
+    driver.update_layer_id_map("C", None, (maps, maps))
+    assert os.lstat(child + "/file").st_uid == 100000
+    assert os.lstat(child + "/nested").st_uid == 0
+
+
+def test_diff_exports_snapshot_placeholder_as_root(driver):
+    driver.create("P")
+    parent = driver.get("P")
+    btrfsdrv.create_subvolume(parent + "/nested")
+    write(parent + "/nested/inside", b"x")
+    driver.create_read_write("C", "P")
+    child = driver.get("C")
+    write(child + "/file", b"x")
+    maps = [btrfsdrv.IDMap(0, 100000, 65536)]
+    driver.update_layer_id_map("C", None, (maps, maps))
+
+    full = members(read_diff(child, uid_maps=maps, gid_maps=maps))
+    assert full["nested"].isdir()
+    assert (full["nested"].uid, full["nested"].gid) == (0, 0)
+    assert (full["file"].uid, full["file"].gid) == (0, 0)
+
+    changed = members(read_diff(child, parent, uid_maps=maps, gid_maps=maps))
+    assert changed["nested"].isdir()
+    assert (changed["nested"].uid, changed["nested"].gid) == (0, 0)
+    assert "nested/.wh.inside" in changed
+
+
 def test_remap_error_names_layer_path(driver, monkeypatch):
     driver.create("layer")
     root = driver.get("layer")
@@ -2510,6 +2554,7 @@ import random  # noqa: E402
 import struct  # noqa: E402
 import tarfile  # noqa: E402
 import time  # noqa: E402
+import zlib  # noqa: E402
 
 from btrfsdrv import Change, ChangeKind  # noqa: E402
 
@@ -3499,6 +3544,163 @@ def test_apply_discards_data_after_plain_tar(tmp_path):
     assert btrfsdrv.apply_layer_diff(str(layer), stream) == 4
     assert stream.read() == b""  # read to the end, as a pipe writer needs
     assert (layer / "f").read_bytes() == b"data"
+
+
+def xz_stating_dictionary(chunks, dictionary_code, directory):
+    """Compress chunks with xz and a 1 MiB dictionary, then state another dictionary size in the header.
+
+    A decoder allocates and fills the dictionary size that the block header
+    states, while the encoder needs memory only for its own small one.
+    dictionary_code is the LZMA2 property byte, which stands for
+    (2 | code % 2) << (code // 2 + 11) bytes.
+    """
+    if shutil.which("xz") is None:
+        pytest.skip("xz is not installed")
+    path = os.path.join(directory, "stream.xz")
+    with open(path, "wb") as out:
+        process = subprocess.Popen(["xz", "-T1", "--lzma2=preset=0,dict=1MiB", "-c"],
+                                   stdin=subprocess.PIPE, stdout=out)
+        for chunk in chunks:
+            process.stdin.write(chunk)
+        process.stdin.close()
+        assert process.wait() == 0
+    with open(path, "rb") as packed_file:
+        packed = bytearray(packed_file.read())
+
+    # The block header follows the 12-byte stream header: a size byte, a
+    # flags byte, optional sizes, then the filter flags (id 0x21 for LZMA2,
+    # property size 1, the dictionary byte), padding and a CRC32.
+    start = 12
+    header_size = (packed[start] + 1) * 4
+    flags = packed[start + 1]
+    assert flags & 0x03 == 0, "one filter only"
+    position = start + 2
+    for size_flag in (0x40, 0x80):
+        if flags & size_flag:
+            while packed[position] & 0x80:
+                position += 1
+            position += 1
+    assert packed[position:position + 2] == b"\x21\x01"
+    packed[position + 2] = dictionary_code
+    crc_at = start + header_size - 4
+    packed[crc_at:crc_at + 4] = struct.pack("<I", zlib.crc32(packed[start:crc_at]))
+    with open(path, "wb") as out:
+        out.write(packed)
+    return path
+
+
+LZMA2_DICTIONARY_512_MIB = 34
+
+
+def test_apply_rejects_xz_with_huge_dictionary(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    raw = make_tar([entry("f", data=b"data")])
+    path = xz_stating_dictionary([raw], LZMA2_DICTIONARY_512_MIB, str(tmp_path))
+    with open(path, "rb") as stream:
+        with pytest.raises(ValueError, match=r"offset 0 .*xz stream needs more than 128 MiB of memory"):
+            btrfsdrv.apply_layer_diff(str(layer), stream)
+    assert os.listdir(layer) == []
+
+
+def test_apply_checks_dictionary_of_later_xz_stream(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    raw = make_tar([entry("first", data=b"1"), entry("second", data=b"2")])
+    path = xz_stating_dictionary([raw[1024:]], LZMA2_DICTIONARY_512_MIB, str(tmp_path))
+    with open(path, "rb") as second_stream:
+        packed = lzma.compress(raw[:1024]) + second_stream.read()
+    with pytest.raises(ValueError, match=r"xz stream needs more than 128 MiB of memory"):
+        apply(layer, packed)
+
+
+# Applies a layer file (argv[2]) to a directory (argv[3]) with btrfsdrv from
+# argv[1], then prints the error or "applied", and the peak RSS in KiB. A
+# process's ru_maxrss keeps the peak of the process that ran exec (for
+# subprocess, the test runner), so the apply runs in a forked process.
+APPLY_AND_MEASURE_SCRIPT = """
+import os, resource, sys, traceback
+sys.path.insert(0, sys.argv[1])
+import btrfsdrv
+pid = os.fork()
+if pid == 0:
+    try:
+        with open(sys.argv[2], "rb") as stream:
+            btrfsdrv.apply_layer_diff(sys.argv[3], stream)
+        print("applied")
+    except ValueError as error:
+        print(error)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+sys.exit(0 if status == 0 else 1)
+"""
+
+
+def test_apply_xz_memory_stays_below_dictionary(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    # A whiteout's data is skipped, but decoding it fills the dictionary.
+    whiteout = tarfile.TarInfo(".wh.big")
+    whiteout.size = 512 << 20
+    chunks = [whiteout.tobuf(tarfile.PAX_FORMAT)] + [bytes(1 << 20)] * 512 + [bytes(1024)]
+    path = xz_stating_dictionary(chunks, LZMA2_DICTIONARY_512_MIB, str(tmp_path))
+    module_dir = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
+    result = subprocess.run([sys.executable, "-c", APPLY_AND_MEASURE_SCRIPT, module_dir, path, str(layer)],
+                            capture_output=True, text=True, check=True)
+    message, max_rss_kib = result.stdout.splitlines()
+    assert "xz stream needs more than 128 MiB of memory" in message
+    assert int(max_rss_kib) < 300 * 1024, f"peak RSS was {int(max_rss_kib) // 1024} MiB"
+
+
+def split_xz(raw, split):
+    return lzma.compress(raw[:split]) + lzma.compress(raw[split:])
+
+
+XZ_TAILS = {
+    "concatenated": lambda raw: split_xz(raw, 1000),
+    "garbage-after-stream": lambda raw: lzma.compress(raw) + b"not xz" * 1000,
+}
+
+
+@pytest.mark.parametrize("tail", sorted(XZ_TAILS))
+def test_apply_reads_xz_like_lzmafile(tmp_path, tail):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    raw = make_tar([entry("first", data=b"1"), entry("second", data=random_content(5000, 3))])
+    packed = XZ_TAILS[tail](raw)
+    assert lzma.LZMAFile(io.BytesIO(packed)).read() == raw
+    stream = io.BytesIO(packed)
+    assert btrfsdrv.apply_layer_diff(str(layer), stream) == 5001
+    assert stream.read() == b""  # read to the end, as a pipe writer needs
+    assert (layer / "second").read_bytes() == random_content(5000, 3)
+
+
+def test_apply_rejects_truncated_later_xz_stream(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    raw = make_tar([entry("first", data=b"1"), entry("second", data=b"2")])
+    with pytest.raises(ValueError, match=r"truncated or corrupt xz stream"):
+        apply(layer, split_xz(raw, 1000)[:-24])
+
+
+@pytest.mark.parametrize("read_size", [7, 4096, 1 << 20])
+def test_xz_reader_bounds_each_read(read_size):
+    data = bytes(3 << 20) + random_content(100_000, 3)
+    reader = btrfsdrv._XzReader(io.BufferedReader(io.BytesIO(lzma.compress(data) + lzma.compress(b"end"))))
+    output = bytearray()
+    buffer = bytearray(read_size)
+    while True:
+        count = reader.readinto(buffer)
+        assert count <= read_size
+        if not count:
+            break
+        output += buffer[:count]
+    assert output == data + b"end"
 
 
 # ID-map updates -------------------------------------------------------------
