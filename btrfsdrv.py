@@ -1172,6 +1172,21 @@ def _quota_mode_from_sysfs(fd: int, path: Any) -> str | None:
     return _SYSFS_QUOTA_MODES.get(mode, mode)
 
 
+def _qgroup_limit_from_sysfs(fd: int, qgroup_id: int, path: Any) -> int | None:
+    """Return the referenced-bytes limit of qgroup 0/qgroup_id from sysfs, None when unknown or unset.
+
+    /sys/fs/btrfs/FSID/qgroups/0_ID/max_referenced is readable without
+    CAP_SYS_ADMIN and exists only while quota is on.
+    """
+    try:
+        fsid = _format_uuid(_fs_info(fd, path).fsid)
+        with open(f"/sys/fs/btrfs/{fsid}/qgroups/0_{qgroup_id}/max_referenced", "rb") as limit_file:
+            text = limit_file.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
 def _enable_quota(fd: int, simple: bool, path: Any) -> None:
     args = btrfs_ioctl_quota_ctl_args()
     args.cmd = BTRFS_QUOTA_CTL_ENABLE_SIMPLE_QUOTA if simple else BTRFS_QUOTA_CTL_ENABLE
@@ -1956,7 +1971,12 @@ class Driver:
         if not _is_subvolume_stat(os.fstat(layer_fd)):
             # The id would be that of the subvolume containing the directory.
             raise _os_error(errno.EINVAL, "set layer limit", path, "the layer is not a subvolume")
+        # Through a mount on the layer's directory, the id would be that of
+        # the mounted subvolume, which is not the layer's.
+        _check_same_mount(home_fd, layer_fd, "set layer limit", path)
         qgroup_id = _subvolume_id_of_fd(layer_fd, path)
+        if _qgroup_limit_from_sysfs(home_fd, qgroup_id, path) == size:
+            return  # already set; this also spares callers without CAP_SYS_ADMIN the ioctl
         try:
             _set_layer_limit(home_fd, qgroup_id, size, path)
         except OSError as error:
@@ -2242,6 +2262,8 @@ class Driver:
     def _remove_layer_directory(self, subvolumes_fd: int, name: bytes, path: str) -> None:
         with _Fd(_open_directory(name, dir_fd=subvolumes_fd)) as layer_fd:
             if not _is_subvolume_stat(os.fstat(layer_fd)):
+                if not _can_search_trees(layer_fd):
+                    _check_contents_removable(layer_fd, path)
                 _remove_contents(layer_fd, path)
                 subvolume_ids: list[int] = []
             else:
@@ -2610,6 +2632,33 @@ def _delete_nested_subvolume(layer_fd: int, subvolume: NestedSubvolume, path: An
     return True
 
 
+def _check_contents_removable(top_fd: int, path: Any) -> None:
+    """Raise PermissionError, before anything is deleted, when this caller could not empty top_fd.
+
+    Without CAP_SYS_ADMIN a layer is emptied file by file, and a directory
+    that the caller neither owns nor may write into, or a sticky directory
+    holding another user's file, would stop that halfway. Directories the
+    caller owns but may not enter get owner rwx, as the removal would give
+    them. Immutable files are not detected.
+    """
+    uid = os.geteuid()
+    effective = {"effective_ids": True} if os.access in os.supports_effective_ids else {}
+
+    def visit(fd: int, relative: bytes, entries: list[Any]) -> list[bytes]:
+        st = os.fstat(fd)
+        where = os.path.join(os.fsdecode(path), os.fsdecode(relative))
+        if st.st_uid != uid and not os.access(f"/proc/self/fd/{fd}", os.W_OK | os.X_OK, **effective):
+            raise PermissionError(errno.EACCES, "a directory of another user is in the way", where)
+        if st.st_mode & stat.S_ISVTX and st.st_uid != uid and uid != 0:
+            for entry in entries:
+                if entry.stat(follow_symlinks=False).st_uid != uid:
+                    raise PermissionError(errno.EPERM, "another user's file is in a sticky directory",
+                                          os.path.join(where, entry.name))
+        return [os.fsencode(entry.name) for entry in entries if entry.is_dir(follow_symlinks=False)]
+
+    walk_tree(top_fd, visit, path=path, repair_permissions=True)
+
+
 def _can_search_trees(fd: int) -> bool:
     """Return whether the kernel lets this process search btrfs trees, which needs CAP_SYS_ADMIN."""
     try:
@@ -2643,6 +2692,7 @@ def _delete_subvolume_or_contents(dir_fd: int, name: bytes, path: Any) -> None:
         log.debug("cannot destroy subvolume %s (%s); deleting its files", os.fsdecode(path), error)
     with _Fd(_open_directory(name, dir_fd=dir_fd)) as fd:
         try:
+            _check_contents_removable(fd, path)
             _remove_contents(fd, path)
         except PermissionError as error:
             raise _os_error(
@@ -5441,7 +5491,7 @@ def _command_changes(driver: Driver, args: Any) -> Any:
     changes = driver.changes(args.id, args.parent)
     if args.json:
         return [{"path": change.path, "kind": change.kind.name.lower()} for change in changes]
-    out = sys.stdout.buffer
+    out = _standard_output()
     for change in changes:
         # Bytes, because layer paths need not be valid UTF-8.
         out.write(_CHANGE_LETTERS[change.kind].encode() + b" " + os.fsencode(change.path) + b"\n")
@@ -5452,12 +5502,20 @@ def _command_changes(driver: Driver, args: Any) -> Any:
 def _command_diff(driver: Driver, args: Any) -> Any:
     import shutil
 
-    if sys.stdout.isatty():
+    out = _standard_output()
+    if out.isatty():
         raise ValueError("refusing to write a tar to a terminal; redirect stdout to a file or pipe")
     with driver.diff(args.id, args.parent) as stream:
-        shutil.copyfileobj(stream, sys.stdout.buffer, _COPY_CHUNK)
-    sys.stdout.buffer.flush()
+        shutil.copyfileobj(stream, out, _COPY_CHUNK)
+    out.flush()
     return None
+
+
+def _standard_output() -> Any:
+    """Return the binary stdout, raising ValueError when the caller closed it."""
+    if sys.stdout is None:
+        raise ValueError("standard output is closed; redirect it to a file or pipe")
+    return sys.stdout.buffer
 
 
 def _command_apply(driver: Driver, args: Any) -> Any:
@@ -5467,6 +5525,8 @@ def _command_apply(driver: Driver, args: Any) -> Any:
 
     progress = show_progress if sys.stderr.isatty() else None
     try:
+        if sys.stdin is None:
+            raise ValueError("standard input is closed; redirect a layer tar into it")
         size = driver.apply_diff(args.id, sys.stdin.buffer, parent=args.parent, progress=progress)
     finally:
         if progress is not None:
@@ -5501,6 +5561,8 @@ def _print_line(value: Any) -> None:
     A layer path that is not UTF-8 comes out as its own bytes, which a shell
     can use, whatever encoding stdout has.
     """
+    if sys.stdout is None:
+        return  # the caller closed stdout; the exit status still tells the result
     text = str(value)
     stdout = getattr(sys.stdout, "buffer", None)
     if stdout is None:
@@ -5519,6 +5581,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with Driver(args.home, args.option) as driver:
             result = args.handler(driver, args)
+    except BrokenPipeError:
+        _discard_standard_output()
+        return EXIT_FAILURE
     except ValueError as error:
         print(f"btrfsdrv: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -5530,15 +5595,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command != "exists" or args.json:
             _print_result(args.command, result, args.json)
-        sys.stdout.flush()
+        if sys.stdout is not None:
+            sys.stdout.flush()
     except BrokenPipeError:
-        # The reader closed the pipe early, as `| head` does. Python would
-        # report the failed flush again at exit, so stdout goes to /dev/null.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _discard_standard_output()
         return EXIT_FAILURE
     if args.command == "exists":
         return EXIT_SUCCESS if result else EXIT_NO
     return EXIT_SUCCESS
+
+
+def _discard_standard_output() -> None:
+    """Point stdout at /dev/null after the reader closed the pipe early, as `| head` does.
+
+    Python would otherwise report the failed flush of stdout again at exit.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _describe_error(error: BaseException) -> str:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import stat
@@ -1759,6 +1760,76 @@ def test_unprivileged_remove_of_read_only_directories(fs):
         return driver.list_layers()
 
     assert run_as_user(scenario) == []
+
+
+def test_unprivileged_remove_fails_before_deleting(fs):
+    home = fs.path("home")
+    os.makedirs(home)
+    os.chown(home, 65534, 65534)
+    make_traversable(home)
+    run_as_user(lambda: btrfsdrv.Driver(home).create("mixed"))
+    root = os.path.join(home, "subvolumes", "mixed")
+    os.chmod(root, 0o755)
+    os.makedirs(os.path.join(root, "a-root-directory"))
+    write(os.path.join(root, "a-root-directory", "file"), b"root's")
+    for index in range(3):
+        write(os.path.join(root, f"user-{index}", "file"), b"user's")
+        os.chown(os.path.join(root, f"user-{index}"), 65534, 65534)
+        os.chown(os.path.join(root, f"user-{index}", "file"), 65534, 65534)
+    os.chown(root, 65534, 65534)
+    before = tree_digest(root)
+
+    def scenario():
+        with pytest.raises(PermissionError) as raised:
+            btrfsdrv.Driver(home).remove("mixed")
+        return raised.value.errno, str(raised.value)
+
+    error, message = run_as_user(scenario)
+    assert error == errno.EACCES
+    assert "a-root-directory" in message
+    assert tree_digest(root) == before
+
+
+def test_get_without_cap_sys_admin_keeps_limit(fs):
+    home = fs.path("home")
+    with btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as driver:
+        driver.create("sized", storage_opt={"size": "16m"})
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import btrfsdrv; "
+              "print(btrfsdrv.Driver(sys.argv[2], ['btrfs.min_space=1m']).get('sized'))")
+    module_dir = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
+    result = subprocess.run(["unshare", "-Ur", sys.executable, "-c", script, module_dir, home],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == os.path.join(home, "subvolumes", "sized")
+
+
+def test_get_refuses_mount_on_layer(driver, fs):
+    driver.create("sized", storage_opt={"size": "16m"})
+    layer = driver.get("sized")
+    other = fs.path("other")
+    btrfsdrv.create_subvolume(other)
+    _bind_mount(other, layer)
+    try:
+        with pytest.raises(OSError, match="mount point") as raised:
+            driver.get("sized")
+        assert raised.value.errno == errno.EBUSY
+    finally:
+        subprocess.run(["umount", layer], check=True)
+    assert qgroup_limits(fs).get(btrfsdrv.subvolume_id(other)) is None
+
+
+@pytest.mark.parametrize("arguments, status", [
+    (["exists", "base"], btrfsdrv.EXIT_SUCCESS),
+    (["remove", "base"], btrfsdrv.EXIT_SUCCESS),
+    (["diff", "base"], btrfsdrv.EXIT_USAGE),
+])
+def test_cli_with_stdout_closed(driver, arguments, status):
+    driver.create("base")
+    command = " ".join([shlex.quote(sys.executable), shlex.quote(btrfsdrv.__file__), "--home",
+                        shlex.quote(driver.home)] + arguments)
+    result = subprocess.run(["sh", "-c", command + " >&-"], capture_output=True, text=True)
+    assert result.returncode == status, result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_unprivileged_create_owns_layer(fs):
