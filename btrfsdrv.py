@@ -2193,7 +2193,26 @@ class Driver:
             if _qgroup_limit(subvolumes_fd, subvolume, path) is not None:
                 _set_qgroup_limit(subvolumes_fd, subvolume, None, path)
         except PermissionError:
+            self._clear_stray_limit(subvolumes_fd, layer_fd, path)
+
+    def _clear_stray_limit(self, home_fd: int, layer_fd: int, path: str) -> None:
+        """Clear a qgroup limit that a layer without a quota file has, as sysfs shows it.
+
+        A snapshot's qgroup starts with its source's limit, and a create
+        killed before it cleared that limit leaves it. Without CAP_SYS_ADMIN
+        the limit stays, with a warning.
+        """
+        if not _is_subvolume_stat(os.fstat(layer_fd)) or _mount_id(layer_fd) != _mount_id(home_fd):
+            return  # a plain directory, or a mount on the layer's directory: not the layer's qgroup
+        subvolume = _subvolume_id_of_fd(layer_fd, path)
+        limit = _qgroup_limit_from_sysfs(home_fd, subvolume, path)
+        if limit is None:
             return
+        try:
+            _set_qgroup_limit(home_fd, subvolume, None, path)
+        except PermissionError:
+            log.warning("layer %s has a limit of %d bytes but no quota file; clearing it needs CAP_SYS_ADMIN: "
+                        "run btrfs qgroup limit none 0/%d %s as root", path, limit, subvolume, path)
 
     @staticmethod
     def _subvolume_id_at(dir_fd: int, name: bytes, path: str) -> int | None:
@@ -2400,6 +2419,9 @@ class Driver:
                     else:
                         log.warning("ignoring quota file of %s: the layer is a plain directory (a copied "
                                     "store?), not a subvolume, so it cannot have a limit", path)
+        elif size is None:
+            with self._open_home() as home_fd, _Fd(_open_directory(path)) as layer_fd:
+                self._clear_stray_limit(home_fd, layer_fd, path)
         return path
 
     def _require_layer(self, layer_id: str, path: str) -> os.stat_result:

@@ -1803,6 +1803,18 @@ def test_get_without_cap_sys_admin_keeps_limit(fs):
     assert result.stdout.strip() == os.path.join(home, "subvolumes", "sized")
 
 
+def test_get_clears_limit_without_quota_file(driver, fs):
+    # A snapshot's qgroup starts with its source's limit; a create killed
+    # before clearing it leaves the child limited with no quota file.
+    driver.create("base", storage_opt={"size": "16m"})
+    driver.create("child", "base")
+    child_id = btrfsdrv.subvolume_id(driver.get("child"))
+    fs.btrfs("qgroup", "limit", str(16 * 1024**2), f"0/{child_id}", fs.mountpoint)
+    driver.get("child")
+    assert qgroup_limits(fs).get(child_id) is None
+    assert qgroup_limits(fs)[btrfsdrv.subvolume_id(driver.get("base"))] == 16 * 1024**2
+
+
 def test_get_refuses_mount_on_layer(driver, fs):
     driver.create("sized", storage_opt={"size": "16m"})
     layer = driver.get("sized")
