@@ -4205,29 +4205,49 @@ _bounded_tarinfo: Any = None
 def _bounded_tarinfo_class() -> Any:
     """Return the TarInfo subclass that apply_diff parses headers with.
 
-    It rejects extended headers over 1 MiB before reading them and PAX
-    headers that tarfile would parse in quadratic time, and it ignores
-    global PAX headers.
+    It rejects extended headers over 1 MiB before reading them, more than
+    _EXTENDED_HEADER_CHAIN_MAX of them in front of one entry (tarfile parses
+    each with one more level of recursion, keeping the ones before it), old
+    GNU sparse maps over 1 MiB, and PAX headers that tarfile would parse in
+    quadratic time. It ignores global PAX headers.
     """
     global _bounded_tarinfo
     if _bounded_tarinfo is None:
         import tarfile
 
-        global_header_type = tarfile.XGLTYPE  # the methods' tarfile parameter hides the module
+        # The methods' tarfile parameter hides the module. TarFile.next()
+        # turns header_error (undeclared in typeshed) into ReadError.
+        global_header_type = tarfile.XGLTYPE
+        header_error = tarfile.SubsequentHeaderError  # type: ignore[attr-defined]
 
         class BoundedTarInfo(tarfile.TarInfo):
-            def _check_extended_size(self) -> None:
+            def _check_extended_size(self, tarfile: Any) -> None:
                 if self.size > _EXTENDED_HEADER_MAX:
-                    # TarFile.next() turns this (undeclared in typeshed) into ReadError.
-                    raise tarfile.SubsequentHeaderError(  # type: ignore[attr-defined]
-                        f"extended header of {self.size} bytes is larger than {_EXTENDED_HEADER_MAX}")
+                    raise header_error(f"extended header of {self.size} bytes is larger than {_EXTENDED_HEADER_MAX}")
+                chain = getattr(tarfile, "_btrfsdrv_header_chain", 0)
+                if chain >= _EXTENDED_HEADER_CHAIN_MAX:
+                    raise header_error(f"more than {_EXTENDED_HEADER_CHAIN_MAX} extended headers in front of "
+                                       "one entry")
 
             def _proc_gnulong(self, tarfile: Any) -> Any:
-                self._check_extended_size()
-                return super()._proc_gnulong(tarfile)  # type: ignore[misc]
+                self._check_extended_size(tarfile)
+                with _ExtendedHeaderChain(tarfile):
+                    return super()._proc_gnulong(tarfile)  # type: ignore[misc]
+
+            def _proc_sparse(self, tarfile: Any) -> Any:
+                stream = tarfile.fileobj
+                tarfile.fileobj = _BoundedReads(stream, _EXTENDED_HEADER_MAX, header_error, "old GNU sparse map")
+                try:
+                    return super()._proc_sparse(tarfile)  # type: ignore[misc]
+                finally:
+                    tarfile.fileobj = stream
 
             def _proc_pax(self, tarfile: Any) -> Any:
-                self._check_extended_size()
+                self._check_extended_size(tarfile)
+                with _ExtendedHeaderChain(tarfile):
+                    return self._proc_bounded_pax(tarfile)
+
+            def _proc_bounded_pax(self, tarfile: Any) -> Any:
                 stream = tarfile.fileobj
                 records = stream.read(self._block(self.size))  # type: ignore[attr-defined]
                 if self.type == global_header_type:
@@ -4249,6 +4269,47 @@ def _bounded_tarinfo_class() -> Any:
 
         _bounded_tarinfo = BoundedTarInfo
     return _bounded_tarinfo
+
+
+# Extended headers (PAX, GNU long names) in front of one entry, at most. A
+# real tar needs three: a PAX header, a long name and a long link name.
+_EXTENDED_HEADER_CHAIN_MAX = 8
+
+
+class _ExtendedHeaderChain:
+    """Counts, on a TarFile, the extended headers being parsed in front of one entry."""
+
+    def __init__(self, tar: Any) -> None:
+        self.tar = tar
+
+    def __enter__(self) -> None:
+        self.tar._btrfsdrv_header_chain = getattr(self.tar, "_btrfsdrv_header_chain", 0) + 1
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.tar._btrfsdrv_header_chain -= 1
+
+
+class _BoundedReads:
+    """A stream that raises error once more than limit bytes were read, or a read comes up short."""
+
+    def __init__(self, stream: Any, limit: int, error: type[Exception], what: str) -> None:
+        self.stream = stream
+        self.limit = limit
+        self.remaining = limit
+        self.error = error
+        self.what = what
+
+    def read(self, size: int) -> bytes:
+        self.remaining -= size
+        if self.remaining < 0:
+            raise self.error(f"{self.what} is larger than {self.limit} bytes")
+        data: bytes = self.stream.read(size)
+        if len(data) < size:
+            raise self.error(f"{self.what} ends early")
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 # Sum of the squared lengths of the digit runs in one PAX header, at most.

@@ -3418,6 +3418,51 @@ def test_apply_ignores_global_pax_headers(tmp_path):
     assert os.stat(layer / "bin" / "ls").st_uid == 0
 
 
+def extended_header(kind, body):
+    header = tarfile.TarInfo("././@LongLink" if kind == tarfile.GNUTYPE_LONGNAME else "././@PaxHeader")
+    header.type = kind
+    header.size = len(body)
+    return header.tobuf(tarfile.GNU_FORMAT) + body + b"\0" * (-len(body) % 512)
+
+
+@pytest.mark.parametrize("kind, body", [
+    pytest.param(tarfile.XHDTYPE, b"11 path=ab\n", id="pax"),
+    pytest.param(tarfile.GNUTYPE_LONGNAME, b"abcde\0", id="long-name"),
+    pytest.param(tarfile.XGLTYPE, b"11 path=ab\n", id="global-pax"),
+])
+def test_apply_rejects_extended_header_chains(tmp_path, kind, body):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    raw = (extended_header(kind, body) * 300 + tarfile.TarInfo("f").tobuf(tarfile.GNU_FORMAT)
+           + b"\0" * 1024)
+    with pytest.raises(ValueError, match="more than 8 extended headers"):
+        apply(layer, gzip.compress(raw))
+    assert os.listdir(layer) == []
+
+
+def old_gnu_sparse_header(extension_blocks, end_early=False):
+    """A type S header whose map continues in extension_blocks blocks, each flagged as extended."""
+    header = tarfile.TarInfo("s")
+    header.type = tarfile.GNUTYPE_SPARSE
+    block = bytearray(header.tobuf(tarfile.GNU_FORMAT))
+    block[482] = 1  # isextended
+    block[148:156] = b" " * 8  # the checksum counts its own field as spaces
+    block[148:155] = b"%06o\0" % sum(block)
+    extension = bytearray(512)
+    extension[504] = 1
+    raw = bytes(block) + bytes(extension) * extension_blocks
+    return raw if end_early else raw + bytes(512) + b"\0" * 1024
+
+
+@pytest.mark.parametrize("blocks, end_early", [(3, True), (4096, False)], ids=["short", "over-1-MiB"])
+def test_apply_bounds_old_gnu_sparse_map(tmp_path, blocks, end_early):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    with pytest.raises(ValueError, match="old GNU sparse map"):
+        apply(layer, old_gnu_sparse_header(blocks, end_early))
+    assert os.listdir(layer) == []
+
+
 def test_apply_bounds_sparse_1_0_map(tmp_path):
     layer = tmp_path / "layer"
     layer.mkdir()
