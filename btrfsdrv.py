@@ -5675,6 +5675,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+    except Exception as error:  # a bug: exit status 1 would mean "no such layer" to exists
+        import traceback
+
+        log.debug("unexpected error:\n%s", traceback.format_exc())
+        print(f"btrfsdrv: unexpected {type(error).__name__}: {error}; run with -v for the traceback "
+              "and report it", file=sys.stderr)
+        return EXIT_FAILURE
     try:
         if args.command != "exists" or args.json:
             _print_result(args.command, result, args.json)
