@@ -2123,7 +2123,12 @@ class Driver:
         process removed the layer and created one with the same id since,
         this raises ESTALE and leaves that layer alone.
         """
-        with _Fd(_open_directory(name, dir_fd=subvolumes_fd)) as layer_fd:
+        try:
+            layer_fd = _open_directory(name, dir_fd=subvolumes_fd)
+        except FileNotFoundError:
+            raise _os_error(errno.ESTALE, "create layer", path,
+                            "another process removed the layer during the create; create it again") from None
+        with _Fd(layer_fd):
             self._check_created_subvolume(layer_fd, path, created)
             st = os.fstat(layer_fd)
             # A btrfs directory's size is twice the length of its entries'
@@ -2413,16 +2418,26 @@ class Driver:
             if size == 0:
                 log.warning("ignoring quota file of %s: a limit of 0 bytes is not valid", layer_id)
             else:
-                with self._open_home() as home_fd, _Fd(_open_directory(path)) as layer_fd:
+                with self._open_home() as home_fd, _Fd(self._open_layer(layer_id, path)) as layer_fd:
                     if _is_subvolume_stat(os.fstat(layer_fd)):
                         self._apply_limit(home_fd, layer_fd, size, path)
                     else:
                         log.warning("ignoring quota file of %s: the layer is a plain directory (a copied "
                                     "store?), not a subvolume, so it cannot have a limit", path)
-        elif size is None:
-            with self._open_home() as home_fd, _Fd(_open_directory(path)) as layer_fd:
+        elif size is None and not os.path.lexists(self._quota_file(layer_id)):
+            # An invalid quota file is ignored with a warning, and the limit stays.
+            with self._open_home() as home_fd, _Fd(self._open_layer(layer_id, path)) as layer_fd:
                 self._clear_stray_limit(home_fd, layer_fd, path)
         return path
+
+    @staticmethod
+    def _open_layer(layer_id: str, path: str) -> int:
+        """Open a layer's directory; a layer removed meanwhile raises FileNotFoundError naming it."""
+        try:
+            return _open_directory(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                errno.ENOENT, f"layer {layer_id!r} not found; another process removed it", path) from None
 
     def _require_layer(self, layer_id: str, path: str) -> os.stat_result:
         # Layer paths are strings that the callers and the kernel resolve
@@ -4156,6 +4171,10 @@ def _layer_epoch(root_fd: int, layer_dir: PathArg) -> int:
             # Creating an entry in a deleted directory fails with ENOENT.
             raise _os_error(errno.ENOENT, "apply layer diff", layer_dir,
                             "the layer was removed during the apply") from None
+        except PermissionError as error:
+            raise _os_error(error.errno, "apply layer diff", layer_dir,
+                            "the layer's top directory is not writable by this user (a new layer "
+                            "without a parent has mode 0555); run as root or make it writable") from None
         except OSError as error:
             if error.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -5690,6 +5709,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         _discard_standard_output()
         return EXIT_FAILURE
+    except OSError as error:
+        # A full disk behind stdout, for example; the command itself ran.
+        print(f"btrfsdrv: writing the output failed: {error.strerror}", file=sys.stderr)
+        _discard_standard_output()
+        return EXIT_FAILURE
     if args.command == "exists":
         return EXIT_SUCCESS if result else EXIT_NO
     return EXIT_SUCCESS
@@ -5700,6 +5724,8 @@ def _discard_standard_output() -> None:
 
     Python would otherwise report the failed flush of stdout again at exit.
     """
+    if sys.stdout is None:
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)

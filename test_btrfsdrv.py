@@ -1815,6 +1815,41 @@ def test_get_clears_limit_without_quota_file(driver, fs):
     assert qgroup_limits(fs)[btrfsdrv.subvolume_id(driver.get("base"))] == 16 * 1024**2
 
 
+@pytest.mark.parametrize("content", [b"32M", b"", b"-5"])
+def test_get_keeps_limit_with_invalid_quota_file(driver, fs, content):
+    driver.create("box", storage_opt={"size": "32m"})
+    with open(os.path.join(driver.home, "quotas", "box"), "wb") as quota:
+        quota.write(content)
+    driver.get("box")
+    assert qgroup_limits(fs)[btrfsdrv.subvolume_id(driver.get("box"))] == 32 * 1024**2
+
+
+def test_create_removed_before_it_finishes(driver, monkeypatch):
+    original = btrfsdrv.Driver._finish_layer
+
+    def remove_then_finish(self, *args, **kwargs):
+        # Another process removes the new layer before create finishes it.
+        monkeypatch.setattr(btrfsdrv.Driver, "_finish_layer", original)
+        driver.remove("layer")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(btrfsdrv.Driver, "_finish_layer", remove_then_finish)
+    with pytest.raises(OSError, match="removed the layer during the create") as raised:
+        driver.create("layer")
+    assert raised.value.errno == errno.ESTALE
+    assert not driver.exists("layer")
+
+
+def test_cli_output_to_full_disk(driver):
+    driver.create("base")
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run([sys.executable, btrfsdrv.__file__, "--home", driver.home, "list"],
+                                stdout=full, stderr=subprocess.PIPE, text=True)
+    assert result.returncode == btrfsdrv.EXIT_FAILURE
+    assert "writing the output failed" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_get_refuses_mount_on_layer(driver, fs):
     driver.create("sized", storage_opt={"size": "16m"})
     layer = driver.get("sized")
