@@ -2292,6 +2292,7 @@ class Driver:
                 subvolume_ids: list[int] = []
             else:
                 layer_subvolume_id = _subvolume_id_of_fd(layer_fd, path)
+                _check_layer_deletable(layer_fd, layer_subvolume_id, path)
                 subvolume_ids = self._remove_nested(layer_fd, layer_subvolume_id, path)
                 subvolume_ids.append(layer_subvolume_id)
                 _clear_read_only(layer_fd, path)
@@ -2667,6 +2668,64 @@ def _delete_nested_subvolume(layer_fd: int, subvolume: NestedSubvolume, path: An
             # A FileNotFoundError must not escape: callers read it as "no such layer".
             return False
     return True
+
+
+def _check_layer_deletable(layer_fd: int, subvolume_id: int, path: Any) -> None:
+    """Raise, before anything is deleted, when the kernel will refuse to delete the layer's subvolume.
+
+    Its nested subvolumes are deleted first, so a refusal found only at the
+    end would leave the layer without them. With CAP_SYS_ADMIN the check
+    covers the filesystem's default subvolume; without it, and without the
+    user_subvol_rm_allowed mount option, the layer is emptied file by file,
+    so every entry must be removable by the caller.
+    """
+    if _can_search_trees(layer_fd):
+        if _default_subvolume_id(layer_fd, path) == subvolume_id:
+            raise _os_error(errno.EPERM, "delete subvolume", path,
+                            "it is the filesystem's default subvolume; set another one with "
+                            "btrfs subvolume set-default, then remove again")
+        return
+    if _mount_has_option(layer_fd, b"user_subvol_rm_allowed"):
+        return
+    try:
+        _check_contents_removable(layer_fd, path)
+    except PermissionError as error:
+        raise _os_error(
+            error.errno, "delete subvolume", path,
+            f"{error.strerror} at {error.filename!r}: deleting a subvolume that holds other users' files "
+            "needs CAP_SYS_ADMIN, or the user_subvol_rm_allowed mount option and write access to its top "
+            "directory",
+        ) from None
+
+
+def _default_subvolume_id(fd: int, path: Any) -> int | None:
+    """Return the id of the filesystem's default subvolume, from the root tree's "default" dir item."""
+    directory, key_type = _structs.BTRFS_ROOT_TREE_DIR_OBJECTID, _structs.BTRFS_DIR_ITEM_KEY
+    items = tree_search(fd, BTRFS_ROOT_TREE_OBJECTID, (directory, key_type, 0), (directory, key_type, _U64_MAX),
+                        path=path)
+    for item in items:
+        # struct btrfs_dir_item: location key (objectid u64, type u8, offset u64),
+        # transid u64, data_len u16, name_len u16, type u8, then the name.
+        if len(item.data) < 30:
+            continue
+        location, = struct.unpack_from("<Q", item.data, 0)
+        name_length, = struct.unpack_from("<H", item.data, 27)
+        if item.data[30:30 + name_length] == b"default":
+            return int(location)
+    return None
+
+
+def _mount_has_option(fd: int, option: bytes) -> bool:
+    """Return whether the mount of fd has option among its superblock options in /proc/self/mountinfo."""
+    mount_id = _mount_id(fd)
+    if mount_id is None:
+        return False
+    with open("/proc/self/mountinfo", "rb") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            if fields and fields[0] == b"%d" % mount_id and b"-" in fields:
+                return option in fields[-1].split(b",")
+    return False
 
 
 def _check_contents_removable(top_fd: int, path: Any) -> None:

@@ -1777,6 +1777,10 @@ def test_unprivileged_remove_fails_before_deleting(fs):
         os.chown(os.path.join(root, f"user-{index}"), 65534, 65534)
         os.chown(os.path.join(root, f"user-{index}", "file"), 65534, 65534)
     os.chown(root, 65534, 65534)
+    btrfsdrv.create_subvolume(os.path.join(root, "nested"))
+    write(os.path.join(root, "nested", "data"), b"nested")
+    os.chown(os.path.join(root, "nested"), 65534, 65534)
+    os.chown(os.path.join(root, "nested", "data"), 65534, 65534)
     before = tree_digest(root)
 
     def scenario():
@@ -2479,16 +2483,20 @@ def test_get_takes_one_option_as_string(driver):
 
 
 def test_remove_default_subvolume_keeps_files(driver, fs):
-    driver.create("keep")
+    driver.create("keep", storage_opt={"size": "16m"})
     root = driver.get("keep")
     write(os.path.join(root, "dir", "file"), b"kept")
+    btrfsdrv.create_subvolume(os.path.join(root, "nested"))
+    write(os.path.join(root, "nested", "data"), b"nested")
     fs.btrfs("subvolume", "set-default", str(btrfsdrv.subvolume_id(root)), fs.mountpoint)
+    before = tree_digest(root)
 
     with pytest.raises(PermissionError, match="default subvolume") as raised:
         driver.remove("keep")
     assert raised.value.filename == root
-    with open(os.path.join(root, "dir", "file"), "rb") as data:
-        assert data.read() == b"kept"
+    assert tree_digest(root) == before
+    assert btrfsdrv.is_subvolume(os.path.join(root, "nested"))
+    assert qgroup_limits(fs)[btrfsdrv.subvolume_id(root)] == 16 * 1024**2
 
     fs.btrfs("subvolume", "set-default", "5", fs.mountpoint)
     driver.remove("keep")
