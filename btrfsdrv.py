@@ -2962,13 +2962,14 @@ def _path_parts(path: str) -> list[str]:
 
 
 def _open_entry_parent(root_fd: int, parts: Sequence[str], path: str, create: bool = False,
-                       created: list[Sequence[str]] | None = None) -> int | None:
+                       created: list[int] | None = None) -> int | None:
     """Open the directory that contains parts[-1], walking from root_fd.
 
     No component is followed if it is a symlink. Returns None when a component
     is missing and create is false; with create, missing directories are made
-    with mode 0755, and the components of each one made are appended to
-    created. Raises ValueError when a component is not a directory.
+    with mode 0755, and the index in parts of each one made is appended to
+    created. Raises ValueError when a component is not a directory. The
+    cost is linear in the number of components.
     """
     fd = os.dup(root_fd)
     try:
@@ -2981,18 +2982,19 @@ def _open_entry_parent(root_fd: int, parts: Sequence[str], path: str, create: bo
                     return None
                 os.mkdir(part, 0o755, dir_fd=fd)
                 if created is not None:
-                    created.append(parts[:index + 1])
+                    created.append(index)
                 child = _open_directory(part, fd)
             except (NotADirectoryError, OSError) as error:
                 if error.errno not in (errno.ENOTDIR, errno.ELOOP):
                     raise
                 prefix = "/".join(parts[:index + 1])
                 raise ValueError(f"path {path!r}: {prefix!r} is not a directory") from None
-            try:
-                _check_mount_boundary(fd, child, "open layer directory", "/".join(parts[:index + 1]))
-            except BaseException:
-                os.close(child)
-                raise
+            if os.fstat(child).st_dev != os.fstat(fd).st_dev:  # as _check_mount_boundary, without a join per level
+                try:
+                    _check_same_mount(fd, child, "open layer directory", "/".join(parts[:index + 1]))
+                except BaseException:
+                    os.close(child)
+                    raise
             os.close(fd)
             fd = child
     except BaseException:
@@ -4593,7 +4595,9 @@ class _LayerApplier:
         self.parent_cache: tuple[tuple[str, ...], int] | None = None
         # The directories that entry_parent made for the current entry, as
         # their components, in the order they were made.
-        self.created_parents: list[Sequence[str]] = []
+        # The components of the current entry's path, and the indexes of the
+        # parent directories that entry_parent made for it.
+        self.created_parents: tuple[Sequence[str], list[int]] = ((), [])
 
     def close(self) -> None:
         self.forget_parent()
@@ -4668,7 +4672,7 @@ class _LayerApplier:
 
     def apply(self, member: tarfile.TarInfo, data_reader: _DataReader) -> None:
         """Apply one entry. When it fails, the parent directories made for it are removed again."""
-        self.created_parents = []
+        self.created_parents = ((), [])
         try:
             self.apply_entry(member, data_reader)
         except BaseException:
@@ -4720,7 +4724,8 @@ class _LayerApplier:
         key = tuple(parts[:-1])
         if self.parent_cache is not None and self.parent_cache[0] == key:
             return self.parent_cache[1]
-        fd = _open_entry_parent(self.root_fd, parts, path, create=True, created=self.created_parents)
+        self.created_parents = (parts, [])
+        fd = _open_entry_parent(self.root_fd, parts, path, create=True, created=self.created_parents[1])
         assert fd is not None  # with create, missing directories are made
         self.forget_parent()
         self.parent_cache = (key, fd)
@@ -4729,25 +4734,38 @@ class _LayerApplier:
     def remove_created_parents(self, path: str) -> None:
         """Remove the directories that entry_parent made for the failed entry path, deepest first.
 
-        A directory that is not empty, or that cannot be removed for another
-        reason, stays.
+        They form one chain, so the walk goes down it once and climbs back
+        with "..", in time linear in the path's length. A directory that is
+        not empty, or that cannot be removed for another reason, stays, and
+        so do the ones above it.
         """
-        if not self.created_parents:
+        parts, indexes = self.created_parents
+        self.created_parents = ((), [])
+        if not indexes:
             return
         self.forget_parent()  # the kept fd can be one of them
-        for parts in reversed(self.created_parents):
-            directory = "/".join(parts)
+        first, last = indexes[0], indexes[-1]
+        try:
+            fd = _open_entry_parent(self.root_fd, parts[:first + 1], path)
+            if fd is None:
+                return
             try:
-                dir_fd = _open_entry_parent(self.root_fd, parts, directory)
-                if dir_fd is None:
-                    continue
-                with _Fd(dir_fd):
-                    os.rmdir(parts[-1], dir_fd=dir_fd)
-            except (OSError, ValueError) as error:
-                log.debug("kept directory %s made for the failed entry %s: %s", directory, path, error)
-                continue
-            log.debug("removed directory %s made for the failed entry %s", directory, path)
-        self.created_parents = []
+                for part in parts[first:last]:
+                    child = _open_directory(part, fd)
+                    os.close(fd)
+                    fd = child
+                for index in range(last, first - 1, -1):
+                    os.rmdir(parts[index], dir_fd=fd)
+                    if index > first:
+                        parent = _open_directory("..", fd)
+                        os.close(fd)
+                        fd = parent
+            finally:
+                os.close(fd)
+        except (OSError, ValueError) as error:
+            log.debug("kept directories made for the failed entry %s: %s", path, error)
+            return
+        log.debug("removed %d directories made for the failed entry %s", last - first + 1, path)
 
     def forget_parent(self) -> None:
         """Drop the kept parent fd, because a removal may have taken its directory."""
@@ -4858,6 +4876,10 @@ class _LayerApplier:
         existing = _lstat_at(parent_fd, name)
         new_is_dir = stat.S_ISDIR(os.stat(temporary, dir_fd=staging_fd, follow_symlinks=False).st_mode)
         aside = None
+        if existing is not None and _is_snapshot_placeholder(existing):
+            # It holds nothing and cannot be renamed (ENOTEMPTY), so it goes first.
+            os.rmdir(name, dir_fd=parent_fd)
+            existing = None
         if existing is not None and (new_is_dir or stat.S_ISDIR(existing.st_mode)):
             aside = self.move_aside(parent_fd, parts, existing)
             existing = None
@@ -4932,7 +4954,10 @@ class _LayerApplier:
     def apply_directory(self, parent_fd: int, name: str | None, parts: list[str], member: tarfile.TarInfo,
                         path: str) -> None:
         existing = _lstat_at(parent_fd, name) if name is not None else None
-        if name is None or (existing is not None and stat.S_ISDIR(existing.st_mode)):
+        # A snapshot's placeholder for a nested subvolume takes no entries,
+        # so it is replaced like a file.
+        if name is None or (existing is not None and stat.S_ISDIR(existing.st_mode)
+                            and not _is_snapshot_placeholder(existing)):
             # Both are directories: only the metadata of the existing one changes.
             # NOTE: when the kernel rejects an xattr here, the xattrs removed and
             # the owner and mode set before it stay changed. The directory and

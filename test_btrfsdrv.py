@@ -3609,6 +3609,31 @@ print(sorted(os.listdir(layer)))
 """
 
 
+def test_failed_deep_entry_removes_its_parents(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    info, _ = entry("a/" * 3000 + "device", tarfile.BLKTYPE)
+    info.devmajor = 4096  # passes the value check, and mknod rejects it
+    with pytest.raises(OSError):
+        apply(layer, make_tar([(info, None)]))
+    assert os.listdir(layer) == []
+
+
+def test_diff_replaces_placeholder_with_directory(driver):
+    driver.create("parent")
+    btrfsdrv.create_subvolume(os.path.join(driver.get("parent"), "nested"))
+    write(os.path.join(driver.get("parent"), "nested", "file"), b"parent")
+    driver.create("child", "parent")
+    child = driver.get("child")
+    os.rmdir(os.path.join(child, "nested"))  # the snapshot's placeholder
+    write(os.path.join(child, "nested", "file"), b"child")
+    driver.create("copy", "parent")
+    with driver.diff("child", "parent") as stream:
+        driver.apply_diff("copy", stream)
+    with open(os.path.join(driver.get("copy"), "nested", "file"), "rb") as data:
+        assert data.read() == b"child"
+
+
 def test_apply_removes_trees_deeper_than_fd_limit(tmp_path):
     layer = tmp_path / "layer"
     layer.mkdir()
