@@ -2680,12 +2680,24 @@ def _check_layer_deletable(layer_fd: int, subvolume_id: int, path: Any) -> None:
     so every entry must be removable by the caller.
     """
     if _can_search_trees(layer_fd):
-        if _default_subvolume_id(layer_fd, path) == subvolume_id:
+        default = _default_subvolume_id(layer_fd, path)
+        if default is None or default == _structs.BTRFS_FS_TREE_OBJECTID:
+            return
+        if default == subvolume_id:
             raise _os_error(errno.EPERM, "delete subvolume", path,
                             "it is the filesystem's default subvolume; set another one with "
                             "btrfs subvolume set-default, then remove again")
+        for nested in find_nested_subvolumes(layer_fd, subvolume_id, path):
+            if nested.id == default:
+                raise _os_error(errno.EPERM, "delete subvolume", path,
+                                f"its nested subvolume {os.fsdecode(nested.path)} is the filesystem's default "
+                                "subvolume; set another one with btrfs subvolume set-default, then remove again")
         return
-    if _mount_has_option(layer_fd, b"user_subvol_rm_allowed"):
+    # With user_subvol_rm_allowed the kernel deletes a subvolume whose top
+    # directory the caller may write and search; otherwise it is emptied.
+    effective = {"effective_ids": True} if os.access in os.supports_effective_ids else {}
+    if (_mount_has_option(layer_fd, b"user_subvol_rm_allowed")
+            and os.access(f"/proc/self/fd/{layer_fd}", os.W_OK | os.X_OK, **effective)):
         return
     try:
         _check_contents_removable(layer_fd, path)

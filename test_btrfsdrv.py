@@ -2503,6 +2503,25 @@ def test_remove_default_subvolume_keeps_files(driver, fs):
     assert not driver.exists("keep")
 
 
+def test_remove_nested_default_subvolume_keeps_layer(driver, fs):
+    driver.create("keep")
+    root = driver.get("keep")
+    btrfsdrv.create_subvolume(os.path.join(root, "a"))
+    btrfsdrv.create_subvolume(os.path.join(root, "z"))
+    write(os.path.join(root, "z", "data"), b"precious")
+    fs.btrfs("subvolume", "set-default", str(btrfsdrv.subvolume_id(os.path.join(root, "a"))), fs.mountpoint)
+    before = tree_digest(root)
+
+    with pytest.raises(PermissionError, match="nested subvolume a is the filesystem's default"):
+        driver.remove("keep")
+    assert tree_digest(root) == before
+    assert btrfsdrv.is_subvolume(os.path.join(root, "z"))
+
+    fs.btrfs("subvolume", "set-default", "5", fs.mountpoint)
+    driver.remove("keep")
+    assert not driver.exists("keep")
+
+
 # -- Untrusted input at the edges (seeded property tests) ---------------------
 
 PROPERTY_SEED = int(os.environ.get("BTRFSDRV_SEED", "20261204"))
