@@ -3146,7 +3146,14 @@ def _same_mtime(a: os.stat_result, b: os.stat_result) -> bool:
 
 def _entry_modified(layer_fd: int, parent_fd: int, name: str,
                     new: os.stat_result, old: os.stat_result) -> bool:
-    """Compare an entry present in both the layer and its parent."""
+    """Compare an entry present in both the layer and its parent.
+
+    A snapshot's placeholder for a nested subvolume has made-up metadata
+    (its times are those of its in-memory inode), so it counts as changed
+    only through its contents.
+    """
+    if _is_snapshot_placeholder(new):
+        return False
     if (new.st_mode != old.st_mode or new.st_uid != old.st_uid or new.st_gid != old.st_gid
             or new.st_rdev != old.st_rdev):
         return True
