@@ -927,7 +927,7 @@ def _remove_contents(top_fd: int, path: Any, unlink: Callable[[int, str], None] 
 
     Nested subvolumes met on the way are emptied and removed with rmdir, and
     read-only ones are made writable first. unlink(dir_fd, name), when
-    given, removes each non-directory in place of _unlink_at. The walk holds
+    given, removes each non-directory in place of _unlink_at. The walk keeps
     one directory open at a time, so any depth works.
     """
 
@@ -2675,9 +2675,10 @@ def _check_layer_deletable(layer_fd: int, subvolume_id: int, path: Any) -> None:
 
     Its nested subvolumes are deleted first, so a refusal found only at the
     end would leave the layer without them. With CAP_SYS_ADMIN the check
-    covers the filesystem's default subvolume; without it, and without the
-    user_subvol_rm_allowed mount option, the layer is emptied file by file,
-    so every entry must be removable by the caller.
+    covers the filesystem's default subvolume. Without it, the kernel
+    deletes the layer only with the user_subvol_rm_allowed mount option and
+    write access to the layer's top directory. Otherwise the layer is
+    emptied file by file, so every entry must be removable by the caller.
     """
     if _can_search_trees(layer_fd):
         default = _default_subvolume_id(layer_fd, path)
@@ -2693,21 +2694,28 @@ def _check_layer_deletable(layer_fd: int, subvolume_id: int, path: Any) -> None:
                                 f"its nested subvolume {os.fsdecode(nested.path)} is the filesystem's default "
                                 "subvolume; set another one with btrfs subvolume set-default, then remove again")
         return
-    # With user_subvol_rm_allowed the kernel deletes a subvolume whose top
-    # directory the caller may write and search; otherwise it is emptied.
-    effective = {"effective_ids": True} if os.access in os.supports_effective_ids else {}
-    if (_mount_has_option(layer_fd, b"user_subvol_rm_allowed")
-            and os.access(f"/proc/self/fd/{layer_fd}", os.W_OK | os.X_OK, **effective)):
+    if _mount_has_option(layer_fd, b"user_subvol_rm_allowed") and _may_write_and_search(layer_fd):
         return
     try:
         _check_contents_removable(layer_fd, path)
     except PermissionError as error:
-        raise _os_error(
-            error.errno, "delete subvolume", path,
-            f"{error.strerror} at {error.filename!r}: deleting a subvolume that holds other users' files "
-            "needs CAP_SYS_ADMIN, or the user_subvol_rm_allowed mount option and write access to its top "
-            "directory",
-        ) from None
+        raise _removal_permission_error(error, path) from None
+
+
+def _may_write_and_search(fd: int) -> bool:
+    """Return whether this process, by its effective ids, may create and delete entries in the directory fd."""
+    effective = {"effective_ids": True} if os.access in os.supports_effective_ids else {}
+    return os.access(f"/proc/self/fd/{fd}", os.W_OK | os.X_OK, **effective)
+
+
+def _removal_permission_error(error: OSError, path: Any) -> OSError:
+    """Return the error for a subvolume the caller cannot empty, naming the entry in the way."""
+    return _os_error(
+        error.errno, "delete subvolume", path,
+        f"{error.strerror} at {os.fsdecode(error.filename or b'?')!r}: deleting a subvolume that "
+        "contains other users' files needs CAP_SYS_ADMIN, or the user_subvol_rm_allowed mount option "
+        "and write access to its top directory",
+    )
 
 
 def _default_subvolume_id(fd: int, path: Any) -> int | None:
@@ -2750,12 +2758,11 @@ def _check_contents_removable(top_fd: int, path: Any) -> None:
     them. Immutable files are not detected.
     """
     uid = os.geteuid()
-    effective = {"effective_ids": True} if os.access in os.supports_effective_ids else {}
 
     def visit(fd: int, relative: bytes, entries: list[Any]) -> list[bytes]:
         st = os.fstat(fd)
         where = os.path.join(os.fsdecode(path), os.fsdecode(relative))
-        if st.st_uid != uid and not os.access(f"/proc/self/fd/{fd}", os.W_OK | os.X_OK, **effective):
+        if st.st_uid != uid and not _may_write_and_search(fd):
             raise PermissionError(errno.EACCES, "a directory of another user is in the way", where)
         if st.st_mode & stat.S_ISVTX and st.st_uid != uid and uid != 0:
             for entry in entries:
@@ -2803,12 +2810,7 @@ def _delete_subvolume_or_contents(dir_fd: int, name: bytes, path: Any) -> None:
             _check_contents_removable(fd, path)
             _remove_contents(fd, path)
         except PermissionError as error:
-            raise _os_error(
-                error.errno, "delete subvolume", path,
-                f"emptying it failed at {os.fsdecode(error.filename or b'?')!r}: deleting a subvolume "
-                "that holds other users' files needs CAP_SYS_ADMIN, or the user_subvol_rm_allowed "
-                "mount option and write access to its top directory",
-            ) from None
+            raise _removal_permission_error(error, path) from None
     try:
         _unlink_at(dir_fd, name, is_dir=True)
     except OSError as error:
@@ -3036,7 +3038,7 @@ def _remove_tree(dir_fd: int, name: str, unlink: Callable[[int, str], None] = _u
     """Remove name inside dir_fd and, if it is a directory, all below it.
 
     The walk is fd-relative and never follows a symlink or enters a mount, so
-    it cannot leave the tree that it removes, and it holds one directory
+    it cannot leave the tree that it removes, and it keeps one directory
     open at a time. Immutable and append-only flags are cleared where they
     block a deletion, and read-only nested subvolumes are made writable.
     unlink(dir_fd, name) removes each non-directory, and is called for name
@@ -4304,11 +4306,12 @@ _bounded_tarinfo: Any = None
 def _bounded_tarinfo_class() -> Any:
     """Return the TarInfo subclass that apply_diff parses headers with.
 
-    It rejects extended headers over 1 MiB before reading them, more than
-    _EXTENDED_HEADER_CHAIN_MAX of them in front of one entry (tarfile parses
-    each with one more level of recursion, keeping the ones before it), old
-    GNU sparse maps over 1 MiB, and PAX headers that tarfile would parse in
-    quadratic time. It ignores global PAX headers.
+    It rejects extended headers over 1 MiB before reading them, and more
+    than _EXTENDED_HEADER_CHAIN_MAX of them in front of one entry, because
+    tarfile parses each one a recursion level deeper and keeps the ones
+    before it. It also rejects old GNU sparse maps over 1 MiB and PAX
+    headers that tarfile would parse in quadratic time. It ignores global
+    PAX headers.
     """
     global _bounded_tarinfo
     if _bounded_tarinfo is None:
@@ -4391,20 +4394,20 @@ class _ExtendedHeaderChain:
 class _BoundedReads:
     """A stream that raises error once more than limit bytes were read, or a read comes up short."""
 
-    def __init__(self, stream: Any, limit: int, error: type[Exception], what: str) -> None:
+    def __init__(self, stream: Any, limit: int, error: type[Exception], description: str) -> None:
         self.stream = stream
         self.limit = limit
         self.remaining = limit
         self.error = error
-        self.what = what
+        self.description = description
 
     def read(self, size: int) -> bytes:
         self.remaining -= size
         if self.remaining < 0:
-            raise self.error(f"{self.what} is larger than {self.limit} bytes")
+            raise self.error(f"{self.description} is larger than {self.limit} bytes")
         data: bytes = self.stream.read(size)
         if len(data) < size:
-            raise self.error(f"{self.what} ends early")
+            raise self.error(f"{self.description} ends early")
         return data
 
     def __getattr__(self, name: str) -> Any:
@@ -4419,8 +4422,8 @@ def _check_pax_digit_runs(records: bytes) -> None:
     """Raise ValueError when long runs of digits in a PAX header would stall tarfile.
 
     The PAX parser of tarfile in CPython 3.8.18, 3.11.7 and 3.12.1 takes time
-    quadratic in the length of each run of digits (measured: 40,000 digits
-    take 1.5 s), so a few hundred bytes of gzip could keep it busy for
+    quadratic in the length of each run of digits. Measured here, 40,000
+    digits take 1.5 s, so a few hundred bytes of gzip could keep it busy for
     minutes. CPython 3.13.0 and Debian's 3.11.2 reject such headers quickly.
     Distributions backport fixes, so the check runs on every version. The
     budget allows one run of 4096 digits; the numbers in real records are
@@ -4817,7 +4820,7 @@ class _LayerApplier:
         What this layer wrote has a ctime at or after the apply's epoch; what
         came from the parent is older, except for the parent's inodes that
         this apply linked or unlinked another name of.  Their names count as
-        the layer's only where this apply made them. The walk holds one
+        the layer's only where this apply made them. The walk keeps one
         directory open at a time, so any depth works.
 
         A directory emptied once in this apply holds only the layer's own
@@ -4896,7 +4899,7 @@ class _LayerApplier:
         new_is_dir = stat.S_ISDIR(os.stat(temporary, dir_fd=staging_fd, follow_symlinks=False).st_mode)
         aside = None
         if existing is not None and _is_snapshot_placeholder(existing):
-            # It holds nothing and cannot be renamed (ENOTEMPTY), so it goes first.
+            # It is empty and cannot be renamed (ENOTEMPTY), so it goes first.
             os.rmdir(name, dir_fd=parent_fd)
             existing = None
         if existing is not None and (new_is_dir or stat.S_ISDIR(existing.st_mode)):
@@ -5767,7 +5770,7 @@ def _print_line(value: Any) -> None:
     can use, whatever encoding stdout has.
     """
     if sys.stdout is None:
-        return  # the caller closed stdout; the exit status still tells the result
+        return  # the caller closed stdout, and the exit status still reports the result
     text = str(value)
     stdout = getattr(sys.stdout, "buffer", None)
     if stdout is None:

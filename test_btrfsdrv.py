@@ -1738,11 +1738,17 @@ def test_remove_plain_layer_with_read_only_nested_subvolume(driver):
     assert not os.path.lexists(layer)
 
 
-def test_unprivileged_remove_of_read_only_directories(fs):
+def nobody_home(fs):
+    """Return a driver home on fs that uid 65534 owns and can reach."""
     home = fs.path("home")
     os.makedirs(home)
     os.chown(home, 65534, 65534)
     make_traversable(home)
+    return home
+
+
+def test_unprivileged_remove_of_read_only_directories(fs):
+    home = nobody_home(fs)
 
     def scenario():
         driver = btrfsdrv.Driver(home)
@@ -1763,10 +1769,7 @@ def test_unprivileged_remove_of_read_only_directories(fs):
 
 
 def test_unprivileged_remove_fails_before_deleting(fs):
-    home = fs.path("home")
-    os.makedirs(home)
-    os.chown(home, 65534, 65534)
-    make_traversable(home)
+    home = nobody_home(fs)
     run_as_user(lambda: btrfsdrv.Driver(home).create("mixed"))
     root = os.path.join(home, "subvolumes", "mixed")
     os.chmod(root, 0o755)
@@ -1884,10 +1887,7 @@ def test_cli_with_stdout_closed(driver, arguments, status):
 
 
 def test_unprivileged_create_owns_layer(fs):
-    home = fs.path("home")
-    os.makedirs(home)
-    os.chown(home, 65534, 65534)
-    make_traversable(home)
+    home = nobody_home(fs)
 
     def scenario():
         driver = btrfsdrv.Driver(home)
