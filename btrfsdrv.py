@@ -4845,7 +4845,15 @@ class _LayerApplier:
             walk_tree(dir_fd, visit, path=os.readlink(f"/proc/self/fd/{dir_fd}"))
 
     def from_parent_layer(self, dir_st: os.stat_result, name: str, st: os.stat_result) -> bool:
-        """Return whether name (in the directory dir_st) came from the parent layer."""
+        """Return whether name (in the directory dir_st) came from the parent layer.
+
+        A snapshot placeholder always did, because an apply never makes one.
+        Its ctime is no help, because the kernel makes a new placeholder inode
+        with the current time at each lookup. The root of a mount may have
+        inode number 2 too, and remove_tree refuses to enter it.
+        """
+        if _is_snapshot_placeholder(st):
+            return True
         if st.st_ctime_ns < self.epoch_ns:
             return True
         if stat.S_ISDIR(st.st_mode) or (st.st_dev, st.st_ino) not in self.relinked:

@@ -3154,6 +3154,35 @@ def test_opaque_keeps_own_links(tmp_path):
         assert file.read() == b"parent"
 
 
+def test_opaque_removes_snapshot_placeholder(driver, monkeypatch):
+    driver.create("P")
+    parent = driver.get("P")
+    write(parent + "/d/old", b"parent")
+    btrfsdrv.create_subvolume(parent + "/d/nested")
+    write(parent + "/d/nested/inside", b"parent")
+    driver.create("C", "P")
+    placeholder = os.path.join(driver.get("C"), "d", "nested")
+    assert os.lstat(placeholder).st_ino == ioctl_structs.BTRFS_EMPTY_SUBVOL_DIR_OBJECTID
+
+    # The kernel keeps no placeholder inode cached, so every lookup makes a
+    # new one with the current time as its ctime. A lookup after the epoch,
+    # as the opaque walk makes, therefore sees a ctime at or after it.
+    seen = []
+    original = btrfsdrv._layer_epoch
+
+    def epoch_then_stat(*args):
+        epoch = original(*args)
+        seen.append((epoch, os.lstat(placeholder).st_ctime_ns))
+        return epoch
+
+    monkeypatch.setattr(btrfsdrv, "_layer_epoch", epoch_then_stat)
+    driver.apply_diff("C", io.BytesIO(make_tar([entry("d/.wh..wh..opq"), entry("d/new", data=b"n")])))
+
+    [(epoch, placeholder_ctime)] = seen
+    assert placeholder_ctime >= epoch
+    assert os.listdir(os.path.join(driver.get("C"), "d")) == ["new"]
+
+
 def test_apply_reports_progress(tmp_path):
     layer = tmp_path / "l"
     layer.mkdir()
