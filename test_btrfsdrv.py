@@ -1847,14 +1847,59 @@ def test_create_removed_before_it_finishes(driver, monkeypatch):
     assert not driver.exists("layer")
 
 
-def test_cli_output_to_full_disk(driver):
+@pytest.mark.parametrize("arguments, content", [
+    pytest.param(["list"], "output of list", id="list"),
+    pytest.param(["--json", "changes", "base"], "output of changes", id="changes-json"),
+    pytest.param(["changes", "base"], "changes", id="changes"),
+    pytest.param(["diff", "base"], "diff", id="diff"),
+])
+def test_cli_output_to_full_disk(driver, arguments, content):
     driver.create("base")
+    write(os.path.join(driver.get("base"), "file"), b"x" * 100_000)
     with open("/dev/full", "wb") as full:
-        result = subprocess.run([sys.executable, btrfsdrv.__file__, "--home", driver.home, "list"],
+        result = subprocess.run([sys.executable, btrfsdrv.__file__, "--home", driver.home, *arguments],
                                 stdout=full, stderr=subprocess.PIPE, text=True)
     assert result.returncode == btrfsdrv.EXIT_FAILURE
-    assert "writing the output failed" in result.stderr
+    assert f"writing the {content} to standard output failed: No space left on device" in result.stderr
+    assert "free space" in result.stderr
     assert "Traceback" not in result.stderr
+    assert "Exception ignored" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+_DIFF_WITH_FULL_LAYER_FILESYSTEM = """
+import errno, io, sys
+import btrfsdrv
+
+class FailingStream(io.RawIOBase):
+    def __init__(self, path):
+        self.path = path
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        raise OSError(errno.ENOSPC, "No space left on device", self.path)
+
+def diff(self, layer_id, parent=None):
+    return io.BufferedReader(FailingStream(self.get(layer_id)))
+
+btrfsdrv.Driver.diff = diff
+sys.exit(btrfsdrv.main(["--home", sys.argv[1], "diff", "base"]))
+"""
+
+
+def test_cli_layer_enospc_names_layer(driver):
+    # The diff stream fails with ENOSPC naming the layer, as when the layer's
+    # filesystem is full. Standard output is full too, but nothing reached it.
+    driver.create("base")
+    module_dir = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {module_dir!r})\n"
+                                 + _DIFF_WITH_FULL_LAYER_FILESYSTEM, driver.home],
+                                stdout=full, stderr=subprocess.PIPE, text=True)
+    assert result.returncode == btrfsdrv.EXIT_FAILURE
+    assert result.stderr == f"btrfsdrv: {driver.get('base')}: No space left on device\n"
 
 
 def test_get_refuses_mount_on_layer(driver, fs):
@@ -3166,7 +3211,7 @@ def test_opaque_removes_snapshot_placeholder(driver, monkeypatch):
 
     # The kernel keeps no placeholder inode cached, so every lookup makes a
     # new one with the current time as its ctime. A lookup after the epoch,
-    # as the opaque walk makes, therefore sees a ctime at or after it.
+    # as the opaque walk makes, therefore gets a ctime at or after it.
     seen = []
     original = btrfsdrv._layer_epoch
 
