@@ -1797,6 +1797,67 @@ def test_unprivileged_remove_fails_before_deleting(fs):
     assert tree_digest(root) == before
 
 
+def subvolume_paths(filesystem):
+    """Return the (id, path) pairs that `btrfs subvolume list` prints, without generations."""
+    listed = filesystem.btrfs("subvolume", "list", filesystem.mountpoint)
+    return [(line.split()[1], line.split()[-1]) for line in listed.splitlines() if line]
+
+
+def test_unprivileged_remove_of_unwritable_top(tmp_path):
+    # With user_subvol_rm_allowed, the kernel lets a caller without
+    # CAP_SYS_ADMIN delete a subvolume only when it may write into the
+    # subvolume's top directory. Here root owns the layer's top directory, so
+    # the remove must fail before deleting the nested subvolumes, which this
+    # caller could delete.
+    with loopback_btrfs(tmp_path, mount_options=("user_subvol_rm_allowed",)) as fs:
+        home = nobody_home(fs)
+        with btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as driver:
+            driver.create("guarded", storage_opt={"size": "64m"})
+        quota_file = os.path.join(home, "quotas", "guarded")
+        for path in (os.path.join(home, "subvolumes"), os.path.join(home, "quotas"), quota_file):
+            os.chown(path, 65534, 65534)
+        root = os.path.join(home, "subvolumes", "guarded")
+        sub = os.path.join(root, "sub")
+        os.mkdir(sub)
+        btrfsdrv.create_subvolume(os.path.join(sub, "nested"))
+        write(os.path.join(sub, "nested", "file"), b"nested")
+        btrfsdrv.create_subvolume(os.path.join(sub, "nested", "deeper"))
+        write(os.path.join(sub, "nested", "deeper", "file"), b"deeper")
+        for path in (sub, os.path.join(sub, "nested"), os.path.join(sub, "nested", "file"),
+                     os.path.join(sub, "nested", "deeper"), os.path.join(sub, "nested", "deeper", "file")):
+            os.chown(path, 65534, 65534)
+        btrfsdrv.create_snapshot(os.path.join(sub, "nested"), os.path.join(sub, "read-only"), read_only=True)
+        assert os.stat(root).st_uid == 0
+        assert not os.stat(root).st_mode & 0o002
+
+        digest = tree_digest(root)
+        subvolumes = subvolume_paths(fs)
+        flags = {name: _subvolume_flags(os.path.join(root, name))
+                 for name in (".", "sub/nested", "sub/nested/deeper", "sub/read-only")}
+        with open(quota_file, "rb") as quota:
+            quota_content = quota.read()
+        limits = qgroup_limits(fs)
+        assert flags["sub/read-only"] & ioctl_structs.BTRFS_SUBVOL_RDONLY
+
+        def scenario():
+            with pytest.raises(PermissionError) as raised:
+                btrfsdrv.Driver(home).remove("guarded")
+            return raised.value.errno, str(raised.value)
+
+        error, message = run_as_user(scenario)
+
+        assert error == errno.EACCES
+        assert root in message
+        assert "user_subvol_rm_allowed mount option and write access to its top directory" in message
+        assert subvolume_paths(fs) == subvolumes
+        assert tree_digest(root) == digest
+        for name, value in flags.items():
+            assert _subvolume_flags(os.path.join(root, name)) == value, name
+        with open(quota_file, "rb") as quota:
+            assert quota.read() == quota_content
+        assert qgroup_limits(fs) == limits
+
+
 def test_get_without_cap_sys_admin_keeps_limit(fs):
     home = fs.path("home")
     with btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as driver:
