@@ -4845,7 +4845,15 @@ class _LayerApplier:
             walk_tree(dir_fd, visit, path=os.readlink(f"/proc/self/fd/{dir_fd}"))
 
     def from_parent_layer(self, dir_st: os.stat_result, name: str, st: os.stat_result) -> bool:
-        """Return whether name (in the directory dir_st) came from the parent layer."""
+        """Return whether name (in the directory dir_st) came from the parent layer.
+
+        A snapshot placeholder always did, because an apply never makes one.
+        Its ctime is no help, because the kernel makes a new placeholder inode
+        with the current time at each lookup. The root of a mount may have
+        inode number 2 too, and remove_tree refuses to enter it.
+        """
+        if _is_snapshot_placeholder(st):
+            return True
         if st.st_ctime_ns < self.epoch_ns:
             return True
         if stat.S_ISDIR(st.st_mode) or (st.st_dev, st.st_ino) not in self.relinked:
@@ -5699,7 +5707,7 @@ def _command_changes(driver: Driver, args: Any) -> Any:
     changes = driver.changes(args.id, args.parent)
     if args.json:
         return [{"path": change.path, "kind": change.kind.name.lower()} for change in changes]
-    out = _standard_output()
+    out = _standard_output("changes")
     for change in changes:
         # Bytes, because layer paths need not be valid UTF-8.
         out.write(_CHANGE_LETTERS[change.kind].encode() + b" " + os.fsencode(change.path) + b"\n")
@@ -5710,7 +5718,7 @@ def _command_changes(driver: Driver, args: Any) -> Any:
 def _command_diff(driver: Driver, args: Any) -> Any:
     import shutil
 
-    out = _standard_output()
+    out = _standard_output("diff")
     if out.isatty():
         raise ValueError("refusing to write a tar to a terminal; redirect stdout to a file or pipe")
     with driver.diff(args.id, args.parent) as stream:
@@ -5719,11 +5727,56 @@ def _command_diff(driver: Driver, args: Any) -> Any:
     return None
 
 
-def _standard_output() -> Any:
-    """Return the binary stdout, raising ValueError when the caller closed it."""
+def _standard_output(content: str) -> _StandardOutput:
+    """Return the binary stdout for writing content, raising ValueError when the caller closed it."""
     if sys.stdout is None:
         raise ValueError("standard output is closed; redirect it to a file or pipe")
-    return sys.stdout.buffer
+    return _StandardOutput(sys.stdout.buffer, content)
+
+
+class _StandardOutputError(OSError):
+    """A failed write to standard output, other than to a closed pipe."""
+
+
+def _describe_output_failure(content: str, error: OSError) -> str:
+    """Describe a failed write of content (such as "diff") to standard output, with the fix."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free space where standard output goes, or redirect it to another file"
+    else:
+        hint = "redirect standard output to another file or pipe"
+    reason = error.strerror or os.strerror(error.errno or errno.EIO)
+    return f"writing the {content} to standard output failed: {reason}; {hint}"
+
+
+class _StandardOutput:
+    """Binary stdout that raises _StandardOutputError, naming content, when a write fails.
+
+    BrokenPipeError passes unchanged, because main handles a reader that
+    closed the pipe early (as `| head` does) without a message.
+    """
+
+    def __init__(self, buffer: Any, content: str) -> None:
+        self.buffer = buffer
+        self.content = content
+
+    def isatty(self) -> bool:
+        return bool(self.buffer.isatty())
+
+    def write(self, data: bytes) -> int:
+        try:
+            return int(self.buffer.write(data))
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            raise _StandardOutputError(error.errno, _describe_output_failure(self.content, error)) from None
+
+    def flush(self) -> None:
+        try:
+            self.buffer.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            raise _StandardOutputError(error.errno, _describe_output_failure(self.content, error)) from None
 
 
 def _command_apply(driver: Driver, args: Any) -> Any:
@@ -5792,6 +5845,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         _discard_standard_output()
         return EXIT_FAILURE
+    except _StandardOutputError as error:
+        print(f"btrfsdrv: {error.strerror}", file=sys.stderr)
+        _discard_standard_output()
+        return EXIT_FAILURE
     except ValueError as error:
         print(f"btrfsdrv: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -5817,7 +5874,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except OSError as error:
         # A full disk behind stdout, for example; the command itself ran.
-        print(f"btrfsdrv: writing the output failed: {error.strerror}", file=sys.stderr)
+        print(f"btrfsdrv: {_describe_output_failure(f'output of {args.command}', error)}", file=sys.stderr)
         _discard_standard_output()
         return EXIT_FAILURE
     if args.command == "exists":

@@ -1797,6 +1797,67 @@ def test_unprivileged_remove_fails_before_deleting(fs):
     assert tree_digest(root) == before
 
 
+def subvolume_paths(filesystem):
+    """Return the (id, path) pairs that `btrfs subvolume list` prints, without generations."""
+    listed = filesystem.btrfs("subvolume", "list", filesystem.mountpoint)
+    return [(line.split()[1], line.split()[-1]) for line in listed.splitlines() if line]
+
+
+def test_unprivileged_remove_of_unwritable_top(tmp_path):
+    # With user_subvol_rm_allowed, the kernel lets a caller without
+    # CAP_SYS_ADMIN delete a subvolume only when it may write into the
+    # subvolume's top directory. Here root owns the layer's top directory, so
+    # the remove must fail before deleting the nested subvolumes, which this
+    # caller could delete.
+    with loopback_btrfs(tmp_path, mount_options=("user_subvol_rm_allowed",)) as fs:
+        home = nobody_home(fs)
+        with btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as driver:
+            driver.create("guarded", storage_opt={"size": "64m"})
+        quota_file = os.path.join(home, "quotas", "guarded")
+        for path in (os.path.join(home, "subvolumes"), os.path.join(home, "quotas"), quota_file):
+            os.chown(path, 65534, 65534)
+        root = os.path.join(home, "subvolumes", "guarded")
+        sub = os.path.join(root, "sub")
+        os.mkdir(sub)
+        btrfsdrv.create_subvolume(os.path.join(sub, "nested"))
+        write(os.path.join(sub, "nested", "file"), b"nested")
+        btrfsdrv.create_subvolume(os.path.join(sub, "nested", "deeper"))
+        write(os.path.join(sub, "nested", "deeper", "file"), b"deeper")
+        for path in (sub, os.path.join(sub, "nested"), os.path.join(sub, "nested", "file"),
+                     os.path.join(sub, "nested", "deeper"), os.path.join(sub, "nested", "deeper", "file")):
+            os.chown(path, 65534, 65534)
+        btrfsdrv.create_snapshot(os.path.join(sub, "nested"), os.path.join(sub, "read-only"), read_only=True)
+        assert os.stat(root).st_uid == 0
+        assert not os.stat(root).st_mode & 0o002
+
+        digest = tree_digest(root)
+        subvolumes = subvolume_paths(fs)
+        flags = {name: _subvolume_flags(os.path.join(root, name))
+                 for name in (".", "sub/nested", "sub/nested/deeper", "sub/read-only")}
+        with open(quota_file, "rb") as quota:
+            quota_content = quota.read()
+        limits = qgroup_limits(fs)
+        assert flags["sub/read-only"] & ioctl_structs.BTRFS_SUBVOL_RDONLY
+
+        def scenario():
+            with pytest.raises(PermissionError) as raised:
+                btrfsdrv.Driver(home).remove("guarded")
+            return raised.value.errno, str(raised.value)
+
+        error, message = run_as_user(scenario)
+
+        assert error == errno.EACCES
+        assert root in message
+        assert "user_subvol_rm_allowed mount option and write access to its top directory" in message
+        assert subvolume_paths(fs) == subvolumes
+        assert tree_digest(root) == digest
+        for name, value in flags.items():
+            assert _subvolume_flags(os.path.join(root, name)) == value, name
+        with open(quota_file, "rb") as quota:
+            assert quota.read() == quota_content
+        assert qgroup_limits(fs) == limits
+
+
 def test_get_without_cap_sys_admin_keeps_limit(fs):
     home = fs.path("home")
     with btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as driver:
@@ -1847,14 +1908,59 @@ def test_create_removed_before_it_finishes(driver, monkeypatch):
     assert not driver.exists("layer")
 
 
-def test_cli_output_to_full_disk(driver):
+@pytest.mark.parametrize("arguments, content", [
+    pytest.param(["list"], "output of list", id="list"),
+    pytest.param(["--json", "changes", "base"], "output of changes", id="changes-json"),
+    pytest.param(["changes", "base"], "changes", id="changes"),
+    pytest.param(["diff", "base"], "diff", id="diff"),
+])
+def test_cli_output_to_full_disk(driver, arguments, content):
     driver.create("base")
+    write(os.path.join(driver.get("base"), "file"), b"x" * 100_000)
     with open("/dev/full", "wb") as full:
-        result = subprocess.run([sys.executable, btrfsdrv.__file__, "--home", driver.home, "list"],
+        result = subprocess.run([sys.executable, btrfsdrv.__file__, "--home", driver.home, *arguments],
                                 stdout=full, stderr=subprocess.PIPE, text=True)
     assert result.returncode == btrfsdrv.EXIT_FAILURE
-    assert "writing the output failed" in result.stderr
+    assert f"writing the {content} to standard output failed: No space left on device" in result.stderr
+    assert "free space" in result.stderr
     assert "Traceback" not in result.stderr
+    assert "Exception ignored" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+_DIFF_WITH_FULL_LAYER_FILESYSTEM = """
+import errno, io, sys
+import btrfsdrv
+
+class FailingStream(io.RawIOBase):
+    def __init__(self, path):
+        self.path = path
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        raise OSError(errno.ENOSPC, "No space left on device", self.path)
+
+def diff(self, layer_id, parent=None):
+    return io.BufferedReader(FailingStream(self.get(layer_id)))
+
+btrfsdrv.Driver.diff = diff
+sys.exit(btrfsdrv.main(["--home", sys.argv[1], "diff", "base"]))
+"""
+
+
+def test_cli_layer_enospc_names_layer(driver):
+    # The diff stream fails with ENOSPC naming the layer, as when the layer's
+    # filesystem is full. Standard output is full too, but nothing reached it.
+    driver.create("base")
+    module_dir = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {module_dir!r})\n"
+                                 + _DIFF_WITH_FULL_LAYER_FILESYSTEM, driver.home],
+                                stdout=full, stderr=subprocess.PIPE, text=True)
+    assert result.returncode == btrfsdrv.EXIT_FAILURE
+    assert result.stderr == f"btrfsdrv: {driver.get('base')}: No space left on device\n"
 
 
 def test_get_refuses_mount_on_layer(driver, fs):
@@ -3152,6 +3258,35 @@ def test_opaque_keeps_own_links(tmp_path):
     assert os.listdir(layer + "/e") == []
     with open(layer + "/d/own", "rb") as file:
         assert file.read() == b"parent"
+
+
+def test_opaque_removes_snapshot_placeholder(driver, monkeypatch):
+    driver.create("P")
+    parent = driver.get("P")
+    write(parent + "/d/old", b"parent")
+    btrfsdrv.create_subvolume(parent + "/d/nested")
+    write(parent + "/d/nested/inside", b"parent")
+    driver.create("C", "P")
+    placeholder = os.path.join(driver.get("C"), "d", "nested")
+    assert os.lstat(placeholder).st_ino == ioctl_structs.BTRFS_EMPTY_SUBVOL_DIR_OBJECTID
+
+    # The kernel keeps no placeholder inode cached, so every lookup makes a
+    # new one with the current time as its ctime. A lookup after the epoch,
+    # as the opaque walk makes, therefore gets a ctime at or after it.
+    seen = []
+    original = btrfsdrv._layer_epoch
+
+    def epoch_then_stat(*args):
+        epoch = original(*args)
+        seen.append((epoch, os.lstat(placeholder).st_ctime_ns))
+        return epoch
+
+    monkeypatch.setattr(btrfsdrv, "_layer_epoch", epoch_then_stat)
+    driver.apply_diff("C", io.BytesIO(make_tar([entry("d/.wh..wh..opq"), entry("d/new", data=b"n")])))
+
+    [(epoch, placeholder_ctime)] = seen
+    assert placeholder_ctime >= epoch
+    assert os.listdir(os.path.join(driver.get("C"), "d")) == ["new"]
 
 
 def test_apply_reports_progress(tmp_path):
