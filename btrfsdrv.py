@@ -2578,7 +2578,8 @@ class Driver:
 
         The layer is already a snapshot of its parent, so parent is accepted
         for compatibility and not used. Owners map to host ids through
-        uid_maps and gid_maps (default: the driver's).
+        uid_maps and gid_maps (default: the driver's). A second apply to the
+        layer while one runs raises OSError with EBUSY (see apply_layer_diff).
         """
         path = self._existing_layer_dir(layer_id)
         uid_maps = self.uid_maps if uid_maps is None else _id_maps(uid_maps, "uid_maps")
@@ -5208,6 +5209,20 @@ class _suppress_missing:
         return kind is not None and issubclass(kind, FileNotFoundError)
 
 
+def _lock_layer_for_apply(root_fd: int, layer_dir: PathArg) -> None:
+    """Lock a layer for one apply with an exclusive flock on its top directory root_fd.
+
+    The lock belongs to root_fd's open file description, so closing root_fd
+    or the death of the process releases it.
+    """
+    try:
+        fcntl.flock(root_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _os_error(errno.EBUSY, "apply layer diff", layer_dir,
+                        "another apply_diff is writing to this layer, or another process holds a "
+                        "flock on its top directory; retry when it finishes") from None
+
+
 def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDMap] | None = (),
                      gid_maps: Sequence[IDMap] | None = (), ignore_chown_errors: bool = False,
                      progress: Callable[[int, int], None] | None = None) -> int:
@@ -5218,6 +5233,13 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
     the layer then keeps every entry before the bad one. The stream is read
     to its end, so a compressed stream that fails its checksum or lacks its
     end after the last entry raises too, with every entry applied.
+
+    Applies to one layer run one at a time: each holds an exclusive flock(2)
+    on the layer's top directory, and one that finds it held raises OSError
+    with EBUSY at once instead of waiting. A process that locks that
+    directory itself (a container locking its "/") makes applies fail the
+    same way. The lock ends with the apply or with its process. It does not
+    keep out other writers, such as a container or a remove of the layer.
     """
     import tarfile
 
@@ -5228,6 +5250,9 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
     tar_input = _decompressed(counting)
     root_fd = _open_directory(layer_dir)
     try:
+        # The lock comes first: the removal of temporaries below would delete
+        # those of an apply running at the same time.
+        _lock_layer_for_apply(root_fd, layer_dir)
         _check_no_mounts_below(root_fd, "apply layer diff", layer_dir)
         _remove_apply_temporaries(root_fd)
         applier = _LayerApplier(root_fd, uid_maps, gid_maps, ignore_chown_errors, layer_dir)

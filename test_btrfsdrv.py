@@ -5227,6 +5227,16 @@ def test_kill_at_every_step(fs, operation, record_property):
     assert _mounts_below(home) == []
 
 
+def apply_temporaries_below(root):
+    """Return the paths below root, relative to it, of names that apply_diff uses for temporaries."""
+    found = []
+    for directory, subdirectories, files in os.walk(root):
+        for name in subdirectories + files:
+            if name.startswith(".btrfsdrv-"):
+                found.append(os.path.relpath(os.path.join(directory, name), root))
+    return sorted(found)
+
+
 # Removes the sized layer "victim" and is SIGKILLed right after its subvolume is deleted.
 _KILL_AFTER_DELETE = r"""
 import os, signal, sys
@@ -5623,6 +5633,88 @@ def test_remove_races_get_and_create_child(fs):
         for layer_id in survivors:
             driver.remove(layer_id)
         assert_store_consistent(fs, driver, ["base"])
+
+
+class _PausingStream:
+    """A layer stream that stops at pause_at until the other end of connection sends a message."""
+
+    def __init__(self, data, pause_at, connection):
+        self.data = data
+        self.pause_at = pause_at
+        self.connection = connection
+        self.position = 0
+        self.paused = False
+
+    def read(self, size=-1):
+        if self.position == self.pause_at and not self.paused:
+            self.connection.send("paused")
+            self.connection.recv()
+            self.paused = True
+        end = len(self.data) if size is None or size < 0 else self.position + size
+        if not self.paused:
+            end = min(end, self.pause_at)
+        chunk = self.data[self.position:end]
+        self.position += len(chunk)
+        return chunk
+
+
+def _apply_with_pause(layer, raw, pause_at, connection):
+    """Apply raw to layer, pausing in the middle of the stream, and send the outcome."""
+    try:
+        size = btrfsdrv.apply_layer_diff(layer, _PausingStream(raw, pause_at, connection))
+    except Exception as error:  # reported to the parent, which asserts on it
+        connection.send(("failed", repr(error)))
+        return
+    connection.send(("applied", size))
+
+
+@pytest.mark.parametrize("first_apply", ["resumed", "killed"])
+def test_concurrent_apply_on_one_layer(driver, first_apply):
+    import multiprocessing.connection
+
+    driver.create("layer")
+    root = driver.get("layer")
+    os.chmod(root, 0o755)
+    big = os.urandom(4 * 1024**2)
+    raw = make_tar([entry("d", tarfile.DIRTYPE, mode=0o755), entry("d/first", data=b"first"),
+                    entry("d/big", data=big), entry("d/last", data=b"last")])
+    parent_end, child_end = _FORK.Pipe()
+    first = _FORK.Process(target=_apply_with_pause, args=(root, raw, len(raw) // 2, child_end))
+    first.start()
+    try:
+        ready = multiprocessing.connection.wait([parent_end, first.sentinel])
+        assert parent_end in ready, f"the first apply exited with {first.exitcode} before it paused"
+        assert parent_end.recv() == "paused"
+        assert apply_temporaries_below(root) != []
+
+        with pytest.raises(OSError, match="another apply_diff is writing to this layer") as raised:
+            driver.apply_diff("layer", io.BytesIO(make_tar([entry("second", data=b"second")])))
+        assert raised.value.errno == errno.EBUSY
+        assert raised.value.filename == root
+        assert not os.path.lexists(os.path.join(root, "second"))
+
+        if first_apply == "resumed":
+            parent_end.send("resume")
+            assert parent_end.recv() == ("applied", len(big) + len(b"first") + len(b"last"))
+        else:
+            os.kill(first.pid, signal.SIGKILL)
+    except BaseException:
+        first.kill()  # it may wait for a message that never comes
+        first.join()
+        raise
+    first.join()
+    if first_apply == "killed":
+        assert first.exitcode == -signal.SIGKILL
+        driver.apply_diff("layer", io.BytesIO(raw))
+    else:
+        assert first.exitcode == 0
+
+    assert apply_temporaries_below(root) == []
+    assert sorted(os.listdir(os.path.join(root, "d"))) == ["big", "first", "last"]
+    with open(os.path.join(root, "d", "big"), "rb") as data:
+        assert data.read() == big
+    with open(os.path.join(root, "d", "last"), "rb") as data:
+        assert data.read() == b"last"
 
 
 NOBODY = 65534
