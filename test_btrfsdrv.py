@@ -2095,6 +2095,42 @@ def test_apply_removes_leftover_temporaries(driver):
     assert sorted(os.listdir(os.path.join(root, "d"))) == ["f", "link"]
 
 
+@pytest.mark.parametrize("search", ["privileged", "unprivileged"])
+def test_apply_removes_leftovers_in_nested_subvolumes(driver, monkeypatch, caplog, search):
+    import io
+    import tarfile
+    driver.create("layer")
+    root = driver.get("layer")
+    os.chmod(root, 0o755)
+    btrfsdrv.create_subvolume(os.path.join(root, "sv"))
+    os.mkdir(os.path.join(root, "sv", "d"))
+    btrfsdrv.create_subvolume(os.path.join(root, "sv", "d", "inner"))
+    file_leftover = os.path.join(root, "sv", ".btrfsdrv-apply-0123456789abcdef")
+    write(file_leftover, b"from a killed apply")
+    directory_leftover = os.path.join(root, "sv", "d", "inner", ".btrfsdrv-apply-fedcba9876543210")
+    write(os.path.join(directory_leftover, "file"), b"moved aside by a killed apply")
+    kept = os.path.join(root, "sv", ".btrfsdrv-image-file")
+    write(kept, b"image content")
+    btrfsdrv.create_snapshot(os.path.join(root, "sv"), os.path.join(root, "ro"), read_only=True)
+    if search == "unprivileged":
+        def without_privilege(*args):
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(btrfsdrv, "_find_nested_privileged", without_privilege)
+
+    driver.apply_diff("layer", io.BytesIO(tar_bytes((tarfile.TarInfo("f"), b"data"))))
+
+    assert not os.path.lexists(file_leftover)
+    assert not os.path.lexists(directory_leftover)
+    assert os.path.exists(kept)
+    # The read-only snapshot keeps its copy of the leftover, with a warning.
+    assert os.path.exists(os.path.join(root, "ro", ".btrfsdrv-apply-0123456789abcdef"))
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    read_only_warnings = [message for message in warnings if os.path.join(root, "ro") + ":" in message]
+    assert len(read_only_warnings) == 1, warnings
+    assert "Read-only file system" in read_only_warnings[0]
+
+
 def rejected_entry(kind):
     """Return an entry below the new directories n1/n2 that the apply rejects."""
     if kind == "long-symlink":
@@ -4944,8 +4980,8 @@ def test_apply_names_layer_removed_during_apply(driver, monkeypatch):
     path = driver.get("layer")
     original = btrfsdrv._remove_apply_temporaries
 
-    def remove_layer_first(root_fd):
-        original(root_fd)
+    def remove_layer_first(root_fd, layer_dir):
+        original(root_fd, layer_dir)
         driver.remove("layer")
 
     monkeypatch.setattr(btrfsdrv, "_remove_apply_temporaries", remove_layer_first)
@@ -5062,19 +5098,21 @@ def test_failed_whiteout_keeps_directory_flags(driver, monkeypatch):
 
 # A child that runs one driver operation and SIGKILLs itself at the Nth line
 # event inside btrfsdrv.py (with N 0, it runs to the end and prints the count).
+# With a function name as its last argument, only the lines of that function count.
 _KILL_CHILD = r"""
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
 import btrfsdrv
 
 home, operation, kill_at = sys.argv[2], sys.argv[3], int(sys.argv[4])
+kill_in = sys.argv[6] if len(sys.argv) > 6 else None
 module_file = btrfsdrv.__file__
 count = 0
 
 
 def trace_lines(frame, event, arg):
     global count
-    if event == "line":
+    if event == "line" and (kill_in is None or frame.f_code.co_name == kill_in):
         count += 1
         if count == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -5127,13 +5165,13 @@ def make_diff(path, size=64 * 1024):
     return path
 
 
-def run_kill_child(home, operation, kill_at):
+def run_kill_child(home, operation, kill_at, kill_in=None):
     module_dir = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
     diff = os.path.join(os.path.dirname(home), "diff.tar")
-    return subprocess.run(
-        [sys.executable, "-c", _KILL_CHILD, module_dir, home, operation, str(kill_at), diff],
-        capture_output=True, text=True,
-    )
+    command = [sys.executable, "-c", _KILL_CHILD, module_dir, home, operation, str(kill_at), diff]
+    if kill_in is not None:
+        command.append(kill_in)
+    return subprocess.run(command, capture_output=True, text=True)
 
 
 def make_victim(home):
@@ -5235,6 +5273,64 @@ def apply_temporaries_below(root):
             if name.startswith(".btrfsdrv-"):
                 found.append(os.path.relpath(os.path.join(directory, name), root))
     return sorted(found)
+
+
+def nested_diff_entry(kind, directory):
+    """Return the entry of kind in directory, and the function that runs while its temporary exists."""
+    if kind == "file":
+        return entry(f"{directory}/new", data=b"new data"), "move_into_place"
+    if kind == "directory":
+        return entry(f"{directory}/new", tarfile.DIRTYPE, mode=0o755), "move_into_place"
+    if kind == "symlink":
+        return entry(f"{directory}/new", tarfile.SYMTYPE, linkname="target"), "move_into_place"
+    if kind == "hard link":
+        return entry(f"{directory}/new", tarfile.LNKTYPE, linkname=f"{directory}/old"), "move_into_place"
+    # A file replacing a directory: the directory is moved aside, then deleted.
+    return entry(f"{directory}/tree", data=b"file now"), "remove_tree"
+
+
+def check_nested_entry(root, kind, directory):
+    target = os.path.join(root, directory, "new")
+    if kind == "file":
+        with open(target, "rb") as data:
+            assert data.read() == b"new data"
+    elif kind == "directory":
+        assert os.path.isdir(target)
+    elif kind == "symlink":
+        assert os.readlink(target) == "target"
+    elif kind == "hard link":
+        assert os.path.samefile(target, os.path.join(root, directory, "old"))
+    else:
+        with open(os.path.join(root, directory, "tree"), "rb") as data:
+            assert data.read() == b"file now"
+    expected = ["old", "tree"] if kind == "replaced directory" else ["new", "old", "tree"]
+    assert sorted(os.listdir(os.path.join(root, directory))) == expected
+
+
+@pytest.mark.parametrize("directory", ["sv/d", "sv/inner/d"])
+@pytest.mark.parametrize("kind", ["file", "directory", "symlink", "hard link", "replaced directory"])
+def test_apply_after_kill_in_nested_subvolume(fs, kind, directory):
+    home = fs.path("home")
+    with btrfsdrv.Driver(home) as driver:
+        driver.create("victim")
+        root = driver.get("victim")
+        os.chmod(root, 0o755)
+        btrfsdrv.create_subvolume(os.path.join(root, "sv"))
+        btrfsdrv.create_subvolume(os.path.join(root, "sv", "inner"))
+        write(os.path.join(root, directory, "old"), b"old")
+        write(os.path.join(root, directory, "tree", "file"), b"in tree")
+        member, kill_in = nested_diff_entry(kind, directory)
+        raw = make_tar([member])
+        with open(os.path.join(os.path.dirname(home), "diff.tar"), "wb") as output:
+            output.write(raw)
+
+        killed = run_kill_child(home, "apply", 1, kill_in=kill_in)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert [path for path in apply_temporaries_below(root) if path.startswith("sv/")] != []
+
+        driver.apply_diff("victim", io.BytesIO(raw))
+        assert apply_temporaries_below(root) == []
+        check_nested_entry(root, kind, directory)
 
 
 # Removes the sized layer "victim" and is SIGKILLed right after its subvolume is deleted.
