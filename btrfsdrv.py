@@ -2578,7 +2578,8 @@ class Driver:
 
         The layer is already a snapshot of its parent, so parent is accepted
         for compatibility and not used. Owners map to host ids through
-        uid_maps and gid_maps (default: the driver's).
+        uid_maps and gid_maps (default: the driver's). A second apply to the
+        layer while one runs raises OSError with EBUSY (see apply_layer_diff).
         """
         path = self._existing_layer_dir(layer_id)
         uid_maps = self.uid_maps if uid_maps is None else _id_maps(uid_maps, "uid_maps")
@@ -4215,25 +4216,100 @@ class _PendingDirTimes:
         self.file.close()
 
 
-# Names of the temporary files apply_diff makes in a layer's root directory.
+# Names of the temporary files apply_diff makes in a layer's root directory
+# and in the top directories of its nested subvolumes.
 _APPLY_TEMPORARY_PREFIX = ".btrfsdrv-"
 
 
-def _remove_apply_temporaries(root_fd: int) -> None:
-    """Delete the temporary files that a killed apply_diff left in a layer's root."""
+def _remove_apply_temporaries(dir_fd: int, path: Any) -> None:
+    """Delete the temporary files that a killed apply_diff left in the directory dir_fd at path."""
     pattern = re.compile(re.escape(_APPLY_TEMPORARY_PREFIX) + r"(apply|epoch)-[0-9a-f]{16}")
     # NOTE: a layer file that a tar or a container gave such a name is deleted
     # too. The random 16-digit suffix makes that unlikely, not impossible.
-    with os.scandir(root_fd) as entries:
+    with os.scandir(dir_fd) as entries:
         names = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries
                  if pattern.fullmatch(entry.name)]
     for name, is_dir in names:
         with _suppress_missing():
             if is_dir:
-                _remove_tree(root_fd, name)
+                _remove_tree(dir_fd, name)
             else:
-                os.unlink(name, dir_fd=root_fd)
-            log.warning("removed %s from the layer, left by an apply_diff that was killed", name)
+                os.unlink(name, dir_fd=dir_fd)
+            log.warning("removed %s, left by an apply_diff that was killed",
+                        os.path.join(os.fsdecode(path), name))
+
+
+def _remove_nested_apply_temporaries(root_fd: int, layer_dir: PathArg) -> None:
+    """Delete what a killed apply_diff left in the top directories of the layer's nested subvolumes.
+
+    A nested subvolume that cannot be listed, entered or written (EACCES,
+    EPERM, EROFS) is skipped with a warning, because what is left there takes
+    space but does not disturb an apply.
+    """
+    if not _is_subvolume_stat(os.fstat(root_fd)):
+        # NOTE: the search lists subvolumes by their path from the top of a
+        # subvolume, so below a layer directory that is not one, what a killed
+        # apply left in a nested subvolume stays.
+        return
+    try:
+        root_id = _subvolume_id_of_fd(root_fd, layer_dir)
+    except OSError as error:
+        if error.errno in _IOCTL_UNSUPPORTED:
+            return  # not on btrfs, so there are no subvolumes
+        raise
+    # NOTE: without CAP_SYS_ADMIN on kernels before Linux 4.18 the search
+    # reads every directory of the layer, on every apply.
+    try:
+        nested = find_nested_subvolumes(root_fd, root_id, layer_dir)
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EPERM):
+            raise
+        log.warning("cannot list the nested subvolumes of %s to remove what a killed apply_diff left "
+                    "in them: %s", os.fsdecode(layer_dir), error)
+        return
+    for subvolume in nested:
+        display = os.path.join(os.fsdecode(layer_dir), os.fsdecode(subvolume.path))
+        try:
+            _remove_subvolume_apply_temporaries(root_fd, subvolume, display)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            log.warning("cannot remove what a killed apply_diff left in %s: %s", display, error)
+
+
+def _remove_subvolume_apply_temporaries(root_fd: int, subvolume: NestedSubvolume, display: str) -> None:
+    """Delete the apply temporaries in the top directory of one nested subvolume, if it is still there."""
+    try:
+        fd = _walk_relative(root_fd, subvolume.path, display)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    with _Fd(fd):
+        _check_same_mount(root_fd, fd, "apply layer diff", display)
+        if _is_subvolume_stat(os.fstat(fd)):
+            _remove_apply_temporaries(fd, display)
+
+
+def _open_device_top(fd: int) -> int:
+    """Open the top directory of the subvolume or filesystem that contains the directory fd.
+
+    It is the highest directory that ".." reaches from fd without a change
+    of st_dev, because the ".." of a subvolume's top directory is in the
+    subvolume that contains it.
+    """
+    top = os.dup(fd)
+    try:
+        top_st = os.fstat(top)
+        while True:
+            parent = _open_directory("..", top)
+            parent_st = os.fstat(parent)
+            if parent_st.st_dev != top_st.st_dev or parent_st.st_ino == top_st.st_ino:
+                os.close(parent)
+                return top
+            os.close(top)
+            top, top_st = parent, parent_st
+    except BaseException:
+        os.close(top)
+        raise
 
 
 def _layer_epoch(root_fd: int, layer_dir: PathArg) -> int:
@@ -4613,6 +4689,9 @@ class _LayerApplier:
         self.emptied: set[tuple[int, int]] = set()
         self.temporary_name = f"{_APPLY_TEMPORARY_PREFIX}apply-{os.urandom(8).hex()}"
         self.root_dev = os.fstat(root_fd).st_dev
+        # Open top directories of the nested subvolumes that entries went
+        # into, by st_dev.
+        self.subvolume_tops: dict[int, int] = {}
         self.warned_chown = False
         self.parent_cache: tuple[tuple[str, ...], int] | None = None
         # The directories that entry_parent made for the current entry, as
@@ -4623,6 +4702,9 @@ class _LayerApplier:
 
     def close(self) -> None:
         self.forget_parent()
+        for fd in self.subvolume_tops.values():
+            os.close(fd)
+        self.subvolume_tops.clear()
         self.dir_times.close()
 
     # Owners and metadata -------------------------------------------------
@@ -5062,8 +5144,9 @@ class _LayerApplier:
                 data_reader(member, out)
             self.set_fd_metadata(fd, member, path)
             parent_fd = self.entry_parent(parts, path)
-            if self.staging_fd(parent_fd) != self.root_fd:
-                self.copy_into_subvolume(fd, parent_fd, parts, member, path)
+            staging_fd = self.staging_fd(parent_fd)
+            if staging_fd != self.root_fd:
+                self.copy_into_subvolume(fd, staging_fd, parent_fd, parts, member, path)
                 return
             self.move_into_place(self.root_fd, temporary, parent_fd, parts)
             installed = True
@@ -5074,22 +5157,33 @@ class _LayerApplier:
                     os.unlink(temporary, dir_fd=self.root_fd)
 
     def staging_fd(self, parent_fd: int) -> int:
-        """Return where a temporary for an entry in parent_fd goes: the layer root if it can.
+        """Return the directory for the temporaries of an entry in parent_fd. The applier owns the fd.
 
-        rename(2) cannot cross subvolumes (EXDEV), so an entry inside a nested
-        subvolume is staged in its own directory.  The next apply deletes only
-        the leftovers of a killed apply that sit in the layer root.
+        It is the layer root, or the top directory of the nested subvolume
+        that contains parent_fd, because rename(2) cannot cross subvolumes
+        (EXDEV). The next apply deletes what a killed one left in either.
         """
-        if os.fstat(parent_fd).st_dev == self.root_dev:
+        device = os.fstat(parent_fd).st_dev
+        if device == self.root_dev:
             return self.root_fd
-        return parent_fd
+        top_fd = self.subvolume_tops.get(device)
+        if top_fd is None:
+            # NOTE: an apply without CAP_DAC_OVERRIDE therefore needs write access to
+            # the top directory of each nested subvolume that it writes into.
+            top_fd = _open_device_top(parent_fd)
+            self.subvolume_tops[device] = top_fd
+        return top_fd
 
-    def copy_into_subvolume(self, source_fd: int, parent_fd: int, parts: list[str],
+    def copy_into_subvolume(self, source_fd: int, staging_fd: int, parent_fd: int, parts: list[str],
                             member: tarfile.TarInfo, path: str) -> None:
-        """Install a regular file whose data is staged in the root into another subvolume."""
+        """Install a regular file whose data is staged in the root into another subvolume.
+
+        The copy is made in staging_fd, the top directory of the subvolume
+        that contains parent_fd.
+        """
         temporary = self.temporary_name
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=parent_fd)
+                     0o600, dir_fd=staging_fd)
         installed = False
         try:
             os.lseek(source_fd, 0, os.SEEK_SET)
@@ -5099,38 +5193,38 @@ class _LayerApplier:
                     break
                 os.write(fd, chunk)
             self.set_fd_metadata(fd, member, path)
-            self.move_into_place(parent_fd, temporary, parent_fd, parts)
+            self.move_into_place(staging_fd, temporary, parent_fd, parts)
             installed = True
         finally:
             os.close(fd)
             if not installed:
                 with _suppress_missing():
-                    os.unlink(temporary, dir_fd=parent_fd)
+                    os.unlink(temporary, dir_fd=staging_fd)
 
     def apply_special(self, parent_fd: int, parts: list[str], member: tarfile.TarInfo, path: str) -> None:
         """Create a symlink, hard link, device node or FIFO under a temporary name, then rename it."""
         import tarfile
 
-        # Temporary names live in the layer root, where the next apply finds
-        # and deletes those that a killed one left.
+        # The temporary name lives where the next apply finds and deletes
+        # one that a killed apply left (see staging_fd).
         temporary = self.temporary_name
-        root_fd = self.staging_fd(parent_fd)
+        staging_fd = self.staging_fd(parent_fd)
         linked_parent_inode = False
         if member.issym():
             # The target is stored as given: nothing here ever follows it.
-            os.symlink(member.linkname, temporary, dir_fd=root_fd)
+            os.symlink(member.linkname, temporary, dir_fd=staging_fd)
         elif member.islnk():
-            linked_parent_inode = self.link(root_fd, temporary, member, path)
+            linked_parent_inode = self.link(staging_fd, temporary, member, path)
         else:
             kind = {tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK,
                     tarfile.FIFOTYPE: stat.S_IFIFO}[member.type]
             device = os.makedev(member.devmajor, member.devminor) if kind != stat.S_IFIFO else 0
-            os.mknod(temporary, kind | 0o600, device, dir_fd=root_fd)
+            os.mknod(temporary, kind | 0o600, device, dir_fd=staging_fd)
         try:
             if not member.islnk():
                 # A hard link shares the metadata of its target, as with GNU tar.
-                self.set_path_metadata(root_fd, temporary, member, path)
-            self.move_into_place(root_fd, temporary, parent_fd, parts)
+                self.set_path_metadata(staging_fd, temporary, member, path)
+            self.move_into_place(staging_fd, temporary, parent_fd, parts)
             if linked_parent_inode:
                 parent_st = os.fstat(parent_fd)
                 self.linked_names.add((parent_st.st_dev, parent_st.st_ino, parts[-1]))
@@ -5138,7 +5232,7 @@ class _LayerApplier:
             # rename() does nothing when both names are links to one inode,
             # so the temporary name can remain even after success.
             with _suppress_missing():
-                os.unlink(temporary, dir_fd=root_fd)
+                os.unlink(temporary, dir_fd=staging_fd)
 
     def link_target(self, member: tarfile.TarInfo, path: str) -> tuple[int, str, os.stat_result]:
         """Resolve a hard link's target inside the layer; return its directory fd, name and stat.
@@ -5216,6 +5310,20 @@ class _suppress_missing:
         return kind is not None and issubclass(kind, FileNotFoundError)
 
 
+def _lock_layer_for_apply(root_fd: int, layer_dir: PathArg) -> None:
+    """Lock a layer for one apply with an exclusive flock on its top directory root_fd.
+
+    The lock belongs to root_fd's open file description, so closing root_fd
+    or the death of the process releases it.
+    """
+    try:
+        fcntl.flock(root_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _os_error(errno.EBUSY, "apply layer diff", layer_dir,
+                        "another apply_diff is writing to this layer, or another process holds a "
+                        "flock on its top directory; retry when it finishes") from None
+
+
 def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDMap] | None = (),
                      gid_maps: Sequence[IDMap] | None = (), ignore_chown_errors: bool = False,
                      progress: Callable[[int, int], None] | None = None) -> int:
@@ -5226,6 +5334,13 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
     the layer then keeps every entry before the bad one. The stream is read
     to its end, so a compressed stream that fails its checksum or lacks its
     end after the last entry raises too, with every entry applied.
+
+    Applies to one layer run one at a time: each holds an exclusive flock(2)
+    on the layer's top directory, and one that finds it held raises OSError
+    with EBUSY at once instead of waiting. A process that locks that
+    directory itself (a container locking its "/") makes applies fail the
+    same way. The lock ends with the apply or with its process. It does not
+    keep out other writers, such as a container or a remove of the layer.
     """
     import tarfile
 
@@ -5236,8 +5351,12 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
     tar_input = _decompressed(counting)
     root_fd = _open_directory(layer_dir)
     try:
+        # The lock is taken first, because the removal of temporaries below
+        # would delete those of an apply running at the same time.
+        _lock_layer_for_apply(root_fd, layer_dir)
         _check_no_mounts_below(root_fd, "apply layer diff", layer_dir)
-        _remove_apply_temporaries(root_fd)
+        _remove_apply_temporaries(root_fd, layer_dir)
+        _remove_nested_apply_temporaries(root_fd, layer_dir)
         applier = _LayerApplier(root_fd, uid_maps, gid_maps, ignore_chown_errors, layer_dir)
     except BaseException:
         # An open descriptor keeps a removed layer's subvolume from being cleaned.

@@ -2201,6 +2201,42 @@ def test_apply_removes_leftover_temporaries(driver):
     assert sorted(os.listdir(os.path.join(root, "d"))) == ["f", "link"]
 
 
+@pytest.mark.parametrize("search", ["privileged", "unprivileged"])
+def test_apply_removes_leftovers_in_nested_subvolumes(driver, monkeypatch, caplog, search):
+    import io
+    import tarfile
+    driver.create("layer")
+    root = driver.get("layer")
+    os.chmod(root, 0o755)
+    btrfsdrv.create_subvolume(os.path.join(root, "sv"))
+    os.mkdir(os.path.join(root, "sv", "d"))
+    btrfsdrv.create_subvolume(os.path.join(root, "sv", "d", "inner"))
+    file_leftover = os.path.join(root, "sv", ".btrfsdrv-apply-0123456789abcdef")
+    write(file_leftover, b"from a killed apply")
+    directory_leftover = os.path.join(root, "sv", "d", "inner", ".btrfsdrv-apply-fedcba9876543210")
+    write(os.path.join(directory_leftover, "file"), b"moved aside by a killed apply")
+    kept = os.path.join(root, "sv", ".btrfsdrv-image-file")
+    write(kept, b"image content")
+    btrfsdrv.create_snapshot(os.path.join(root, "sv"), os.path.join(root, "ro"), read_only=True)
+    if search == "unprivileged":
+        def without_privilege(*args):
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(btrfsdrv, "_find_nested_privileged", without_privilege)
+
+    driver.apply_diff("layer", io.BytesIO(tar_bytes((tarfile.TarInfo("f"), b"data"))))
+
+    assert not os.path.lexists(file_leftover)
+    assert not os.path.lexists(directory_leftover)
+    assert os.path.exists(kept)
+    # The read-only snapshot keeps its copy of the leftover, with a warning.
+    assert os.path.exists(os.path.join(root, "ro", ".btrfsdrv-apply-0123456789abcdef"))
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    read_only_warnings = [message for message in warnings if os.path.join(root, "ro") + ":" in message]
+    assert len(read_only_warnings) == 1, warnings
+    assert "Read-only file system" in read_only_warnings[0]
+
+
 def rejected_entry(kind):
     """Return an entry below the new directories n1/n2 that the apply rejects."""
     if kind == "long-symlink":
@@ -5079,8 +5115,8 @@ def test_apply_names_layer_removed_during_apply(driver, monkeypatch):
     path = driver.get("layer")
     original = btrfsdrv._remove_apply_temporaries
 
-    def remove_layer_first(root_fd):
-        original(root_fd)
+    def remove_layer_first(root_fd, layer_dir):
+        original(root_fd, layer_dir)
         driver.remove("layer")
 
     monkeypatch.setattr(btrfsdrv, "_remove_apply_temporaries", remove_layer_first)
@@ -5197,19 +5233,21 @@ def test_failed_whiteout_keeps_directory_flags(driver, monkeypatch):
 
 # A child that runs one driver operation and SIGKILLs itself at the Nth line
 # event inside btrfsdrv.py (with N 0, it runs to the end and prints the count).
+# With a function name as its last argument, only the lines of that function count.
 _KILL_CHILD = r"""
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
 import btrfsdrv
 
 home, operation, kill_at = sys.argv[2], sys.argv[3], int(sys.argv[4])
+kill_in = sys.argv[6] if len(sys.argv) > 6 else None
 module_file = btrfsdrv.__file__
 count = 0
 
 
 def trace_lines(frame, event, arg):
     global count
-    if event == "line":
+    if event == "line" and (kill_in is None or frame.f_code.co_name == kill_in):
         count += 1
         if count == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -5262,13 +5300,13 @@ def make_diff(path, size=64 * 1024):
     return path
 
 
-def run_kill_child(home, operation, kill_at):
+def run_kill_child(home, operation, kill_at, kill_in=None):
     module_dir = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
     diff = os.path.join(os.path.dirname(home), "diff.tar")
-    return subprocess.run(
-        [sys.executable, "-c", _KILL_CHILD, module_dir, home, operation, str(kill_at), diff],
-        capture_output=True, text=True,
-    )
+    command = [sys.executable, "-c", _KILL_CHILD, module_dir, home, operation, str(kill_at), diff]
+    if kill_in is not None:
+        command.append(kill_in)
+    return subprocess.run(command, capture_output=True, text=True)
 
 
 def make_victim(home):
@@ -5360,6 +5398,74 @@ def test_kill_at_every_step(fs, operation, record_property):
     cleanup = run_cli(home, "cleanup")
     assert cleanup.returncode == 0, cleanup.stderr
     assert _mounts_below(home) == []
+
+
+def apply_temporaries_below(root):
+    """Return the paths below root, relative to it, of names that apply_diff uses for temporaries."""
+    found = []
+    for directory, subdirectories, files in os.walk(root):
+        for name in subdirectories + files:
+            if name.startswith(".btrfsdrv-"):
+                found.append(os.path.relpath(os.path.join(directory, name), root))
+    return sorted(found)
+
+
+def nested_diff_entry(kind, directory):
+    """Return the entry of kind in directory, and the function that runs while its temporary exists."""
+    if kind == "file":
+        return entry(f"{directory}/new", data=b"new data"), "move_into_place"
+    if kind == "directory":
+        return entry(f"{directory}/new", tarfile.DIRTYPE, mode=0o755), "move_into_place"
+    if kind == "symlink":
+        return entry(f"{directory}/new", tarfile.SYMTYPE, linkname="target"), "move_into_place"
+    if kind == "hard link":
+        return entry(f"{directory}/new", tarfile.LNKTYPE, linkname=f"{directory}/old"), "move_into_place"
+    # A file replacing a directory: the directory is moved aside, then deleted.
+    return entry(f"{directory}/tree", data=b"file now"), "remove_tree"
+
+
+def check_nested_entry(root, kind, directory):
+    target = os.path.join(root, directory, "new")
+    if kind == "file":
+        with open(target, "rb") as data:
+            assert data.read() == b"new data"
+    elif kind == "directory":
+        assert os.path.isdir(target)
+    elif kind == "symlink":
+        assert os.readlink(target) == "target"
+    elif kind == "hard link":
+        assert os.path.samefile(target, os.path.join(root, directory, "old"))
+    else:
+        with open(os.path.join(root, directory, "tree"), "rb") as data:
+            assert data.read() == b"file now"
+    expected = ["old", "tree"] if kind == "replaced directory" else ["new", "old", "tree"]
+    assert sorted(os.listdir(os.path.join(root, directory))) == expected
+
+
+@pytest.mark.parametrize("directory", ["sv/d", "sv/inner/d"])
+@pytest.mark.parametrize("kind", ["file", "directory", "symlink", "hard link", "replaced directory"])
+def test_apply_after_kill_in_nested_subvolume(fs, kind, directory):
+    home = fs.path("home")
+    with btrfsdrv.Driver(home) as driver:
+        driver.create("victim")
+        root = driver.get("victim")
+        os.chmod(root, 0o755)
+        btrfsdrv.create_subvolume(os.path.join(root, "sv"))
+        btrfsdrv.create_subvolume(os.path.join(root, "sv", "inner"))
+        write(os.path.join(root, directory, "old"), b"old")
+        write(os.path.join(root, directory, "tree", "file"), b"in tree")
+        member, kill_in = nested_diff_entry(kind, directory)
+        raw = make_tar([member])
+        with open(os.path.join(os.path.dirname(home), "diff.tar"), "wb") as output:
+            output.write(raw)
+
+        killed = run_kill_child(home, "apply", 1, kill_in=kill_in)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert [path for path in apply_temporaries_below(root) if path.startswith("sv/")] != []
+
+        driver.apply_diff("victim", io.BytesIO(raw))
+        assert apply_temporaries_below(root) == []
+        check_nested_entry(root, kind, directory)
 
 
 # Removes the sized layer "victim" and is SIGKILLed right after its subvolume is deleted.
@@ -5758,6 +5864,88 @@ def test_remove_races_get_and_create_child(fs):
         for layer_id in survivors:
             driver.remove(layer_id)
         assert_store_consistent(fs, driver, ["base"])
+
+
+class _PausingStream:
+    """A layer stream that stops at pause_at until the other end of connection sends a message."""
+
+    def __init__(self, data, pause_at, connection):
+        self.data = data
+        self.pause_at = pause_at
+        self.connection = connection
+        self.position = 0
+        self.paused = False
+
+    def read(self, size=-1):
+        if self.position == self.pause_at and not self.paused:
+            self.connection.send("paused")
+            self.connection.recv()
+            self.paused = True
+        end = len(self.data) if size is None or size < 0 else self.position + size
+        if not self.paused:
+            end = min(end, self.pause_at)
+        chunk = self.data[self.position:end]
+        self.position += len(chunk)
+        return chunk
+
+
+def _apply_with_pause(layer, raw, pause_at, connection):
+    """Apply raw to layer, pausing in the middle of the stream, and send the outcome."""
+    try:
+        size = btrfsdrv.apply_layer_diff(layer, _PausingStream(raw, pause_at, connection))
+    except Exception as error:  # reported to the parent, which asserts on it
+        connection.send(("failed", repr(error)))
+        return
+    connection.send(("applied", size))
+
+
+@pytest.mark.parametrize("first_apply", ["resumed", "killed"])
+def test_concurrent_apply_on_one_layer(driver, first_apply):
+    import multiprocessing.connection
+
+    driver.create("layer")
+    root = driver.get("layer")
+    os.chmod(root, 0o755)
+    big = os.urandom(4 * 1024**2)
+    raw = make_tar([entry("d", tarfile.DIRTYPE, mode=0o755), entry("d/first", data=b"first"),
+                    entry("d/big", data=big), entry("d/last", data=b"last")])
+    parent_end, child_end = _FORK.Pipe()
+    first = _FORK.Process(target=_apply_with_pause, args=(root, raw, len(raw) // 2, child_end))
+    first.start()
+    try:
+        ready = multiprocessing.connection.wait([parent_end, first.sentinel])
+        assert parent_end in ready, f"the first apply exited with {first.exitcode} before it paused"
+        assert parent_end.recv() == "paused"
+        assert apply_temporaries_below(root) != []
+
+        with pytest.raises(OSError, match="another apply_diff is writing to this layer") as raised:
+            driver.apply_diff("layer", io.BytesIO(make_tar([entry("second", data=b"second")])))
+        assert raised.value.errno == errno.EBUSY
+        assert raised.value.filename == root
+        assert not os.path.lexists(os.path.join(root, "second"))
+
+        if first_apply == "resumed":
+            parent_end.send("resume")
+            assert parent_end.recv() == ("applied", len(big) + len(b"first") + len(b"last"))
+        else:
+            os.kill(first.pid, signal.SIGKILL)
+    except BaseException:
+        first.kill()  # it may wait for a message that never comes
+        first.join()
+        raise
+    first.join()
+    if first_apply == "killed":
+        assert first.exitcode == -signal.SIGKILL
+        driver.apply_diff("layer", io.BytesIO(raw))
+    else:
+        assert first.exitcode == 0
+
+    assert apply_temporaries_below(root) == []
+    assert sorted(os.listdir(os.path.join(root, "d"))) == ["big", "first", "last"]
+    with open(os.path.join(root, "d", "big"), "rb") as data:
+        assert data.read() == big
+    with open(os.path.join(root, "d", "last"), "rb") as data:
+        assert data.read() == b"last"
 
 
 NOBODY = 65534
