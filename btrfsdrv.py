@@ -3675,6 +3675,7 @@ class _TarEntryWriter:
             return
         if info.type != tarfile.LNKTYPE:
             xattrs = _read_xattrs(data.fileno()) if data is not None else _entry_xattrs(dir_fd, name, st)
+            self._map_capability(xattrs, path)
             info.pax_headers = self._xattr_records(xattrs, archive_name)
         try:
             self.tar.addfile(info, data)
@@ -3690,6 +3691,23 @@ class _TarEntryWriter:
             if data is not None:
                 data.close()
         _forget_tar_members(self.tar)  # tarfile keeps every member written; memory must stay flat
+
+    def _map_capability(self, xattrs: dict[str, bytes], path: str) -> None:
+        """Replace the security.capability in xattrs by the value that the container reads.
+
+        A capability that the container cannot read (see
+        _container_capability) is left out with a warning.
+        """
+        value = xattrs.get("security.capability")
+        if value is None:
+            return
+        container_value = _container_capability(value, self.uid_maps)
+        if container_value is not None:
+            xattrs["security.capability"] = container_value
+            return
+        del xattrs["security.capability"]
+        log.warning("not carrying security.capability of %s: its rootid %s has no container uid in the "
+                    "ID maps, so the kernel does not honour it in the container", path, _capability_rootid(value))
 
     @staticmethod
     def _xattr_records(xattrs: dict[str, bytes], archive_name: str) -> dict[str, str]:
@@ -4636,6 +4654,59 @@ def _check_capability(value: bytes) -> None:
             return
     raise ValueError(f"invalid security.capability of {len(value)} bytes: expected a version 2 "
                      f"({_VFS_CAP_SIZE_2} bytes) or version 3 ({_VFS_CAP_SIZE_3} bytes) vfs_cap_data")
+
+
+# Root uids of file capabilities. A version 3 security.capability (struct
+# vfs_ns_cap_data) ends with a rootid. The kernel honours the capability
+# only in user namespaces whose root uid, or the root uid of an ancestor, is
+# rootid, so the rootid is mapped between host and container uids like an
+# owner. A version 2 one has no rootid and is honoured in every namespace.
+
+
+def _capability_rootid(value: bytes) -> int | None:
+    """Return the rootid of a version 3 security.capability, or None for any other value."""
+    if len(value) != _VFS_CAP_SIZE_3:
+        return None
+    magic = struct.unpack_from("<I", value)[0]
+    if magic & ~_VFS_CAP_FLAGS_EFFECTIVE != _VFS_CAP_REVISION_3:
+        return None
+    rootid: int = struct.unpack_from("<I", value, _VFS_CAP_SIZE_2)[0]
+    return rootid
+
+
+def _capability_with_rootid(value: bytes, rootid: int) -> bytes:
+    """Return a version 2 or 3 security.capability with the flags and sets of value and this rootid.
+
+    rootid 0 gives a version 2 value, as the kernel returns a version 3 one
+    to a reader in the user namespace whose root is its rootid.
+    """
+    effective = struct.unpack_from("<I", value)[0] & _VFS_CAP_FLAGS_EFFECTIVE
+    sets = value[4:_VFS_CAP_SIZE_2]  # permitted and inheritable, two 32-bit words each
+    if rootid == 0:
+        return struct.pack("<I", _VFS_CAP_REVISION_2 | effective) + sets
+    return struct.pack("<I", _VFS_CAP_REVISION_3 | effective) + sets + struct.pack("<I", rootid)
+
+
+def _container_capability(value: bytes, uid_maps: Sequence[IDMap] | None) -> bytes | None:
+    """Return a security.capability as a process in the container reads it, or None if it reads none.
+
+    This follows cap_inode_getsecurity in security/commoncap.c (Linux
+    6.x). A version 3 value whose rootid maps to container uid 0 reads as
+    version 2, and one whose rootid maps to another container uid reads as
+    version 3 with that uid. A rootid without a container uid reads as
+    version 2 when it is host uid 0, the root of an ancestor namespace.
+    Any other rootid fails with EOVERFLOW, and the kernel does not honour
+    the capability in the container. Other values are returned unchanged.
+    """
+    rootid = _capability_rootid(value)
+    if rootid is None:
+        return value
+    container_rootid = _map_id(uid_maps, rootid, False)
+    if container_rootid is not None:
+        return _capability_with_rootid(value, container_rootid)
+    if rootid == 0:
+        return _capability_with_rootid(value, 0)
+    return None
 
 
 def _sparse_regions(member: tarfile.TarInfo, stored_size: int) -> list[tuple[int, int]]:

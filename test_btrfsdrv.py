@@ -2853,6 +2853,33 @@ ADD, MODIFY, DELETE = ChangeKind.ADD, ChangeKind.MODIFY, ChangeKind.DELETE
 CAPABILITY = struct.pack("<IIIII", 0x02000000 | 0x1, 1 << 10, 0, 0, 0)
 
 
+def capability(rootid=None):
+    """Return a security.capability value granting CAP_NET_RAW (13), effective.
+
+    It is a version 2 value (20 bytes) without rootid, else a version 3
+    value (24 bytes, struct vfs_ns_cap_data) with that root uid.
+    """
+    if rootid is None:
+        return struct.pack("<5I", 0x02000000 | 0x1, 1 << 13, 0, 0, 0)
+    return struct.pack("<6I", 0x03000000 | 0x1, 1 << 13, 0, 0, 0, rootid)
+
+
+def member_capability(member):
+    """Return the security.capability bytes that a tar member carries, or None."""
+    value = member.pax_headers.get("SCHILY.xattr.security.capability")
+    return None if value is None else value.encode("utf-8", "surrogateescape")
+
+
+def capable_file(path, uid, value):
+    """Write a file owned by uid:uid with value as its security.capability.
+
+    The capability is set after the owner, because chown removes it.
+    """
+    write(path, b"elf", mode=0o755)
+    os.chown(path, uid, uid)
+    os.setxattr(path, "security.capability", value)
+
+
 # Helpers --------------------------------------------------------------------
 
 
@@ -3115,6 +3142,30 @@ def test_diff_maps_owners_to_container_ids(tmp_path):
     maps = [btrfsdrv.IDMap(0, 100000, 65536)]
     found = members(read_diff(layer, uid_maps=maps, gid_maps=maps))
     assert (found["f"].uid, found["f"].gid) == (5, 7)
+
+
+def test_diff_maps_capability_root_ids(tmp_path):
+    layer = str(tmp_path / "l")
+    capable_file(layer + "/v2", 100000, capability())
+    capable_file(layer + "/root", 100000, capability(100000))
+    capable_file(layer + "/user", 100005, capability(100005))
+    maps = [btrfsdrv.IDMap(0, 100000, 65536)]
+    found = members(read_diff(layer, uid_maps=maps, gid_maps=maps))
+    assert member_capability(found["v2"]) == capability()
+    assert member_capability(found["root"]) == capability()
+    assert member_capability(found["user"]) == capability(5)
+
+
+def test_diff_drops_capability_of_unmapped_root(tmp_path, caplog):
+    layer = str(tmp_path / "l")
+    capable_file(layer + "/other", 100000, capability(300000))
+    maps = [btrfsdrv.IDMap(0, 100000, 65536)]
+    with caplog.at_level("WARNING", logger="btrfsdrv"):
+        found = members(read_diff(layer, uid_maps=maps, gid_maps=maps))
+    assert member_capability(found["other"]) is None
+    assert "security.capability" in caplog.text
+    assert "/other" in caplog.text
+    assert "300000" in caplog.text
 
 
 def test_diff_close_early_releases(tmp_path):
