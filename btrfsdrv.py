@@ -4709,6 +4709,23 @@ def _container_capability(value: bytes, uid_maps: Sequence[IDMap] | None) -> byt
     return None
 
 
+def _host_capability(value: bytes, uid_maps: Sequence[IDMap] | None) -> bytes | None:
+    """Return a container's security.capability as the host stores it, or None if its rootid has no host uid.
+
+    The rootid of a version 3 value maps to a host uid, as the kernel maps
+    it when a process in the container sets the capability. Other values,
+    among them version 2 ones, are returned unchanged, as containers/storage
+    applies them, so a version 2 capability stays honoured in every namespace.
+    """
+    rootid = _capability_rootid(value)
+    if rootid is None:
+        return value
+    host_rootid = _map_id(uid_maps, rootid, True)
+    if host_rootid is None:
+        return None
+    return _capability_with_rootid(value, host_rootid)
+
+
 def _sparse_regions(member: tarfile.TarInfo, stored_size: int) -> list[tuple[int, int]]:
     """Return the data regions (offset, length) of a GNU sparse member, checked against its sizes.
 
@@ -4819,6 +4836,38 @@ class _LayerApplier:
                 log.debug("skipping extended attribute %s of %s", name, member.name)
         return values
 
+    def host_xattrs(self, member: tarfile.TarInfo) -> dict[str, bytes]:
+        """Return the entry's carried extended attributes, with the rootid of a capability mapped to the host.
+
+        A capability whose rootid has no host uid is left out. Without
+        ignore_chown_errors, check_capability_rootid has rejected the entry
+        before.
+        """
+        xattrs = self.xattrs(member)
+        value = xattrs.pop("security.capability", None)
+        if value is not None:
+            host_value = _host_capability(value, self.uid_maps)
+            if host_value is not None:
+                xattrs["security.capability"] = host_value
+        return xattrs
+
+    def check_capability_rootid(self, xattrs: dict[str, bytes], path: str) -> None:
+        """Raise ValueError when the rootid of a version 3 security.capability has no host uid.
+
+        With ignore_chown_errors, log a warning instead, and host_xattrs
+        leaves the capability out, because any other rootid would have it
+        honoured in another user namespace.
+        """
+        value = xattrs.get("security.capability")
+        if value is None or _host_capability(value, self.uid_maps) is not None:
+            return
+        rootid = _capability_rootid(value)
+        if not self.ignore_chown_errors:
+            raise ValueError(f"security.capability rootid {rootid} has no host uid in the ID maps: add it "
+                             "to the maps, or set ignore_chown_errors to apply the entry without the capability")
+        log.warning("not setting security.capability of %s: its rootid %s has no host uid in the ID maps",
+                    path, rootid)
+
     def set_fd_metadata(self, fd: int, member: tarfile.TarInfo, path: str) -> None:
         """Set owner, mode, extended attributes and (for files) times through an fd."""
         owner = self.host_owner(member, path)
@@ -4827,7 +4876,8 @@ class _LayerApplier:
         # chmod after chown, because chown clears setuid and setgid.
         os.fchmod(fd, member.mode & 0o7777)
         # security.capability last, because chown removes it too.
-        for name, value in sorted(self.xattrs(member).items(), key=lambda item: item[0] == "security.capability"):
+        xattrs = self.host_xattrs(member)
+        for name, value in sorted(xattrs.items(), key=lambda item: item[0] == "security.capability"):
             os.setxattr(fd, name, value)
         if not member.isdir():
             os.utime(fd, ns=(int(member.mtime * _NS_PER_SECOND),) * 2)
@@ -4839,7 +4889,7 @@ class _LayerApplier:
             self.chown(lambda: os.chown(name, *owner, dir_fd=dir_fd, follow_symlinks=False), path)
         if not member.issym():
             os.chmod(name, member.mode & 0o7777, dir_fd=dir_fd)
-            for key, value in self.xattrs(member).items():
+            for key, value in self.host_xattrs(member).items():
                 os.setxattr(_fd_path(dir_fd, name), key, value, follow_symlinks=False)
         os.utime(name, ns=(int(member.mtime * _NS_PER_SECOND),) * 2, dir_fd=dir_fd, follow_symlinks=False)
 
@@ -4868,6 +4918,7 @@ class _LayerApplier:
         xattrs = self.xattrs(member)
         _check_xattrs(xattrs)
         _check_xattr_file_type(member, xattrs)
+        self.check_capability_rootid(xattrs, path)
         if member.issym():
             _check_symlink_target(member)
         if not parts:

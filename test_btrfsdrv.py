@@ -3460,6 +3460,39 @@ def test_apply_unmappable_owner(tmp_path):
     assert os.stat(layer / "f").st_uid == 100000
 
 
+def test_apply_maps_capability_root_ids(tmp_path):
+    layer = tmp_path / "l"
+    layer.mkdir()
+    entries = []
+    for name, value in (("v2", capability()), ("root", capability(0)), ("user", capability(5))):
+        info, data = entry(name, data=b"elf", mode=0o755)
+        info.pax_headers = {"SCHILY.xattr.security.capability": value.decode("utf-8", "surrogateescape")}
+        entries.append((info, data))
+    maps = [btrfsdrv.IDMap(0, 100000, 65536)]
+    apply(layer, make_tar(entries), uid_maps=maps, gid_maps=maps)
+    assert os.getxattr(layer / "v2", "security.capability") == capability()
+    assert os.getxattr(layer / "root", "security.capability") == capability(100000)
+    assert os.getxattr(layer / "user", "security.capability") == capability(100005)
+
+
+def test_apply_capability_root_without_host_id(tmp_path, caplog):
+    layer = tmp_path / "l"
+    layer.mkdir()
+    info, data = entry("dir/ping", data=b"elf", mode=0o755)
+    info.pax_headers = {"SCHILY.xattr.security.capability":
+                        capability(70000).decode("utf-8", "surrogateescape")}
+    maps = [btrfsdrv.IDMap(0, 100000, 65536)]
+    raw = make_tar([(info, data)])
+    with pytest.raises(ValueError, match="'dir/ping'.*security.capability.*70000"):
+        apply(layer, raw, uid_maps=maps, gid_maps=maps)
+    assert not os.path.exists(layer / "dir" / "ping")
+    with caplog.at_level("WARNING", logger="btrfsdrv"):
+        apply(layer, raw, uid_maps=maps, gid_maps=maps, ignore_chown_errors=True)
+    assert "security.capability" not in os.listxattr(layer / "dir" / "ping")
+    assert "dir/ping" in caplog.text
+    assert "70000" in caplog.text
+
+
 def test_apply_empty_stream_is_empty_layer(tmp_path):
     assert apply(tmp_path, b"") == 0
 
