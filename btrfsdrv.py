@@ -5600,10 +5600,13 @@ def _id_map_pair(pair: Any, what: str) -> tuple[list[IDMap], list[IDMap]] | None
     return _id_maps(uid_maps, what + " uid_maps") or [], _id_maps(gid_maps, what + " gid_maps") or []
 
 
-def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int, path: str) -> None:
+def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int,
+                 uid_maps: tuple[Sequence[IDMap], Sequence[IDMap]], path: str) -> None:
     """Change an entry's owner, keeping setuid, setgid and security.capability.
 
-    chown clears setuid, setgid and the capability, which are then restored.
+    chown clears setuid, setgid and the capability, which are then restored,
+    with the rootid of the capability moved from the old uid maps to the
+    new ones of uid_maps (see _remapped_capability).
     Every call goes through an O_PATH descriptor of the inode the walk saw,
     so an entry swapped for a symlink meanwhile (a running container can do
     that) raises ESTALE instead of redirecting a chmod outside the layer.
@@ -5631,7 +5634,7 @@ def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int,
 
         def change() -> None:
             try:
-                _set_owner(inode, st, uid, gid)
+                _set_owner(inode, st, uid, gid, uid_maps, path)
             except OSError as error:
                 raise _os_error(error.errno, "change owner", path) from None
 
@@ -5642,20 +5645,68 @@ def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int,
                 raise
 
 
-def _set_owner(inode: str, st: os.stat_result, uid: int, gid: int) -> None:
-    """Change the owner of inode (a /proc/self/fd path), restoring what chown clears."""
-    capability = None
-    if stat.S_ISREG(st.st_mode):
-        try:
-            capability = os.getxattr(inode, "security.capability")
-        except OSError as error:
-            if error.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
-                raise
+def _set_owner(inode: str, st: os.stat_result, uid: int, gid: int,
+               uid_maps: tuple[Sequence[IDMap], Sequence[IDMap]], path: str) -> None:
+    """Change the owner of inode (a /proc/self/fd path), restoring what chown clears.
+
+    security.capability is set again with its rootid remapped (see
+    _remapped_capability). One that the container did not read under the
+    old maps stays removed, with a warning naming path.
+    """
+    capability = _read_capability(inode, True) if stat.S_ISREG(st.st_mode) else None
+    remapped = _remapped_capability(capability, uid_maps, path) if capability is not None else None
     os.chown(inode, uid, gid)
     if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
         os.chmod(inode, stat.S_IMODE(st.st_mode))
-    if capability is not None:
-        os.setxattr(inode, "security.capability", capability)
+    if remapped is not None:
+        os.setxattr(inode, "security.capability", remapped)
+    elif capability is not None:
+        log.warning("removed security.capability of %s: its rootid %s has no container uid in the old ID maps, "
+                    "so the kernel did not honour it in the container", path, _capability_rootid(capability))
+
+
+def _read_capability(target: str | bytes, follow_symlinks: bool) -> bytes | None:
+    """Return the security.capability of target, or None when it has none."""
+    try:
+        return os.getxattr(target, "security.capability", follow_symlinks=follow_symlinks)
+    except OSError as error:
+        if error.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    return None
+
+
+def _remapped_capability(value: bytes, uid_maps: tuple[Sequence[IDMap], Sequence[IDMap]],
+                         path: str) -> bytes | None:
+    """Return a security.capability with its rootid moved from the old uid maps to the new ones.
+
+    A version 3 value whose rootid is outside the old maps gives None,
+    because the container did not read it (see _container_capability),
+    except host uid 0, which gives version 2. A container rootid outside
+    the new maps raises ValueError. Version 2 values are returned unchanged.
+    """
+    rootid = _capability_rootid(value)
+    if rootid is None:
+        return value
+    old_uid_maps, new_uid_maps = uid_maps
+    container_rootid = _map_id(old_uid_maps, rootid, False)
+    if container_rootid is None:
+        return _capability_with_rootid(value, 0) if rootid == 0 else None
+    host_rootid = _map_id(new_uid_maps, container_rootid, True)
+    if host_rootid is None:
+        raise ValueError(f"{path!r}: security.capability rootid {container_rootid} (a container uid) "
+                         "is outside the new ID maps; nothing was changed")
+    return _capability_with_rootid(value, host_rootid)
+
+
+def _remap_changes_capability(item: Any, uid_maps: tuple[Sequence[IDMap], Sequence[IDMap]]) -> bool:
+    """Return whether a remap changes the security.capability of a walked entry.
+
+    Raise ValueError when its rootid has no uid in the new maps.
+    """
+    if not stat.S_ISREG(item.st.st_mode):
+        return False
+    capability = _read_capability(_fd_path(item.dir_fd, item.name), False)
+    return capability is not None and _remapped_capability(capability, uid_maps, item.path) != capability
 
 
 def _run_with_inode_flags_cleared(inode: str, st: os.stat_result, change: Callable[[], None], path: str) -> bool:
@@ -5711,24 +5762,34 @@ def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], 
     ids back to container ids, and to_host the pair that maps those to the
     new host ids; None or empty maps are the identity. The root keeps its
     owner. Each inode is changed once. A first walk checks that every owner
-    maps and that no nested subvolume is read-only, so those raise ValueError
-    or EROFS before anything changes, and running the remap again after them
-    never shifts an owner twice.
+    and every rootid of a security.capability maps and that no nested
+    subvolume is read-only, so those raise ValueError or EROFS before
+    anything changes, and running the remap again after them never shifts
+    an owner twice. The rootid of a version 3 security.capability moves
+    with the owners (see _remapped_capability).
     """
     maps = (to_container or ((), ())), (to_host or ((), ()))
+    uid_maps = maps[0][0], maps[1][0]
     layer_path = os.fsdecode(layer_dir)
     root_fd = _open_directory(layer_dir)
     try:
         _check_no_mounts_below(root_fd, "remap layer owners", layer_dir)
+        # Inodes, as (st_dev, st_ino), whose security.capability the remap
+        # changes. _chown_entry rewrites the capability, so it runs for them
+        # even when their owner stays.
+        changed_capabilities = set()
         for item, _ in _remapped_owners(root_fd, maps):  # checks every owner first
             _check_writable_subvolume(item.dir_fd, item.name, item.st, layer_path + item.path)
+            if _remap_changes_capability(item, uid_maps):
+                changed_capabilities.add((item.st.st_dev, item.st.st_ino))
         # NOTE: an error in this pass (an I/O error, or an entry changed by a
         # running container) leaves the layer partly remapped. Running the
         # remap again then shifts the owners changed before the error a
         # second time wherever the old and new ranges overlap.
         for item, (uid, gid) in _remapped_owners(root_fd, maps):
-            if (uid, gid) != (item.st.st_uid, item.st.st_gid):
-                _chown_entry(item.dir_fd, item.name, item.st, uid, gid, layer_path + item.path)
+            if ((uid, gid) != (item.st.st_uid, item.st.st_gid)
+                    or (item.st.st_dev, item.st.st_ino) in changed_capabilities):
+                _chown_entry(item.dir_fd, item.name, item.st, uid, gid, uid_maps, layer_path + item.path)
     finally:
         os.close(root_fd)
 

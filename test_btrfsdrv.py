@@ -2120,7 +2120,7 @@ def test_remap_refuses_entry_swapped_for_symlink(driver, tmp_path):
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         with pytest.raises(OSError) as raised:
-            btrfsdrv._chown_entry(root_fd, "tool", st, 1000, 1000, setuid_file)
+            btrfsdrv._chown_entry(root_fd, "tool", st, 1000, 1000, ((), ()), setuid_file)
     finally:
         os.close(root_fd)
     assert raised.value.errno == errno.ESTALE
@@ -2455,7 +2455,7 @@ def test_remap_error_names_layer_path(driver, monkeypatch):
     root = driver.get("layer")
     write(root + "/dir/file", b"x")
 
-    def fail(inode, st, uid, gid):
+    def fail(inode, st, uid, gid, uid_maps, path):
         raise OSError(errno.EIO, "Input/output error", inode)
 
     monkeypatch.setattr(btrfsdrv, "_set_owner", fail)
@@ -4202,6 +4202,59 @@ def test_remap_keeps_setuid_capability_and_links(tmp_path):
     assert os.stat(layer + "/bin/ping").st_uid == 0
 
 
+def test_remap_moves_capability_root_ids(tmp_path):
+    layer = str(tmp_path / "l")
+    capable_file(layer + "/v2", 100000, capability())
+    capable_file(layer + "/root", 100000, capability(100000))
+    capable_file(layer + "/user", 100005, capability(100005))
+    old = [btrfsdrv.IDMap(0, 100000, 65536)]
+    new = [btrfsdrv.IDMap(0, 200000, 65536)]
+    btrfsdrv.remap_layer_owners(layer, (old, old), (new, new))
+    assert os.getxattr(layer + "/v2", "security.capability") == capability()
+    assert os.getxattr(layer + "/root", "security.capability") == capability(200000)
+    assert os.getxattr(layer + "/user", "security.capability") == capability(200005)
+    assert os.stat(layer + "/root").st_uid == 200000
+    btrfsdrv.remap_layer_owners(layer, (new, new), None)
+    assert os.getxattr(layer + "/v2", "security.capability") == capability()
+    assert os.getxattr(layer + "/root", "security.capability") == capability()
+    assert os.getxattr(layer + "/user", "security.capability") == capability(5)
+
+
+def test_remap_capability_of_unchanged_owner(tmp_path):
+    layer = str(tmp_path / "l")
+    capable_file(layer + "/ping", 100005, capability(100000))
+    old = [btrfsdrv.IDMap(0, 100000, 65536)]
+    new = [btrfsdrv.IDMap(0, 200000, 1), btrfsdrv.IDMap(1, 100001, 65535)]
+    btrfsdrv.remap_layer_owners(layer, (old, old), (new, new))
+    assert os.stat(layer + "/ping").st_uid == 100005
+    assert stat.S_IMODE(os.stat(layer + "/ping").st_mode) == 0o755
+    assert os.getxattr(layer + "/ping", "security.capability") == capability(200000)
+
+
+def test_remap_capability_root_outside_new_maps(tmp_path):
+    layer = str(tmp_path / "l")
+    capable_file(layer + "/ping", 100000, capability(100020))
+    old = [btrfsdrv.IDMap(0, 100000, 65536)]
+    new = [btrfsdrv.IDMap(0, 200000, 10)]
+    with pytest.raises(ValueError, match="'/ping'.*security.capability.*20.*nothing was changed"):
+        btrfsdrv.remap_layer_owners(layer, (old, old), (new, new))
+    assert os.stat(layer + "/ping").st_uid == 100000
+    assert os.getxattr(layer + "/ping", "security.capability") == capability(100020)
+
+
+def test_remap_drops_capability_of_unmapped_root(tmp_path, caplog):
+    layer = str(tmp_path / "l")
+    capable_file(layer + "/ping", 100000, capability(300000))
+    old = [btrfsdrv.IDMap(0, 100000, 65536)]
+    new = [btrfsdrv.IDMap(0, 200000, 65536)]
+    with caplog.at_level("WARNING", logger="btrfsdrv"):
+        btrfsdrv.remap_layer_owners(layer, (old, old), (new, new))
+    assert os.stat(layer + "/ping").st_uid == 200000
+    assert "security.capability" not in os.listxattr(layer + "/ping")
+    assert "/ping" in caplog.text
+    assert "300000" in caplog.text
+
+
 # Graph-driver scenarios on btrfs ---------------------------------------------
 
 
@@ -4348,6 +4401,23 @@ def test_driver_update_layer_id_map(driver):
     assert os.getxattr(root + "/usr/bin/ping", "security.capability") == CAPABILITY
     assert os.stat(root + "/usr/bin/ping6").st_ino == st.st_ino
     assert driver.supports_shifting() is False
+
+
+def test_driver_capability_root_follows_id_maps(home):
+    old = [btrfsdrv.IDMap(0, 100000, 65536)]
+    new = [btrfsdrv.IDMap(0, 200000, 65536)]
+    with btrfsdrv.Driver(home, uid_maps=old, gid_maps=old) as driver:
+        driver.create("base")
+        driver.create_read_write("c", "base")
+        ping = driver.get("c") + "/ping"
+        capable_file(ping, 100000, capability(100000))
+        with driver.diff("c", "base") as stream:
+            found = members(stream.read())
+        assert (found["ping"].uid, found["ping"].gid) == (0, 0)
+        assert member_capability(found["ping"]) == capability()
+        driver.update_layer_id_map("c", (old, old), (new, new))
+        assert os.stat(ping).st_uid == 200000
+        assert os.getxattr(ping, "security.capability") == capability(200000)
 
 
 def test_driver_diff_of_missing_layer(driver):
