@@ -3675,6 +3675,7 @@ class _TarEntryWriter:
             return
         if info.type != tarfile.LNKTYPE:
             xattrs = _read_xattrs(data.fileno()) if data is not None else _entry_xattrs(dir_fd, name, st)
+            self._map_capability(xattrs, path)
             info.pax_headers = self._xattr_records(xattrs, archive_name)
         try:
             self.tar.addfile(info, data)
@@ -3690,6 +3691,23 @@ class _TarEntryWriter:
             if data is not None:
                 data.close()
         _forget_tar_members(self.tar)  # tarfile keeps every member written; memory must stay flat
+
+    def _map_capability(self, xattrs: dict[str, bytes], path: str) -> None:
+        """Replace the security.capability in xattrs by the value that the container reads.
+
+        A capability that the container cannot read (see
+        _container_capability) is left out with a warning.
+        """
+        value = xattrs.get("security.capability")
+        if value is None:
+            return
+        container_value = _container_capability(value, self.uid_maps)
+        if container_value is not None:
+            xattrs["security.capability"] = container_value
+            return
+        del xattrs["security.capability"]
+        log.warning("not carrying security.capability of %s: its rootid %s has no container uid in the "
+                    "ID maps, so the kernel does not honour it in the container", path, _capability_rootid(value))
 
     @staticmethod
     def _xattr_records(xattrs: dict[str, bytes], archive_name: str) -> dict[str, str]:
@@ -4638,6 +4656,76 @@ def _check_capability(value: bytes) -> None:
                      f"({_VFS_CAP_SIZE_2} bytes) or version 3 ({_VFS_CAP_SIZE_3} bytes) vfs_cap_data")
 
 
+# Root uids of file capabilities. A version 3 security.capability (struct
+# vfs_ns_cap_data) ends with a rootid. The kernel honours the capability
+# only in user namespaces whose root uid, or the root uid of an ancestor, is
+# rootid, so the rootid is mapped between host and container uids like an
+# owner. A version 2 one has no rootid and is honoured in every namespace.
+
+
+def _capability_rootid(value: bytes) -> int | None:
+    """Return the rootid of a version 3 security.capability, or None for any other value."""
+    if len(value) != _VFS_CAP_SIZE_3:
+        return None
+    magic = struct.unpack_from("<I", value)[0]
+    if magic & ~_VFS_CAP_FLAGS_EFFECTIVE != _VFS_CAP_REVISION_3:
+        return None
+    rootid: int = struct.unpack_from("<I", value, _VFS_CAP_SIZE_2)[0]
+    return rootid
+
+
+def _capability_with_rootid(value: bytes, rootid: int) -> bytes:
+    """Return a version 2 or 3 security.capability with the flags and sets of value and this rootid.
+
+    rootid 0 gives a version 2 value, as the kernel returns a version 3 one
+    to a reader in the user namespace whose root is its rootid.
+    """
+    effective = struct.unpack_from("<I", value)[0] & _VFS_CAP_FLAGS_EFFECTIVE
+    sets = value[4:_VFS_CAP_SIZE_2]  # permitted and inheritable, two 32-bit words each
+    if rootid == 0:
+        return struct.pack("<I", _VFS_CAP_REVISION_2 | effective) + sets
+    return struct.pack("<I", _VFS_CAP_REVISION_3 | effective) + sets + struct.pack("<I", rootid)
+
+
+def _container_capability(value: bytes, uid_maps: Sequence[IDMap] | None) -> bytes | None:
+    """Return a security.capability as a process in the container reads it, or None if it reads none.
+
+    This follows cap_inode_getsecurity in security/commoncap.c (Linux
+    6.x). A version 3 value whose rootid maps to container uid 0 reads as
+    version 2, and one whose rootid maps to another container uid reads as
+    version 3 with that uid. A rootid without a container uid reads as
+    version 2 when it is host uid 0, the root of an ancestor namespace.
+    Any other rootid fails with EOVERFLOW, and the kernel does not honour
+    the capability in the container. Other values are returned unchanged.
+    """
+    rootid = _capability_rootid(value)
+    if rootid is None:
+        return value
+    container_rootid = _map_id(uid_maps, rootid, False)
+    if container_rootid is not None:
+        return _capability_with_rootid(value, container_rootid)
+    if rootid == 0:
+        return _capability_with_rootid(value, 0)
+    return None
+
+
+def _host_capability(value: bytes, uid_maps: Sequence[IDMap] | None) -> bytes | None:
+    """Return a container's security.capability as the host stores it, or None if its rootid has no host uid.
+
+    The rootid of a version 3 value maps to a host uid, as the kernel maps
+    it when a process in the container sets the capability. Other values,
+    among them version 2 ones, are returned unchanged, as containers/storage
+    applies them, so a version 2 capability stays honoured in every namespace.
+    """
+    rootid = _capability_rootid(value)
+    if rootid is None:
+        return value
+    host_rootid = _map_id(uid_maps, rootid, True)
+    if host_rootid is None:
+        return None
+    return _capability_with_rootid(value, host_rootid)
+
+
 def _sparse_regions(member: tarfile.TarInfo, stored_size: int) -> list[tuple[int, int]]:
     """Return the data regions (offset, length) of a GNU sparse member, checked against its sizes.
 
@@ -4748,6 +4836,38 @@ class _LayerApplier:
                 log.debug("skipping extended attribute %s of %s", name, member.name)
         return values
 
+    def host_xattrs(self, member: tarfile.TarInfo) -> dict[str, bytes]:
+        """Return the entry's carried extended attributes, with the rootid of a capability mapped to the host.
+
+        A capability whose rootid has no host uid is left out. Without
+        ignore_chown_errors, check_capability_rootid has rejected the entry
+        before.
+        """
+        xattrs = self.xattrs(member)
+        value = xattrs.pop("security.capability", None)
+        if value is not None:
+            host_value = _host_capability(value, self.uid_maps)
+            if host_value is not None:
+                xattrs["security.capability"] = host_value
+        return xattrs
+
+    def check_capability_rootid(self, xattrs: dict[str, bytes], path: str) -> None:
+        """Raise ValueError when the rootid of a version 3 security.capability has no host uid.
+
+        With ignore_chown_errors, log a warning instead, and host_xattrs
+        leaves the capability out, because any other rootid would have it
+        honoured in another user namespace.
+        """
+        value = xattrs.get("security.capability")
+        if value is None or _host_capability(value, self.uid_maps) is not None:
+            return
+        rootid = _capability_rootid(value)
+        if not self.ignore_chown_errors:
+            raise ValueError(f"security.capability rootid {rootid} has no host uid in the ID maps: add it "
+                             "to the maps, or set ignore_chown_errors to apply the entry without the capability")
+        log.warning("not setting security.capability of %s: its rootid %s has no host uid in the ID maps",
+                    path, rootid)
+
     def set_fd_metadata(self, fd: int, member: tarfile.TarInfo, path: str) -> None:
         """Set owner, mode, extended attributes and (for files) times through an fd."""
         owner = self.host_owner(member, path)
@@ -4756,7 +4876,8 @@ class _LayerApplier:
         # chmod after chown, because chown clears setuid and setgid.
         os.fchmod(fd, member.mode & 0o7777)
         # security.capability last, because chown removes it too.
-        for name, value in sorted(self.xattrs(member).items(), key=lambda item: item[0] == "security.capability"):
+        xattrs = self.host_xattrs(member)
+        for name, value in sorted(xattrs.items(), key=lambda item: item[0] == "security.capability"):
             os.setxattr(fd, name, value)
         if not member.isdir():
             os.utime(fd, ns=(int(member.mtime * _NS_PER_SECOND),) * 2)
@@ -4768,7 +4889,7 @@ class _LayerApplier:
             self.chown(lambda: os.chown(name, *owner, dir_fd=dir_fd, follow_symlinks=False), path)
         if not member.issym():
             os.chmod(name, member.mode & 0o7777, dir_fd=dir_fd)
-            for key, value in self.xattrs(member).items():
+            for key, value in self.host_xattrs(member).items():
                 os.setxattr(_fd_path(dir_fd, name), key, value, follow_symlinks=False)
         os.utime(name, ns=(int(member.mtime * _NS_PER_SECOND),) * 2, dir_fd=dir_fd, follow_symlinks=False)
 
@@ -4797,6 +4918,7 @@ class _LayerApplier:
         xattrs = self.xattrs(member)
         _check_xattrs(xattrs)
         _check_xattr_file_type(member, xattrs)
+        self.check_capability_rootid(xattrs, path)
         if member.issym():
             _check_symlink_target(member)
         if not parts:
@@ -5478,10 +5600,13 @@ def _id_map_pair(pair: Any, what: str) -> tuple[list[IDMap], list[IDMap]] | None
     return _id_maps(uid_maps, what + " uid_maps") or [], _id_maps(gid_maps, what + " gid_maps") or []
 
 
-def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int, path: str) -> None:
+def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int,
+                 uid_maps: tuple[Sequence[IDMap], Sequence[IDMap]], path: str) -> None:
     """Change an entry's owner, keeping setuid, setgid and security.capability.
 
-    chown clears setuid, setgid and the capability, which are then restored.
+    chown clears setuid, setgid and the capability, which are then restored,
+    with the rootid of the capability moved from the old uid maps to the
+    new ones of uid_maps (see _remapped_capability).
     Every call goes through an O_PATH descriptor of the inode the walk saw,
     so an entry swapped for a symlink meanwhile (a running container can do
     that) raises ESTALE instead of redirecting a chmod outside the layer.
@@ -5509,7 +5634,7 @@ def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int,
 
         def change() -> None:
             try:
-                _set_owner(inode, st, uid, gid)
+                _set_owner(inode, st, uid, gid, uid_maps, path)
             except OSError as error:
                 raise _os_error(error.errno, "change owner", path) from None
 
@@ -5520,20 +5645,68 @@ def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int,
                 raise
 
 
-def _set_owner(inode: str, st: os.stat_result, uid: int, gid: int) -> None:
-    """Change the owner of inode (a /proc/self/fd path), restoring what chown clears."""
-    capability = None
-    if stat.S_ISREG(st.st_mode):
-        try:
-            capability = os.getxattr(inode, "security.capability")
-        except OSError as error:
-            if error.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
-                raise
+def _set_owner(inode: str, st: os.stat_result, uid: int, gid: int,
+               uid_maps: tuple[Sequence[IDMap], Sequence[IDMap]], path: str) -> None:
+    """Change the owner of inode (a /proc/self/fd path), restoring what chown clears.
+
+    security.capability is set again with its rootid remapped (see
+    _remapped_capability). One that the container did not read under the
+    old maps stays removed, with a warning naming path.
+    """
+    capability = _read_capability(inode, True) if stat.S_ISREG(st.st_mode) else None
+    remapped = _remapped_capability(capability, uid_maps, path) if capability is not None else None
     os.chown(inode, uid, gid)
     if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
         os.chmod(inode, stat.S_IMODE(st.st_mode))
-    if capability is not None:
-        os.setxattr(inode, "security.capability", capability)
+    if remapped is not None:
+        os.setxattr(inode, "security.capability", remapped)
+    elif capability is not None:
+        log.warning("removed security.capability of %s: its rootid %s has no container uid in the old ID maps, "
+                    "so the kernel did not honour it in the container", path, _capability_rootid(capability))
+
+
+def _read_capability(target: str | bytes, follow_symlinks: bool) -> bytes | None:
+    """Return the security.capability of target, or None when it has none."""
+    try:
+        return os.getxattr(target, "security.capability", follow_symlinks=follow_symlinks)
+    except OSError as error:
+        if error.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    return None
+
+
+def _remapped_capability(value: bytes, uid_maps: tuple[Sequence[IDMap], Sequence[IDMap]],
+                         path: str) -> bytes | None:
+    """Return a security.capability with its rootid moved from the old uid maps to the new ones.
+
+    A version 3 value whose rootid is outside the old maps gives None,
+    because the container did not read it (see _container_capability),
+    except host uid 0, which gives version 2. A container rootid outside
+    the new maps raises ValueError. Version 2 values are returned unchanged.
+    """
+    rootid = _capability_rootid(value)
+    if rootid is None:
+        return value
+    old_uid_maps, new_uid_maps = uid_maps
+    container_rootid = _map_id(old_uid_maps, rootid, False)
+    if container_rootid is None:
+        return _capability_with_rootid(value, 0) if rootid == 0 else None
+    host_rootid = _map_id(new_uid_maps, container_rootid, True)
+    if host_rootid is None:
+        raise ValueError(f"{path!r}: security.capability rootid {container_rootid} (a container uid) "
+                         "is outside the new ID maps; nothing was changed")
+    return _capability_with_rootid(value, host_rootid)
+
+
+def _remap_changes_capability(item: Any, uid_maps: tuple[Sequence[IDMap], Sequence[IDMap]]) -> bool:
+    """Return whether a remap changes the security.capability of a walked entry.
+
+    Raise ValueError when its rootid has no uid in the new maps.
+    """
+    if not stat.S_ISREG(item.st.st_mode):
+        return False
+    capability = _read_capability(_fd_path(item.dir_fd, item.name), False)
+    return capability is not None and _remapped_capability(capability, uid_maps, item.path) != capability
 
 
 def _run_with_inode_flags_cleared(inode: str, st: os.stat_result, change: Callable[[], None], path: str) -> bool:
@@ -5589,24 +5762,34 @@ def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], 
     ids back to container ids, and to_host the pair that maps those to the
     new host ids; None or empty maps are the identity. The root keeps its
     owner. Each inode is changed once. A first walk checks that every owner
-    maps and that no nested subvolume is read-only, so those raise ValueError
-    or EROFS before anything changes, and running the remap again after them
-    never shifts an owner twice.
+    and every rootid of a security.capability maps and that no nested
+    subvolume is read-only, so those raise ValueError or EROFS before
+    anything changes, and running the remap again after them never shifts
+    an owner twice. The rootid of a version 3 security.capability moves
+    with the owners (see _remapped_capability).
     """
     maps = (to_container or ((), ())), (to_host or ((), ()))
+    uid_maps = maps[0][0], maps[1][0]
     layer_path = os.fsdecode(layer_dir)
     root_fd = _open_directory(layer_dir)
     try:
         _check_no_mounts_below(root_fd, "remap layer owners", layer_dir)
+        # Inodes, as (st_dev, st_ino), whose security.capability the remap
+        # changes. _chown_entry rewrites the capability, so it runs for them
+        # even when their owner stays.
+        changed_capabilities = set()
         for item, _ in _remapped_owners(root_fd, maps):  # checks every owner first
             _check_writable_subvolume(item.dir_fd, item.name, item.st, layer_path + item.path)
+            if _remap_changes_capability(item, uid_maps):
+                changed_capabilities.add((item.st.st_dev, item.st.st_ino))
         # NOTE: an error in this pass (an I/O error, or an entry changed by a
         # running container) leaves the layer partly remapped. Running the
         # remap again then shifts the owners changed before the error a
         # second time wherever the old and new ranges overlap.
         for item, (uid, gid) in _remapped_owners(root_fd, maps):
-            if (uid, gid) != (item.st.st_uid, item.st.st_gid):
-                _chown_entry(item.dir_fd, item.name, item.st, uid, gid, layer_path + item.path)
+            if ((uid, gid) != (item.st.st_uid, item.st.st_gid)
+                    or (item.st.st_dev, item.st.st_ino) in changed_capabilities):
+                _chown_entry(item.dir_fd, item.name, item.st, uid, gid, uid_maps, layer_path + item.path)
     finally:
         os.close(root_fd)
 

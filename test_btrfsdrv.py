@@ -2120,7 +2120,7 @@ def test_remap_refuses_entry_swapped_for_symlink(driver, tmp_path):
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         with pytest.raises(OSError) as raised:
-            btrfsdrv._chown_entry(root_fd, "tool", st, 1000, 1000, setuid_file)
+            btrfsdrv._chown_entry(root_fd, "tool", st, 1000, 1000, ((), ()), setuid_file)
     finally:
         os.close(root_fd)
     assert raised.value.errno == errno.ESTALE
@@ -2455,7 +2455,7 @@ def test_remap_error_names_layer_path(driver, monkeypatch):
     root = driver.get("layer")
     write(root + "/dir/file", b"x")
 
-    def fail(inode, st, uid, gid):
+    def fail(inode, st, uid, gid, uid_maps, path):
         raise OSError(errno.EIO, "Input/output error", inode)
 
     monkeypatch.setattr(btrfsdrv, "_set_owner", fail)
@@ -2853,6 +2853,33 @@ ADD, MODIFY, DELETE = ChangeKind.ADD, ChangeKind.MODIFY, ChangeKind.DELETE
 CAPABILITY = struct.pack("<IIIII", 0x02000000 | 0x1, 1 << 10, 0, 0, 0)
 
 
+def capability(rootid=None):
+    """Return a security.capability value granting CAP_NET_RAW (13), effective.
+
+    It is a version 2 value (20 bytes) without rootid, else a version 3
+    value (24 bytes, struct vfs_ns_cap_data) with that root uid.
+    """
+    if rootid is None:
+        return struct.pack("<5I", 0x02000000 | 0x1, 1 << 13, 0, 0, 0)
+    return struct.pack("<6I", 0x03000000 | 0x1, 1 << 13, 0, 0, 0, rootid)
+
+
+def member_capability(member):
+    """Return the security.capability bytes that a tar member carries, or None."""
+    value = member.pax_headers.get("SCHILY.xattr.security.capability")
+    return None if value is None else value.encode("utf-8", "surrogateescape")
+
+
+def capable_file(path, uid, value):
+    """Write a file owned by uid:uid with value as its security.capability.
+
+    The capability is set after the owner, because chown removes it.
+    """
+    write(path, b"elf", mode=0o755)
+    os.chown(path, uid, uid)
+    os.setxattr(path, "security.capability", value)
+
+
 # Helpers --------------------------------------------------------------------
 
 
@@ -3115,6 +3142,30 @@ def test_diff_maps_owners_to_container_ids(tmp_path):
     maps = [btrfsdrv.IDMap(0, 100000, 65536)]
     found = members(read_diff(layer, uid_maps=maps, gid_maps=maps))
     assert (found["f"].uid, found["f"].gid) == (5, 7)
+
+
+def test_diff_maps_capability_root_ids(tmp_path):
+    layer = str(tmp_path / "l")
+    capable_file(layer + "/v2", 100000, capability())
+    capable_file(layer + "/root", 100000, capability(100000))
+    capable_file(layer + "/user", 100005, capability(100005))
+    maps = [btrfsdrv.IDMap(0, 100000, 65536)]
+    found = members(read_diff(layer, uid_maps=maps, gid_maps=maps))
+    assert member_capability(found["v2"]) == capability()
+    assert member_capability(found["root"]) == capability()
+    assert member_capability(found["user"]) == capability(5)
+
+
+def test_diff_drops_capability_of_unmapped_root(tmp_path, caplog):
+    layer = str(tmp_path / "l")
+    capable_file(layer + "/other", 100000, capability(300000))
+    maps = [btrfsdrv.IDMap(0, 100000, 65536)]
+    with caplog.at_level("WARNING", logger="btrfsdrv"):
+        found = members(read_diff(layer, uid_maps=maps, gid_maps=maps))
+    assert member_capability(found["other"]) is None
+    assert "security.capability" in caplog.text
+    assert "/other" in caplog.text
+    assert "300000" in caplog.text
 
 
 def test_diff_close_early_releases(tmp_path):
@@ -3407,6 +3458,39 @@ def test_apply_unmappable_owner(tmp_path):
         apply(layer, raw, uid_maps=maps, gid_maps=maps)
     apply(layer, raw, uid_maps=maps, gid_maps=maps, ignore_chown_errors=True)
     assert os.stat(layer / "f").st_uid == 100000
+
+
+def test_apply_maps_capability_root_ids(tmp_path):
+    layer = tmp_path / "l"
+    layer.mkdir()
+    entries = []
+    for name, value in (("v2", capability()), ("root", capability(0)), ("user", capability(5))):
+        info, data = entry(name, data=b"elf", mode=0o755)
+        info.pax_headers = {"SCHILY.xattr.security.capability": value.decode("utf-8", "surrogateescape")}
+        entries.append((info, data))
+    maps = [btrfsdrv.IDMap(0, 100000, 65536)]
+    apply(layer, make_tar(entries), uid_maps=maps, gid_maps=maps)
+    assert os.getxattr(layer / "v2", "security.capability") == capability()
+    assert os.getxattr(layer / "root", "security.capability") == capability(100000)
+    assert os.getxattr(layer / "user", "security.capability") == capability(100005)
+
+
+def test_apply_capability_root_without_host_id(tmp_path, caplog):
+    layer = tmp_path / "l"
+    layer.mkdir()
+    info, data = entry("dir/ping", data=b"elf", mode=0o755)
+    info.pax_headers = {"SCHILY.xattr.security.capability":
+                        capability(70000).decode("utf-8", "surrogateescape")}
+    maps = [btrfsdrv.IDMap(0, 100000, 65536)]
+    raw = make_tar([(info, data)])
+    with pytest.raises(ValueError, match="'dir/ping'.*security.capability.*70000"):
+        apply(layer, raw, uid_maps=maps, gid_maps=maps)
+    assert not os.path.exists(layer / "dir" / "ping")
+    with caplog.at_level("WARNING", logger="btrfsdrv"):
+        apply(layer, raw, uid_maps=maps, gid_maps=maps, ignore_chown_errors=True)
+    assert "security.capability" not in os.listxattr(layer / "dir" / "ping")
+    assert "dir/ping" in caplog.text
+    assert "70000" in caplog.text
 
 
 def test_apply_empty_stream_is_empty_layer(tmp_path):
@@ -4118,6 +4202,59 @@ def test_remap_keeps_setuid_capability_and_links(tmp_path):
     assert os.stat(layer + "/bin/ping").st_uid == 0
 
 
+def test_remap_moves_capability_root_ids(tmp_path):
+    layer = str(tmp_path / "l")
+    capable_file(layer + "/v2", 100000, capability())
+    capable_file(layer + "/root", 100000, capability(100000))
+    capable_file(layer + "/user", 100005, capability(100005))
+    old = [btrfsdrv.IDMap(0, 100000, 65536)]
+    new = [btrfsdrv.IDMap(0, 200000, 65536)]
+    btrfsdrv.remap_layer_owners(layer, (old, old), (new, new))
+    assert os.getxattr(layer + "/v2", "security.capability") == capability()
+    assert os.getxattr(layer + "/root", "security.capability") == capability(200000)
+    assert os.getxattr(layer + "/user", "security.capability") == capability(200005)
+    assert os.stat(layer + "/root").st_uid == 200000
+    btrfsdrv.remap_layer_owners(layer, (new, new), None)
+    assert os.getxattr(layer + "/v2", "security.capability") == capability()
+    assert os.getxattr(layer + "/root", "security.capability") == capability()
+    assert os.getxattr(layer + "/user", "security.capability") == capability(5)
+
+
+def test_remap_capability_of_unchanged_owner(tmp_path):
+    layer = str(tmp_path / "l")
+    capable_file(layer + "/ping", 100005, capability(100000))
+    old = [btrfsdrv.IDMap(0, 100000, 65536)]
+    new = [btrfsdrv.IDMap(0, 200000, 1), btrfsdrv.IDMap(1, 100001, 65535)]
+    btrfsdrv.remap_layer_owners(layer, (old, old), (new, new))
+    assert os.stat(layer + "/ping").st_uid == 100005
+    assert stat.S_IMODE(os.stat(layer + "/ping").st_mode) == 0o755
+    assert os.getxattr(layer + "/ping", "security.capability") == capability(200000)
+
+
+def test_remap_capability_root_outside_new_maps(tmp_path):
+    layer = str(tmp_path / "l")
+    capable_file(layer + "/ping", 100000, capability(100020))
+    old = [btrfsdrv.IDMap(0, 100000, 65536)]
+    new = [btrfsdrv.IDMap(0, 200000, 10)]
+    with pytest.raises(ValueError, match="'/ping'.*security.capability.*20.*nothing was changed"):
+        btrfsdrv.remap_layer_owners(layer, (old, old), (new, new))
+    assert os.stat(layer + "/ping").st_uid == 100000
+    assert os.getxattr(layer + "/ping", "security.capability") == capability(100020)
+
+
+def test_remap_drops_capability_of_unmapped_root(tmp_path, caplog):
+    layer = str(tmp_path / "l")
+    capable_file(layer + "/ping", 100000, capability(300000))
+    old = [btrfsdrv.IDMap(0, 100000, 65536)]
+    new = [btrfsdrv.IDMap(0, 200000, 65536)]
+    with caplog.at_level("WARNING", logger="btrfsdrv"):
+        btrfsdrv.remap_layer_owners(layer, (old, old), (new, new))
+    assert os.stat(layer + "/ping").st_uid == 200000
+    assert "security.capability" not in os.listxattr(layer + "/ping")
+    assert "/ping" in caplog.text
+    assert "300000" in caplog.text
+
+
 # Graph-driver scenarios on btrfs ---------------------------------------------
 
 
@@ -4264,6 +4401,23 @@ def test_driver_update_layer_id_map(driver):
     assert os.getxattr(root + "/usr/bin/ping", "security.capability") == CAPABILITY
     assert os.stat(root + "/usr/bin/ping6").st_ino == st.st_ino
     assert driver.supports_shifting() is False
+
+
+def test_driver_capability_root_follows_id_maps(home):
+    old = [btrfsdrv.IDMap(0, 100000, 65536)]
+    new = [btrfsdrv.IDMap(0, 200000, 65536)]
+    with btrfsdrv.Driver(home, uid_maps=old, gid_maps=old) as driver:
+        driver.create("base")
+        driver.create_read_write("c", "base")
+        ping = driver.get("c") + "/ping"
+        capable_file(ping, 100000, capability(100000))
+        with driver.diff("c", "base") as stream:
+            found = members(stream.read())
+        assert (found["ping"].uid, found["ping"].gid) == (0, 0)
+        assert member_capability(found["ping"]) == capability()
+        driver.update_layer_id_map("c", (old, old), (new, new))
+        assert os.stat(ping).st_uid == 200000
+        assert os.getxattr(ping, "security.capability") == capability(200000)
 
 
 def test_driver_diff_of_missing_layer(driver):
