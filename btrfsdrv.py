@@ -3102,15 +3102,35 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _read_xattrs(target: int | bytes) -> dict[str, bytes]:
-    """Read the carried extended attributes of an fd or a path (not followed)."""
-    follow = isinstance(target, int)
+def _list_xattrs(target: int | bytes, path: str, operation: str = "list extended attributes") -> list[str]:
+    """List the extended attribute names of an fd or a path (not followed).
+
+    Returns [] where the filesystem has no extended attributes. Errors name
+    path, the entry's path inside its layer, not target.
+    """
     try:
-        names = os.listxattr(target) if follow else os.listxattr(target, follow_symlinks=False)
+        if isinstance(target, int):
+            return os.listxattr(target)
+        return os.listxattr(target, follow_symlinks=False)
     except OSError as error:
         if error.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-            return {}
-        raise
+            return []
+        hint = ""
+        if error.errno == errno.E2BIG:
+            # btrfs stores any number of names, but the list that one
+            # listxattr(2) call returns is at most XATTR_LIST_MAX bytes.
+            hint = (f"the file has more extended attribute names than listxattr(2) can return "
+                    f"({_XATTR_LIST_MAX} bytes); remove some of them")
+        raise _os_error(error.errno, operation, path, hint) from None
+
+
+def _read_xattrs(target: int | bytes, path: str, operation: str = "read extended attributes") -> dict[str, bytes]:
+    """Read the carried extended attributes of an fd or a path (not followed).
+
+    Errors name path, the entry's path inside its layer.
+    """
+    follow = isinstance(target, int)
+    names = _list_xattrs(target, path, operation)
     values = {}
     for name in sorted(names):
         if not _is_carried_xattr(name):
@@ -3122,16 +3142,17 @@ def _read_xattrs(target: int | bytes) -> dict[str, bytes]:
                 values[name] = os.getxattr(target, name, follow_symlinks=False)
         except OSError as error:
             if error.errno != errno.ENODATA:
-                raise
+                raise _os_error(error.errno, f"{operation} ({name})", path) from None
     return values
 
 
-def _entry_xattrs(dir_fd: int, name: str, st: os.stat_result) -> dict[str, bytes]:
+def _entry_xattrs(dir_fd: int, name: str, st: os.stat_result, path: str,
+                  operation: str = "read extended attributes") -> dict[str, bytes]:
     # Linux allows user.* only on regular files and directories, and exec
     # reads security.capability only from regular files, so others are not read.
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         return {}
-    return _read_xattrs(_fd_path(dir_fd, name))
+    return _read_xattrs(_fd_path(dir_fd, name), path, operation)
 
 
 # Changes -------------------------------------------------------------------
@@ -3148,7 +3169,7 @@ def _same_mtime(a: os.stat_result, b: os.stat_result) -> bool:
 
 
 def _entry_modified(layer_fd: int, parent_fd: int, name: str,
-                    new: os.stat_result, old: os.stat_result) -> bool:
+                    new: os.stat_result, old: os.stat_result, path: str) -> bool:
     """Compare an entry present in both the layer and its parent.
 
     A snapshot's placeholder for a nested subvolume has made-up metadata
@@ -3166,7 +3187,8 @@ def _entry_modified(layer_fd: int, parent_fd: int, name: str,
         return True
     if stat.S_ISLNK(new.st_mode):
         return os.readlink(name, dir_fd=layer_fd) != os.readlink(name, dir_fd=parent_fd)
-    return _entry_xattrs(layer_fd, name, new) != _entry_xattrs(parent_fd, name, old)
+    return (_entry_xattrs(layer_fd, name, new, path)
+            != _entry_xattrs(parent_fd, name, old, path, "read extended attributes in the parent layer"))
 
 
 class _WalkedChange:
@@ -3272,7 +3294,7 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: int | None, top: str = "",
                     yield _WalkedChange(path, ChangeKind.ADD, new, frame.layer_fd, name)
                 else:
                     assert frame.parent_fd is not None  # parent_entries is empty without a parent_fd
-                    if _entry_modified(frame.layer_fd, frame.parent_fd, name, new, old):
+                    if _entry_modified(frame.layer_fd, frame.parent_fd, name, new, old, path):
                         count += 1
                         reported = True
                         yield _WalkedChange(path, ChangeKind.MODIFY, new, frame.layer_fd, name)
@@ -3674,7 +3696,7 @@ class _TarEntryWriter:
             # Sockets are not carried in layers (nor by containers/storage).
             return
         if info.type != tarfile.LNKTYPE:
-            xattrs = _read_xattrs(data.fileno()) if data is not None else _entry_xattrs(dir_fd, name, st)
+            xattrs = _read_xattrs(data.fileno(), path) if data is not None else _entry_xattrs(dir_fd, name, st, path)
             info.pax_headers = self._xattr_records(xattrs, archive_name)
         try:
             self.tar.addfile(info, data)
@@ -4364,6 +4386,7 @@ _TAR_DEVICE_MAX = 2**32 - 1
 _TAR_MTIME_MAX = 2**63 // 1_000_000_000 - 1
 _XATTR_NAME_MAX = 255  # XATTR_NAME_MAX of linux/limits.h
 _XATTR_SIZE_MAX = 65536  # XATTR_SIZE_MAX of linux/limits.h
+_XATTR_LIST_MAX = 65536  # XATTR_LIST_MAX of linux/limits.h
 _PATH_MAX = 4096  # PATH_MAX of linux/limits.h, with the terminating NUL
 # struct vfs_cap_data sizes and magic_etc values of linux/capability.h.
 _VFS_CAP_SIZE_2 = 20
@@ -5093,13 +5116,8 @@ class _LayerApplier:
         carry (security.selinux, trusted.*) stay.
         """
         listed = self.xattrs(member)
-        try:
-            names = os.listxattr(fd)
-        except OSError as error:
-            if error.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-                return
-            raise
-        for name in names:
+        # Nothing is changed before this listing, so when it fails the entry is left as it was.
+        for name in _list_xattrs(fd, path):
             if not _is_carried_xattr(name) or name in listed:
                 continue
             try:

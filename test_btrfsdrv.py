@@ -2518,6 +2518,56 @@ def test_diff_skips_xattr_name_with_equals(driver, caplog):
     assert "contains '='" in caplog.text
 
 
+def set_many_xattrs(path, count=300):
+    """Give path count user xattrs with 250-byte names: more names than listxattr(2) returns."""
+    for index in range(count):
+        name = "user.%03d" % index
+        os.setxattr(path, name + "x" * (250 - len(name)), b"v")
+
+
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_diff_names_entry_with_huge_xattr_list(driver, kind):
+    driver.create("layer")
+    root = driver.get("layer")
+    os.chmod(root, 0o755)
+    if kind == "file":
+        write(root + "/d/big", b"x")
+    else:
+        os.makedirs(root + "/d/big")
+    set_many_xattrs(root + "/d/big")
+    with pytest.raises(OSError, match=r"listxattr\(2\) can return") as raised:
+        with driver.diff("layer") as stream:
+            stream.read()
+    assert raised.value.errno == errno.E2BIG
+    assert raised.value.filename == "/d/big"
+
+    driver.create("child", "layer")
+    os.removexattr(driver.get("child") + "/d/big", "user.000" + "x" * 242)
+    with pytest.raises(OSError, match=r"listxattr\(2\) can return") as raised:
+        driver.diff("child", "layer")
+    assert raised.value.errno == errno.E2BIG
+    assert raised.value.filename == "/d/big"
+
+
+def test_apply_names_directory_with_huge_xattr_list(driver):
+    driver.create("layer")
+    names = ["user.%03d" % index for index in range(300)]
+    names = [name + "x" * (250 - len(name)) for name in names]
+    first, _ = entry("d", tarfile.DIRTYPE, mode=0o755)
+    first.pax_headers = {"SCHILY.xattr." + name: "v" for name in names}
+    again, _ = entry("d", tarfile.DIRTYPE, mode=0o700)
+    raw = make_tar([(first, None), entry("d/keep", data=b"kept"), (again, None)])
+    with pytest.raises(OSError, match=r"'d'.*listxattr\(2\) can return") as raised:
+        driver.apply_diff("layer", io.BytesIO(raw))
+    assert raised.value.errno == errno.E2BIG
+    directory = driver.get("layer") + "/d"
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o755
+    assert os.getxattr(directory, names[0]) == b"v"
+    assert os.getxattr(directory, names[-1]) == b"v"
+    with open(directory + "/keep", "rb") as data:
+        assert data.read() == b"kept"
+
+
 @pytest.mark.parametrize("kind", ["pax", "longname"])
 def test_apply_rejects_huge_extended_header(driver, kind):
     import gzip
