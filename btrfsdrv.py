@@ -2556,13 +2556,18 @@ class Driver:
         return None if parent is None else self._existing_layer_dir(parent)
 
     def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
-        """Return the changes of a layer against parent (or all of it), sorted by path."""
+        """Return the changes of a layer against parent (or all of it), sorted by path.
+
+        Entries named .wh.*, which diff rejects, are listed like any other.
+        """
         return _layer_changes_fast(self._existing_layer_dir(layer_id), self._parent_dir(parent))
 
     def diff(self, layer_id: str, parent: str | None = None) -> io.BufferedReader:
         """Stream the layer's changes against parent (or all of it) as an uncompressed tar.
 
         Closing the returned file stops the writer and releases the layer.
+        Raises ValueError before any of the tar is written when an entry is
+        named .wh.*, which a layer tar cannot carry (see layer_diff).
         """
         layer_dir = self._existing_layer_dir(layer_id)
         parent_dir = self._parent_dir(parent)
@@ -2587,7 +2592,10 @@ class Driver:
         return apply_layer_diff(path, diff, uid_maps, gid_maps, ignore_chown_errors, progress)
 
     def diff_size(self, layer_id: str, parent: str | None = None) -> int:
-        """Sum the sizes of the non-directories that the layer adds or modifies."""
+        """Sum the sizes of the non-directories that the layer adds or modifies.
+
+        Raises ValueError where diff does, for an entry named .wh.*.
+        """
         layer_dir = self._existing_layer_dir(layer_id)
         parent_dir = self._parent_dir(parent)
         if parent_dir is None:
@@ -3370,7 +3378,8 @@ def layer_diff_size(layer_dir: PathArg, parent_dir: PathArg | None = None) -> in
     """Sum the sizes of the non-directories that a layer adds or modifies.
 
     Sizes are lstat sizes (a symlink counts its target's length), and an inode
-    with several links counts once.
+    with several links counts once. Raises ValueError where layer_diff would,
+    for a name starting with .wh..
     """
     layer_fd = _open_directory_for_reading(layer_dir)
     parent_fd = None
@@ -3379,12 +3388,23 @@ def layer_diff_size(layer_dir: PathArg, parent_dir: PathArg | None = None) -> in
         if parent_dir is not None:
             parent_fd = _open_directory_for_reading(parent_dir)
             _check_no_mounts_below(parent_fd, "measure layer diff", parent_dir)
-        return _sum_sizes(item.st for item in _walk_changes(layer_fd, parent_fd)
-                          if item.kind != ChangeKind.DELETE and item.st is not None)
+        return _sum_sizes(_carried_stats(_walk_changes(layer_fd, parent_fd)))
     finally:
         os.close(layer_fd)
         if parent_fd is not None:
             os.close(parent_fd)
+
+
+def _carried_stats(walk: Iterable[_WalkedChange]) -> Iterator[os.stat_result]:
+    """Yield the stat of each entry that walk adds or modifies.
+
+    Raises ValueError for a .wh.* name, as layer_diff does.
+    """
+    for item in walk:
+        if item.name.startswith(WHITEOUT_PREFIX):
+            _check_diff_path(item.path, item.kind == ChangeKind.DELETE)
+        if item.kind != ChangeKind.DELETE and item.st is not None:
+            yield item.st
 
 
 def _sum_sizes(stats: Iterable[os.stat_result]) -> int:
@@ -3405,6 +3425,7 @@ def _sum_sizes(stats: Iterable[os.stat_result]) -> int:
 
 def _changes_size(layer_dir: str, changes: list[Change]) -> int:
     """Sum the sizes of the non-directories that changes add or modify, as layer_diff_size does."""
+    _check_change_names(changes)
     layer_fd = _open_directory_for_reading(layer_dir)
     try:
         return _sum_sizes(_lstat_changes(layer_fd, changes))
@@ -3641,6 +3662,51 @@ def _compare_dirty_directories(layer_fd: int, parent_fd: int, paths: set[str],
 # Diff (writing a layer tar) -------------------------------------------------
 
 
+def _check_diff_path(path: str, deleted: bool = False) -> None:
+    """Raise ValueError when a layer diff cannot carry the entry at path, or its deletion if deleted.
+
+    The OCI image spec (layer.md, "Whiteouts") reserves names that start with
+    .wh. for whiteouts and has no escape for them. apply_layer_diff reads
+    .wh.NAME as the deletion of NAME and .wh..wh..opq as an opaque directory,
+    and skips other .wh..wh.* names as AUFS metadata. So the deletion of an
+    entry named .wh.NAME, whose whiteout is .wh..wh.NAME, is skipped too.
+    """
+    parts = path.split("/")
+    for index, part in enumerate(parts):
+        if not part.startswith(WHITEOUT_PREFIX):
+            continue
+        entry = "/".join(parts[:index + 1])
+        if deleted and index == len(parts) - 1:
+            raise ValueError(f"layer diff cannot carry the deletion of {entry!r}: its whiteout would be named "
+                             f"{WHITEOUT_PREFIX + part!r}, which every consumer of the diff drops as AUFS "
+                             "metadata; diff the layer without a parent to export all of it instead")
+        raise ValueError(f"layer diff cannot carry {entry!r}: a file named .wh.* would be read as a "
+                         "whiteout by every consumer of the diff; rename or remove it in the layer")
+
+
+def _check_change_names(changes: Iterable[Change]) -> None:
+    """Raise ValueError when a layer diff cannot carry one of changes (see _check_diff_path)."""
+    for change in changes:
+        _check_diff_path(change.path, change.kind == ChangeKind.DELETE)
+
+
+def _check_layer_names(layer_fd: int, layer_dir: PathArg) -> None:
+    """Raise ValueError when an entry below layer_fd has a name that a layer diff cannot carry.
+
+    The walk lists directories without a stat(2) of each entry, because
+    readdir(2) returns the file type on btrfs.
+    """
+
+    def visit(fd: int, relative: bytes, entries: list[Any]) -> list[bytes]:
+        prefix = "/" + os.fsdecode(relative) if relative else ""
+        for entry in entries:
+            if entry.name.startswith(WHITEOUT_PREFIX):
+                _check_diff_path(prefix + "/" + entry.name)
+        return [os.fsencode(entry.name) for entry in entries if entry.is_dir(follow_symlinks=False)]
+
+    walk_tree(layer_fd, visit, path=layer_dir)
+
+
 class _TarEntryWriter:
     """Writes layer entries into a PAX tar stream, keeping hard links linked.
 
@@ -3659,6 +3725,8 @@ class _TarEntryWriter:
     def add(self, archive_name: str, path: str, dir_fd: int, name: str, st: os.stat_result) -> None:
         import tarfile
 
+        if name.startswith(WHITEOUT_PREFIX):
+            _check_diff_path(path)  # the entry can appear after layer_diff checked the names
         info = tarfile.TarInfo(archive_name)
         info.mode = stat.S_IMODE(st.st_mode)
         if _is_snapshot_placeholder(st):
@@ -3749,6 +3817,7 @@ class _TarEntryWriter:
     def add_whiteout(self, path: str) -> None:
         import tarfile
 
+        _check_diff_path(path, deleted=True)
         parent, _, name = path.rpartition("/")
         info = tarfile.TarInfo((parent + "/" + WHITEOUT_PREFIX + name).lstrip("/"))
         info.type = tarfile.REGTYPE
@@ -3863,11 +3932,20 @@ def layer_diff(layer_dir: PathArg, parent_dir: PathArg | None = None, uid_maps: 
     the changed entries and a whiteout for each deletion; changes, when given,
     are those of layer_changes(layer_dir, parent_dir). Owners are mapped back
     to container ids with the given maps. Closing the file calls release.
+
+    Raises ValueError before returning when an entry to be written, or a
+    deleted one, has a name starting with .wh., which a layer tar cannot
+    carry. Errors of the writer, for example a .wh.* name created while the
+    tar is written, are raised by the read that reaches the end of the stream.
     """
     layer_fd = _open_directory_for_reading(layer_dir)
     try:
         _check_no_mounts_below(layer_fd, "write layer diff", layer_dir)
+        # Names are checked before the writer starts, so that a diff the
+        # format cannot carry raises here instead of after part of the tar.
         if parent_dir is None:
+            _check_layer_names(layer_fd, layer_dir)
+
             def write(out: io.BufferedWriter) -> None:
                 try:
                     _write_full_tar(out, layer_fd, uid_maps, gid_maps)
@@ -3876,6 +3954,7 @@ def layer_diff(layer_dir: PathArg, parent_dir: PathArg | None = None, uid_maps: 
         else:
             if changes is None:
                 changes = layer_changes(layer_dir, parent_dir)
+            _check_change_names(changes)
 
             def write(out: io.BufferedWriter) -> None:
                 try:

@@ -2518,6 +2518,34 @@ def test_diff_skips_xattr_name_with_equals(driver, caplog):
     assert "contains '='" in caplog.text
 
 
+def whiteout_named_layer(driver, name):
+    """Make layer "box", a snapshot of "base" (/etc/passwd, /data/keep), that adds a file at name."""
+    driver.create("base")
+    base = driver.get("base")
+    os.chmod(base, 0o755)
+    write(base + "/etc/passwd", b"root")
+    write(base + "/data/keep", b"k")
+    driver.create_read_write("box", "base")
+    write(driver.get("box") + "/" + name, b"")
+
+
+@pytest.mark.parametrize("name, entry_path", [
+    ("/.wh.etc", "/.wh.etc"),
+    ("/data/.wh..wh..opq", "/data/.wh..wh..opq"),
+    ("/.wh..wh.plnk/f", "/.wh..wh.plnk"),
+])
+def test_driver_diff_rejects_whiteout_names(driver, name, entry_path):
+    whiteout_named_layer(driver, name)
+    assert Change(entry_path, ADD) in driver.changes("box", "base")
+    assert Change(entry_path, ADD) in driver.changes("box")
+    message = f"{entry_path!r}.* would be read as a whiteout"
+    for parent in ("base", None):
+        with pytest.raises(ValueError, match=message):
+            driver.diff("box", parent)  # raised before a stream exists
+        with pytest.raises(ValueError, match=message):
+            driver.diff_size("box", parent)
+
+
 def set_many_xattrs(path, count=300):
     """Give path count user xattrs with 250-byte names: more names than listxattr(2) returns."""
     for index in range(count):
@@ -3226,6 +3254,40 @@ def test_diff_size_counts_hard_links_once(tmp_path):
     os.symlink("abc", layer + "/s")
     os.mkdir(layer + "/d")
     assert btrfsdrv.layer_diff_size(layer, parent) == 103
+
+
+def test_diff_rejects_whiteout_name_added_late(tmp_path, monkeypatch):
+    layer = str(tmp_path / "l")
+    write(layer + "/a", b"a")
+    os.mkdir(layer + "/z")
+    open_file = btrfsdrv._TarEntryWriter._open_file
+
+    def open_and_add_name(dir_fd, name, st, path):
+        write(layer + "/z/.wh.late", b"")  # as a running container could
+        return open_file(dir_fd, name, st, path)
+
+    monkeypatch.setattr(btrfsdrv._TarEntryWriter, "_open_file", staticmethod(open_and_add_name))
+    stream = btrfsdrv.layer_diff(layer)
+    with pytest.raises(ValueError, match="'/z/.wh.late'"):
+        stream.read()
+    stream.close()
+
+
+def test_diff_rejects_deletion_of_whiteout_name(tmp_path):
+    parent, layer = str(tmp_path / "p"), str(tmp_path / "l")
+    write(parent + "/d/.wh.x")
+    copy_tree(parent, layer)
+    os.unlink(layer + "/d/.wh.x")
+    assert Change("/d/.wh.x", DELETE) in btrfsdrv.layer_changes(layer, parent)
+    with pytest.raises(ValueError, match="deletion of '/d/.wh.x'"):
+        btrfsdrv.layer_diff(layer, parent)
+
+
+def test_diff_size_rejects_whiteout_names(tmp_path):
+    layer = str(tmp_path / "l")
+    write(layer + "/d/.wh.x")
+    with pytest.raises(ValueError, match="'/d/.wh.x'"):
+        btrfsdrv.layer_diff_size(layer)
 
 
 @pytest.mark.parametrize("compress", ["gzip", "bzip2", "xz", "zstd"])
