@@ -3710,6 +3710,11 @@ def _check_layer_names(layer_fd: int, layer_dir: PathArg) -> None:
 class _TarEntryWriter:
     """Writes layer entries into a PAX tar stream, keeping hard links linked.
 
+    The second and later names of any non-directory inode (regular file,
+    symlink, device node or FIFO) become hard link entries, as containers/storage
+    archives them. GNU tar 1.34 links only regular files and symlinks, but
+    extracts a hard link to any of them.
+
     NOTE: only links among the entries of one tar stay links. A new link to a
     file that the diff does not carry is archived as a copy, as containers/storage
     does, because finding the other names would take a walk of the whole layer.
@@ -3738,17 +3743,17 @@ class _TarEntryWriter:
         info.mtime = st.st_mtime_ns // _NS_PER_SECOND
         mode = st.st_mode
         data = None
-        if stat.S_ISREG(mode):
-            inode = (st.st_dev, st.st_ino)
-            if st.st_nlink > 1 and inode in self.link_names:
-                info.type = tarfile.LNKTYPE
-                info.linkname = self.link_names[inode]
-            else:
-                if st.st_nlink > 1:
-                    self.link_names[inode] = archive_name
-                info.type = tarfile.REGTYPE
-                info.size = st.st_size
-                data = self._open_file(dir_fd, name, st, path)
+        if stat.S_ISSOCK(mode):
+            # Sockets are not carried in layers (nor by containers/storage).
+            return
+        first_name = self.first_link_name(archive_name, st)
+        if first_name is not None:
+            info.type = tarfile.LNKTYPE
+            info.linkname = first_name
+        elif stat.S_ISREG(mode):
+            info.type = tarfile.REGTYPE
+            info.size = st.st_size
+            data = self._open_file(dir_fd, name, st, path)
         elif stat.S_ISDIR(mode):
             info.type = tarfile.DIRTYPE
         elif stat.S_ISLNK(mode):
@@ -3761,8 +3766,7 @@ class _TarEntryWriter:
         elif stat.S_ISFIFO(mode):
             info.type = tarfile.FIFOTYPE
         else:
-            # Sockets are not carried in layers (nor by containers/storage).
-            return
+            return  # a file type that tar cannot carry
         if info.type != tarfile.LNKTYPE:
             xattrs = _read_xattrs(data.fileno(), path) if data is not None else _entry_xattrs(dir_fd, name, st, path)
             info.pax_headers = self._xattr_records(xattrs, archive_name)
@@ -3780,6 +3784,20 @@ class _TarEntryWriter:
             if data is not None:
                 data.close()
         _forget_tar_members(self.tar)  # tarfile keeps every member written; memory must stay flat
+
+    def first_link_name(self, archive_name: str, st: os.stat_result) -> str | None:
+        """Return the archive name under which an earlier entry carried st's inode, or None.
+
+        None also records archive_name as the first name of an inode with
+        several links. Directories are never linked.
+        """
+        if st.st_nlink < 2 or stat.S_ISDIR(st.st_mode):
+            return None
+        inode = (st.st_dev, st.st_ino)
+        first_name = self.link_names.get(inode)
+        if first_name is None:
+            self.link_names[inode] = archive_name
+        return first_name
 
     @staticmethod
     def _xattr_records(xattrs: dict[str, bytes], archive_name: str) -> dict[str, str]:
@@ -5334,8 +5352,9 @@ class _LayerApplier:
     def link_target(self, member: tarfile.TarInfo, path: str) -> tuple[int, str, os.stat_result]:
         """Resolve a hard link's target inside the layer; return its directory fd, name and stat.
 
-        The target must exist and be neither a directory nor a symlink. The
-        caller closes the fd.
+        The target must exist and must not be a directory. It may be a
+        symlink, which is linked itself (see link). No directory on the way
+        to it may be a symlink. The caller closes the fd.
         """
         target = member.linkname
         target_parts = _path_parts(target)
@@ -5345,14 +5364,18 @@ class _LayerApplier:
         if target_dir_fd is None:
             raise ValueError(f"hard link {path!r}: target {target!r} does not exist in the layer")
         st = _lstat_at(target_dir_fd, target_parts[-1])
-        if st is None or stat.S_ISLNK(st.st_mode) or stat.S_ISDIR(st.st_mode):
+        if st is None or stat.S_ISDIR(st.st_mode):
             os.close(target_dir_fd)
-            problem = "does not exist in the layer" if st is None else "is a symlink or directory"
+            problem = "does not exist in the layer" if st is None else "is a directory"
             raise ValueError(f"hard link {path!r}: target {target!r} {problem}")
         return target_dir_fd, target_parts[-1], st
 
     def link(self, parent_fd: int, temporary: str, member: tarfile.TarInfo, path: str) -> bool:
-        """Make temporary a hard link to the entry's target; return whether that is a parent-layer inode."""
+        """Make temporary a hard link to the entry's target; return whether that is a parent-layer inode.
+
+        linkat(2) without AT_SYMLINK_FOLLOW links a symlink itself, never
+        what it points at, as GNU tar and containers/storage extract it.
+        """
         target_dir_fd, target_name, st = self.link_target(member, path)
         try:
             os.link(target_name, temporary, src_dir_fd=target_dir_fd, dst_dir_fd=parent_fd,

@@ -2596,6 +2596,46 @@ def test_apply_names_directory_with_huge_xattr_list(driver):
         assert data.read() == b"kept"
 
 
+def make_special_hard_links(root):
+    """Add a symlink, a FIFO and a character device to root, each with a second name."""
+    os.makedirs(root + "/links")
+    os.symlink("../target", root + "/links/s")
+    os.mkfifo(root + "/links/f")
+    os.mknod(root + "/links/n", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    for name in ("s", "f", "n"):
+        os.link(root + "/links/" + name, root + "/links/" + name + "2", follow_symlinks=False)
+
+
+def assert_special_hard_links(root):
+    for name in ("s", "f", "n"):
+        first = os.lstat(root + "/links/" + name)
+        second = os.lstat(root + "/links/" + name + "2")
+        assert second.st_ino == first.st_ino, name
+        assert first.st_nlink == 2, name
+    assert os.readlink(root + "/links/s2") == "../target"
+
+
+def test_driver_diff_keeps_special_hard_links(driver):
+    driver.create("base")
+    write(driver.get("base") + "/etc/passwd", b"root")
+    driver.create_read_write("layer", "base")
+    make_special_hard_links(driver.get("layer"))
+
+    with driver.diff("layer", "base") as stream:
+        raw = stream.read()
+    driver.create_read_write("copy", "base")
+    driver.apply_diff("copy", io.BytesIO(raw))
+    assert driver.changes("copy", "layer") == []
+    assert_special_hard_links(driver.get("copy"))
+
+    with driver.diff("layer") as stream:
+        raw = stream.read()
+    driver.create_read_write("whole")
+    driver.apply_diff("whole", io.BytesIO(raw))
+    assert driver.changes("whole", "layer") == []
+    assert_special_hard_links(driver.get("whole"))
+
+
 @pytest.mark.parametrize("kind", ["pax", "longname"])
 def test_apply_rejects_huge_extended_header(driver, kind):
     import gzip
@@ -3290,6 +3330,65 @@ def test_diff_size_rejects_whiteout_names(tmp_path):
         btrfsdrv.layer_diff_size(layer)
 
 
+def test_round_trip_of_special_hard_links(tmp_path):
+    parent, layer, target = str(tmp_path / "p"), str(tmp_path / "l"), str(tmp_path / "t")
+    write(parent + "/etc/passwd", b"root", mtime=1000)
+    copy_tree(parent, layer)
+    copy_tree(parent, target)
+    make_special_hard_links(layer)
+    found = members(read_diff(layer, parent))
+    for name in ("s", "f", "n"):
+        assert found["links/" + name + "2"].islnk(), name
+        assert found["links/" + name + "2"].linkname == "links/" + name
+    apply(target, read_diff(layer, parent))
+    assert btrfsdrv.layer_changes(target, layer) == []
+    assert_special_hard_links(target)
+
+
+def test_apply_links_symlinks_from_gnu_tar(tmp_path):
+    source, layer = tmp_path / "source", tmp_path / "layer"
+    source.mkdir()
+    layer.mkdir()
+    os.symlink("target", source / "s")
+    os.link(source / "s", source / "s2", follow_symlinks=False)
+    raw = subprocess.run(["tar", "-C", str(source), "--format=gnu", "-cf", "-", "s", "s2"],
+                         stdout=subprocess.PIPE, check=True).stdout
+    assert members(raw)["s2"].islnk()
+    apply(layer, raw)
+    first, second = os.lstat(layer / "s"), os.lstat(layer / "s2")
+    assert stat.S_ISLNK(second.st_mode)
+    assert second.st_ino == first.st_ino
+    assert os.readlink(layer / "s2") == "target"
+
+
+def parent_layer_with_linked_symlinks(tmp_path):
+    """A layer whose d/a and e/b are two names of one symlink inode, all older than the apply."""
+    layer = str(tmp_path / "l")
+    os.makedirs(layer + "/d")
+    os.mkdir(layer + "/e")
+    os.symlink("target", layer + "/d/a")
+    os.link(layer + "/d/a", layer + "/e/b", follow_symlinks=False)
+    time.sleep(0.01)
+    return layer
+
+
+def test_opaque_hides_relinked_parent_symlink(tmp_path):
+    layer = parent_layer_with_linked_symlinks(tmp_path)
+    apply(layer, make_tar([entry("e/c", tarfile.LNKTYPE, linkname="d/a"), entry("d/.wh..wh..opq")]))
+    assert os.listdir(layer + "/d") == []
+    assert os.lstat(layer + "/e/c").st_ino == os.lstat(layer + "/e/b").st_ino
+
+
+def test_opaque_keeps_own_links_to_symlink(tmp_path):
+    layer = parent_layer_with_linked_symlinks(tmp_path)
+    raw = make_tar([entry("d/own", tarfile.LNKTYPE, linkname="e/b"), entry("d/.wh..wh..opq"),
+                    entry("e/.wh..wh..opq")])
+    apply(layer, raw)
+    assert os.listdir(layer + "/d") == ["own"]
+    assert os.listdir(layer + "/e") == []
+    assert os.readlink(layer + "/d/own") == "target"
+
+
 @pytest.mark.parametrize("compress", ["gzip", "bzip2", "xz", "zstd"])
 def test_apply_accepts_compressed_streams(tmp_path, compress):
     if shutil.which(compress) is None:
@@ -3585,12 +3684,24 @@ def test_hostile_hard_link_creates_nothing_on_failure(trees):
     assert_sentinel_intact(sentinel, digest)
 
 
-def test_hostile_hard_link_to_symlink(trees):
+def test_hostile_hard_link_to_symlink_is_not_followed(trees):
     layer, sentinel, digest = trees
     raw = make_tar([entry("s", tarfile.SYMTYPE, linkname=str(sentinel / "secret")),
-                    entry("h", tarfile.LNKTYPE, linkname="s"), entry("h", data=b"owned")])
-    with pytest.raises(ValueError, match="symlink"):
+                    entry("h", tarfile.LNKTYPE, linkname="s"), entry("h2", tarfile.LNKTYPE, linkname="h"),
+                    entry("h", data=b"owned")])
+    apply(layer, raw)
+    assert (layer / "h").read_bytes() == b"owned"
+    assert os.readlink(layer / "h2") == str(sentinel / "secret")
+    assert os.lstat(layer / "h2").st_ino == os.lstat(layer / "s").st_ino
+    assert_sentinel_intact(sentinel, digest)
+
+
+def test_hostile_hard_link_to_directory(trees):
+    layer, sentinel, digest = trees
+    raw = make_tar([entry("d", tarfile.DIRTYPE, mode=0o755), entry("h", tarfile.LNKTYPE, linkname="d")])
+    with pytest.raises(ValueError, match="'d' is a directory"):
         apply(layer, raw)
+    assert not os.path.lexists(layer / "h")
     assert_sentinel_intact(sentinel, digest)
 
 
