@@ -2556,13 +2556,18 @@ class Driver:
         return None if parent is None else self._existing_layer_dir(parent)
 
     def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
-        """Return the changes of a layer against parent (or all of it), sorted by path."""
+        """Return the changes of a layer against parent (or all of it), sorted by path.
+
+        Entries named .wh.*, which diff rejects, are listed like any other.
+        """
         return _layer_changes_fast(self._existing_layer_dir(layer_id), self._parent_dir(parent))
 
     def diff(self, layer_id: str, parent: str | None = None) -> io.BufferedReader:
         """Stream the layer's changes against parent (or all of it) as an uncompressed tar.
 
         Closing the returned file stops the writer and releases the layer.
+        Raises ValueError before any of the tar is written when an entry is
+        named .wh.*, which a layer tar cannot carry (see layer_diff).
         """
         layer_dir = self._existing_layer_dir(layer_id)
         parent_dir = self._parent_dir(parent)
@@ -2587,7 +2592,10 @@ class Driver:
         return apply_layer_diff(path, diff, uid_maps, gid_maps, ignore_chown_errors, progress)
 
     def diff_size(self, layer_id: str, parent: str | None = None) -> int:
-        """Sum the sizes of the non-directories that the layer adds or modifies."""
+        """Sum the sizes of the non-directories that the layer adds or modifies.
+
+        Raises ValueError where diff does, for an entry named .wh.*.
+        """
         layer_dir = self._existing_layer_dir(layer_id)
         parent_dir = self._parent_dir(parent)
         if parent_dir is None:
@@ -3102,15 +3110,35 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _read_xattrs(target: int | bytes) -> dict[str, bytes]:
-    """Read the carried extended attributes of an fd or a path (not followed)."""
-    follow = isinstance(target, int)
+def _list_xattrs(target: int | bytes, path: str, operation: str = "list extended attributes") -> list[str]:
+    """List the extended attribute names of an fd or a path (not followed).
+
+    Returns [] where the filesystem has no extended attributes. Errors name
+    path, the entry's path inside its layer, not target.
+    """
     try:
-        names = os.listxattr(target) if follow else os.listxattr(target, follow_symlinks=False)
+        if isinstance(target, int):
+            return os.listxattr(target)
+        return os.listxattr(target, follow_symlinks=False)
     except OSError as error:
         if error.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-            return {}
-        raise
+            return []
+        hint = ""
+        if error.errno == errno.E2BIG:
+            # btrfs stores any number of names, but the list that one
+            # listxattr(2) call returns is at most XATTR_LIST_MAX bytes.
+            hint = (f"the file has more extended attribute names than listxattr(2) can return "
+                    f"({_XATTR_LIST_MAX} bytes); remove some of them")
+        raise _os_error(error.errno, operation, path, hint) from None
+
+
+def _read_xattrs(target: int | bytes, path: str, operation: str = "read extended attributes") -> dict[str, bytes]:
+    """Read the carried extended attributes of an fd or a path (not followed).
+
+    Errors name path, the entry's path inside its layer.
+    """
+    follow = isinstance(target, int)
+    names = _list_xattrs(target, path, operation)
     values = {}
     for name in sorted(names):
         if not _is_carried_xattr(name):
@@ -3122,16 +3150,17 @@ def _read_xattrs(target: int | bytes) -> dict[str, bytes]:
                 values[name] = os.getxattr(target, name, follow_symlinks=False)
         except OSError as error:
             if error.errno != errno.ENODATA:
-                raise
+                raise _os_error(error.errno, f"{operation} ({name})", path) from None
     return values
 
 
-def _entry_xattrs(dir_fd: int, name: str, st: os.stat_result) -> dict[str, bytes]:
+def _entry_xattrs(dir_fd: int, name: str, st: os.stat_result, path: str,
+                  operation: str = "read extended attributes") -> dict[str, bytes]:
     # Linux allows user.* only on regular files and directories, and exec
     # reads security.capability only from regular files, so others are not read.
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         return {}
-    return _read_xattrs(_fd_path(dir_fd, name))
+    return _read_xattrs(_fd_path(dir_fd, name), path, operation)
 
 
 # Changes -------------------------------------------------------------------
@@ -3148,7 +3177,7 @@ def _same_mtime(a: os.stat_result, b: os.stat_result) -> bool:
 
 
 def _entry_modified(layer_fd: int, parent_fd: int, name: str,
-                    new: os.stat_result, old: os.stat_result) -> bool:
+                    new: os.stat_result, old: os.stat_result, path: str) -> bool:
     """Compare an entry present in both the layer and its parent.
 
     A snapshot's placeholder for a nested subvolume has made-up metadata
@@ -3166,7 +3195,8 @@ def _entry_modified(layer_fd: int, parent_fd: int, name: str,
         return True
     if stat.S_ISLNK(new.st_mode):
         return os.readlink(name, dir_fd=layer_fd) != os.readlink(name, dir_fd=parent_fd)
-    return _entry_xattrs(layer_fd, name, new) != _entry_xattrs(parent_fd, name, old)
+    return (_entry_xattrs(layer_fd, name, new, path)
+            != _entry_xattrs(parent_fd, name, old, path, "read extended attributes in the parent layer"))
 
 
 class _WalkedChange:
@@ -3272,7 +3302,7 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: int | None, top: str = "",
                     yield _WalkedChange(path, ChangeKind.ADD, new, frame.layer_fd, name)
                 else:
                     assert frame.parent_fd is not None  # parent_entries is empty without a parent_fd
-                    if _entry_modified(frame.layer_fd, frame.parent_fd, name, new, old):
+                    if _entry_modified(frame.layer_fd, frame.parent_fd, name, new, old, path):
                         count += 1
                         reported = True
                         yield _WalkedChange(path, ChangeKind.MODIFY, new, frame.layer_fd, name)
@@ -3348,7 +3378,8 @@ def layer_diff_size(layer_dir: PathArg, parent_dir: PathArg | None = None) -> in
     """Sum the sizes of the non-directories that a layer adds or modifies.
 
     Sizes are lstat sizes (a symlink counts its target's length), and an inode
-    with several links counts once.
+    with several links counts once. Raises ValueError where layer_diff would,
+    for a name starting with .wh..
     """
     layer_fd = _open_directory_for_reading(layer_dir)
     parent_fd = None
@@ -3357,12 +3388,23 @@ def layer_diff_size(layer_dir: PathArg, parent_dir: PathArg | None = None) -> in
         if parent_dir is not None:
             parent_fd = _open_directory_for_reading(parent_dir)
             _check_no_mounts_below(parent_fd, "measure layer diff", parent_dir)
-        return _sum_sizes(item.st for item in _walk_changes(layer_fd, parent_fd)
-                          if item.kind != ChangeKind.DELETE and item.st is not None)
+        return _sum_sizes(_carried_stats(_walk_changes(layer_fd, parent_fd)))
     finally:
         os.close(layer_fd)
         if parent_fd is not None:
             os.close(parent_fd)
+
+
+def _carried_stats(walk: Iterable[_WalkedChange]) -> Iterator[os.stat_result]:
+    """Yield the stat of each entry that walk adds or modifies.
+
+    Raises ValueError for a .wh.* name, as layer_diff does.
+    """
+    for item in walk:
+        if item.name.startswith(WHITEOUT_PREFIX):
+            _check_diff_path(item.path, item.kind == ChangeKind.DELETE)
+        if item.kind != ChangeKind.DELETE and item.st is not None:
+            yield item.st
 
 
 def _sum_sizes(stats: Iterable[os.stat_result]) -> int:
@@ -3383,6 +3425,7 @@ def _sum_sizes(stats: Iterable[os.stat_result]) -> int:
 
 def _changes_size(layer_dir: str, changes: list[Change]) -> int:
     """Sum the sizes of the non-directories that changes add or modify, as layer_diff_size does."""
+    _check_change_names(changes)
     layer_fd = _open_directory_for_reading(layer_dir)
     try:
         return _sum_sizes(_lstat_changes(layer_fd, changes))
@@ -3619,8 +3662,58 @@ def _compare_dirty_directories(layer_fd: int, parent_fd: int, paths: set[str],
 # Diff (writing a layer tar) -------------------------------------------------
 
 
+def _check_diff_path(path: str, deleted: bool = False) -> None:
+    """Raise ValueError when a layer diff cannot carry the entry at path, or its deletion if deleted.
+
+    The OCI image spec (layer.md, "Whiteouts") reserves names that start with
+    .wh. for whiteouts and has no escape for them. apply_layer_diff reads
+    .wh.NAME as the deletion of NAME and .wh..wh..opq as an opaque directory,
+    and skips other .wh..wh.* names as AUFS metadata. So the deletion of an
+    entry named .wh.NAME, whose whiteout is .wh..wh.NAME, is skipped too.
+    """
+    parts = path.split("/")
+    for index, part in enumerate(parts):
+        if not part.startswith(WHITEOUT_PREFIX):
+            continue
+        entry = "/".join(parts[:index + 1])
+        if deleted and index == len(parts) - 1:
+            raise ValueError(f"layer diff cannot carry the deletion of {entry!r}: its whiteout would be named "
+                             f"{WHITEOUT_PREFIX + part!r}, which every consumer of the diff drops as AUFS "
+                             "metadata; diff the layer without a parent to export all of it instead")
+        raise ValueError(f"layer diff cannot carry {entry!r}: a file named .wh.* would be read as a "
+                         "whiteout by every consumer of the diff; rename or remove it in the layer")
+
+
+def _check_change_names(changes: Iterable[Change]) -> None:
+    """Raise ValueError when a layer diff cannot carry one of changes (see _check_diff_path)."""
+    for change in changes:
+        _check_diff_path(change.path, change.kind == ChangeKind.DELETE)
+
+
+def _check_layer_names(layer_fd: int, layer_dir: PathArg) -> None:
+    """Raise ValueError when an entry below layer_fd has a name that a layer diff cannot carry.
+
+    The walk lists directories without a stat(2) of each entry, because
+    readdir(2) returns the file type on btrfs.
+    """
+
+    def visit(fd: int, relative: bytes, entries: list[Any]) -> list[bytes]:
+        prefix = "/" + os.fsdecode(relative) if relative else ""
+        for entry in entries:
+            if entry.name.startswith(WHITEOUT_PREFIX):
+                _check_diff_path(prefix + "/" + entry.name)
+        return [os.fsencode(entry.name) for entry in entries if entry.is_dir(follow_symlinks=False)]
+
+    walk_tree(layer_fd, visit, path=layer_dir)
+
+
 class _TarEntryWriter:
     """Writes layer entries into a PAX tar stream, keeping hard links linked.
+
+    The second and later names of any non-directory inode (regular file,
+    symlink, device node or FIFO) become hard link entries, as containers/storage
+    archives them. GNU tar 1.34 links only regular files and symlinks, but
+    extracts a hard link to any of them.
 
     NOTE: only links among the entries of one tar stay links. A new link to a
     file that the diff does not carry is archived as a copy, as containers/storage
@@ -3637,6 +3730,8 @@ class _TarEntryWriter:
     def add(self, archive_name: str, path: str, dir_fd: int, name: str, st: os.stat_result) -> None:
         import tarfile
 
+        if name.startswith(WHITEOUT_PREFIX):
+            _check_diff_path(path)  # the entry can appear after layer_diff checked the names
         info = tarfile.TarInfo(archive_name)
         info.mode = stat.S_IMODE(st.st_mode)
         if _is_snapshot_placeholder(st):
@@ -3648,17 +3743,17 @@ class _TarEntryWriter:
         info.mtime = st.st_mtime_ns // _NS_PER_SECOND
         mode = st.st_mode
         data = None
-        if stat.S_ISREG(mode):
-            inode = (st.st_dev, st.st_ino)
-            if st.st_nlink > 1 and inode in self.link_names:
-                info.type = tarfile.LNKTYPE
-                info.linkname = self.link_names[inode]
-            else:
-                if st.st_nlink > 1:
-                    self.link_names[inode] = archive_name
-                info.type = tarfile.REGTYPE
-                info.size = st.st_size
-                data = self._open_file(dir_fd, name, st, path)
+        if stat.S_ISSOCK(mode):
+            # Sockets are not carried in layers (nor by containers/storage).
+            return
+        first_name = self.first_link_name(archive_name, st)
+        if first_name is not None:
+            info.type = tarfile.LNKTYPE
+            info.linkname = first_name
+        elif stat.S_ISREG(mode):
+            info.type = tarfile.REGTYPE
+            info.size = st.st_size
+            data = self._open_file(dir_fd, name, st, path)
         elif stat.S_ISDIR(mode):
             info.type = tarfile.DIRTYPE
         elif stat.S_ISLNK(mode):
@@ -3671,10 +3766,9 @@ class _TarEntryWriter:
         elif stat.S_ISFIFO(mode):
             info.type = tarfile.FIFOTYPE
         else:
-            # Sockets are not carried in layers (nor by containers/storage).
-            return
+            return  # a file type that tar cannot carry
         if info.type != tarfile.LNKTYPE:
-            xattrs = _read_xattrs(data.fileno()) if data is not None else _entry_xattrs(dir_fd, name, st)
+            xattrs = _read_xattrs(data.fileno(), path) if data is not None else _entry_xattrs(dir_fd, name, st, path)
             self._map_capability(xattrs, path)
             info.pax_headers = self._xattr_records(xattrs, archive_name)
         try:
@@ -3708,6 +3802,20 @@ class _TarEntryWriter:
         del xattrs["security.capability"]
         log.warning("not carrying security.capability of %s: its rootid %s has no container uid in the "
                     "ID maps, so the kernel does not honour it in the container", path, _capability_rootid(value))
+
+    def first_link_name(self, archive_name: str, st: os.stat_result) -> str | None:
+        """Return the archive name under which an earlier entry carried st's inode, or None.
+
+        None also records archive_name as the first name of an inode with
+        several links. Directories are never linked.
+        """
+        if st.st_nlink < 2 or stat.S_ISDIR(st.st_mode):
+            return None
+        inode = (st.st_dev, st.st_ino)
+        first_name = self.link_names.get(inode)
+        if first_name is None:
+            self.link_names[inode] = archive_name
+        return first_name
 
     @staticmethod
     def _xattr_records(xattrs: dict[str, bytes], archive_name: str) -> dict[str, str]:
@@ -3745,6 +3853,7 @@ class _TarEntryWriter:
     def add_whiteout(self, path: str) -> None:
         import tarfile
 
+        _check_diff_path(path, deleted=True)
         parent, _, name = path.rpartition("/")
         info = tarfile.TarInfo((parent + "/" + WHITEOUT_PREFIX + name).lstrip("/"))
         info.type = tarfile.REGTYPE
@@ -3859,11 +3968,20 @@ def layer_diff(layer_dir: PathArg, parent_dir: PathArg | None = None, uid_maps: 
     the changed entries and a whiteout for each deletion; changes, when given,
     are those of layer_changes(layer_dir, parent_dir). Owners are mapped back
     to container ids with the given maps. Closing the file calls release.
+
+    Raises ValueError before returning when an entry to be written, or a
+    deleted one, has a name starting with .wh., which a layer tar cannot
+    carry. Errors of the writer, for example a .wh.* name created while the
+    tar is written, are raised by the read that reaches the end of the stream.
     """
     layer_fd = _open_directory_for_reading(layer_dir)
     try:
         _check_no_mounts_below(layer_fd, "write layer diff", layer_dir)
+        # Names are checked before the writer starts, so that a diff the
+        # format cannot carry raises here instead of after part of the tar.
         if parent_dir is None:
+            _check_layer_names(layer_fd, layer_dir)
+
             def write(out: io.BufferedWriter) -> None:
                 try:
                     _write_full_tar(out, layer_fd, uid_maps, gid_maps)
@@ -3872,6 +3990,7 @@ def layer_diff(layer_dir: PathArg, parent_dir: PathArg | None = None, uid_maps: 
         else:
             if changes is None:
                 changes = layer_changes(layer_dir, parent_dir)
+            _check_change_names(changes)
 
             def write(out: io.BufferedWriter) -> None:
                 try:
@@ -4382,6 +4501,7 @@ _TAR_DEVICE_MAX = 2**32 - 1
 _TAR_MTIME_MAX = 2**63 // 1_000_000_000 - 1
 _XATTR_NAME_MAX = 255  # XATTR_NAME_MAX of linux/limits.h
 _XATTR_SIZE_MAX = 65536  # XATTR_SIZE_MAX of linux/limits.h
+_XATTR_LIST_MAX = 65536  # XATTR_LIST_MAX of linux/limits.h
 _PATH_MAX = 4096  # PATH_MAX of linux/limits.h, with the terminating NUL
 # struct vfs_cap_data sizes and magic_etc values of linux/capability.h.
 _VFS_CAP_SIZE_2 = 20
@@ -5215,13 +5335,8 @@ class _LayerApplier:
         carry (security.selinux, trusted.*) stay.
         """
         listed = self.xattrs(member)
-        try:
-            names = os.listxattr(fd)
-        except OSError as error:
-            if error.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-                return
-            raise
-        for name in names:
+        # Nothing is changed before this listing, so when it fails the entry is left as it was.
+        for name in _list_xattrs(fd, path):
             if not _is_carried_xattr(name) or name in listed:
                 continue
             try:
@@ -5359,8 +5474,9 @@ class _LayerApplier:
     def link_target(self, member: tarfile.TarInfo, path: str) -> tuple[int, str, os.stat_result]:
         """Resolve a hard link's target inside the layer; return its directory fd, name and stat.
 
-        The target must exist and be neither a directory nor a symlink. The
-        caller closes the fd.
+        The target must exist and must not be a directory. It may be a
+        symlink, which is linked itself (see link). No directory on the way
+        to it may be a symlink. The caller closes the fd.
         """
         target = member.linkname
         target_parts = _path_parts(target)
@@ -5370,14 +5486,18 @@ class _LayerApplier:
         if target_dir_fd is None:
             raise ValueError(f"hard link {path!r}: target {target!r} does not exist in the layer")
         st = _lstat_at(target_dir_fd, target_parts[-1])
-        if st is None or stat.S_ISLNK(st.st_mode) or stat.S_ISDIR(st.st_mode):
+        if st is None or stat.S_ISDIR(st.st_mode):
             os.close(target_dir_fd)
-            problem = "does not exist in the layer" if st is None else "is a symlink or directory"
+            problem = "does not exist in the layer" if st is None else "is a directory"
             raise ValueError(f"hard link {path!r}: target {target!r} {problem}")
         return target_dir_fd, target_parts[-1], st
 
     def link(self, parent_fd: int, temporary: str, member: tarfile.TarInfo, path: str) -> bool:
-        """Make temporary a hard link to the entry's target; return whether that is a parent-layer inode."""
+        """Make temporary a hard link to the entry's target; return whether that is a parent-layer inode.
+
+        linkat(2) without AT_SYMLINK_FOLLOW links a symlink itself, never
+        what it points at, as GNU tar and containers/storage extract it.
+        """
         target_dir_fd, target_name, st = self.link_target(member, path)
         try:
             os.link(target_name, temporary, src_dir_fd=target_dir_fd, dst_dir_fd=parent_fd,

@@ -2518,6 +2518,124 @@ def test_diff_skips_xattr_name_with_equals(driver, caplog):
     assert "contains '='" in caplog.text
 
 
+def whiteout_named_layer(driver, name):
+    """Make layer "box", a snapshot of "base" (/etc/passwd, /data/keep), that adds a file at name."""
+    driver.create("base")
+    base = driver.get("base")
+    os.chmod(base, 0o755)
+    write(base + "/etc/passwd", b"root")
+    write(base + "/data/keep", b"k")
+    driver.create_read_write("box", "base")
+    write(driver.get("box") + "/" + name, b"")
+
+
+@pytest.mark.parametrize("name, entry_path", [
+    ("/.wh.etc", "/.wh.etc"),
+    ("/data/.wh..wh..opq", "/data/.wh..wh..opq"),
+    ("/.wh..wh.plnk/f", "/.wh..wh.plnk"),
+])
+def test_driver_diff_rejects_whiteout_names(driver, name, entry_path):
+    whiteout_named_layer(driver, name)
+    assert Change(entry_path, ADD) in driver.changes("box", "base")
+    assert Change(entry_path, ADD) in driver.changes("box")
+    message = f"{entry_path!r}.* would be read as a whiteout"
+    for parent in ("base", None):
+        with pytest.raises(ValueError, match=message):
+            driver.diff("box", parent)  # raised before a stream exists
+        with pytest.raises(ValueError, match=message):
+            driver.diff_size("box", parent)
+
+
+def set_many_xattrs(path, count=300):
+    """Give path count user xattrs with 250-byte names: more names than listxattr(2) returns."""
+    for index in range(count):
+        name = "user.%03d" % index
+        os.setxattr(path, name + "x" * (250 - len(name)), b"v")
+
+
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_diff_names_entry_with_huge_xattr_list(driver, kind):
+    driver.create("layer")
+    root = driver.get("layer")
+    os.chmod(root, 0o755)
+    if kind == "file":
+        write(root + "/d/big", b"x")
+    else:
+        os.makedirs(root + "/d/big")
+    set_many_xattrs(root + "/d/big")
+    with pytest.raises(OSError, match=r"listxattr\(2\) can return") as raised:
+        with driver.diff("layer") as stream:
+            stream.read()
+    assert raised.value.errno == errno.E2BIG
+    assert raised.value.filename == "/d/big"
+
+    driver.create("child", "layer")
+    os.removexattr(driver.get("child") + "/d/big", "user.000" + "x" * 242)
+    with pytest.raises(OSError, match=r"listxattr\(2\) can return") as raised:
+        driver.diff("child", "layer")
+    assert raised.value.errno == errno.E2BIG
+    assert raised.value.filename == "/d/big"
+
+
+def test_apply_names_directory_with_huge_xattr_list(driver):
+    driver.create("layer")
+    names = ["user.%03d" % index for index in range(300)]
+    names = [name + "x" * (250 - len(name)) for name in names]
+    first, _ = entry("d", tarfile.DIRTYPE, mode=0o755)
+    first.pax_headers = {"SCHILY.xattr." + name: "v" for name in names}
+    again, _ = entry("d", tarfile.DIRTYPE, mode=0o700)
+    raw = make_tar([(first, None), entry("d/keep", data=b"kept"), (again, None)])
+    with pytest.raises(OSError, match=r"'d'.*listxattr\(2\) can return") as raised:
+        driver.apply_diff("layer", io.BytesIO(raw))
+    assert raised.value.errno == errno.E2BIG
+    directory = driver.get("layer") + "/d"
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o755
+    assert os.getxattr(directory, names[0]) == b"v"
+    assert os.getxattr(directory, names[-1]) == b"v"
+    with open(directory + "/keep", "rb") as data:
+        assert data.read() == b"kept"
+
+
+def make_special_hard_links(root):
+    """Add a symlink, a FIFO and a character device to root, each with a second name."""
+    os.makedirs(root + "/links")
+    os.symlink("../target", root + "/links/s")
+    os.mkfifo(root + "/links/f")
+    os.mknod(root + "/links/n", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    for name in ("s", "f", "n"):
+        os.link(root + "/links/" + name, root + "/links/" + name + "2", follow_symlinks=False)
+
+
+def assert_special_hard_links(root):
+    for name in ("s", "f", "n"):
+        first = os.lstat(root + "/links/" + name)
+        second = os.lstat(root + "/links/" + name + "2")
+        assert second.st_ino == first.st_ino, name
+        assert first.st_nlink == 2, name
+    assert os.readlink(root + "/links/s2") == "../target"
+
+
+def test_driver_diff_keeps_special_hard_links(driver):
+    driver.create("base")
+    write(driver.get("base") + "/etc/passwd", b"root")
+    driver.create_read_write("layer", "base")
+    make_special_hard_links(driver.get("layer"))
+
+    with driver.diff("layer", "base") as stream:
+        raw = stream.read()
+    driver.create_read_write("copy", "base")
+    driver.apply_diff("copy", io.BytesIO(raw))
+    assert driver.changes("copy", "layer") == []
+    assert_special_hard_links(driver.get("copy"))
+
+    with driver.diff("layer") as stream:
+        raw = stream.read()
+    driver.create_read_write("whole")
+    driver.apply_diff("whole", io.BytesIO(raw))
+    assert driver.changes("whole", "layer") == []
+    assert_special_hard_links(driver.get("whole"))
+
+
 @pytest.mark.parametrize("kind", ["pax", "longname"])
 def test_apply_rejects_huge_extended_header(driver, kind):
     import gzip
@@ -3229,6 +3347,99 @@ def test_diff_size_counts_hard_links_once(tmp_path):
     assert btrfsdrv.layer_diff_size(layer, parent) == 103
 
 
+def test_diff_rejects_whiteout_name_added_late(tmp_path, monkeypatch):
+    layer = str(tmp_path / "l")
+    write(layer + "/a", b"a")
+    os.mkdir(layer + "/z")
+    open_file = btrfsdrv._TarEntryWriter._open_file
+
+    def open_and_add_name(dir_fd, name, st, path):
+        write(layer + "/z/.wh.late", b"")  # as a running container could
+        return open_file(dir_fd, name, st, path)
+
+    monkeypatch.setattr(btrfsdrv._TarEntryWriter, "_open_file", staticmethod(open_and_add_name))
+    stream = btrfsdrv.layer_diff(layer)
+    with pytest.raises(ValueError, match="'/z/.wh.late'"):
+        stream.read()
+    stream.close()
+
+
+def test_diff_rejects_deletion_of_whiteout_name(tmp_path):
+    parent, layer = str(tmp_path / "p"), str(tmp_path / "l")
+    write(parent + "/d/.wh.x")
+    copy_tree(parent, layer)
+    os.unlink(layer + "/d/.wh.x")
+    assert Change("/d/.wh.x", DELETE) in btrfsdrv.layer_changes(layer, parent)
+    with pytest.raises(ValueError, match="deletion of '/d/.wh.x'"):
+        btrfsdrv.layer_diff(layer, parent)
+
+
+def test_diff_size_rejects_whiteout_names(tmp_path):
+    layer = str(tmp_path / "l")
+    write(layer + "/d/.wh.x")
+    with pytest.raises(ValueError, match="'/d/.wh.x'"):
+        btrfsdrv.layer_diff_size(layer)
+
+
+def test_round_trip_of_special_hard_links(tmp_path):
+    parent, layer, target = str(tmp_path / "p"), str(tmp_path / "l"), str(tmp_path / "t")
+    write(parent + "/etc/passwd", b"root", mtime=1000)
+    copy_tree(parent, layer)
+    copy_tree(parent, target)
+    make_special_hard_links(layer)
+    found = members(read_diff(layer, parent))
+    for name in ("s", "f", "n"):
+        assert found["links/" + name + "2"].islnk(), name
+        assert found["links/" + name + "2"].linkname == "links/" + name
+    apply(target, read_diff(layer, parent))
+    assert btrfsdrv.layer_changes(target, layer) == []
+    assert_special_hard_links(target)
+
+
+def test_apply_links_symlinks_from_gnu_tar(tmp_path):
+    source, layer = tmp_path / "source", tmp_path / "layer"
+    source.mkdir()
+    layer.mkdir()
+    os.symlink("target", source / "s")
+    os.link(source / "s", source / "s2", follow_symlinks=False)
+    raw = subprocess.run(["tar", "-C", str(source), "--format=gnu", "-cf", "-", "s", "s2"],
+                         stdout=subprocess.PIPE, check=True).stdout
+    assert members(raw)["s2"].islnk()
+    apply(layer, raw)
+    first, second = os.lstat(layer / "s"), os.lstat(layer / "s2")
+    assert stat.S_ISLNK(second.st_mode)
+    assert second.st_ino == first.st_ino
+    assert os.readlink(layer / "s2") == "target"
+
+
+def parent_layer_with_linked_symlinks(tmp_path):
+    """A layer whose d/a and e/b are two names of one symlink inode, all older than the apply."""
+    layer = str(tmp_path / "l")
+    os.makedirs(layer + "/d")
+    os.mkdir(layer + "/e")
+    os.symlink("target", layer + "/d/a")
+    os.link(layer + "/d/a", layer + "/e/b", follow_symlinks=False)
+    time.sleep(0.01)
+    return layer
+
+
+def test_opaque_hides_relinked_parent_symlink(tmp_path):
+    layer = parent_layer_with_linked_symlinks(tmp_path)
+    apply(layer, make_tar([entry("e/c", tarfile.LNKTYPE, linkname="d/a"), entry("d/.wh..wh..opq")]))
+    assert os.listdir(layer + "/d") == []
+    assert os.lstat(layer + "/e/c").st_ino == os.lstat(layer + "/e/b").st_ino
+
+
+def test_opaque_keeps_own_links_to_symlink(tmp_path):
+    layer = parent_layer_with_linked_symlinks(tmp_path)
+    raw = make_tar([entry("d/own", tarfile.LNKTYPE, linkname="e/b"), entry("d/.wh..wh..opq"),
+                    entry("e/.wh..wh..opq")])
+    apply(layer, raw)
+    assert os.listdir(layer + "/d") == ["own"]
+    assert os.listdir(layer + "/e") == []
+    assert os.readlink(layer + "/d/own") == "target"
+
+
 @pytest.mark.parametrize("compress", ["gzip", "bzip2", "xz", "zstd"])
 def test_apply_accepts_compressed_streams(tmp_path, compress):
     if shutil.which(compress) is None:
@@ -3557,12 +3768,24 @@ def test_hostile_hard_link_creates_nothing_on_failure(trees):
     assert_sentinel_intact(sentinel, digest)
 
 
-def test_hostile_hard_link_to_symlink(trees):
+def test_hostile_hard_link_to_symlink_is_not_followed(trees):
     layer, sentinel, digest = trees
     raw = make_tar([entry("s", tarfile.SYMTYPE, linkname=str(sentinel / "secret")),
-                    entry("h", tarfile.LNKTYPE, linkname="s"), entry("h", data=b"owned")])
-    with pytest.raises(ValueError, match="symlink"):
+                    entry("h", tarfile.LNKTYPE, linkname="s"), entry("h2", tarfile.LNKTYPE, linkname="h"),
+                    entry("h", data=b"owned")])
+    apply(layer, raw)
+    assert (layer / "h").read_bytes() == b"owned"
+    assert os.readlink(layer / "h2") == str(sentinel / "secret")
+    assert os.lstat(layer / "h2").st_ino == os.lstat(layer / "s").st_ino
+    assert_sentinel_intact(sentinel, digest)
+
+
+def test_hostile_hard_link_to_directory(trees):
+    layer, sentinel, digest = trees
+    raw = make_tar([entry("d", tarfile.DIRTYPE, mode=0o755), entry("h", tarfile.LNKTYPE, linkname="d")])
+    with pytest.raises(ValueError, match="'d' is a directory"):
         apply(layer, raw)
+    assert not os.path.lexists(layer / "h")
     assert_sentinel_intact(sentinel, digest)
 
 
