@@ -4385,9 +4385,9 @@ def _bounded_tarinfo_class() -> Any:
     It rejects extended headers over 1 MiB before reading them, and more
     than _EXTENDED_HEADER_CHAIN_MAX of them in front of one entry, because
     tarfile parses each one a recursion level deeper and keeps the ones
-    before it. It also rejects old GNU sparse maps over 1 MiB and PAX
-    headers that tarfile would parse in quadratic time. It ignores global
-    PAX headers.
+    before it. It also rejects old GNU sparse maps over 1 MiB, and PAX
+    headers that are malformed or that tarfile would parse in quadratic
+    time. It ignores global PAX headers.
     """
     global _bounded_tarinfo
     if _bounded_tarinfo is None:
@@ -4427,14 +4427,21 @@ def _bounded_tarinfo_class() -> Any:
 
             def _proc_bounded_pax(self, tarfile: Any) -> Any:
                 stream = tarfile.fileobj
+                records_offset = stream.tell()
                 records = stream.read(self._block(self.size))  # type: ignore[attr-defined]
                 if self.type == global_header_type:
                     # containers/storage ignores global headers; tarfile would
                     # apply their records to every later entry.
                     log.debug("ignoring a global PAX header at offset %d", self.offset)
                     return self.fromtarfile(tarfile)
+                if len(records) < self.size:
+                    raise header_error(f"PAX header ends early, after {len(records)} of its {self.size} bytes")
                 _check_pax_digit_runs(records[:self.size])
-                tarfile.fileobj = _ReadAgain(stream, records)
+                _check_pax_records(records[:self.size], records_offset)
+                # tarfile parses the padding after the size as records too, but
+                # Go's archive/tar, which containers/storage uses, ignores it.
+                padding = len(records) - self.size
+                tarfile.fileobj = _ReadAgain(stream, records[:self.size] + bytes(padding))
                 try:
                     return super()._proc_pax(tarfile)  # type: ignore[misc]
                 finally:
@@ -4511,6 +4518,59 @@ def _check_pax_digit_runs(records: bytes) -> None:
         if cost > _PAX_DIGIT_RUN_BUDGET:
             raise ValueError("PAX header has runs of digits too long to parse safely "
                              f"(longest so far {run.end() - run.start()} digits)")
+
+
+# The maximum number of digits in a PAX record's length, as in tarfile of CPython 3.13.
+_PAX_LENGTH_DIGITS_MAX = 20
+
+
+def _check_pax_records(records: bytes, offset: int) -> None:
+    """Raise ValueError unless records, the data of a PAX header at offset in the tar, are well-formed.
+
+    POSIX pax frames each record as "%d %s=%s\\n", where the decimal length
+    counts the whole record, and the keyword is not empty and contains no
+    "=". NUL bytes may follow the last record, because tarfile stops at a
+    NUL where a record would start (Go's archive/tar rejects them).
+
+    tarfile of CPython 3.8.18, 3.11.7 and 3.12.1 does not check the framing.
+    It matches rb"(\\d+) ([^=]+)=" at each record, and that runs on to the
+    next "=" of the header. Records without "=" therefore take time and
+    memory quadratic in the header's size. 3.13.0 and Debian's 3.11.2 check
+    the framing. This check reads each byte a bounded number of times.
+    """
+    position = 0
+
+    def malformed(reason: str) -> ValueError:
+        return ValueError(f"PAX record at offset {offset + position} {reason}")
+
+    while position < len(records):
+        if records[position] == 0:
+            if records.count(0, position) != len(records) - position:
+                raise malformed("is NUL padding, but bytes other than NUL follow it")
+            return
+        space = records.find(b" ", position, position + _PAX_LENGTH_DIGITS_MAX + 1)
+        digits = records[position:space]
+        if space < 0 or not digits.isdigit():
+            raise malformed(f"does not start with a decimal length of at most {_PAX_LENGTH_DIGITS_MAX} "
+                            "digits and a space")
+        length = int(digits)
+        end = position + length
+        # The shortest record has a keyword of one byte and an empty value.
+        if length < len(digits) + len(" k=\n"):
+            raise malformed(f"has length {length}, too short for a keyword, '=' and a newline")
+        if end > len(records):
+            raise malformed(f"has length {length}, but only {len(records) - position} bytes of the PAX "
+                            "header follow its start")
+        if records[end - 1] != ord("\n"):
+            raise malformed(f"does not end with a newline at its length {length}")
+        equals = records.find(b"=", space + 1, end - 1)
+        if equals < 0:
+            raise malformed("has no '=' after its keyword")
+        if equals == space + 1:
+            raise malformed("has an empty keyword")
+        if records.find(0, space + 1, equals) >= 0:
+            raise malformed("has a NUL byte in its keyword")
+        position = end
 
 
 class _ReadAgain:

@@ -3571,14 +3571,21 @@ def test_hostile_corrupt_header(trees):
         apply(layer, bytes(raw))
 
 
+def pax_record(key, value):
+    """Return the PAX record of key and value, with the length that counts its own digits."""
+    record = b" " + key + b"=" + value + b"\n"
+    length = len(record) + len(str(len(record)))
+    length += len(str(length)) - len(str(len(record)))
+    return str(length).encode() + record
+
+
 def pax_header_tar(records, data):
     """A tar whose second member, s, has the PAX records given as (key, value) byte pairs."""
-    body = b""
-    for key, value in records:
-        record = b" " + key + b"=" + value + b"\n"
-        length = len(record) + len(str(len(record)))
-        length += len(str(length)) - len(str(len(record)))
-        body += str(length).encode() + record
+    return pax_body_tar(b"".join(pax_record(key, value) for key, value in records), data)
+
+
+def pax_body_tar(body, data):
+    """A tar whose second member, s, follows a PAX header at offset 1024 with body as its data."""
     header = tarfile.TarInfo("././@PaxHeader")
     header.type = tarfile.XHDTYPE
     header.size = len(body)
@@ -3631,6 +3638,116 @@ def test_apply_accepts_moderate_pax_digit_runs(tmp_path):
     value = b"7" * 4000
     apply(layer, pax_header_tar([(b"SCHILY.xattr.user.digits", value)], b"data"))
     assert os.getxattr(layer / "s", "user.digits") == value
+
+
+# PAX header data with one malformed record, and the position of that record
+# in the data. Each record before it is well-formed.
+MALFORMED_PAX_RECORDS = {
+    "length-too-small": (b"3 path=abc\n", 0),
+    "length-too-large": (b"99 path=abc\n", 0),
+    "length-not-digits": (b"1a path=ab\n", 0),
+    "length-without-space": (b"11path=abc\n", 0),
+    "no-newline": (b"11 path=abc", 0),
+    "newline-before-end": (b"12 path=ab\nX", 0),
+    "no-equals": (b"9 pathab\n", 0),
+    "empty-keyword": (b"7 =abc\n", 0),
+    "nul-in-keyword": (b"12 pa\0h=abc\n", 0),
+    "bytes-after-nul": (b"11 path=ab\n\0\0xyz", 11),
+    "after-good-record": (b"11 path=ab\n9 pathab\n", 11),
+    "repeated-without-equals": (b"6 aaa\n" * 1000 + b"=\n", 0),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED_PAX_RECORDS))
+def test_apply_rejects_malformed_pax_records(tmp_path, kind):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    body, position = MALFORMED_PAX_RECORDS[kind]
+    with pytest.raises(ValueError) as raised:
+        apply(layer, pax_body_tar(body, b"data"))
+    message = str(raised.value)
+    assert message.startswith("invalid layer tar at offset 1024 (after entry 'first'): ")
+    assert f"PAX record at offset {1536 + position}" in message
+    assert len(message) < 300
+    assert sorted(os.listdir(layer)) == ["first"]
+
+
+_PAX_WITHOUT_EQUALS_CHILD = r"""
+import gzip, io, resource, sys, tarfile
+sys.path.insert(0, sys.argv[1])
+import btrfsdrv
+
+records = b"6 aaa\n" * 60000 + b"=\n"
+header = tarfile.TarInfo("././@PaxHeader")
+header.type = tarfile.XHDTYPE
+header.size = len(records)
+raw = (header.tobuf(tarfile.USTAR_FORMAT) + records + b"\0" * (-len(records) % 512)
+       + tarfile.TarInfo("file").tobuf(tarfile.USTAR_FORMAT) + b"\0" * 1024)
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+try:
+    btrfsdrv.apply_layer_diff(sys.argv[2], io.BytesIO(gzip.compress(raw, 9)))
+except ValueError as error:
+    print(error)
+"""
+
+
+def test_apply_bounds_pax_records_without_equals(tmp_path):
+    # tarfile of CPython 3.8.18, 3.11.7 and 3.12.1 scans from each record to
+    # the one '=' at the end and keeps 60,000 keywords of 180 kB on average.
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    module_dir = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
+    result = subprocess.run([sys.executable, "-c", _PAX_WITHOUT_EQUALS_CHILD, module_dir, str(layer)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "PAX record at offset 512 has no '='" in result.stdout
+    assert os.listdir(layer) == []
+
+
+def test_apply_accepts_well_formed_pax_records(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    body = (pax_record(b"path", b"d/" + b"n" * 200) + pax_record(b"SCHILY.xattr.user.a", b"x=y\nz")
+            + pax_record(b"comment", b"") + pax_record(b"mtime", b"1700000000.123456789"))
+    apply(layer, pax_body_tar(body + b"\0" * 40, b"data"))
+    path = layer / "d" / ("n" * 200)
+    assert path.read_bytes() == b"data"
+    assert os.getxattr(path, "user.a") == b"x=y\nz"
+    assert abs(os.stat(path).st_mtime - 1700000000.123456789) < 1e-6
+    binary = make_tar([entry("caf\udce9", data=b"x")])
+    assert b"21 hdrcharset=BINARY\n13 path=caf\xe9\n" in binary
+    apply(layer, binary)
+    with open(os.path.join(os.fsencode(layer), b"caf\xe9"), "rb") as data:
+        assert data.read() == b"x"
+
+
+def test_apply_accepts_gnu_tar_pax(tmp_path):
+    if shutil.which("tar") is None:
+        pytest.skip("tar is not installed")
+    source = tmp_path / "source"
+    long_dir = source / ("d" * 120) / ("e" * 120)
+    long_dir.mkdir(parents=True)
+    long_file = long_dir / ("f" * 200)
+    long_file.write_bytes(b"content")
+    os.setxattr(long_file, "user.note", b"a=b\nc")
+    os.link(long_file, source / ("h" * 150))
+    os.symlink("t" * 300, source / "link")
+    latin1 = os.path.join(os.fsencode(source), b"caf\xe9")
+    with open(latin1, "wb") as output:
+        output.write(b"latin-1 name")
+    raw = subprocess.run(["tar", "--format=pax", "--xattrs", "-C", str(source), "-cf", "-", "."],
+                         stdout=subprocess.PIPE, check=True).stdout
+    assert b"SCHILY.xattr.user.note" in raw
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    assert apply(layer, raw) == len(b"content") + len(b"latin-1 name")
+    copy = layer / long_file.relative_to(source)
+    assert copy.read_bytes() == b"content"
+    assert os.getxattr(copy, "user.note") == b"a=b\nc"
+    assert os.stat(layer / ("h" * 150)).st_ino == os.stat(copy).st_ino
+    assert os.readlink(layer / "link") == "t" * 300
+    with open(os.path.join(os.fsencode(layer), b"caf\xe9"), "rb") as data:
+        assert data.read() == b"latin-1 name"
 
 
 def test_apply_ignores_global_pax_headers(tmp_path):
@@ -3757,6 +3874,18 @@ def random_hostile_member(rng, sentinel):
     return info, data
 
 
+def insert_malformed_pax_header(rng, raw):
+    """Insert a PAX header with a malformed record in front of a random header of the tar raw."""
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        offsets = [member.offset for member in tar]
+    body, _ = MALFORMED_PAX_RECORDS[rng.choice(sorted(MALFORMED_PAX_RECORDS))]
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type = tarfile.XHDTYPE
+    header.size = len(body)
+    at = rng.choice(offsets)
+    return raw[:at] + header.tobuf(tarfile.USTAR_FORMAT) + body + b"\0" * (-len(body) % 512) + raw[at:]
+
+
 def mutate_bytes(rng, raw):
     """Flip, cut or repeat bytes of a tar stream."""
     raw = bytearray(raw)
@@ -3871,12 +4000,17 @@ def test_apply_random_and_mutated_tars_stay_inside(trees):
 
     def check(rng):
         raw = make_tar([random_hostile_member(rng, sentinel) for _ in range(rng.randint(1, 8))])
-        if rng.random() < 0.5:
+        malformed_pax = rng.random() < 0.2
+        if malformed_pax:
+            raw = insert_malformed_pax_header(rng, raw)
+        elif rng.random() < 0.5:
             raw = mutate_bytes(rng, raw)
         try:
             apply(layer, raw)
         except (ValueError, OSError):
             pass  # a rejected stream is fine; only what it left behind matters
+        else:
+            assert not malformed_pax, "a tar with a malformed PAX record was applied"
         assert_sentinel_intact(sentinel, digest)
         assert sorted(os.listdir(layer.parent)) == beside
         assert no_temporaries(layer)
