@@ -4400,6 +4400,8 @@ def _bounded_tarinfo_class() -> Any:
 
         class BoundedTarInfo(tarfile.TarInfo):
             def _check_extended_size(self, tarfile: Any) -> None:
+                if self.size < 0:
+                    raise header_error(f"extended header size {self.size} is negative")
                 if self.size > _EXTENDED_HEADER_MAX:
                     raise header_error(f"extended header of {self.size} bytes is larger than {_EXTENDED_HEADER_MAX}")
                 chain = getattr(tarfile, "_btrfsdrv_header_chain", 0)
@@ -4622,6 +4624,40 @@ def _read_sparse_map_1_0(member: tarfile.TarInfo, stream: Any) -> None:
             numbers.append(int(line))
     member.offset_data = stream.tell()
     member.sparse = list(zip(numbers[::2], numbers[1::2]))  # type: ignore[assignment]
+
+
+# The maximum size of an entry: off_t is int64, and Go's archive/tar, which
+# containers/storage reads layers with, parses sizes as int64.
+_TAR_SIZE_MAX = 2**63 - 1
+# The PAX numbers that tarfile applies, in the syntax that Go's archive/tar
+# accepts: an optional sign and decimal digits, with an optional fraction for
+# mtime. tarfile parses them with int() and float(), which also take "1_0",
+# " 10" and digits other than 0-9, and float() takes "1e3" and "nan".
+# tarfile reads a number that they reject as 0, and since CPython 3.11 that
+# includes an integer of more than 4300 digits.
+# NOTE: at most 19 digits before any fraction, so that leading zeros beyond
+# that are rejected although Go accepts them.
+_PAX_NUMBER_SYNTAX = {
+    "size": re.compile(r"[-+]?[0-9]{1,19}"),
+    "uid": re.compile(r"[-+]?[0-9]{1,19}"),
+    "gid": re.compile(r"[-+]?[0-9]{1,19}"),
+    "mtime": re.compile(r"[-+]?[0-9]{1,19}(?:\.[0-9]*)?"),
+}
+
+
+def _check_entry_numbers(member: tarfile.TarInfo) -> None:
+    """Raise ValueError for a PAX number that tarfile misreads, or a size that no entry can have.
+
+    It runs on every entry, whiteouts and links too, because the size
+    decides where the next header starts.
+    """
+    for keyword, syntax in _PAX_NUMBER_SYNTAX.items():
+        value = member.pax_headers.get(keyword)
+        if value is not None and not syntax.fullmatch(value):
+            excerpt = value if len(value) <= 40 else value[:40] + "..."
+            raise ValueError(f"invalid PAX {keyword} {excerpt!r}: expected a decimal number of at most 19 digits")
+    if not 0 <= member.size <= _TAR_SIZE_MAX:
+        raise ValueError(f"size {member.size} is out of range (0 to {_TAR_SIZE_MAX})")
 
 
 def _check_member_values(member: tarfile.TarInfo) -> None:
@@ -5481,15 +5517,18 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
         except header_errors as error:
             raise _invalid_tar_header(error, 0, None) from None
         while True:
+            # tarfile can move tar.offset past a header that then fails.
+            header_offset = tar.offset
             try:
                 member = tar.next()
             except header_errors as error:
-                raise _invalid_tar_header(error, tar.offset, last_name) from None
+                raise _invalid_tar_header(error, header_offset, last_name) from None
             if member is None:
                 break
             _forget_tar_members(tar)  # tarfile keeps every member read; memory must stay flat
             last_name = member.name
             try:
+                _check_entry_numbers(member)
                 applier.apply(member, copy_data)
             except ValueError as error:
                 raise ValueError(f"entry {member.name!r} at offset {member.offset}: {error}") from None
@@ -5502,7 +5541,9 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
             try:
                 _skip_to_next_header(tar)
             except header_errors as error:
-                raise _invalid_tar_header(error, tar.offset, last_name) from None
+                # The offset where the data ran out, not the one that the size claims.
+                stream: Any = tar.fileobj
+                raise _invalid_tar_header(error, stream.tell(), last_name) from None
             if member.isreg():
                 total_size += member.size
             applied += 1

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -3750,6 +3751,64 @@ def test_apply_accepts_gnu_tar_pax(tmp_path):
         assert data.read() == b"latin-1 name"
 
 
+@pytest.mark.parametrize("name, kind, size, match", [
+    (".wh.gone", tarfile.REGTYPE, "-1", r"size -1 is out of range"),
+    (".wh.gone", tarfile.REGTYPE, "-511", r"size -511 is out of range"),
+    (".wh.gone", tarfile.REGTYPE, "-512", r"size -512 is out of range"),
+    (".wh.gone", tarfile.REGTYPE, str(2**63), r"size 9223372036854775808 is out of range"),
+    (".wh.gone", tarfile.REGTYPE, "9" * 4000, r"invalid PAX size '9{40}\.\.\.'"),
+    (".wh.gone", tarfile.REGTYPE, "-" + "9" * 4000, r"invalid PAX size '-9{39}\.\.\.'"),
+    (".wh.gone", tarfile.REGTYPE, "abc", r"invalid PAX size 'abc'"),
+    (".wh.gone", tarfile.REGTYPE, "1_0", r"invalid PAX size '1_0'"),
+    (".wh.gone", tarfile.REGTYPE, " 10", r"invalid PAX size ' 10'"),
+    ("d", tarfile.DIRTYPE, "-5", r"size -5 is out of range"),
+    ("l", tarfile.SYMTYPE, "-5", r"size -5 is out of range"),
+], ids=["-1", "-511", "-512", "2**63", "4000-digits", "-4000-digits", "letters", "underscore", "space",
+        "directory", "symlink"])
+def test_apply_rejects_invalid_entry_size(tmp_path, name, kind, size, match):
+    info, _ = entry(name, kind, linkname="first")
+    info.pax_headers = {"size": size}
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    with pytest.raises(ValueError, match=rf"^entry '{re.escape(name)}' at offset 1024: {match}") as raised:
+        apply(layer, make_tar([entry("first", data=b"1"), (info, None), entry("last", data=b"2")]))
+    assert len(str(raised.value)) < 300
+    assert sorted(os.listdir(layer)) == ["first"]
+
+
+@pytest.mark.parametrize("kind, match", [
+    (tarfile.REGTYPE, r"^entry '\.wh\.gone' at offset 1024: size -1024 is out of range"),
+    (tarfile.XHDTYPE, r"^invalid layer tar at offset 1024 \(after entry 'first'\): extended header size -1024 "),
+    (tarfile.GNUTYPE_LONGNAME, r"^invalid layer tar at offset 1024 \(after entry 'first'\): extended header size "
+                               "-1024 "),
+], ids=["whiteout", "pax", "long-name"])
+def test_apply_rejects_negative_base_256_size(tmp_path, kind, match):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    header = tarfile.TarInfo(".wh.gone")
+    header.type = kind
+    header.size = -1024  # GNU tar's base-256 encoding allows negative numbers
+    raw = (make_tar([entry("first", data=b"1")])[:1024] + header.tobuf(tarfile.GNU_FORMAT)
+           + make_tar([entry("last", data=b"2")]))
+    with pytest.raises(ValueError, match=match):
+        apply(layer, raw)
+    assert sorted(os.listdir(layer)) == ["first"]
+
+
+@pytest.mark.parametrize("keyword, value", [
+    ("uid", "\u0661"), ("gid", "+\u0661"), ("uid", "1_000"), ("mtime", "1e3"), ("mtime", "1700000000 "),
+    ("mtime", "0x10"),
+])
+def test_apply_rejects_pax_numbers_tarfile_misreads(tmp_path, keyword, value):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    info, data = entry("f", data=b"data")
+    info.pax_headers = {keyword: value}
+    with pytest.raises(ValueError, match=rf"^entry 'f' at offset 0: invalid PAX {keyword} "):
+        apply(layer, make_tar([(info, data)]))
+    assert os.listdir(layer) == []
+
+
 def test_apply_ignores_global_pax_headers(tmp_path):
     # containers/storage ignores global headers, so one tar must not unpack
     # to other paths or capabilities here than in Podman.
@@ -3830,7 +3889,7 @@ def test_apply_names_offset_of_malformed_first_header(tmp_path):
 @pytest.mark.parametrize("name", [".wh.gone", ".wh..wh.plnk/1"])
 def test_apply_unread_entry_with_huge_size_fails(tmp_path, name):
     info, _ = entry(name)
-    info.pax_headers = {"size": str(10**20)}
+    info.pax_headers = {"size": str(2**63 - 1)}
     raw = make_tar([entry("first", data=b"1"), (info, None)])
 
     def time_out(signum, frame):
@@ -3839,11 +3898,13 @@ def test_apply_unread_entry_with_huge_size_fails(tmp_path, name):
     previous = signal.signal(signal.SIGALRM, time_out)
     signal.alarm(10)
     try:
-        with pytest.raises(ValueError, match=r"offset \d+ \(after entry '.*'\): the entry's data ends"):
+        with pytest.raises(ValueError, match=r"offset \d+ \(after entry '.*'\): the entry's data ends") as raised:
             apply(tmp_path, raw)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+    # The offset is where the data ran out, not the one that the size claims.
+    assert int(re.search(r"offset (\d+)", str(raised.value)).group(1)) <= len(raw)
 
 
 def test_hostile_corrupt_gzip(trees):
