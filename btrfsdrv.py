@@ -5425,11 +5425,17 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
                      progress: Callable[[int, int], None] | None = None) -> int:
     """Apply a layer tar (uncompressed, gzip, bzip2, xz or zstd) to a layer directory.
 
-    Returns the sum of the regular files' sizes in the tar. Raises ValueError
-    naming the entry and offset for a corrupt, truncated or hostile stream;
-    the layer then keeps every entry before the bad one. The stream is read
-    to its end, so a compressed stream that fails its checksum or lacks its
-    end after the last entry raises too, with every entry applied.
+    Returns the sum of the sizes of the regular files that it wrote, so
+    whiteouts, hard links and AUFS metadata add nothing. UnpackLayer in
+    containers/storage's pkg/archive adds the size field of every entry
+    instead. The sums differ only where a whiteout, an AUFS metadata file
+    or a non-regular entry has a size other than 0.
+
+    Raises ValueError naming the entry and offset for a corrupt, truncated
+    or hostile stream; the layer then keeps every entry before the bad one.
+    The stream is read to its end, so a compressed stream that fails its
+    checksum or lacks its end after the last entry raises too, with every
+    entry applied.
 
     Applies to one layer run one at a time: each holds an exclusive flock(2)
     on the layer's top directory, and one that finds it held raises OSError
@@ -5459,7 +5465,7 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
         os.close(root_fd)
         raise
     applied = 0
-    total_size = 0
+    written_size = 0
     last_report = time.monotonic()
     last_name = None
 
@@ -5473,6 +5479,9 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
             progress(counting.count, applied)
 
     def copy_data(member: tarfile.TarInfo, out: io.BufferedWriter) -> None:
+        nonlocal written_size
+        # The applier calls this once for each regular file that it writes.
+        written_size += member.size
         # An io.BufferedReader over tarfile's reader of the member's data.
         source: Any = tar.extractfile(member)
         assert source is not None  # copy_data is called only for regular files
@@ -5544,8 +5553,6 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
                 # The offset where the data ran out, not the one that the size claims.
                 stream: Any = tar.fileobj
                 raise _invalid_tar_header(error, stream.tell(), last_name) from None
-            if member.isreg():
-                total_size += member.size
             applied += 1
             report()
         end = tar_input.block_at(tar.offset)
@@ -5560,7 +5567,7 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
                              "data of any of them may be corrupt") from None
         applier.dir_times.apply(root_fd)
         report(force=True)
-        return total_size
+        return written_size
     finally:
         applier.close()
         os.close(root_fd)

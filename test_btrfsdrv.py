@@ -3809,6 +3809,16 @@ def test_apply_rejects_pax_numbers_tarfile_misreads(tmp_path, keyword, value):
     assert os.listdir(layer) == []
 
 
+def test_apply_returns_size_of_written_files(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    link, _ = entry("b", tarfile.LNKTYPE, linkname="a")
+    raw = make_tar([entry("a", data=b"12345"), (link, None), entry(".wh.gone", data=b"xyz"),
+                    entry(".wh..wh.plnk/1", data=b"aufs"), entry("d", tarfile.DIRTYPE, mode=0o755),
+                    entry("d/e", data=b"67")])
+    assert apply(layer, raw) == 7
+
+
 def test_apply_ignores_global_pax_headers(tmp_path):
     # containers/storage ignores global headers, so one tar must not unpack
     # to other paths or capabilities here than in Podman.
