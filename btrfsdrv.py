@@ -4523,9 +4523,9 @@ def _bounded_tarinfo_class() -> Any:
     It rejects extended headers over 1 MiB before reading them, and more
     than _EXTENDED_HEADER_CHAIN_MAX of them in front of one entry, because
     tarfile parses each one a recursion level deeper and keeps the ones
-    before it. It also rejects old GNU sparse maps over 1 MiB and PAX
-    headers that tarfile would parse in quadratic time. It ignores global
-    PAX headers.
+    before it. It also rejects old GNU sparse maps over 1 MiB, and PAX
+    headers that are malformed or that tarfile would parse in quadratic
+    time. It ignores global PAX headers.
     """
     global _bounded_tarinfo
     if _bounded_tarinfo is None:
@@ -4538,6 +4538,8 @@ def _bounded_tarinfo_class() -> Any:
 
         class BoundedTarInfo(tarfile.TarInfo):
             def _check_extended_size(self, tarfile: Any) -> None:
+                if self.size < 0:
+                    raise header_error(f"extended header size {self.size} is negative")
                 if self.size > _EXTENDED_HEADER_MAX:
                     raise header_error(f"extended header of {self.size} bytes is larger than {_EXTENDED_HEADER_MAX}")
                 chain = getattr(tarfile, "_btrfsdrv_header_chain", 0)
@@ -4565,14 +4567,21 @@ def _bounded_tarinfo_class() -> Any:
 
             def _proc_bounded_pax(self, tarfile: Any) -> Any:
                 stream = tarfile.fileobj
+                records_offset = stream.tell()
                 records = stream.read(self._block(self.size))  # type: ignore[attr-defined]
                 if self.type == global_header_type:
                     # containers/storage ignores global headers; tarfile would
                     # apply their records to every later entry.
                     log.debug("ignoring a global PAX header at offset %d", self.offset)
                     return self.fromtarfile(tarfile)
+                if len(records) < self.size:
+                    raise header_error(f"PAX header ends early, after {len(records)} of its {self.size} bytes")
                 _check_pax_digit_runs(records[:self.size])
-                tarfile.fileobj = _ReadAgain(stream, records)
+                _check_pax_records(records[:self.size], records_offset)
+                # tarfile parses the padding after the size as records too, but
+                # Go's archive/tar, which containers/storage uses, ignores it.
+                padding = len(records) - self.size
+                tarfile.fileobj = _ReadAgain(stream, records[:self.size] + bytes(padding))
                 try:
                     return super()._proc_pax(tarfile)  # type: ignore[misc]
                 finally:
@@ -4651,6 +4660,59 @@ def _check_pax_digit_runs(records: bytes) -> None:
                              f"(longest so far {run.end() - run.start()} digits)")
 
 
+# The maximum number of digits in a PAX record's length, as in tarfile of CPython 3.13.
+_PAX_LENGTH_DIGITS_MAX = 20
+
+
+def _check_pax_records(records: bytes, offset: int) -> None:
+    """Raise ValueError unless records, the data of a PAX header at offset in the tar, are well-formed.
+
+    POSIX pax frames each record as "%d %s=%s\\n", where the decimal length
+    counts the whole record, and the keyword is not empty and contains no
+    "=". NUL bytes may follow the last record, because tarfile stops at a
+    NUL where a record would start (Go's archive/tar rejects them).
+
+    tarfile of CPython 3.8.18, 3.11.7 and 3.12.1 does not check the framing.
+    It matches rb"(\\d+) ([^=]+)=" at each record, and that runs on to the
+    next "=" of the header. Records without "=" therefore take time and
+    memory quadratic in the header's size. 3.13.0 and Debian's 3.11.2 check
+    the framing. This check reads each byte a bounded number of times.
+    """
+    position = 0
+
+    def malformed(reason: str) -> ValueError:
+        return ValueError(f"PAX record at offset {offset + position} {reason}")
+
+    while position < len(records):
+        if records[position] == 0:
+            if records.count(0, position) != len(records) - position:
+                raise malformed("is NUL padding, but bytes other than NUL follow it")
+            return
+        space = records.find(b" ", position, position + _PAX_LENGTH_DIGITS_MAX + 1)
+        digits = records[position:space]
+        if space < 0 or not digits.isdigit():
+            raise malformed(f"does not start with a decimal length of at most {_PAX_LENGTH_DIGITS_MAX} "
+                            "digits and a space")
+        length = int(digits)
+        end = position + length
+        # The shortest record has a keyword of one byte and an empty value.
+        if length < len(digits) + len(" k=\n"):
+            raise malformed(f"has length {length}, too short for a keyword, '=' and a newline")
+        if end > len(records):
+            raise malformed(f"has length {length}, but only {len(records) - position} bytes of the PAX "
+                            "header follow its start")
+        if records[end - 1] != ord("\n"):
+            raise malformed(f"does not end with a newline at its length {length}")
+        equals = records.find(b"=", space + 1, end - 1)
+        if equals < 0:
+            raise malformed("has no '=' after its keyword")
+        if equals == space + 1:
+            raise malformed("has an empty keyword")
+        if records.find(0, space + 1, equals) >= 0:
+            raise malformed("has a NUL byte in its keyword")
+        position = end
+
+
 class _ReadAgain:
     """A stream whose next read returns data that was already read from it."""
 
@@ -4700,6 +4762,40 @@ def _read_sparse_map_1_0(member: tarfile.TarInfo, stream: Any) -> None:
             numbers.append(int(line))
     member.offset_data = stream.tell()
     member.sparse = list(zip(numbers[::2], numbers[1::2]))  # type: ignore[assignment]
+
+
+# The maximum size of an entry: off_t is int64, and Go's archive/tar, which
+# containers/storage reads layers with, parses sizes as int64.
+_TAR_SIZE_MAX = 2**63 - 1
+# The PAX numbers that tarfile applies, in the syntax that Go's archive/tar
+# accepts: an optional sign and decimal digits, with an optional fraction for
+# mtime. tarfile parses them with int() and float(), which also take "1_0",
+# " 10" and digits other than 0-9, and float() takes "1e3" and "nan".
+# tarfile reads a number that they reject as 0, and since CPython 3.11 that
+# includes an integer of more than 4300 digits.
+# NOTE: at most 19 digits before any fraction, so that leading zeros beyond
+# that are rejected although Go accepts them.
+_PAX_NUMBER_SYNTAX = {
+    "size": re.compile(r"[-+]?[0-9]{1,19}"),
+    "uid": re.compile(r"[-+]?[0-9]{1,19}"),
+    "gid": re.compile(r"[-+]?[0-9]{1,19}"),
+    "mtime": re.compile(r"[-+]?[0-9]{1,19}(?:\.[0-9]*)?"),
+}
+
+
+def _check_entry_numbers(member: tarfile.TarInfo) -> None:
+    """Raise ValueError for a PAX number that tarfile misreads, or a size that no entry can have.
+
+    It runs on every entry, whiteouts and links too, because the size
+    decides where the next header starts.
+    """
+    for keyword, syntax in _PAX_NUMBER_SYNTAX.items():
+        value = member.pax_headers.get(keyword)
+        if value is not None and not syntax.fullmatch(value):
+            excerpt = value if len(value) <= 40 else value[:40] + "..."
+            raise ValueError(f"invalid PAX {keyword} {excerpt!r}: expected a decimal number of at most 19 digits")
+    if not 0 <= member.size <= _TAR_SIZE_MAX:
+        raise ValueError(f"size {member.size} is out of range (0 to {_TAR_SIZE_MAX})")
 
 
 def _check_member_values(member: tarfile.TarInfo) -> None:
@@ -5571,11 +5667,17 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
                      progress: Callable[[int, int], None] | None = None) -> int:
     """Apply a layer tar (uncompressed, gzip, bzip2, xz or zstd) to a layer directory.
 
-    Returns the sum of the regular files' sizes in the tar. Raises ValueError
-    naming the entry and offset for a corrupt, truncated or hostile stream;
-    the layer then keeps every entry before the bad one. The stream is read
-    to its end, so a compressed stream that fails its checksum or lacks its
-    end after the last entry raises too, with every entry applied.
+    Returns the sum of the sizes of the regular files that it wrote, so
+    whiteouts, hard links and AUFS metadata add nothing. UnpackLayer in
+    containers/storage's pkg/archive adds the size field of every entry
+    instead. The sums differ only where a whiteout, an AUFS metadata file
+    or a non-regular entry has a size other than 0.
+
+    Raises ValueError naming the entry and offset for a corrupt, truncated
+    or hostile stream; the layer then keeps every entry before the bad one.
+    The stream is read to its end, so a compressed stream that fails its
+    checksum or lacks its end after the last entry raises too, with every
+    entry applied.
 
     Applies to one layer run one at a time: each holds an exclusive flock(2)
     on the layer's top directory, and one that finds it held raises OSError
@@ -5605,7 +5707,7 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
         os.close(root_fd)
         raise
     applied = 0
-    total_size = 0
+    written_size = 0
     last_report = time.monotonic()
     last_name = None
 
@@ -5619,6 +5721,9 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
             progress(counting.count, applied)
 
     def copy_data(member: tarfile.TarInfo, out: io.BufferedWriter) -> None:
+        nonlocal written_size
+        # The applier calls this once for each regular file that it writes.
+        written_size += member.size
         # An io.BufferedReader over tarfile's reader of the member's data.
         source: Any = tar.extractfile(member)
         assert source is not None  # copy_data is called only for regular files
@@ -5663,15 +5768,18 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
         except header_errors as error:
             raise _invalid_tar_header(error, 0, None) from None
         while True:
+            # tarfile can move tar.offset past a header that then fails.
+            header_offset = tar.offset
             try:
                 member = tar.next()
             except header_errors as error:
-                raise _invalid_tar_header(error, tar.offset, last_name) from None
+                raise _invalid_tar_header(error, header_offset, last_name) from None
             if member is None:
                 break
             _forget_tar_members(tar)  # tarfile keeps every member read; memory must stay flat
             last_name = member.name
             try:
+                _check_entry_numbers(member)
                 applier.apply(member, copy_data)
             except ValueError as error:
                 raise ValueError(f"entry {member.name!r} at offset {member.offset}: {error}") from None
@@ -5684,9 +5792,9 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
             try:
                 _skip_to_next_header(tar)
             except header_errors as error:
-                raise _invalid_tar_header(error, tar.offset, last_name) from None
-            if member.isreg():
-                total_size += member.size
+                # The offset where the data ran out, not the one that the size claims.
+                stream: Any = tar.fileobj
+                raise _invalid_tar_header(error, stream.tell(), last_name) from None
             applied += 1
             report()
         end = tar_input.block_at(tar.offset)
@@ -5701,7 +5809,7 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
                              "data of any of them may be corrupt") from None
         applier.dir_times.apply(root_fd)
         report(force=True)
-        return total_size
+        return written_size
     finally:
         applier.close()
         os.close(root_fd)

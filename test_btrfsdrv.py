@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -3878,14 +3879,21 @@ def test_hostile_corrupt_header(trees):
         apply(layer, bytes(raw))
 
 
+def pax_record(key, value):
+    """Return the PAX record of key and value, with the length that counts its own digits."""
+    record = b" " + key + b"=" + value + b"\n"
+    length = len(record) + len(str(len(record)))
+    length += len(str(length)) - len(str(len(record)))
+    return str(length).encode() + record
+
+
 def pax_header_tar(records, data):
     """A tar whose second member, s, has the PAX records given as (key, value) byte pairs."""
-    body = b""
-    for key, value in records:
-        record = b" " + key + b"=" + value + b"\n"
-        length = len(record) + len(str(len(record)))
-        length += len(str(length)) - len(str(len(record)))
-        body += str(length).encode() + record
+    return pax_body_tar(b"".join(pax_record(key, value) for key, value in records), data)
+
+
+def pax_body_tar(body, data):
+    """A tar whose second member, s, follows a PAX header at offset 1024 with body as its data."""
     header = tarfile.TarInfo("././@PaxHeader")
     header.type = tarfile.XHDTYPE
     header.size = len(body)
@@ -3938,6 +3946,184 @@ def test_apply_accepts_moderate_pax_digit_runs(tmp_path):
     value = b"7" * 4000
     apply(layer, pax_header_tar([(b"SCHILY.xattr.user.digits", value)], b"data"))
     assert os.getxattr(layer / "s", "user.digits") == value
+
+
+# PAX header data with one malformed record, and the position of that record
+# in the data. Each record before it is well-formed.
+MALFORMED_PAX_RECORDS = {
+    "length-too-small": (b"3 path=abc\n", 0),
+    "length-too-large": (b"99 path=abc\n", 0),
+    "length-not-digits": (b"1a path=ab\n", 0),
+    "length-without-space": (b"11path=abc\n", 0),
+    "no-newline": (b"11 path=abc", 0),
+    "newline-before-end": (b"12 path=ab\nX", 0),
+    "no-equals": (b"9 pathab\n", 0),
+    "empty-keyword": (b"7 =abc\n", 0),
+    "nul-in-keyword": (b"12 pa\0h=abc\n", 0),
+    "bytes-after-nul": (b"11 path=ab\n\0\0xyz", 11),
+    "after-good-record": (b"11 path=ab\n9 pathab\n", 11),
+    "repeated-without-equals": (b"6 aaa\n" * 1000 + b"=\n", 0),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED_PAX_RECORDS))
+def test_apply_rejects_malformed_pax_records(tmp_path, kind):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    body, position = MALFORMED_PAX_RECORDS[kind]
+    with pytest.raises(ValueError) as raised:
+        apply(layer, pax_body_tar(body, b"data"))
+    message = str(raised.value)
+    assert message.startswith("invalid layer tar at offset 1024 (after entry 'first'): ")
+    assert f"PAX record at offset {1536 + position}" in message
+    assert len(message) < 300
+    assert sorted(os.listdir(layer)) == ["first"]
+
+
+_PAX_WITHOUT_EQUALS_CHILD = r"""
+import gzip, io, resource, sys, tarfile
+sys.path.insert(0, sys.argv[1])
+import btrfsdrv
+
+records = b"6 aaa\n" * 60000 + b"=\n"
+header = tarfile.TarInfo("././@PaxHeader")
+header.type = tarfile.XHDTYPE
+header.size = len(records)
+raw = (header.tobuf(tarfile.USTAR_FORMAT) + records + b"\0" * (-len(records) % 512)
+       + tarfile.TarInfo("file").tobuf(tarfile.USTAR_FORMAT) + b"\0" * 1024)
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+try:
+    btrfsdrv.apply_layer_diff(sys.argv[2], io.BytesIO(gzip.compress(raw, 9)))
+except ValueError as error:
+    print(error)
+"""
+
+
+def test_apply_bounds_pax_records_without_equals(tmp_path):
+    # tarfile of CPython 3.8.18, 3.11.7 and 3.12.1 scans from each record to
+    # the one '=' at the end and keeps 60,000 keywords of 180 kB on average.
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    module_dir = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
+    result = subprocess.run([sys.executable, "-c", _PAX_WITHOUT_EQUALS_CHILD, module_dir, str(layer)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "PAX record at offset 512 has no '='" in result.stdout
+    assert os.listdir(layer) == []
+
+
+def test_apply_accepts_well_formed_pax_records(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    body = (pax_record(b"path", b"d/" + b"n" * 200) + pax_record(b"SCHILY.xattr.user.a", b"x=y\nz")
+            + pax_record(b"comment", b"") + pax_record(b"mtime", b"1700000000.123456789"))
+    apply(layer, pax_body_tar(body + b"\0" * 40, b"data"))
+    path = layer / "d" / ("n" * 200)
+    assert path.read_bytes() == b"data"
+    assert os.getxattr(path, "user.a") == b"x=y\nz"
+    assert abs(os.stat(path).st_mtime - 1700000000.123456789) < 1e-6
+    binary = make_tar([entry("caf\udce9", data=b"x")])
+    assert b"21 hdrcharset=BINARY\n13 path=caf\xe9\n" in binary
+    apply(layer, binary)
+    with open(os.path.join(os.fsencode(layer), b"caf\xe9"), "rb") as data:
+        assert data.read() == b"x"
+
+
+def test_apply_accepts_gnu_tar_pax(tmp_path):
+    if shutil.which("tar") is None:
+        pytest.skip("tar is not installed")
+    source = tmp_path / "source"
+    long_dir = source / ("d" * 120) / ("e" * 120)
+    long_dir.mkdir(parents=True)
+    long_file = long_dir / ("f" * 200)
+    long_file.write_bytes(b"content")
+    os.setxattr(long_file, "user.note", b"a=b\nc")
+    os.link(long_file, source / ("h" * 150))
+    os.symlink("t" * 300, source / "link")
+    latin1 = os.path.join(os.fsencode(source), b"caf\xe9")
+    with open(latin1, "wb") as output:
+        output.write(b"latin-1 name")
+    raw = subprocess.run(["tar", "--format=pax", "--xattrs", "-C", str(source), "-cf", "-", "."],
+                         stdout=subprocess.PIPE, check=True).stdout
+    assert b"SCHILY.xattr.user.note" in raw
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    assert apply(layer, raw) == len(b"content") + len(b"latin-1 name")
+    copy = layer / long_file.relative_to(source)
+    assert copy.read_bytes() == b"content"
+    assert os.getxattr(copy, "user.note") == b"a=b\nc"
+    assert os.stat(layer / ("h" * 150)).st_ino == os.stat(copy).st_ino
+    assert os.readlink(layer / "link") == "t" * 300
+    with open(os.path.join(os.fsencode(layer), b"caf\xe9"), "rb") as data:
+        assert data.read() == b"latin-1 name"
+
+
+@pytest.mark.parametrize("name, kind, size, match", [
+    (".wh.gone", tarfile.REGTYPE, "-1", r"size -1 is out of range"),
+    (".wh.gone", tarfile.REGTYPE, "-511", r"size -511 is out of range"),
+    (".wh.gone", tarfile.REGTYPE, "-512", r"size -512 is out of range"),
+    (".wh.gone", tarfile.REGTYPE, str(2**63), r"size 9223372036854775808 is out of range"),
+    (".wh.gone", tarfile.REGTYPE, "9" * 4000, r"invalid PAX size '9{40}\.\.\.'"),
+    (".wh.gone", tarfile.REGTYPE, "-" + "9" * 4000, r"invalid PAX size '-9{39}\.\.\.'"),
+    (".wh.gone", tarfile.REGTYPE, "abc", r"invalid PAX size 'abc'"),
+    (".wh.gone", tarfile.REGTYPE, "1_0", r"invalid PAX size '1_0'"),
+    (".wh.gone", tarfile.REGTYPE, " 10", r"invalid PAX size ' 10'"),
+    ("d", tarfile.DIRTYPE, "-5", r"size -5 is out of range"),
+    ("l", tarfile.SYMTYPE, "-5", r"size -5 is out of range"),
+], ids=["-1", "-511", "-512", "2**63", "4000-digits", "-4000-digits", "letters", "underscore", "space",
+        "directory", "symlink"])
+def test_apply_rejects_invalid_entry_size(tmp_path, name, kind, size, match):
+    info, _ = entry(name, kind, linkname="first")
+    info.pax_headers = {"size": size}
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    with pytest.raises(ValueError, match=rf"^entry '{re.escape(name)}' at offset 1024: {match}") as raised:
+        apply(layer, make_tar([entry("first", data=b"1"), (info, None), entry("last", data=b"2")]))
+    assert len(str(raised.value)) < 300
+    assert sorted(os.listdir(layer)) == ["first"]
+
+
+@pytest.mark.parametrize("kind, match", [
+    (tarfile.REGTYPE, r"^entry '\.wh\.gone' at offset 1024: size -1024 is out of range"),
+    (tarfile.XHDTYPE, r"^invalid layer tar at offset 1024 \(after entry 'first'\): extended header size -1024 "),
+    (tarfile.GNUTYPE_LONGNAME, r"^invalid layer tar at offset 1024 \(after entry 'first'\): extended header size "
+                               "-1024 "),
+], ids=["whiteout", "pax", "long-name"])
+def test_apply_rejects_negative_base_256_size(tmp_path, kind, match):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    header = tarfile.TarInfo(".wh.gone")
+    header.type = kind
+    header.size = -1024  # GNU tar's base-256 encoding allows negative numbers
+    raw = (make_tar([entry("first", data=b"1")])[:1024] + header.tobuf(tarfile.GNU_FORMAT)
+           + make_tar([entry("last", data=b"2")]))
+    with pytest.raises(ValueError, match=match):
+        apply(layer, raw)
+    assert sorted(os.listdir(layer)) == ["first"]
+
+
+@pytest.mark.parametrize("keyword, value", [
+    ("uid", "\u0661"), ("gid", "+\u0661"), ("uid", "1_000"), ("mtime", "1e3"), ("mtime", "1700000000 "),
+    ("mtime", "0x10"),
+])
+def test_apply_rejects_pax_numbers_tarfile_misreads(tmp_path, keyword, value):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    info, data = entry("f", data=b"data")
+    info.pax_headers = {keyword: value}
+    with pytest.raises(ValueError, match=rf"^entry 'f' at offset 0: invalid PAX {keyword} "):
+        apply(layer, make_tar([(info, data)]))
+    assert os.listdir(layer) == []
+
+
+def test_apply_returns_size_of_written_files(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    link, _ = entry("b", tarfile.LNKTYPE, linkname="a")
+    raw = make_tar([entry("a", data=b"12345"), (link, None), entry(".wh.gone", data=b"xyz"),
+                    entry(".wh..wh.plnk/1", data=b"aufs"), entry("d", tarfile.DIRTYPE, mode=0o755),
+                    entry("d/e", data=b"67")])
+    assert apply(layer, raw) == 7
 
 
 def test_apply_ignores_global_pax_headers(tmp_path):
@@ -4020,7 +4206,7 @@ def test_apply_names_offset_of_malformed_first_header(tmp_path):
 @pytest.mark.parametrize("name", [".wh.gone", ".wh..wh.plnk/1"])
 def test_apply_unread_entry_with_huge_size_fails(tmp_path, name):
     info, _ = entry(name)
-    info.pax_headers = {"size": str(10**20)}
+    info.pax_headers = {"size": str(2**63 - 1)}
     raw = make_tar([entry("first", data=b"1"), (info, None)])
 
     def time_out(signum, frame):
@@ -4029,11 +4215,13 @@ def test_apply_unread_entry_with_huge_size_fails(tmp_path, name):
     previous = signal.signal(signal.SIGALRM, time_out)
     signal.alarm(10)
     try:
-        with pytest.raises(ValueError, match=r"offset \d+ \(after entry '.*'\): the entry's data ends"):
+        with pytest.raises(ValueError, match=r"offset \d+ \(after entry '.*'\): the entry's data ends") as raised:
             apply(tmp_path, raw)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+    # The offset is where the data ran out, not the one that the size claims.
+    assert int(re.search(r"offset (\d+)", str(raised.value)).group(1)) <= len(raw)
 
 
 def test_hostile_corrupt_gzip(trees):
@@ -4062,6 +4250,18 @@ def random_hostile_member(rng, sentinel):
     if kind == tarfile.REGTYPE:
         data = b"owned"
     return info, data
+
+
+def insert_malformed_pax_header(rng, raw):
+    """Insert a PAX header with a malformed record in front of a random header of the tar raw."""
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        offsets = [member.offset for member in tar]
+    body, _ = MALFORMED_PAX_RECORDS[rng.choice(sorted(MALFORMED_PAX_RECORDS))]
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type = tarfile.XHDTYPE
+    header.size = len(body)
+    at = rng.choice(offsets)
+    return raw[:at] + header.tobuf(tarfile.USTAR_FORMAT) + body + b"\0" * (-len(body) % 512) + raw[at:]
 
 
 def mutate_bytes(rng, raw):
@@ -4178,12 +4378,17 @@ def test_apply_random_and_mutated_tars_stay_inside(trees):
 
     def check(rng):
         raw = make_tar([random_hostile_member(rng, sentinel) for _ in range(rng.randint(1, 8))])
-        if rng.random() < 0.5:
+        malformed_pax = rng.random() < 0.2
+        if malformed_pax:
+            raw = insert_malformed_pax_header(rng, raw)
+        elif rng.random() < 0.5:
             raw = mutate_bytes(rng, raw)
         try:
             apply(layer, raw)
         except (ValueError, OSError):
             pass  # a rejected stream is fine; only what it left behind matters
+        else:
+            assert not malformed_pax, "a tar with a malformed PAX record was applied"
         assert_sentinel_intact(sentinel, digest)
         assert sorted(os.listdir(layer.parent)) == beside
         assert no_temporaries(layer)
