@@ -2984,6 +2984,41 @@ def _path_parts(path: str) -> list[str]:
     return parts
 
 
+def _open_path_component(dir_fd: int, dir_dev: int, parts: Sequence[str], index: int, path: str,
+                         open_directory: Callable[[str, int], int], create: bool = False,
+                         created: list[int] | None = None) -> tuple[int, os.stat_result] | None:
+    """Open directory parts[index] inside dir_fd, whose st_dev is dir_dev; return its fd and stat.
+
+    open_directory must not follow a symlink. Returns None when the entry is
+    missing and create is false. With create, a missing directory is made
+    with mode 0755 and index is appended to created. Raises ValueError when
+    the entry is not a directory, and EBUSY when it is on another mount.
+    """
+    part = parts[index]
+    try:
+        child = open_directory(part, dir_fd)
+    except FileNotFoundError:
+        if not create:
+            return None
+        os.mkdir(part, 0o755, dir_fd=dir_fd)
+        if created is not None:
+            created.append(index)
+        child = open_directory(part, dir_fd)
+    except (NotADirectoryError, OSError) as error:
+        if error.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        prefix = "/".join(parts[:index + 1])
+        raise ValueError(f"path {path!r}: {prefix!r} is not a directory") from None
+    try:
+        st = os.fstat(child)
+        if st.st_dev != dir_dev:  # as _check_mount_boundary, without a join per level
+            _check_same_mount(dir_fd, child, "open layer directory", "/".join(parts[:index + 1]))
+    except BaseException:
+        os.close(child)
+        raise
+    return child, st
+
+
 def _open_entry_parent(root_fd: int, parts: Sequence[str], path: str, create: bool = False,
                        created: list[int] | None = None) -> int | None:
     """Open the directory that contains parts[-1], walking from root_fd.
@@ -2996,34 +3031,188 @@ def _open_entry_parent(root_fd: int, parts: Sequence[str], path: str, create: bo
     """
     fd = os.dup(root_fd)
     try:
-        for index, part in enumerate(parts[:-1]):
-            try:
-                child = _open_directory(part, fd)
-            except FileNotFoundError:
-                if not create:
-                    os.close(fd)
-                    return None
-                os.mkdir(part, 0o755, dir_fd=fd)
-                if created is not None:
-                    created.append(index)
-                child = _open_directory(part, fd)
-            except (NotADirectoryError, OSError) as error:
-                if error.errno not in (errno.ENOTDIR, errno.ELOOP):
-                    raise
-                prefix = "/".join(parts[:index + 1])
-                raise ValueError(f"path {path!r}: {prefix!r} is not a directory") from None
-            if os.fstat(child).st_dev != os.fstat(fd).st_dev:  # as _check_mount_boundary, without a join per level
-                try:
-                    _check_same_mount(fd, child, "open layer directory", "/".join(parts[:index + 1]))
-                except BaseException:
-                    os.close(child)
-                    raise
+        dev = os.fstat(fd).st_dev
+        for index in range(len(parts) - 1):
+            opened = _open_path_component(fd, dev, parts, index, path, _open_directory, create, created)
+            if opened is None:
+                os.close(fd)
+                return None
             os.close(fd)
-            fd = child
+            fd, dev = opened[0], opened[1].st_dev
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _path_key(parts: Sequence[str]) -> bytes:
+    """Return parts as bytes with a "/" after each component, the form _common_components compares."""
+    return os.fsencode("/".join(parts)) + b"/" if parts else b""
+
+
+def _common_components(key: bytes, other: bytes) -> int:
+    """Count the leading components that two _path_key values share.
+
+    The highest set bit of the XOR of both as big integers marks the first
+    byte that differs, so the comparison runs in C however long the paths are.
+    """
+    length = min(len(key), len(other))
+    difference = int.from_bytes(key[:length], "big") ^ int.from_bytes(other[:length], "big")
+    same = length - (difference.bit_length() + 7) // 8
+    return key.count(b"/", 0, same)
+
+
+class _DirectoryCursor:
+    """An open directory of a _DirectoryOpener and the directories above it.
+
+    ids lists (st_dev, st_ino) of the opener's root and of each directory
+    of parts, so ids[-1] is that of fd. key is _path_key(parts).
+    """
+
+    __slots__ = ("parts", "ids", "key", "fd")
+
+    def __init__(self, parts: list[str], ids: list[tuple[int, int]], fd: int) -> None:
+        self.parts = parts
+        self.ids = ids
+        self.key = _path_key(parts)
+        self.fd = fd
+
+
+class _DirectoryOpener:
+    """Opens directories below a root by path, starting where earlier paths were opened.
+
+    Each directory is entered as _open_entry_parent enters it: one component
+    at a time, never through a symlink, and with a mount check. Up to
+    max_cursors cursors keep one directory open each, and a path is reached
+    from the cursor, or from the root, with the fewest steps. Paths in tree
+    order, or alternating among a few subtrees, thus cost a few opens each
+    however deep they are. A cursor climbs with "..", and each directory it
+    reaches must be the one it passed on the way down. When a directory was
+    moved or removed, the path is walked from the root instead.
+
+    NOTE: a cursor moves with its directory, so after someone else renames a
+    directory that a cursor is in, later paths below it resolve inside the
+    renamed directory, as walk_tree does. Inside a btrfs subvolume, rename(2)
+    moves only nested subvolumes out of it. Paths that cycle through more
+    than max_cursors subtrees cost one open per component again.
+    """
+
+    def __init__(self, root_fd: int, open_directory: Callable[[str, int], int] = _open_directory,
+                 max_cursors: int = 8) -> None:
+        self.root_fd = root_fd
+        self.open_directory = open_directory
+        self.max_cursors = max_cursors
+        root_st = os.fstat(root_fd)
+        self.root_id = (root_st.st_dev, root_st.st_ino)
+        self.cursors: list[_DirectoryCursor] = []  # the least recently used first
+
+    def __enter__(self) -> _DirectoryOpener:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.forget(())
+
+    def open(self, parts: Sequence[str], path: str, create: bool = False,
+             created: list[int] | None = None) -> int | None:
+        """Return an fd of the directory at parts below the root; None when a component is missing.
+
+        create, created and the ValueError for a component that is not a
+        directory work as in _open_entry_parent, with path naming the entry
+        in messages. The fd belongs to the opener and stays open until its
+        next call.
+        """
+        key = _path_key(parts)
+        cursor, common = self.start_cursor(parts, key)
+        try:
+            for index in range(common, len(parts)):
+                opened = _open_path_component(cursor.fd, cursor.ids[-1][0], parts, index, path,
+                                              self.open_directory, create, created)
+                if opened is None:
+                    return None
+                child, st = opened
+                os.close(cursor.fd)
+                cursor.fd = child
+                cursor.parts.append(parts[index])
+                cursor.ids.append((st.st_dev, st.st_ino))
+        finally:
+            cursor.key = key if len(cursor.parts) == len(parts) else _path_key(cursor.parts)
+            self.cursors.append(cursor)
+        return cursor.fd
+
+    def start_cursor(self, parts: Sequence[str], key: bytes) -> tuple[_DirectoryCursor, int]:
+        """Return the cursor to walk down to parts from, taken out of self.cursors, and its depth.
+
+        The start with the fewest steps wins. A cursor at an ancestor of
+        parts walks on itself. Otherwise a new cursor starts from the root
+        or from a copy of another cursor climbed to their common ancestor,
+        and the least recently used cursor is closed when there are too many.
+        """
+        best: _DirectoryCursor | None = None
+        best_common = 0
+        # Among starts with equal steps, walking on an existing cursor comes
+        # first, then starting a new one at the root, then climbing.
+        best_rank = (len(parts), 1)
+        for cursor in reversed(self.cursors):  # the most recently used is most often the best
+            if (abs(len(cursor.parts) - len(parts)), 0) >= best_rank:
+                continue  # it cannot take fewer steps
+            common = _common_components(cursor.key, key)
+            climbs = len(cursor.parts) - common
+            rank = (climbs + len(parts) - common, 0 if climbs == 0 else 2)
+            if rank < best_rank:
+                best, best_common, best_rank = cursor, common, rank
+        if best is not None and best_common == len(best.parts):
+            self.cursors.remove(best)
+            return best, best_common
+        start = None
+        if best is not None:
+            start = self.climbed_copy(best, best_common)
+            if start is None:  # a directory that best passed has changed since
+                self.cursors.remove(best)
+                os.close(best.fd)
+        if start is None:
+            start = _DirectoryCursor([], [self.root_id], os.dup(self.root_fd))
+        if len(self.cursors) >= self.max_cursors:
+            os.close(self.cursors.pop(0).fd)
+        return start, len(start.parts)
+
+    def climbed_copy(self, cursor: _DirectoryCursor, depth: int) -> _DirectoryCursor | None:
+        """Return a new cursor at the ancestor of cursor that is depth levels below the root.
+
+        Returns None when a directory on the way is not the one that the
+        cursor passed on its way down: it was moved or removed since.
+        """
+        fd = os.dup(cursor.fd)
+        try:
+            for level in range(len(cursor.parts), depth, -1):
+                parent = self.open_directory("..", fd)
+                os.close(fd)
+                fd = parent
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != cursor.ids[level - 1] or st.st_nlink == 0:
+                    os.close(fd)
+                    return None
+        except OSError:
+            os.close(fd)
+            return None
+        return _DirectoryCursor(cursor.parts[:depth], cursor.ids[:depth + 1], fd)
+
+    def forget(self, parts: Sequence[str], below_only: bool = False) -> None:
+        """Close the cursors in the directory at parts and below it (only below it with below_only).
+
+        Call it when that directory is moved, removed or emptied, because a
+        cursor inside it would find entries where the path no longer leads.
+        """
+        key = _path_key(parts)
+        remaining = []
+        for cursor in self.cursors:
+            if cursor.key.startswith(key) and not (below_only and len(cursor.parts) == len(parts)):
+                os.close(cursor.fd)
+            else:
+                remaining.append(cursor)
+        self.cursors = remaining
 
 
 def _open_entered_directory(dir_fd: int, name: str) -> int:
@@ -3434,17 +3623,15 @@ def _changes_size(layer_dir: str, changes: list[Change]) -> int:
 
 
 def _lstat_changes(layer_fd: int, changes: list[Change]) -> Iterator[os.stat_result]:
-    for change in changes:
-        if change.kind == ChangeKind.DELETE:
-            continue
-        parts = _path_parts(change.path)
-        dir_fd = _open_entry_parent(layer_fd, parts, change.path)
-        if dir_fd is None:
-            raise FileNotFoundError(errno.ENOENT, "changed entry vanished", change.path)
-        try:
+    with _DirectoryOpener(layer_fd) as directories:
+        for change in changes:
+            if change.kind == ChangeKind.DELETE:
+                continue
+            parts = _path_parts(change.path)
+            dir_fd = directories.open(parts[:-1], change.path)
+            if dir_fd is None:
+                raise FileNotFoundError(errno.ENOENT, "changed entry vanished", change.path)
             yield os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
-        finally:
-            os.close(dir_fd)
 
 
 def _layer_changes_fast(layer_dir: str, parent_dir: str | None = None) -> list[Change]:
@@ -3548,32 +3735,15 @@ def _nested_subvolume_directories(fd: int, tree_id: int, path: str) -> set[str]:
     return directories
 
 
-def _open_directory_path(root_fd: int, path: str) -> int | None:
-    """Open a directory below root_fd without following symlinks; None if it is not one."""
-    parts = _path_parts(path)
-    if not parts:
-        return os.dup(root_fd)
+def _open_directory_path(directories: _DirectoryOpener, path: str) -> int | None:
+    """Open a directory below the opener's root without following symlinks; None if it is not one.
+
+    The fd belongs to the opener and stays open until its next call.
+    """
     try:
-        parent_fd = _open_entry_parent(root_fd, parts, path)
+        return directories.open(_path_parts(path), path)
     except ValueError:
         return None
-    if parent_fd is None:
-        return None
-    with _Fd(parent_fd):
-        try:
-            fd = _open_directory_for_reading(parts[-1], parent_fd)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except OSError as error:
-            if error.errno == errno.ELOOP:
-                return None
-            raise
-        try:
-            _check_mount_boundary(parent_fd, fd, "walk layer", path)
-        except BaseException:
-            os.close(fd)
-            raise
-    return fd
 
 
 def _snapshot_changes(layer_dir: str, parent_dir: str) -> list[Change] | None:
@@ -3631,25 +3801,22 @@ def _compare_dirty_directories(layer_fd: int, parent_fd: int, paths: set[str],
     """
     changes: dict[str, Change] = {}
     containing: set[str] = set()
-    for path in sorted(paths, key=os.fsencode):
-        layer_dir_fd = _open_directory_path(layer_fd, path)
-        if layer_dir_fd is None:
-            continue
-        try:
-            parent_dir_fd = _open_directory_path(parent_fd, path)
+    # In sorted order, each directory is opened from the one before it.
+    with _DirectoryOpener(layer_fd, _open_directory_for_reading) as layer_directories, \
+            _DirectoryOpener(parent_fd, _open_directory_for_reading) as parent_directories:
+        for path in sorted(paths, key=os.fsencode):
+            layer_dir_fd = _open_directory_path(layer_directories, path)
+            if layer_dir_fd is None:
+                continue
+            parent_dir_fd = _open_directory_path(parent_directories, path)
             if parent_dir_fd is None:
                 continue
-            try:
-                found = False
-                for item in _walk_changes(layer_dir_fd, parent_dir_fd, path, changed_inodes):
-                    changes[item.path] = Change(item.path, item.kind)
-                    found = True
-            finally:
-                os.close(parent_dir_fd)
-        finally:
-            os.close(layer_dir_fd)
-        if found:
-            containing.add(path)
+            found = False
+            for item in _walk_changes(layer_dir_fd, parent_dir_fd, path, changed_inodes):
+                changes[item.path] = Change(item.path, item.kind)
+                found = True
+            if found:
+                containing.add(path)
 
     # As in the full walk, a directory that contains a change is reported.
     for path in containing:
@@ -3890,19 +4057,17 @@ def _write_changes_tar(out: io.BufferedWriter, layer_fd: int, changes: list[Chan
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
                       encoding="utf-8", errors="surrogateescape") as tar:
         writer = _TarEntryWriter(tar, uid_maps, gid_maps)
-        for change in changes:
-            if change.kind == ChangeKind.DELETE:
-                writer.add_whiteout(change.path)
-                continue
-            parts = _path_parts(change.path)
-            dir_fd = _open_entry_parent(layer_fd, parts, change.path)
-            if dir_fd is None:
-                raise FileNotFoundError(errno.ENOENT, "changed entry vanished during the diff", change.path)
-            try:
+        with _DirectoryOpener(layer_fd) as directories:
+            for change in changes:
+                if change.kind == ChangeKind.DELETE:
+                    writer.add_whiteout(change.path)
+                    continue
+                parts = _path_parts(change.path)
+                dir_fd = directories.open(parts[:-1], change.path)
+                if dir_fd is None:
+                    raise FileNotFoundError(errno.ENOENT, "changed entry vanished during the diff", change.path)
                 st = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
                 writer.add(change.path.lstrip("/"), change.path, dir_fd, parts[-1], st)
-            finally:
-                os.close(dir_fd)
 
 
 class _PipeReader(io.RawIOBase):
