@@ -475,20 +475,66 @@ def _ino_lookup_path(fd: int, tree_id: int, dirid: int, path: Any) -> bytes:
 def _inode_ref_path(fd: int, tree_id: int, dirid: int, path: Any) -> bytes:
     """Build the path of directory dirid from INODE_REF items, any length (CAP_SYS_ADMIN)."""
     components: list[bytes] = []
-    header = ctypes.sizeof(btrfs_inode_ref)
     inode = dirid
     while inode != BTRFS_FIRST_FREE_OBJECTID:
-        # A directory has exactly one INODE_REF: (inode, INODE_REF, parent inode).
-        items = tree_search(fd, tree_id, (inode, BTRFS_INODE_REF_KEY, 0),
-                            (inode, BTRFS_INODE_REF_KEY, _U64_MAX), path=path)
-        item = next((item for item in items if item.type == BTRFS_INODE_REF_KEY), None)
-        if item is None or len(components) > 1 << 20:
+        ref = _directory_ref(fd, tree_id, inode, path)
+        if ref is None or len(components) > _MAX_DIRECTORY_DEPTH:
             raise _os_error(errno.ENOENT, "look up directory path", path,
                             f"directory inode {inode} of subvolume {tree_id} has no parent reference")
-        ref = btrfs_inode_ref.from_buffer_copy(item.data)
-        components.append(item.data[header:header + ref.name_len])
-        inode = item.offset
+        inode, name = ref
+        components.append(name)
     return b"".join(component + b"/" for component in reversed(components))
+
+
+# More levels than this in a chain of INODE_REF items means the references
+# form a loop, which a consistent filesystem never has.
+_MAX_DIRECTORY_DEPTH = 1 << 20
+
+
+def _directory_ref(fd: int, tree_id: int, inode: int, path: Any) -> tuple[int, bytes] | None:
+    """Return the parent inode and the name of directory inode (CAP_SYS_ADMIN); None when it has none."""
+    # A directory has exactly one INODE_REF: (inode, INODE_REF, parent inode).
+    items = tree_search(fd, tree_id, (inode, BTRFS_INODE_REF_KEY, 0),
+                        (inode, BTRFS_INODE_REF_KEY, _U64_MAX), path=path)
+    item = next((item for item in items if item.type == BTRFS_INODE_REF_KEY), None)
+    if item is None:
+        return None
+    header = ctypes.sizeof(btrfs_inode_ref)
+    ref = btrfs_inode_ref.from_buffer_copy(item.data)
+    return item.offset, item.data[header:header + ref.name_len]
+
+
+def _directory_paths(fd: int, tree_id: int, directories: set[int], path: Any) -> dict[int, bytes]:
+    """Return the path of each directory inode inside subvolume tree_id, as _ino_lookup_path does.
+
+    A directory deleted meanwhile is left out. Each directory on the way up
+    costs one tree search (CAP_SYS_ADMIN) the first time, and only the given
+    directories get a path built, so time and memory follow the length of
+    their paths. _ino_lookup_path walks every level of every path, in the
+    kernel or, beyond 4080 bytes, with a search per level.
+    """
+    refs: dict[int, tuple[int, bytes] | None] = {}
+    paths = {BTRFS_FIRST_FREE_OBJECTID: b""}
+    for directory in directories:
+        chain: list[tuple[int, bytes]] = []  # (inode, name) from directory upwards
+        inode = directory
+        while inode not in paths and len(chain) <= _MAX_DIRECTORY_DEPTH:
+            if inode not in refs:
+                refs[inode] = _directory_ref(fd, tree_id, inode, path)
+            ref = refs[inode]
+            if ref is None:
+                break
+            chain.append((inode, ref[1]))
+            inode = ref[0]
+        if inode not in paths:
+            continue  # deleted while we looked
+        full = paths[inode] + b"".join(name + b"/" for _, name in reversed(chain))
+        end = len(full)
+        for node, name in chain:
+            if node in directories:
+                paths[node] = full[:end]
+            end -= len(name) + 1
+    return {directory: paths[directory] for directory in directories if directory in paths}
 
 
 def _child_refs_privileged(fd: int, parent_id: int, path: Any) -> Iterator[tuple[int, bytes]]:
@@ -3712,11 +3758,7 @@ def _dirty_directory_paths(fd: int, tree_id: int, generation: int, path: str) ->
         if inode != BTRFS_FIRST_FREE_OBJECTID:
             dirty |= _parent_directories(fd, tree_id, inode, path)
     paths = set()
-    for directory in dirty:
-        try:
-            relative = _ino_lookup_path(fd, tree_id, directory, path)
-        except FileNotFoundError:
-            continue  # deleted while we looked
+    for relative in _directory_paths(fd, tree_id, dirty, path).values():
         paths.add("/" + os.fsdecode(relative).strip("/") if relative else "")
     return paths, changed
 

@@ -5244,6 +5244,23 @@ def test_fast_path_opens_linear_in_depth(driver, monkeypatch, operation):
         assert len(members(result)) == len(expected)
 
 
+def test_fast_path_ioctls_linear_beyond_ino_lookup_limit(driver, monkeypatch):
+    depth = 300
+    # 21 bytes a level: INO_LOOKUP fails with ENAMETOOLONG below level 194.
+    child, parent = deep_snapshot_pair(driver, depth, name="d" * 20)
+    expected = btrfsdrv.layer_changes(child, parent)
+
+    ioctls = count_calls(monkeypatch, btrfsdrv, "_ioctl")
+    changes = driver.changes("child", "parent")
+    ioctl_count = len(ioctls)
+
+    # Each level takes two searches for the references of its changed file
+    # and directory and one to name the directory. Looking up each directory
+    # below level 194 one level at a time would take about 26,000 searches.
+    assert ioctl_count <= 6 * depth
+    assert changes == expected
+
+
 # -- Hardening -----------------------------------------------------------------
 
 
