@@ -4524,37 +4524,34 @@ class _PendingDirTimes:
         self.file = tempfile.TemporaryFile()
 
     def add(self, parts: Sequence[str], atime_ns: int, mtime_ns: int) -> None:
-        path = b"/".join(os.fsencode(part) for part in parts)
+        path = os.fsencode("/".join(parts))
         self.file.write(self._HEADER.pack(atime_ns, mtime_ns, len(path)) + path)
 
     def apply(self, root_fd: int) -> None:
         self.file.seek(0)
-        while True:
-            header = self.file.read(self._HEADER.size)
-            if not header:
-                break
-            atime_ns, mtime_ns, length = self._HEADER.unpack(header)
-            parts = [os.fsdecode(part) for part in self.file.read(length).split(b"/") if part]
-            self._set_times(root_fd, parts, (atime_ns, mtime_ns))
+        with _DirectoryOpener(root_fd) as directories:
+            while True:
+                header = self.file.read(self._HEADER.size)
+                if not header:
+                    break
+                atime_ns, mtime_ns, length = self._HEADER.unpack(header)
+                self._set_times(directories, os.fsdecode(self.file.read(length)), (atime_ns, mtime_ns))
 
     @staticmethod
-    def _set_times(root_fd: int, parts: list[str], times: tuple[int, int]) -> None:
-        if not parts:
-            os.utime(root_fd, ns=times)
+    def _set_times(directories: _DirectoryOpener, path: str, times: tuple[int, int]) -> None:
+        if not path:
+            os.utime(directories.root_fd, ns=times)
             return
-        path = "/".join(parts)
+        parts = path.split("/")
         try:
-            dir_fd = _open_entry_parent(root_fd, parts, path)
+            dir_fd = directories.open(parts[:-1], path)
         except ValueError:
             return  # a later entry replaced a parent with a non-directory
         if dir_fd is None:
             return
-        try:
-            st = _lstat_at(dir_fd, parts[-1])
-            if st is not None and stat.S_ISDIR(st.st_mode):
-                os.utime(parts[-1], ns=times, dir_fd=dir_fd, follow_symlinks=False)
-        finally:
-            os.close(dir_fd)
+        st = _lstat_at(dir_fd, parts[-1])
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            os.utime(parts[-1], ns=times, dir_fd=dir_fd, follow_symlinks=False)
 
     def close(self) -> None:
         self.file.close()
@@ -5177,8 +5174,9 @@ def _sparse_regions(member: tarfile.TarInfo, stored_size: int) -> list[tuple[int
 class _LayerApplier:
     """Applies the entries of a layer tar to a layer directory.
 
-    Every path is resolved from the layer root one component at a time with
-    O_NOFOLLOW, so no entry can reach outside the layer. New non-directories
+    Every path is resolved one component at a time with O_NOFOLLOW, from the
+    layer root or from a directory resolved that way (see _DirectoryOpener),
+    so no entry can reach outside the layer. New non-directories
     are written under a temporary name and renamed into place, so a failed
     entry leaves the layer as it was before it.
     """
@@ -5204,15 +5202,16 @@ class _LayerApplier:
         # into, by st_dev.
         self.subvolume_tops: dict[int, int] = {}
         self.warned_chown = False
-        self.parent_cache: tuple[tuple[str, ...], int] | None = None
-        # The directories that entry_parent made for the current entry, as
-        # their components, in the order they were made.
+        # Entries' parent directories, and hard links' target directories.
+        self.parents = _DirectoryOpener(root_fd)
+        self.link_targets = _DirectoryOpener(root_fd)
         # The components of the current entry's path, and the indexes of the
         # parent directories that entry_parent made for it.
         self.created_parents: tuple[Sequence[str], list[int]] = ((), [])
 
     def close(self) -> None:
-        self.forget_parent()
+        self.parents.close()
+        self.link_targets.close()
         for fd in self.subvolume_tops.values():
             os.close(fd)
         self.subvolume_tops.clear()
@@ -5355,7 +5354,7 @@ class _LayerApplier:
 
         # Reject a bad entry before its parent directories are created.
         if member.islnk():
-            os.close(self.link_target(member, path)[0])
+            self.link_target(member, path)
         elif not (member.isdir() or member.issym() or member.ischr() or member.isblk() or member.isfifo()):
             raise ValueError(f"unsupported tar entry type {member.type!r}")
         parent_fd = self.entry_parent(parts, path)
@@ -5367,17 +5366,12 @@ class _LayerApplier:
     def entry_parent(self, parts: list[str], path: str) -> int:
         """Return an fd of the directory that contains parts[-1], creating missing ones.
 
-        The fd of the last parent is kept for the next entry, which is mostly in
-        the same directory. It belongs to the applier: callers do not close it.
+        The fd belongs to the applier and stays open until the next
+        entry_parent or whiteout: callers do not close it.
         """
-        key = tuple(parts[:-1])
-        if self.parent_cache is not None and self.parent_cache[0] == key:
-            return self.parent_cache[1]
         self.created_parents = (parts, [])
-        fd = _open_entry_parent(self.root_fd, parts, path, create=True, created=self.created_parents[1])
+        fd = self.parents.open(parts[:-1], path, create=True, created=self.created_parents[1])
         assert fd is not None  # with create, missing directories are made
-        self.forget_parent()
-        self.parent_cache = (key, fd)
         return fd
 
     def remove_created_parents(self, path: str) -> None:
@@ -5392,8 +5386,8 @@ class _LayerApplier:
         self.created_parents = ((), [])
         if not indexes:
             return
-        self.forget_parent()  # the kept fd can be one of them
         first, last = indexes[0], indexes[-1]
+        self.forget_directories(parts[:first + 1])
         try:
             fd = _open_entry_parent(self.root_fd, parts[:first + 1], path)
             if fd is None:
@@ -5416,11 +5410,13 @@ class _LayerApplier:
             return
         log.debug("removed %d directories made for the failed entry %s", last - first + 1, path)
 
-    def forget_parent(self) -> None:
-        """Drop the kept parent fd, because a removal may have taken its directory."""
-        if self.parent_cache is not None:
-            os.close(self.parent_cache[1])
-            self.parent_cache = None
+    def forget_directories(self, parts: Sequence[str], below_only: bool = False) -> None:
+        """Close the kept directories at parts and below it (only below it with below_only).
+
+        Call it before that directory is moved, removed or emptied.
+        """
+        self.parents.forget(parts, below_only)
+        self.link_targets.forget(parts, below_only)
 
     def apply_whiteout(self, parts: list[str], path: str) -> None:
         base = parts[-1]
@@ -5429,17 +5425,15 @@ class _LayerApplier:
         target = base[len(WHITEOUT_PREFIX):]
         if base != WHITEOUT_OPAQUE_DIR and target in ("", ".", ".."):
             raise ValueError(f"whiteout {path!r} does not name an entry")
-        self.forget_parent()
-        parent_fd = _open_entry_parent(self.root_fd, parts, path)
+        parent_fd = self.parents.open(parts[:-1], path)
         if parent_fd is None:
             return
-        try:
-            if base == WHITEOUT_OPAQUE_DIR:
-                self.empty_opaque_directory(parent_fd)
-            else:
-                self.remove_tree(parent_fd, target)
-        finally:
-            os.close(parent_fd)
+        if base == WHITEOUT_OPAQUE_DIR:
+            self.forget_directories(parts[:-1], below_only=True)
+            self.empty_opaque_directory(parent_fd)
+        else:
+            self.forget_directories(parts[:-1] + [target])
+            self.remove_tree(parent_fd, target)
 
     def empty_opaque_directory(self, dir_fd: int) -> None:
         """Remove everything below dir_fd that this apply did not create or change.
@@ -5535,6 +5529,7 @@ class _LayerApplier:
         aside = None
         if existing is not None and _is_snapshot_placeholder(existing):
             # It is empty and cannot be renamed (ENOTEMPTY), so it goes first.
+            self.forget_directories(parts)
             os.rmdir(name, dir_fd=parent_fd)
             existing = None
         if existing is not None and (new_is_dir or stat.S_ISDIR(existing.st_mode)):
@@ -5580,9 +5575,8 @@ class _LayerApplier:
         The name is in the staging directory (the layer root when it can be),
         where the next apply deletes what a killed one left.
         """
-        if stat.S_ISDIR(st.st_mode) and self.parent_cache is not None:
-            if self.parent_cache[0][:len(parts)] == tuple(parts):
-                self.forget_parent()  # the kept directory is inside the one moved
+        if stat.S_ISDIR(st.st_mode):
+            self.forget_directories(parts)
         staging_fd = self.staging_fd(parent_fd)
         aside = f"{_APPLY_TEMPORARY_PREFIX}apply-{os.urandom(8).hex()}"
         saved = _SavedInodeFlags.of_fd(parent_fd)
@@ -5779,18 +5773,18 @@ class _LayerApplier:
 
         The target must exist and must not be a directory. It may be a
         symlink, which is linked itself (see link). No directory on the way
-        to it may be a symlink. The caller closes the fd.
+        to it may be a symlink. The fd belongs to the applier and stays open
+        until the next link_target.
         """
         target = member.linkname
         target_parts = _path_parts(target)
         if not target_parts:
             raise ValueError(f"hard link {path!r} points at the layer root")
-        target_dir_fd = _open_entry_parent(self.root_fd, target_parts, target)
+        target_dir_fd = self.link_targets.open(target_parts[:-1], target)
         if target_dir_fd is None:
             raise ValueError(f"hard link {path!r}: target {target!r} does not exist in the layer")
         st = _lstat_at(target_dir_fd, target_parts[-1])
         if st is None or stat.S_ISDIR(st.st_mode):
-            os.close(target_dir_fd)
             problem = "does not exist in the layer" if st is None else "is a directory"
             raise ValueError(f"hard link {path!r}: target {target!r} {problem}")
         return target_dir_fd, target_parts[-1], st
@@ -5802,11 +5796,8 @@ class _LayerApplier:
         what it points at, as GNU tar and containers/storage extract it.
         """
         target_dir_fd, target_name, st = self.link_target(member, path)
-        try:
-            os.link(target_name, temporary, src_dir_fd=target_dir_fd, dst_dir_fd=parent_fd,
-                    follow_symlinks=False)
-        finally:
-            os.close(target_dir_fd)
+        os.link(target_name, temporary, src_dir_fd=target_dir_fd, dst_dir_fd=parent_fd,
+                follow_symlinks=False)
         if not self.is_parent_inode(st):
             return False
         self.relinked.add((st.st_dev, st.st_ino))

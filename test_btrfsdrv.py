@@ -4331,6 +4331,79 @@ def test_diff_replaces_placeholder_with_directory(driver):
         assert data.read() == b"child"
 
 
+def remove_contents(directory):
+    """Delete everything in directory at any depth.
+
+    shutil.rmtree, which cleans up tmp_path, recurses once per level.
+    """
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in os.listdir(fd):
+            btrfsdrv._remove_tree(fd, name)
+    finally:
+        os.close(fd)
+
+
+def down_and_up_entries(depth):
+    """Return directory entries down a chain, then a file entry at every level from the bottom back up."""
+    entries = [entry("a/" * level, tarfile.DIRTYPE, mode=0o755) for level in range(1, depth + 1)]
+    entries += [entry("a/" * level + "f") for level in range(depth, 0, -1)]
+    return entries
+
+
+def alternating_entries(depth):
+    """Return a directory and a file entry one level down chain x, then the same in chain y, and so on."""
+    entries = []
+    for level in range(depth):
+        for top in ("x/", "y/"):
+            entries.append(entry(top + "a/" * level, tarfile.DIRTYPE, mode=0o755))
+            entries.append(entry(top + "a/" * level + "f"))
+    return entries
+
+
+@pytest.mark.parametrize("order", ["down_and_up", "alternating"])
+def test_apply_opens_linear_in_depth(tmp_path, monkeypatch, order):
+    depth = 300
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    entries = {"down_and_up": down_and_up_entries, "alternating": alternating_entries}[order](depth)
+    raw = make_tar(entries)
+
+    opens = count_calls(monkeypatch, os, "open")
+    try:
+        apply(layer, raw)
+        open_count = len(opens)
+        missing = [info.name for info, _ in entries if not os.path.lexists(layer / info.name)]
+        assert missing == []
+    finally:
+        monkeypatch.undo()
+        remove_contents(layer)
+
+    # Resolving each entry's parent from the layer root would take about
+    # depth * depth / 2 opens for each chain.
+    entry_count = len(entries)
+    assert open_count <= 4 * entry_count
+
+
+def test_apply_reopens_directories_that_entries_replace(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    entries = [
+        entry("d/x/y/old"), entry(".wh.d"), entry("d/x/y/new"),
+        entry("g/x/old"), entry("g"), entry("g", tarfile.DIRTYPE, mode=0o755), entry("g/x/new"),
+        entry("h/x/target", data=b"old"), entry("l/old", tarfile.LNKTYPE, linkname="h/x/target"),
+        entry(".wh.h"), entry("h/x/target", data=b"new"),
+        entry("l/new", tarfile.LNKTYPE, linkname="h/x/target"),
+    ]
+    apply(layer, make_tar(entries))
+
+    assert os.listdir(layer / "d" / "x" / "y") == ["new"]
+    assert os.listdir(layer / "g" / "x") == ["new"]
+    assert (layer / "l" / "new").read_bytes() == b"new"
+    assert (layer / "l" / "old").read_bytes() == b"old"
+    assert os.path.samefile(layer / "l" / "new", layer / "h" / "x" / "target")
+
+
 def test_directory_opener_walks_from_root_after_move(tmp_path):
     os.makedirs(tmp_path / "x" / "y" / "z")
     root_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
