@@ -3024,10 +3024,17 @@ def _open_listed_dir(dir_fd: int, name: str, listed: os.stat_result, path: str) 
 
 def _path_parts(path: str) -> list[str]:
     """Split a path inside a layer into its components, rejecting '..'."""
-    parts = [part for part in path.split("/") if part not in ("", ".")]
-    if ".." in parts:
+    # Searching the string runs in C, so only a path with an empty or "."
+    # component pays for a loop over its components.
+    stripped = path.strip("/")
+    padded = "/" + stripped + "/"
+    if "/../" in padded:
         raise ValueError(f"path {path!r} contains a '..' component")
-    return parts
+    if not stripped:
+        return []
+    if "//" in padded or "/./" in padded:
+        return [part for part in stripped.split("/") if part not in ("", ".")]
+    return stripped.split("/")
 
 
 def _open_path_component(dir_fd: int, dir_dev: int, parts: Sequence[str], index: int, path: str,
