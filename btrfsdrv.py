@@ -3887,6 +3887,8 @@ def _check_diff_path(path: str, deleted: bool = False) -> None:
     and skips other .wh..wh.* names as AUFS metadata. So the deletion of an
     entry named .wh.NAME, whose whiteout is .wh..wh.NAME, is skipped too.
     """
+    if "/" + WHITEOUT_PREFIX not in "/" + path:
+        return  # a search in C, so a deep path skips the loop over its components
     parts = path.split("/")
     for index, part in enumerate(parts):
         if not part.startswith(WHITEOUT_PREFIX):
