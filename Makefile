@@ -5,8 +5,8 @@ PYTEST ?= $(PYTHON) -m pytest
 PYTEST_ARGS ?=
 APT_GET = DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: demo-deps test test-deps test-source test-vendored vendor demo bench bench-deps lint clean \
-	struct-table crosscheck packages
+.PHONY: demo-deps test test-deps test-source test-vendored vendor demo bench bench-deps bench-deep-paths \
+	lint clean struct-table crosscheck packages
 
 # The README's test command: prepare the machine, then run the whole suite
 # against the source tree and against the vendored single file.
@@ -72,6 +72,13 @@ BENCH_ARGS = $(if $(CASES),--cases $(CASES)) $(if $(QUICK),--quick)
 
 bench: bench-deps
 	$(PYTHON) bench/run.py $(BENCH_ARGS)
+
+# Times changes, diff_size, diff and apply_diff on a chain of 3,000 nested
+# directories (see BENCHMARKS.md). DEPTH_ARGS="--module-dir DIR" measures the
+# btrfsdrv.py of another checkout.
+DEPTH_ARGS ?=
+bench-deep-paths:
+	$(PYTHON) bench/deep_paths.py $(DEPTH_ARGS)
 
 # python3-btrfsutil is built for Debian's /usr/bin/python3, which the
 # benchmark runs it with.

@@ -475,20 +475,66 @@ def _ino_lookup_path(fd: int, tree_id: int, dirid: int, path: Any) -> bytes:
 def _inode_ref_path(fd: int, tree_id: int, dirid: int, path: Any) -> bytes:
     """Build the path of directory dirid from INODE_REF items, any length (CAP_SYS_ADMIN)."""
     components: list[bytes] = []
-    header = ctypes.sizeof(btrfs_inode_ref)
     inode = dirid
     while inode != BTRFS_FIRST_FREE_OBJECTID:
-        # A directory has exactly one INODE_REF: (inode, INODE_REF, parent inode).
-        items = tree_search(fd, tree_id, (inode, BTRFS_INODE_REF_KEY, 0),
-                            (inode, BTRFS_INODE_REF_KEY, _U64_MAX), path=path)
-        item = next((item for item in items if item.type == BTRFS_INODE_REF_KEY), None)
-        if item is None or len(components) > 1 << 20:
+        ref = _directory_ref(fd, tree_id, inode, path)
+        if ref is None or len(components) > _MAX_DIRECTORY_DEPTH:
             raise _os_error(errno.ENOENT, "look up directory path", path,
                             f"directory inode {inode} of subvolume {tree_id} has no parent reference")
-        ref = btrfs_inode_ref.from_buffer_copy(item.data)
-        components.append(item.data[header:header + ref.name_len])
-        inode = item.offset
+        inode, name = ref
+        components.append(name)
     return b"".join(component + b"/" for component in reversed(components))
+
+
+# More levels than this in a chain of INODE_REF items means the references
+# form a loop, which a consistent filesystem never has.
+_MAX_DIRECTORY_DEPTH = 1 << 20
+
+
+def _directory_ref(fd: int, tree_id: int, inode: int, path: Any) -> tuple[int, bytes] | None:
+    """Return the parent inode and the name of directory inode (CAP_SYS_ADMIN); None when it has none."""
+    # A directory has exactly one INODE_REF: (inode, INODE_REF, parent inode).
+    items = tree_search(fd, tree_id, (inode, BTRFS_INODE_REF_KEY, 0),
+                        (inode, BTRFS_INODE_REF_KEY, _U64_MAX), path=path)
+    item = next((item for item in items if item.type == BTRFS_INODE_REF_KEY), None)
+    if item is None:
+        return None
+    header = ctypes.sizeof(btrfs_inode_ref)
+    ref = btrfs_inode_ref.from_buffer_copy(item.data)
+    return item.offset, item.data[header:header + ref.name_len]
+
+
+def _directory_paths(fd: int, tree_id: int, directories: set[int], path: Any) -> dict[int, bytes]:
+    """Return the path of each directory inode inside subvolume tree_id, as _ino_lookup_path does.
+
+    A directory deleted meanwhile is left out. Each directory on the way up
+    costs one tree search (CAP_SYS_ADMIN) the first time, and only the given
+    directories get a path built, so time and memory follow the length of
+    their paths. _ino_lookup_path walks every level of every path, in the
+    kernel or, beyond 4080 bytes, with a search per level.
+    """
+    refs: dict[int, tuple[int, bytes] | None] = {}
+    paths = {BTRFS_FIRST_FREE_OBJECTID: b""}
+    for directory in directories:
+        chain: list[tuple[int, bytes]] = []  # (inode, name) from directory upwards
+        inode = directory
+        while inode not in paths and len(chain) <= _MAX_DIRECTORY_DEPTH:
+            if inode not in refs:
+                refs[inode] = _directory_ref(fd, tree_id, inode, path)
+            ref = refs[inode]
+            if ref is None:
+                break
+            chain.append((inode, ref[1]))
+            inode = ref[0]
+        if inode not in paths:
+            continue  # deleted while we looked
+        full = paths[inode] + b"".join(name + b"/" for _, name in reversed(chain))
+        end = len(full)
+        for node, name in chain:
+            if node in directories:
+                paths[node] = full[:end]
+            end -= len(name) + 1
+    return {directory: paths[directory] for directory in directories if directory in paths}
 
 
 def _child_refs_privileged(fd: int, parent_id: int, path: Any) -> Iterator[tuple[int, bytes]]:
@@ -2978,10 +3024,52 @@ def _open_listed_dir(dir_fd: int, name: str, listed: os.stat_result, path: str) 
 
 def _path_parts(path: str) -> list[str]:
     """Split a path inside a layer into its components, rejecting '..'."""
-    parts = [part for part in path.split("/") if part not in ("", ".")]
-    if ".." in parts:
+    # Searching the string runs in C, so only a path with an empty or "."
+    # component pays for a loop over its components.
+    stripped = path.strip("/")
+    padded = "/" + stripped + "/"
+    if "/../" in padded:
         raise ValueError(f"path {path!r} contains a '..' component")
-    return parts
+    if not stripped:
+        return []
+    if "//" in padded or "/./" in padded:
+        return [part for part in stripped.split("/") if part not in ("", ".")]
+    return stripped.split("/")
+
+
+def _open_path_component(dir_fd: int, dir_dev: int, parts: Sequence[str], index: int, path: str,
+                         open_directory: Callable[[str, int], int], create: bool = False,
+                         created: list[int] | None = None) -> tuple[int, os.stat_result] | None:
+    """Open directory parts[index] inside dir_fd, whose st_dev is dir_dev; return its fd and stat.
+
+    open_directory must not follow a symlink. Returns None when the entry is
+    missing and create is false. With create, a missing directory is made
+    with mode 0755 and index is appended to created. Raises ValueError when
+    the entry is not a directory, and EBUSY when it is on another mount.
+    """
+    part = parts[index]
+    try:
+        child = open_directory(part, dir_fd)
+    except FileNotFoundError:
+        if not create:
+            return None
+        os.mkdir(part, 0o755, dir_fd=dir_fd)
+        if created is not None:
+            created.append(index)
+        child = open_directory(part, dir_fd)
+    except (NotADirectoryError, OSError) as error:
+        if error.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        prefix = "/".join(parts[:index + 1])
+        raise ValueError(f"path {path!r}: {prefix!r} is not a directory") from None
+    try:
+        st = os.fstat(child)
+        if st.st_dev != dir_dev:  # as _check_mount_boundary, without a join per level
+            _check_same_mount(dir_fd, child, "open layer directory", "/".join(parts[:index + 1]))
+    except BaseException:
+        os.close(child)
+        raise
+    return child, st
 
 
 def _open_entry_parent(root_fd: int, parts: Sequence[str], path: str, create: bool = False,
@@ -2996,34 +3084,188 @@ def _open_entry_parent(root_fd: int, parts: Sequence[str], path: str, create: bo
     """
     fd = os.dup(root_fd)
     try:
-        for index, part in enumerate(parts[:-1]):
-            try:
-                child = _open_directory(part, fd)
-            except FileNotFoundError:
-                if not create:
-                    os.close(fd)
-                    return None
-                os.mkdir(part, 0o755, dir_fd=fd)
-                if created is not None:
-                    created.append(index)
-                child = _open_directory(part, fd)
-            except (NotADirectoryError, OSError) as error:
-                if error.errno not in (errno.ENOTDIR, errno.ELOOP):
-                    raise
-                prefix = "/".join(parts[:index + 1])
-                raise ValueError(f"path {path!r}: {prefix!r} is not a directory") from None
-            if os.fstat(child).st_dev != os.fstat(fd).st_dev:  # as _check_mount_boundary, without a join per level
-                try:
-                    _check_same_mount(fd, child, "open layer directory", "/".join(parts[:index + 1]))
-                except BaseException:
-                    os.close(child)
-                    raise
+        dev = os.fstat(fd).st_dev
+        for index in range(len(parts) - 1):
+            opened = _open_path_component(fd, dev, parts, index, path, _open_directory, create, created)
+            if opened is None:
+                os.close(fd)
+                return None
             os.close(fd)
-            fd = child
+            fd, dev = opened[0], opened[1].st_dev
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _path_key(parts: Sequence[str]) -> bytes:
+    """Return parts as bytes with a "/" after each component, the form _common_components compares."""
+    return os.fsencode("/".join(parts)) + b"/" if parts else b""
+
+
+def _common_components(key: bytes, other: bytes) -> int:
+    """Count the leading components that two _path_key values share.
+
+    The highest set bit of the XOR of both as big integers marks the first
+    byte that differs, so the comparison runs in C however long the paths are.
+    """
+    length = min(len(key), len(other))
+    difference = int.from_bytes(key[:length], "big") ^ int.from_bytes(other[:length], "big")
+    same = length - (difference.bit_length() + 7) // 8
+    return key.count(b"/", 0, same)
+
+
+class _DirectoryCursor:
+    """An open directory of a _DirectoryOpener and the directories above it.
+
+    ids lists (st_dev, st_ino) of the opener's root and of each directory
+    of parts, so ids[-1] is that of fd. key is _path_key(parts).
+    """
+
+    __slots__ = ("parts", "ids", "key", "fd")
+
+    def __init__(self, parts: list[str], ids: list[tuple[int, int]], fd: int) -> None:
+        self.parts = parts
+        self.ids = ids
+        self.key = _path_key(parts)
+        self.fd = fd
+
+
+class _DirectoryOpener:
+    """Opens directories below a root by path, starting where earlier paths were opened.
+
+    Each directory is entered as _open_entry_parent enters it: one component
+    at a time, never through a symlink, and with a mount check. Up to
+    max_cursors cursors keep one directory open each, and a path is reached
+    from the cursor, or from the root, with the fewest steps. Paths in tree
+    order, or alternating among a few subtrees, thus cost a few opens each
+    however deep they are. A cursor climbs with "..", and each directory it
+    reaches must be the one it passed on the way down. When a directory was
+    moved or removed, the path is walked from the root instead.
+
+    NOTE: a cursor moves with its directory, so after someone else renames a
+    directory that a cursor is in, later paths below it resolve inside the
+    renamed directory, as walk_tree does. Inside a btrfs subvolume, rename(2)
+    moves only nested subvolumes out of it. Paths that cycle through more
+    than max_cursors subtrees cost one open per component again.
+    """
+
+    def __init__(self, root_fd: int, open_directory: Callable[[str, int], int] = _open_directory,
+                 max_cursors: int = 8) -> None:
+        self.root_fd = root_fd
+        self.open_directory = open_directory
+        self.max_cursors = max_cursors
+        root_st = os.fstat(root_fd)
+        self.root_id = (root_st.st_dev, root_st.st_ino)
+        self.cursors: list[_DirectoryCursor] = []  # the least recently used first
+
+    def __enter__(self) -> _DirectoryOpener:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.forget(())
+
+    def open(self, parts: Sequence[str], path: str, create: bool = False,
+             created: list[int] | None = None) -> int | None:
+        """Return an fd of the directory at parts below the root; None when a component is missing.
+
+        create, created and the ValueError for a component that is not a
+        directory work as in _open_entry_parent, with path naming the entry
+        in messages. The fd belongs to the opener and stays open until its
+        next call.
+        """
+        key = _path_key(parts)
+        cursor, common = self.start_cursor(parts, key)
+        try:
+            for index in range(common, len(parts)):
+                opened = _open_path_component(cursor.fd, cursor.ids[-1][0], parts, index, path,
+                                              self.open_directory, create, created)
+                if opened is None:
+                    return None
+                child, st = opened
+                os.close(cursor.fd)
+                cursor.fd = child
+                cursor.parts.append(parts[index])
+                cursor.ids.append((st.st_dev, st.st_ino))
+        finally:
+            cursor.key = key if len(cursor.parts) == len(parts) else _path_key(cursor.parts)
+            self.cursors.append(cursor)
+        return cursor.fd
+
+    def start_cursor(self, parts: Sequence[str], key: bytes) -> tuple[_DirectoryCursor, int]:
+        """Return the cursor to walk down to parts from, taken out of self.cursors, and its depth.
+
+        The start with the fewest steps wins. A cursor at an ancestor of
+        parts walks on itself. Otherwise a new cursor starts from the root
+        or from a copy of another cursor climbed to their common ancestor,
+        and the least recently used cursor is closed when there are too many.
+        """
+        best: _DirectoryCursor | None = None
+        best_common = 0
+        # Among starts with equal steps, walking on an existing cursor comes
+        # first, then starting a new one at the root, then climbing.
+        best_rank = (len(parts), 1)
+        for cursor in reversed(self.cursors):  # the most recently used is most often the best
+            if (abs(len(cursor.parts) - len(parts)), 0) >= best_rank:
+                continue  # it cannot take fewer steps
+            common = _common_components(cursor.key, key)
+            climbs = len(cursor.parts) - common
+            rank = (climbs + len(parts) - common, 0 if climbs == 0 else 2)
+            if rank < best_rank:
+                best, best_common, best_rank = cursor, common, rank
+        if best is not None and best_common == len(best.parts):
+            self.cursors.remove(best)
+            return best, best_common
+        start = None
+        if best is not None:
+            start = self.climbed_copy(best, best_common)
+            if start is None:  # a directory that best passed has changed since
+                self.cursors.remove(best)
+                os.close(best.fd)
+        if start is None:
+            start = _DirectoryCursor([], [self.root_id], os.dup(self.root_fd))
+        if len(self.cursors) >= self.max_cursors:
+            os.close(self.cursors.pop(0).fd)
+        return start, len(start.parts)
+
+    def climbed_copy(self, cursor: _DirectoryCursor, depth: int) -> _DirectoryCursor | None:
+        """Return a new cursor at the ancestor of cursor that is depth levels below the root.
+
+        Returns None when a directory on the way is not the one that the
+        cursor passed on its way down: it was moved or removed since.
+        """
+        fd = os.dup(cursor.fd)
+        try:
+            for level in range(len(cursor.parts), depth, -1):
+                parent = self.open_directory("..", fd)
+                os.close(fd)
+                fd = parent
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != cursor.ids[level - 1] or st.st_nlink == 0:
+                    os.close(fd)
+                    return None
+        except OSError:
+            os.close(fd)
+            return None
+        return _DirectoryCursor(cursor.parts[:depth], cursor.ids[:depth + 1], fd)
+
+    def forget(self, parts: Sequence[str], below_only: bool = False) -> None:
+        """Close the cursors in the directory at parts and below it (only below it with below_only).
+
+        Call it when that directory is moved, removed or emptied, because a
+        cursor inside it would find entries where the path no longer leads.
+        """
+        key = _path_key(parts)
+        remaining = []
+        for cursor in self.cursors:
+            if cursor.key.startswith(key) and not (below_only and len(cursor.parts) == len(parts)):
+                os.close(cursor.fd)
+            else:
+                remaining.append(cursor)
+        self.cursors = remaining
 
 
 def _open_entered_directory(dir_fd: int, name: str) -> int:
@@ -3434,17 +3676,15 @@ def _changes_size(layer_dir: str, changes: list[Change]) -> int:
 
 
 def _lstat_changes(layer_fd: int, changes: list[Change]) -> Iterator[os.stat_result]:
-    for change in changes:
-        if change.kind == ChangeKind.DELETE:
-            continue
-        parts = _path_parts(change.path)
-        dir_fd = _open_entry_parent(layer_fd, parts, change.path)
-        if dir_fd is None:
-            raise FileNotFoundError(errno.ENOENT, "changed entry vanished", change.path)
-        try:
+    with _DirectoryOpener(layer_fd) as directories:
+        for change in changes:
+            if change.kind == ChangeKind.DELETE:
+                continue
+            parts = _path_parts(change.path)
+            dir_fd = directories.open(parts[:-1], change.path)
+            if dir_fd is None:
+                raise FileNotFoundError(errno.ENOENT, "changed entry vanished", change.path)
             yield os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
-        finally:
-            os.close(dir_fd)
 
 
 def _layer_changes_fast(layer_dir: str, parent_dir: str | None = None) -> list[Change]:
@@ -3525,11 +3765,7 @@ def _dirty_directory_paths(fd: int, tree_id: int, generation: int, path: str) ->
         if inode != BTRFS_FIRST_FREE_OBJECTID:
             dirty |= _parent_directories(fd, tree_id, inode, path)
     paths = set()
-    for directory in dirty:
-        try:
-            relative = _ino_lookup_path(fd, tree_id, directory, path)
-        except FileNotFoundError:
-            continue  # deleted while we looked
+    for relative in _directory_paths(fd, tree_id, dirty, path).values():
         paths.add("/" + os.fsdecode(relative).strip("/") if relative else "")
     return paths, changed
 
@@ -3548,32 +3784,15 @@ def _nested_subvolume_directories(fd: int, tree_id: int, path: str) -> set[str]:
     return directories
 
 
-def _open_directory_path(root_fd: int, path: str) -> int | None:
-    """Open a directory below root_fd without following symlinks; None if it is not one."""
-    parts = _path_parts(path)
-    if not parts:
-        return os.dup(root_fd)
+def _open_directory_path(directories: _DirectoryOpener, path: str) -> int | None:
+    """Open a directory below the opener's root without following symlinks; None if it is not one.
+
+    The fd belongs to the opener and stays open until its next call.
+    """
     try:
-        parent_fd = _open_entry_parent(root_fd, parts, path)
+        return directories.open(_path_parts(path), path)
     except ValueError:
         return None
-    if parent_fd is None:
-        return None
-    with _Fd(parent_fd):
-        try:
-            fd = _open_directory_for_reading(parts[-1], parent_fd)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except OSError as error:
-            if error.errno == errno.ELOOP:
-                return None
-            raise
-        try:
-            _check_mount_boundary(parent_fd, fd, "walk layer", path)
-        except BaseException:
-            os.close(fd)
-            raise
-    return fd
 
 
 def _snapshot_changes(layer_dir: str, parent_dir: str) -> list[Change] | None:
@@ -3631,25 +3850,22 @@ def _compare_dirty_directories(layer_fd: int, parent_fd: int, paths: set[str],
     """
     changes: dict[str, Change] = {}
     containing: set[str] = set()
-    for path in sorted(paths, key=os.fsencode):
-        layer_dir_fd = _open_directory_path(layer_fd, path)
-        if layer_dir_fd is None:
-            continue
-        try:
-            parent_dir_fd = _open_directory_path(parent_fd, path)
+    # In sorted order, each directory is opened from the one before it.
+    with _DirectoryOpener(layer_fd, _open_directory_for_reading) as layer_directories, \
+            _DirectoryOpener(parent_fd, _open_directory_for_reading) as parent_directories:
+        for path in sorted(paths, key=os.fsencode):
+            layer_dir_fd = _open_directory_path(layer_directories, path)
+            if layer_dir_fd is None:
+                continue
+            parent_dir_fd = _open_directory_path(parent_directories, path)
             if parent_dir_fd is None:
                 continue
-            try:
-                found = False
-                for item in _walk_changes(layer_dir_fd, parent_dir_fd, path, changed_inodes):
-                    changes[item.path] = Change(item.path, item.kind)
-                    found = True
-            finally:
-                os.close(parent_dir_fd)
-        finally:
-            os.close(layer_dir_fd)
-        if found:
-            containing.add(path)
+            found = False
+            for item in _walk_changes(layer_dir_fd, parent_dir_fd, path, changed_inodes):
+                changes[item.path] = Change(item.path, item.kind)
+                found = True
+            if found:
+                containing.add(path)
 
     # As in the full walk, a directory that contains a change is reported.
     for path in containing:
@@ -3671,6 +3887,8 @@ def _check_diff_path(path: str, deleted: bool = False) -> None:
     and skips other .wh..wh.* names as AUFS metadata. So the deletion of an
     entry named .wh.NAME, whose whiteout is .wh..wh.NAME, is skipped too.
     """
+    if "/" + WHITEOUT_PREFIX not in "/" + path:
+        return  # a search in C, so a deep path skips the loop over its components
     parts = path.split("/")
     for index, part in enumerate(parts):
         if not part.startswith(WHITEOUT_PREFIX):
@@ -3890,19 +4108,17 @@ def _write_changes_tar(out: io.BufferedWriter, layer_fd: int, changes: list[Chan
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
                       encoding="utf-8", errors="surrogateescape") as tar:
         writer = _TarEntryWriter(tar, uid_maps, gid_maps)
-        for change in changes:
-            if change.kind == ChangeKind.DELETE:
-                writer.add_whiteout(change.path)
-                continue
-            parts = _path_parts(change.path)
-            dir_fd = _open_entry_parent(layer_fd, parts, change.path)
-            if dir_fd is None:
-                raise FileNotFoundError(errno.ENOENT, "changed entry vanished during the diff", change.path)
-            try:
+        with _DirectoryOpener(layer_fd) as directories:
+            for change in changes:
+                if change.kind == ChangeKind.DELETE:
+                    writer.add_whiteout(change.path)
+                    continue
+                parts = _path_parts(change.path)
+                dir_fd = directories.open(parts[:-1], change.path)
+                if dir_fd is None:
+                    raise FileNotFoundError(errno.ENOENT, "changed entry vanished during the diff", change.path)
                 st = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
                 writer.add(change.path.lstrip("/"), change.path, dir_fd, parts[-1], st)
-            finally:
-                os.close(dir_fd)
 
 
 class _PipeReader(io.RawIOBase):
@@ -4317,37 +4533,34 @@ class _PendingDirTimes:
         self.file = tempfile.TemporaryFile()
 
     def add(self, parts: Sequence[str], atime_ns: int, mtime_ns: int) -> None:
-        path = b"/".join(os.fsencode(part) for part in parts)
+        path = os.fsencode("/".join(parts))
         self.file.write(self._HEADER.pack(atime_ns, mtime_ns, len(path)) + path)
 
     def apply(self, root_fd: int) -> None:
         self.file.seek(0)
-        while True:
-            header = self.file.read(self._HEADER.size)
-            if not header:
-                break
-            atime_ns, mtime_ns, length = self._HEADER.unpack(header)
-            parts = [os.fsdecode(part) for part in self.file.read(length).split(b"/") if part]
-            self._set_times(root_fd, parts, (atime_ns, mtime_ns))
+        with _DirectoryOpener(root_fd) as directories:
+            while True:
+                header = self.file.read(self._HEADER.size)
+                if not header:
+                    break
+                atime_ns, mtime_ns, length = self._HEADER.unpack(header)
+                self._set_times(directories, os.fsdecode(self.file.read(length)), (atime_ns, mtime_ns))
 
     @staticmethod
-    def _set_times(root_fd: int, parts: list[str], times: tuple[int, int]) -> None:
-        if not parts:
-            os.utime(root_fd, ns=times)
+    def _set_times(directories: _DirectoryOpener, path: str, times: tuple[int, int]) -> None:
+        if not path:
+            os.utime(directories.root_fd, ns=times)
             return
-        path = "/".join(parts)
+        parts = path.split("/")
         try:
-            dir_fd = _open_entry_parent(root_fd, parts, path)
+            dir_fd = directories.open(parts[:-1], path)
         except ValueError:
             return  # a later entry replaced a parent with a non-directory
         if dir_fd is None:
             return
-        try:
-            st = _lstat_at(dir_fd, parts[-1])
-            if st is not None and stat.S_ISDIR(st.st_mode):
-                os.utime(parts[-1], ns=times, dir_fd=dir_fd, follow_symlinks=False)
-        finally:
-            os.close(dir_fd)
+        st = _lstat_at(dir_fd, parts[-1])
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            os.utime(parts[-1], ns=times, dir_fd=dir_fd, follow_symlinks=False)
 
     def close(self) -> None:
         self.file.close()
@@ -4970,8 +5183,9 @@ def _sparse_regions(member: tarfile.TarInfo, stored_size: int) -> list[tuple[int
 class _LayerApplier:
     """Applies the entries of a layer tar to a layer directory.
 
-    Every path is resolved from the layer root one component at a time with
-    O_NOFOLLOW, so no entry can reach outside the layer. New non-directories
+    Every path is resolved one component at a time with O_NOFOLLOW, from the
+    layer root or from a directory resolved that way (see _DirectoryOpener),
+    so no entry can reach outside the layer. New non-directories
     are written under a temporary name and renamed into place, so a failed
     entry leaves the layer as it was before it.
     """
@@ -4997,15 +5211,16 @@ class _LayerApplier:
         # into, by st_dev.
         self.subvolume_tops: dict[int, int] = {}
         self.warned_chown = False
-        self.parent_cache: tuple[tuple[str, ...], int] | None = None
-        # The directories that entry_parent made for the current entry, as
-        # their components, in the order they were made.
+        # Entries' parent directories, and hard links' target directories.
+        self.parents = _DirectoryOpener(root_fd)
+        self.link_targets = _DirectoryOpener(root_fd)
         # The components of the current entry's path, and the indexes of the
         # parent directories that entry_parent made for it.
         self.created_parents: tuple[Sequence[str], list[int]] = ((), [])
 
     def close(self) -> None:
-        self.forget_parent()
+        self.parents.close()
+        self.link_targets.close()
         for fd in self.subvolume_tops.values():
             os.close(fd)
         self.subvolume_tops.clear()
@@ -5148,7 +5363,7 @@ class _LayerApplier:
 
         # Reject a bad entry before its parent directories are created.
         if member.islnk():
-            os.close(self.link_target(member, path)[0])
+            self.link_target(member, path)
         elif not (member.isdir() or member.issym() or member.ischr() or member.isblk() or member.isfifo()):
             raise ValueError(f"unsupported tar entry type {member.type!r}")
         parent_fd = self.entry_parent(parts, path)
@@ -5160,17 +5375,12 @@ class _LayerApplier:
     def entry_parent(self, parts: list[str], path: str) -> int:
         """Return an fd of the directory that contains parts[-1], creating missing ones.
 
-        The fd of the last parent is kept for the next entry, which is mostly in
-        the same directory. It belongs to the applier: callers do not close it.
+        The fd belongs to the applier and stays open until the next
+        entry_parent or whiteout: callers do not close it.
         """
-        key = tuple(parts[:-1])
-        if self.parent_cache is not None and self.parent_cache[0] == key:
-            return self.parent_cache[1]
         self.created_parents = (parts, [])
-        fd = _open_entry_parent(self.root_fd, parts, path, create=True, created=self.created_parents[1])
+        fd = self.parents.open(parts[:-1], path, create=True, created=self.created_parents[1])
         assert fd is not None  # with create, missing directories are made
-        self.forget_parent()
-        self.parent_cache = (key, fd)
         return fd
 
     def remove_created_parents(self, path: str) -> None:
@@ -5185,8 +5395,8 @@ class _LayerApplier:
         self.created_parents = ((), [])
         if not indexes:
             return
-        self.forget_parent()  # the kept fd can be one of them
         first, last = indexes[0], indexes[-1]
+        self.forget_directories(parts[:first + 1])
         try:
             fd = _open_entry_parent(self.root_fd, parts[:first + 1], path)
             if fd is None:
@@ -5209,11 +5419,13 @@ class _LayerApplier:
             return
         log.debug("removed %d directories made for the failed entry %s", last - first + 1, path)
 
-    def forget_parent(self) -> None:
-        """Drop the kept parent fd, because a removal may have taken its directory."""
-        if self.parent_cache is not None:
-            os.close(self.parent_cache[1])
-            self.parent_cache = None
+    def forget_directories(self, parts: Sequence[str], below_only: bool = False) -> None:
+        """Close the kept directories at parts and below it (only below it with below_only).
+
+        Call it before that directory is moved, removed or emptied.
+        """
+        self.parents.forget(parts, below_only)
+        self.link_targets.forget(parts, below_only)
 
     def apply_whiteout(self, parts: list[str], path: str) -> None:
         base = parts[-1]
@@ -5222,17 +5434,15 @@ class _LayerApplier:
         target = base[len(WHITEOUT_PREFIX):]
         if base != WHITEOUT_OPAQUE_DIR and target in ("", ".", ".."):
             raise ValueError(f"whiteout {path!r} does not name an entry")
-        self.forget_parent()
-        parent_fd = _open_entry_parent(self.root_fd, parts, path)
+        parent_fd = self.parents.open(parts[:-1], path)
         if parent_fd is None:
             return
-        try:
-            if base == WHITEOUT_OPAQUE_DIR:
-                self.empty_opaque_directory(parent_fd)
-            else:
-                self.remove_tree(parent_fd, target)
-        finally:
-            os.close(parent_fd)
+        if base == WHITEOUT_OPAQUE_DIR:
+            self.forget_directories(parts[:-1], below_only=True)
+            self.empty_opaque_directory(parent_fd)
+        else:
+            self.forget_directories(parts[:-1] + [target])
+            self.remove_tree(parent_fd, target)
 
     def empty_opaque_directory(self, dir_fd: int) -> None:
         """Remove everything below dir_fd that this apply did not create or change.
@@ -5328,6 +5538,7 @@ class _LayerApplier:
         aside = None
         if existing is not None and _is_snapshot_placeholder(existing):
             # It is empty and cannot be renamed (ENOTEMPTY), so it goes first.
+            self.forget_directories(parts)
             os.rmdir(name, dir_fd=parent_fd)
             existing = None
         if existing is not None and (new_is_dir or stat.S_ISDIR(existing.st_mode)):
@@ -5373,9 +5584,8 @@ class _LayerApplier:
         The name is in the staging directory (the layer root when it can be),
         where the next apply deletes what a killed one left.
         """
-        if stat.S_ISDIR(st.st_mode) and self.parent_cache is not None:
-            if self.parent_cache[0][:len(parts)] == tuple(parts):
-                self.forget_parent()  # the kept directory is inside the one moved
+        if stat.S_ISDIR(st.st_mode):
+            self.forget_directories(parts)
         staging_fd = self.staging_fd(parent_fd)
         aside = f"{_APPLY_TEMPORARY_PREFIX}apply-{os.urandom(8).hex()}"
         saved = _SavedInodeFlags.of_fd(parent_fd)
@@ -5572,18 +5782,18 @@ class _LayerApplier:
 
         The target must exist and must not be a directory. It may be a
         symlink, which is linked itself (see link). No directory on the way
-        to it may be a symlink. The caller closes the fd.
+        to it may be a symlink. The fd belongs to the applier and stays open
+        until the next link_target.
         """
         target = member.linkname
         target_parts = _path_parts(target)
         if not target_parts:
             raise ValueError(f"hard link {path!r} points at the layer root")
-        target_dir_fd = _open_entry_parent(self.root_fd, target_parts, target)
+        target_dir_fd = self.link_targets.open(target_parts[:-1], target)
         if target_dir_fd is None:
             raise ValueError(f"hard link {path!r}: target {target!r} does not exist in the layer")
         st = _lstat_at(target_dir_fd, target_parts[-1])
         if st is None or stat.S_ISDIR(st.st_mode):
-            os.close(target_dir_fd)
             problem = "does not exist in the layer" if st is None else "is a directory"
             raise ValueError(f"hard link {path!r}: target {target!r} {problem}")
         return target_dir_fd, target_parts[-1], st
@@ -5595,11 +5805,8 @@ class _LayerApplier:
         what it points at, as GNU tar and containers/storage extract it.
         """
         target_dir_fd, target_name, st = self.link_target(member, path)
-        try:
-            os.link(target_name, temporary, src_dir_fd=target_dir_fd, dst_dir_fd=parent_fd,
-                    follow_symlinks=False)
-        finally:
-            os.close(target_dir_fd)
+        os.link(target_name, temporary, src_dir_fd=target_dir_fd, dst_dir_fd=parent_fd,
+                follow_symlinks=False)
         if not self.is_parent_inode(st):
             return False
         self.relinked.add((st.st_dev, st.st_ino))

@@ -4331,6 +4331,93 @@ def test_diff_replaces_placeholder_with_directory(driver):
         assert data.read() == b"child"
 
 
+def remove_contents(directory):
+    """Delete everything in directory at any depth.
+
+    shutil.rmtree, which cleans up tmp_path, recurses once per level.
+    """
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in os.listdir(fd):
+            btrfsdrv._remove_tree(fd, name)
+    finally:
+        os.close(fd)
+
+
+def down_and_up_entries(depth):
+    """Return directory entries down a chain, then a file entry at every level from the bottom back up."""
+    entries = [entry("a/" * level, tarfile.DIRTYPE, mode=0o755) for level in range(1, depth + 1)]
+    entries += [entry("a/" * level + "f") for level in range(depth, 0, -1)]
+    return entries
+
+
+def alternating_entries(depth):
+    """Return a directory and a file entry one level down chain x, then the same in chain y, and so on."""
+    entries = []
+    for level in range(depth):
+        for top in ("x/", "y/"):
+            entries.append(entry(top + "a/" * level, tarfile.DIRTYPE, mode=0o755))
+            entries.append(entry(top + "a/" * level + "f"))
+    return entries
+
+
+@pytest.mark.parametrize("order", ["down_and_up", "alternating"])
+def test_apply_opens_linear_in_depth(tmp_path, monkeypatch, order):
+    depth = 300
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    entries = {"down_and_up": down_and_up_entries, "alternating": alternating_entries}[order](depth)
+    raw = make_tar(entries)
+
+    opens = count_calls(monkeypatch, os, "open")
+    try:
+        apply(layer, raw)
+        open_count = len(opens)
+        missing = [info.name for info, _ in entries if not os.path.lexists(layer / info.name)]
+        assert missing == []
+    finally:
+        monkeypatch.undo()
+        remove_contents(layer)
+
+    # Resolving each entry's parent from the layer root would take about
+    # depth * depth / 2 opens for each chain.
+    entry_count = len(entries)
+    assert open_count <= 4 * entry_count
+
+
+def test_apply_reopens_directories_that_entries_replace(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    entries = [
+        entry("d/x/y/old"), entry(".wh.d"), entry("d/x/y/new"),
+        entry("g/x/old"), entry("g"), entry("g", tarfile.DIRTYPE, mode=0o755), entry("g/x/new"),
+        entry("h/x/target", data=b"old"), entry("l/old", tarfile.LNKTYPE, linkname="h/x/target"),
+        entry(".wh.h"), entry("h/x/target", data=b"new"),
+        entry("l/new", tarfile.LNKTYPE, linkname="h/x/target"),
+    ]
+    apply(layer, make_tar(entries))
+
+    assert os.listdir(layer / "d" / "x" / "y") == ["new"]
+    assert os.listdir(layer / "g" / "x") == ["new"]
+    assert (layer / "l" / "new").read_bytes() == b"new"
+    assert (layer / "l" / "old").read_bytes() == b"old"
+    assert os.path.samefile(layer / "l" / "new", layer / "h" / "x" / "target")
+
+
+def test_directory_opener_walks_from_root_after_move(tmp_path):
+    os.makedirs(tmp_path / "x" / "y" / "z")
+    root_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with btrfsdrv._DirectoryOpener(root_fd) as directories:
+            directories.open(["x", "y", "z"], "x/y/z")
+            os.rename(tmp_path / "x" / "y" / "z", tmp_path / "moved")
+            # Climbing from the moved directory reaches the root, not x/y.
+            fd = directories.open(["x", "y"], "x/y")
+            assert os.path.samestat(os.fstat(fd), os.stat(tmp_path / "x" / "y"))
+    finally:
+        os.close(root_fd)
+
+
 def test_apply_removes_trees_deeper_than_fd_limit(tmp_path):
     layer = tmp_path / "layer"
     layer.mkdir()
@@ -5158,6 +5245,93 @@ def test_fast_path_declines_unrelated_layers(driver):
     assert btrfsdrv._snapshot_changes(driver.get("two"), driver.get("one")) is None
     driver.create("child", "one")
     assert btrfsdrv._snapshot_changes(driver.get("child"), driver.get("two")) is None
+
+
+def count_calls(monkeypatch, owner, name):
+    """Replace owner.name with a wrapper that records each call; return the list of recorded arguments."""
+    calls = []
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def make_chain(root, depth, name="a", file_name=None):
+    """Walk a chain of depth directories called name below root, making the missing ones.
+
+    With file_name, an empty file of that name is made at every level.
+    """
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            if file_name is not None:
+                write_at(fd, file_name)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, dir_fd=fd)
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+
+
+def deep_snapshot_pair(driver, depth, name="a"):
+    """Make a chain in layer "parent" and a snapshot "child" with a new file at every level."""
+    driver.create("parent")
+    make_chain(driver.get("parent"), depth, name)
+    driver.create("child", "parent")
+    make_chain(driver.get("child"), depth, name, file_name="new")
+    return driver.get("child"), driver.get("parent")
+
+
+def read_whole_diff(driver):
+    with driver.diff("child", "parent") as stream:
+        return stream.read()
+
+
+@pytest.mark.parametrize("operation", ["changes", "diff_size", "diff"])
+def test_fast_path_opens_linear_in_depth(driver, monkeypatch, operation):
+    depth = 400
+    child, parent = deep_snapshot_pair(driver, depth)
+    expected = btrfsdrv.layer_changes(child, parent)
+    run = {"changes": lambda: driver.changes("child", "parent"),
+           "diff_size": lambda: driver.diff_size("child", "parent"),
+           "diff": lambda: read_whole_diff(driver)}[operation]
+
+    opens = count_calls(monkeypatch, os, "open")
+    result = run()
+    open_count = len(opens)
+
+    # Every level is dirty, so reopening each directory from the layer root
+    # would take about depth * depth / 2 opens on each side.
+    assert open_count <= 6 * depth
+    if operation == "changes":
+        assert result == expected
+    elif operation == "diff_size":
+        assert result == btrfsdrv.layer_diff_size(child, parent)
+    else:
+        assert len(members(result)) == len(expected)
+
+
+def test_fast_path_ioctls_linear_beyond_ino_lookup_limit(driver, monkeypatch):
+    depth = 300
+    # 21 bytes a level: INO_LOOKUP fails with ENAMETOOLONG below level 194.
+    child, parent = deep_snapshot_pair(driver, depth, name="d" * 20)
+    expected = btrfsdrv.layer_changes(child, parent)
+
+    ioctls = count_calls(monkeypatch, btrfsdrv, "_ioctl")
+    changes = driver.changes("child", "parent")
+    ioctl_count = len(ioctls)
+
+    # Each level takes two searches for the references of its changed file
+    # and directory and one to name the directory. Looking up each directory
+    # below level 194 one level at a time would take about 26,000 searches.
+    assert ioctl_count <= 6 * depth
+    assert changes == expected
 
 
 # -- Hardening -----------------------------------------------------------------

@@ -1,0 +1,186 @@
+"""Time changes, diff_size, diff and apply_diff on a chain of deeply nested directories.
+
+Run as root from the repository root:
+
+    python3 bench/deep_paths.py                      # this checkout, 3,000 levels
+    python3 bench/deep_paths.py --module-dir OTHER   # the btrfsdrv.py of another checkout
+
+The parent layer is a chain a/a/.../a of --depth directories. Its child, a
+snapshot, gets a new file at every level, so every directory of the chain
+differs and the fast path of changes compares each one. apply_diff applies
+two gzip tars of the same depth into fresh layers: one goes down the chain
+and back up, one alternates between two chains. Each operation runs
+--rounds times, and the median wall time is printed as one JSON object per
+operation. The loopback btrfs is made in a new temporary directory and torn
+down at the end.
+"""
+
+import argparse
+import gzip
+import io
+import json
+import os
+import shutil
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPOSITORY, "tools"))
+
+from loopback import LoopbackBtrfs, mounts_below  # noqa: E402
+
+
+def make_chain(root, depth, file_name=None):
+    """Nest depth directories named "a" below root, with file_name at every level when given."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            if file_name is not None:
+                os.close(os.open(file_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fd))
+            os.mkdir("a", dir_fd=fd)
+            child = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+
+
+def add_to_chain(root, depth, file_name):
+    """Add file_name at every level of the chain below root."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.close(os.open(file_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fd))
+            child = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+
+
+def tar_entry(name, directory):
+    info = tarfile.TarInfo(name)
+    info.mtime = 1_600_000_000
+    if directory:
+        info.type = tarfile.DIRTYPE
+        info.mode = 0o755
+    else:
+        info.mode = 0o644
+    return info
+
+
+def gzip_tar(entries):
+    """Return a gzip-compressed PAX tar of (name, is_directory) entries, all files empty."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, directory in entries:
+            tar.addfile(tar_entry(name, directory))
+    return gzip.compress(buffer.getvalue())
+
+
+def down_and_up_entries(depth):
+    """Return directories down the chain, then a file at every level from the bottom back up."""
+    entries = [("a/" * level, True) for level in range(1, depth + 1)]
+    entries += [("a/" * level + "f", False) for level in range(depth, 0, -1)]
+    return entries
+
+
+def alternating_entries(depth):
+    """Return one level of chain x, then one of chain y, and so on, each with a file."""
+    entries = []
+    for level in range(depth):
+        for top in ("x/", "y/"):
+            entries.append((top + "a/" * level, True))
+            entries.append((top + "a/" * level + "f", False))
+    return entries
+
+
+def median_seconds(function, rounds):
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        function()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples), samples
+
+
+def drain(stream):
+    with stream:
+        while stream.read(1 << 20):
+            pass
+
+
+def run(btrfsdrv, fs, depth, rounds):
+    results = []
+
+    def report(operation, function, detail=""):
+        median, samples = median_seconds(function, rounds)
+        row = {"operation": operation, "depth": depth, "median_s": round(median, 4),
+               "samples_s": [round(sample, 4) for sample in samples], "detail": detail}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+
+    with btrfsdrv.Driver(fs.path("home")) as driver:
+        driver.create("parent")
+        make_chain(driver.get("parent"), depth)
+        driver.create("child", "parent")
+        add_to_chain(driver.get("child"), depth, "new")
+        os.sync()
+        changes = driver.changes("child", "parent")
+        detail = f"{len(changes):,} changes"
+        report("changes (fast path)", lambda: driver.changes("child", "parent"), detail)
+        report("diff_size (fast path)", lambda: driver.diff_size("child", "parent"), detail)
+        report("diff (fast path)", lambda: drain(driver.diff("child", "parent")), detail)
+        report("changes (full walk)",
+               lambda: btrfsdrv.layer_changes(driver.get("child"), driver.get("parent")), detail)
+
+        layers = iter(range(10**9))
+        for label, entries in (("down and up", down_and_up_entries(depth)),
+                               ("two alternating chains", alternating_entries(depth))):
+            raw = gzip_tar(entries)
+
+            def apply_layer(raw=raw):
+                layer = f"applied-{next(layers)}"
+                driver.create(layer)
+                driver.apply_diff(layer, io.BytesIO(raw))
+
+            report(f"apply_diff ({label})", apply_layer,
+                   f"{len(entries):,} entries, {len(raw):,} bytes of gzip")
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depth", type=int, default=3000, help="levels of the chain (default 3000)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each operation (default 3)")
+    parser.add_argument("--module-dir", default=REPOSITORY,
+                        help="directory whose btrfsdrv.py is measured (default: this checkout)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench/deep_paths.py: run as root: it mounts a loopback btrfs", file=sys.stderr)
+        return 2
+    sys.path.insert(0, os.path.abspath(args.module_dir))
+    import btrfsdrv
+
+    print(json.dumps({"module": btrfsdrv.__file__, "kernel": os.uname().release,
+                      "python": sys.version.split()[0]}), flush=True)
+    work = tempfile.mkdtemp(prefix="btrfsdrv-deep-")
+    fs = LoopbackBtrfs(work, size=4 * 1024**3)
+    try:
+        run(btrfsdrv, fs, args.depth, args.rounds)
+    finally:
+        # Unmounting drops the deep trees, which shutil.rmtree could not remove.
+        fs.teardown()
+        left = mounts_below(work)
+        if left:
+            print(f"bench/deep_paths.py: kept {work}: {left[0]} is still mounted", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
