@@ -916,10 +916,7 @@ class _SavedInodeFlags:
             cleared = self.flags & (_FS_IMMUTABLE_FL | _FS_APPEND_FL) & ~(current or 0)
             if current is None or not cleared:
                 return
-            try:
-                path = os.readlink(f"/proc/self/fd/{self.fd}")
-            except OSError:
-                path = f"/proc/self/fd/{self.fd}"
+            path = _describe_fd(self.fd)
             _ioctl(self.fd, _structs.FS_IOC_SETFLAGS, ctypes.c_int(current | cleared),
                    "set immutable and append-only flags again", path)
         log.debug("set the immutable and append-only flags of %s again", path)
@@ -2990,6 +2987,18 @@ def _fd_path(dir_fd: int, name: str) -> bytes:
     return b"/proc/self/fd/%d/%s" % (dir_fd, os.fsencode(name))
 
 
+def _describe_fd(fd: int) -> str:
+    """Return the path of the file open at fd, for messages.
+
+    The kernel cannot return a path longer than PATH_MAX (ENAMETOOLONG), which
+    a directory deep in a layer can have; the /proc name stands in for it.
+    """
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"/proc/self/fd/{fd}"
+
+
 def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
     try:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -3305,7 +3314,7 @@ def _remove_tree(dir_fd: int, name: str, unlink: Callable[[int, str], None] = _u
         pass
 
     with _Fd(_open_entered_directory(dir_fd, name)) as fd:
-        _remove_contents(fd, os.readlink(f"/proc/self/fd/{fd}"), unlink)
+        _remove_contents(fd, _describe_fd(fd), unlink)
     _unlink_at(dir_fd, name, is_dir=True)
 
 
@@ -5472,7 +5481,7 @@ class _LayerApplier:
 
         top = os.fstat(dir_fd)
         if (top.st_dev, top.st_ino) not in self.emptied:
-            walk_tree(dir_fd, visit, path=os.readlink(f"/proc/self/fd/{dir_fd}"))
+            walk_tree(dir_fd, visit, path=_describe_fd(dir_fd))
 
     def from_parent_layer(self, dir_st: os.stat_result, name: str, st: os.stat_result) -> bool:
         """Return whether name (in the directory dir_st) came from the parent layer.
@@ -5606,7 +5615,7 @@ class _LayerApplier:
         try:
             self.rename_clearing_flags(aside[0], aside[1], parent_fd, name)
         except OSError as error:
-            directory = os.readlink(f"/proc/self/fd/{aside[0]}")
+            directory = _describe_fd(aside[0])
             log.warning("could not move %s back to %s after a failed replacement: %s; rename it back "
                         "before the next apply_diff, which deletes it", os.path.join(directory, aside[1]),
                         name, error)

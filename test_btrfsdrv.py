@@ -4404,6 +4404,32 @@ def test_apply_reopens_directories_that_entries_replace(tmp_path):
     assert os.path.samefile(layer / "l" / "new", layer / "h" / "x" / "target")
 
 
+@pytest.mark.parametrize("marker", [".wh.victim", ".wh..wh..opq"])
+def test_apply_whiteouts_below_path_max(tmp_path, marker):
+    # 300 levels of 20-byte names: the directories' paths are far longer
+    # than PATH_MAX, so nothing may need a path of them, not even a message.
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    top = "/".join(["d" * 20] * 300)
+    setup = [entry(top + "/victim/inner/file", data=b"old"), entry(top + "/keep", data=b"k")]
+    apply(layer, make_tar(setup))
+    try:
+        apply(layer, make_tar([entry(top + "/" + marker)]))
+        fd = os.open(layer, os.O_RDONLY | os.O_DIRECTORY)
+        for name in top.split("/"):
+            next_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+        try:
+            remaining = sorted(os.listdir(fd))
+        finally:
+            os.close(fd)
+    finally:
+        remove_contents(layer)
+
+    assert remaining == ([] if marker == ".wh..wh..opq" else ["keep"])
+
+
 def test_directory_opener_walks_from_root_after_move(tmp_path):
     os.makedirs(tmp_path / "x" / "y" / "z")
     root_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
