@@ -2991,7 +2991,7 @@ def _describe_fd(fd: int) -> str:
     """Return the path of the file open at fd, for messages.
 
     The kernel cannot return a path longer than PATH_MAX (ENAMETOOLONG), which
-    a directory deep in a layer can have; the /proc name stands in for it.
+    a directory deep in a layer can have, so the /proc name is used instead.
     """
     try:
         return os.readlink(f"/proc/self/fd/{fd}")
