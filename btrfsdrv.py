@@ -3018,12 +3018,35 @@ def _list_dir(dir_fd: int) -> list[tuple[str, os.DirEntry[str]]]:
     return entries
 
 
+def _walk_changed_error(dir_fd: int, name: str, path: str, change: str) -> OSError:
+    """Build the ESTALE error for an entry that something changed while its layer was walked.
+
+    path is the entry's path inside the layer, and the filename is its host
+    path, read from dir_fd (the layer's or the parent layer's directory).
+    """
+    try:
+        filename = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), name)
+    except OSError:
+        filename = path
+    return OSError(errno.ESTALE, f"{path!r} {change} while the layer was walked; stop whatever writes "
+                   "to the layer and run the operation again", filename)
+
+
 def _open_listed_dir(dir_fd: int, name: str, listed: os.stat_result, path: str) -> int:
-    """Open a subdirectory and check that it is still the one that was listed."""
-    fd = _open_directory_for_reading(name, dir_fd)
+    """Open a subdirectory and check that it is still the one that was listed.
+
+    Raises OSError with ESTALE when it was removed or replaced since.
+    """
+    try:
+        fd = _open_directory_for_reading(name, dir_fd)
+    except OSError as error:
+        # A FileNotFoundError must not escape: callers read it as "no such layer".
+        if error.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            raise
+        raise _walk_changed_error(dir_fd, name, path, "was removed or replaced by a non-directory") from None
     try:
         if not os.path.samestat(os.fstat(fd), listed):
-            raise OSError(errno.ESTALE, "directory was replaced during the walk", path)
+            raise _walk_changed_error(dir_fd, name, path, "was replaced by another directory")
         _check_mount_boundary(dir_fd, fd, "walk layer", path)
     except BaseException:
         os.close(fd)
@@ -3539,13 +3562,16 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: int | None, top: str = "",
                     same_inode = _is_plain_directory_entry(entry) and _is_plain_directory_entry(parent_entry)
                 if same_inode and changed_inodes is not None and entry.inode() not in changed_inodes:
                     continue  # the same inode, unchanged since the snapshot
+                # A FileNotFoundError must not escape: callers read it as "no such layer".
                 try:
                     new = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    raise _walk_changed_error(frame.layer_fd, name, path, "was removed or renamed") from None
+                try:
                     old = parent_entry.stat(follow_symlinks=False) if parent_entry is not None else None
                 except FileNotFoundError:
-                    # A FileNotFoundError must not escape: callers read it as "no such layer".
-                    raise OSError(errno.ESTALE, f"{path} vanished while the layer was walked; stop "
-                                  "whatever writes to the layer and run the operation again") from None
+                    assert frame.parent_fd is not None  # parent_entries is empty without a parent_fd
+                    raise _walk_changed_error(frame.parent_fd, name, path, "was removed or renamed") from None
                 reported = False
                 if old is None:
                     count += 1
@@ -6222,7 +6248,7 @@ def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], 
         # changes. _chown_entry rewrites the capability, so it runs for them
         # even when their owner stays.
         changed_capabilities = set()
-        for item, _ in _remapped_owners(root_fd, maps):  # checks every owner first
+        for item, _ in _remapped_owners(root_fd, maps, layer_path):  # checks every owner first
             _check_writable_subvolume(item.dir_fd, item.name, item.st, layer_path + item.path)
             if _remap_changes_capability(item, uid_maps):
                 changed_capabilities.add((item.st.st_dev, item.st.st_ino))
@@ -6230,7 +6256,7 @@ def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], 
         # running container) leaves the layer partly remapped. Running the
         # remap again then shifts the owners changed before the error a
         # second time wherever the old and new ranges overlap.
-        for item, (uid, gid) in _remapped_owners(root_fd, maps):
+        for item, (uid, gid) in _remapped_owners(root_fd, maps, layer_path):
             if ((uid, gid) != (item.st.st_uid, item.st.st_gid)
                     or (item.st.st_dev, item.st.st_ino) in changed_capabilities):
                 _chown_entry(item.dir_fd, item.name, item.st, uid, gid, uid_maps, layer_path + item.path)
@@ -6240,10 +6266,13 @@ def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], 
 
 def _remapped_owners(
     root_fd: int, maps: tuple[tuple[Sequence[IDMap], Sequence[IDMap]], tuple[Sequence[IDMap], Sequence[IDMap]]],
+    layer_path: str,
 ) -> Iterator[tuple[Any, tuple[int, int]]]:
     """Yield (walked entry, new owner) for each inode below root_fd, each once.
 
     Snapshot placeholders are skipped, because their owner cannot be changed.
+    Raises ValueError, naming layer_path (the layer's directory), for an
+    owner that either pair of maps does not cover.
     """
     (old_uid_maps, old_gid_maps), (new_uid_maps, new_gid_maps) = maps
     seen_inodes = set()
@@ -6260,13 +6289,17 @@ def _remapped_owners(
         container_uid = _map_id(old_uid_maps, st.st_uid, False)
         container_gid = _map_id(old_gid_maps, st.st_gid, False)
         if container_uid is None or container_gid is None:
-            raise ValueError(f"{item.path!r}: owner {st.st_uid}:{st.st_gid} is outside the old ID maps; "
-                             "nothing was changed")
+            raise ValueError(f"layer {layer_path}, entry {item.path!r}: owner {st.st_uid}:{st.st_gid} is outside "
+                             "the old ID maps; nothing was changed. Pass as to_container the (uid_maps, gid_maps) "
+                             "pair that the layer's files were written with, which maps host uid "
+                             f"{st.st_uid} and gid {st.st_gid} to container ids")
         uid = _map_id(new_uid_maps, container_uid, True)
         gid = _map_id(new_gid_maps, container_gid, True)
         if uid is None or gid is None:
-            raise ValueError(f"{item.path!r}: container owner {container_uid}:{container_gid} "
-                             "is outside the new ID maps; nothing was changed")
+            raise ValueError(f"layer {layer_path}, entry {item.path!r}: container owner "
+                             f"{container_uid}:{container_gid} is outside the new ID maps; nothing was changed. "
+                             "Pass as to_host a (uid_maps, gid_maps) pair that maps container uid "
+                             f"{container_uid} and gid {container_gid} to host ids")
         yield item, (uid, gid)
 
 

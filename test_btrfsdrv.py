@@ -2363,6 +2363,118 @@ def test_remap_checks_every_owner_first(driver):
         assert owners == {"a": 100000, "m": 5, "z": 100001}
 
 
+def test_remap_owner_outside_maps_names_layer(driver):
+    driver.create("layer")
+    root = driver.get("layer")
+    os.mkdir(os.path.join(root, "d0"))
+    os.chown(os.path.join(root, "d0"), 5, 5)
+    old = [btrfsdrv.IDMap(0, 100000, 65536)]
+    with pytest.raises(ValueError) as raised:
+        driver.update_layer_id_map("layer", (old, old), None)
+    message = str(raised.value)
+    assert os.path.join(driver.home, "subvolumes", "layer") in message
+    assert "'/d0'" in message
+    assert "owner 5:5 is outside the old ID maps" in message
+    assert "to_container" in message
+    assert "nothing was changed" in message
+
+
+def test_remap_owner_outside_new_maps_names_layer(driver):
+    driver.create("layer")
+    root = driver.get("layer")
+    os.mkdir(os.path.join(root, "d0"))
+    os.chown(os.path.join(root, "d0"), 100000 + 70000, 100000 + 70000)
+    old = [btrfsdrv.IDMap(0, 100000, 100000)]
+    new = [btrfsdrv.IDMap(0, 200000, 65536)]
+    with pytest.raises(ValueError) as raised:
+        driver.update_layer_id_map("layer", (old, old), (new, new))
+    message = str(raised.value)
+    assert os.path.join(driver.home, "subvolumes", "layer") in message
+    assert "'/d0'" in message
+    assert "container owner 70000:70000 is outside the new ID maps" in message
+    assert "to_host" in message
+
+
+WALKS = {
+    "changes": lambda driver: driver.changes("layer"),
+    "diff_size": lambda driver: driver.diff_size("layer"),
+    "update_layer_id_map": lambda driver: driver.update_layer_id_map("layer", None, None),
+}
+
+
+@pytest.mark.parametrize("operation", sorted(WALKS))
+def test_walk_entry_vanished_names_layer(driver, monkeypatch, operation):
+    driver.create("layer")
+    root = driver.get("layer")
+    write(os.path.join(root, "x0"), b"data")
+    original = btrfsdrv._list_dir
+
+    def list_then_remove(dir_fd):
+        # Another process deletes x0 after the walk listed it.
+        entries = original(dir_fd)
+        if "x0" in dict(entries):
+            os.unlink("x0", dir_fd=dir_fd)
+        return entries
+
+    monkeypatch.setattr(btrfsdrv, "_list_dir", list_then_remove)
+    with pytest.raises(OSError) as raised:
+        WALKS[operation](driver)
+    assert raised.value.errno == errno.ESTALE
+    assert raised.value.filename == os.path.join(driver.home, "subvolumes", "layer", "x0")
+    assert "'/x0'" in raised.value.strerror
+    assert "stop whatever writes to the layer" in raised.value.strerror
+
+
+@pytest.mark.parametrize("operation", sorted(WALKS))
+@pytest.mark.parametrize("mutation", ["replace", "remove", "symlink"])
+def test_walk_directory_replaced_names_layer(driver, monkeypatch, operation, mutation):
+    driver.create("layer")
+    root = driver.get("layer")
+    os.makedirs(os.path.join(root, "d0", "x2"))
+    original = btrfsdrv._open_directory_for_reading
+
+    def change_then_open(name, dir_fd=None):
+        # Another process changes x2 after the walk read its stat.
+        if name == "x2":
+            os.rename("x2", "x2.old", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            if mutation == "replace":
+                os.mkdir("x2", dir_fd=dir_fd)
+            elif mutation == "symlink":
+                os.symlink("x2.old", "x2", dir_fd=dir_fd)
+        return original(name, dir_fd)
+
+    monkeypatch.setattr(btrfsdrv, "_open_directory_for_reading", change_then_open)
+    with pytest.raises(OSError) as raised:
+        WALKS[operation](driver)
+    assert raised.value.errno == errno.ESTALE
+    assert raised.value.filename == os.path.join(driver.home, "subvolumes", "layer", "d0", "x2")
+    assert "'/d0/x2'" in raised.value.strerror
+    assert "stop whatever writes to the layer" in raised.value.strerror
+
+
+def test_changes_parent_directory_replaced_names_parent(driver, monkeypatch):
+    driver.create("base")
+    os.makedirs(os.path.join(driver.get("base"), "d0"))
+    driver.create("layer")
+    os.makedirs(os.path.join(driver.get("layer"), "d0"))
+    parent_root = os.path.join(driver.home, "subvolumes", "base")
+    original = btrfsdrv._open_directory_for_reading
+
+    def change_then_open(name, dir_fd=None):
+        # Another process replaces d0 of the parent layer after the walk read its stat.
+        if name == "d0" and dir_fd is not None and os.readlink(f"/proc/self/fd/{dir_fd}") == parent_root:
+            os.rename("d0", "d0.old", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.mkdir("d0", dir_fd=dir_fd)
+        return original(name, dir_fd)
+
+    monkeypatch.setattr(btrfsdrv, "_open_directory_for_reading", change_then_open)
+    with pytest.raises(OSError) as raised:
+        driver.changes("layer", "base")
+    assert raised.value.errno == errno.ESTALE
+    assert raised.value.filename == os.path.join(parent_root, "d0")
+    assert "'/d0'" in raised.value.strerror
+
+
 def inode_flags(path):
     flags = ctypes.c_int()  # the kernel copies an int, whatever linux/fs.h declares
     _ioctl(path, ioctl_structs.FS_IOC_GETFLAGS, flags)
