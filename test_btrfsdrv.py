@@ -3601,6 +3601,67 @@ def test_apply_sets_directory_times_last(tmp_path):
     assert os.stat(layer / "d" / "f").st_mtime == 2000
 
 
+def test_apply_repeated_deep_directory_opens_linear(tmp_path, monkeypatch):
+    depth, repeats = 300, 40
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    name = "/".join(["a"] * depth)
+    raw = make_tar([entry(name, tarfile.DIRTYPE, mode=0o755, mtime=1_600_000_000 + index)
+                    for index in range(repeats)])
+
+    opens = count_calls(monkeypatch, os, "open")
+    try:
+        apply(layer, raw)
+        open_count = len(opens)
+        monkeypatch.undo()
+        mtime = os.stat(layer / name).st_mtime
+    finally:
+        monkeypatch.undo()
+        remove_contents(layer)
+
+    assert open_count <= 4 * (depth + repeats)
+    assert mtime == 1_600_000_000 + repeats - 1
+
+
+def test_apply_directory_times_last_entry_wins(tmp_path):
+    entries = [
+        entry("a", tarfile.DIRTYPE, mode=0o755, mtime=1000),
+        entry("a/b", tarfile.DIRTYPE, mode=0o755, mtime=1001),
+        entry("a-c", tarfile.DIRTYPE, mode=0o755, mtime=1002),
+        entry("a/b/d", tarfile.DIRTYPE, mode=0o755, mtime=1003),
+        entry("a", tarfile.DIRTYPE, mode=0o755, mtime=1004),
+        entry("a/e", tarfile.DIRTYPE, mode=0o755, mtime=1005),
+        entry("a/b", tarfile.DIRTYPE, mode=0o755, mtime=1006),
+        entry("a/b/d/f", tarfile.DIRTYPE, mode=0o755, mtime=1007),
+        entry("g", tarfile.DIRTYPE, mode=0o755, mtime=1008),
+        entry(".", tarfile.DIRTYPE, mode=0o755, mtime=1009),
+    ]
+    apply(tmp_path, make_tar(entries))
+
+    expected = {"a": 1004, "a/b": 1006, "a-c": 1002, "a/b/d": 1003, "a/e": 1005, "a/b/d/f": 1007, "g": 1008,
+                ".": 1009}
+    for name, mtime in expected.items():
+        assert os.stat(tmp_path / name).st_mtime == mtime, name
+
+
+def test_apply_directory_times_skip_replaced_parent(tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "b").mkdir(parents=True)
+    os.utime(outside / "b", (5, 5))
+    layer = tmp_path / "l"
+    layer.mkdir()
+    entries = [
+        entry("a", tarfile.DIRTYPE, mode=0o755, mtime=1000),
+        entry("a/b", tarfile.DIRTYPE, mode=0o755, mtime=1001),
+        entry("a/c", tarfile.DIRTYPE, mode=0o755, mtime=1002),
+        entry("a", tarfile.SYMTYPE, linkname=str(outside)),
+    ]
+    apply(layer, make_tar(entries))
+
+    assert os.readlink(layer / "a") == str(outside)
+    assert os.stat(outside / "b").st_mtime == 5
+
+
 def test_apply_merges_directories_and_replaces_others(tmp_path):
     layer = str(tmp_path / "l")
     write(layer + "/d/keep")
