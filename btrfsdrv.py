@@ -3715,11 +3715,25 @@ def _lstat_changes(layer_fd: int, changes: list[Change]) -> Iterator[os.stat_res
         for change in changes:
             if change.kind == ChangeKind.DELETE:
                 continue
-            parts = _path_parts(change.path)
-            dir_fd = directories.open(parts[:-1], change.path)
-            if dir_fd is None:
-                raise FileNotFoundError(errno.ENOENT, "changed entry vanished", change.path)
-            yield os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
+            yield _stat_changed_entry(layer_fd, directories, change.path)[2]
+
+
+def _stat_changed_entry(layer_fd: int, directories: _DirectoryOpener,
+                        path: str) -> tuple[int, str, os.stat_result]:
+    """Return the open parent directory, the name and the stat of a changed entry at path.
+
+    An entry removed since the changes were listed raises ESTALE naming its
+    host path, as the walks do.
+    """
+    parts = _path_parts(path)
+    dir_fd = directories.open(parts[:-1], path)
+    if dir_fd is None:
+        raise _walk_changed_error(layer_fd, path.lstrip("/"), path, "was removed")
+    try:
+        st = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        raise _walk_changed_error(dir_fd, parts[-1], path, "was removed") from None
+    return dir_fd, parts[-1], st
 
 
 def _layer_changes_fast(layer_dir: str, parent_dir: str | None = None) -> list[Change]:
@@ -4148,12 +4162,8 @@ def _write_changes_tar(out: io.BufferedWriter, layer_fd: int, changes: list[Chan
                 if change.kind == ChangeKind.DELETE:
                     writer.add_whiteout(change.path)
                     continue
-                parts = _path_parts(change.path)
-                dir_fd = directories.open(parts[:-1], change.path)
-                if dir_fd is None:
-                    raise FileNotFoundError(errno.ENOENT, "changed entry vanished during the diff", change.path)
-                st = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
-                writer.add(change.path.lstrip("/"), change.path, dir_fd, parts[-1], st)
+                dir_fd, name, st = _stat_changed_entry(layer_fd, directories, change.path)
+                writer.add(change.path.lstrip("/"), change.path, dir_fd, name, st)
 
 
 class _PipeReader(io.RawIOBase):

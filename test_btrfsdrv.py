@@ -2425,6 +2425,38 @@ def test_walk_entry_vanished_names_layer(driver, monkeypatch, operation):
     assert "stop whatever writes to the layer" in raised.value.strerror
 
 
+@pytest.mark.parametrize("operation", ["diff_size", "diff"])
+@pytest.mark.parametrize("victim", ["d/x0", "d"])
+def test_changed_entry_vanished_names_layer(driver, monkeypatch, operation, victim):
+    driver.create("parent")
+    driver.create_read_write("layer", "parent")
+    root = driver.get("layer")
+    write(os.path.join(root, "d", "x0"), b"data")
+    original = btrfsdrv._layer_changes_fast
+
+    def list_then_remove(*args):
+        # Another process deletes the entry after its change was listed.
+        changes = original(*args)
+        path = os.path.join(root, victim)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+        return changes
+
+    monkeypatch.setattr(btrfsdrv, "_layer_changes_fast", list_then_remove)
+    with pytest.raises(OSError) as raised:
+        if operation == "diff":
+            with driver.diff("layer", "parent") as stream:
+                stream.read()
+        else:
+            driver.diff_size("layer", "parent")
+
+    assert raised.value.errno == errno.ESTALE
+    assert raised.value.filename == os.path.join(root, victim)
+    assert "stop whatever writes to the layer" in raised.value.strerror
+
+
 @pytest.mark.parametrize("operation", sorted(WALKS))
 @pytest.mark.parametrize("mutation", ["replace", "remove", "symlink"])
 def test_walk_directory_replaced_names_layer(driver, monkeypatch, operation, mutation):
