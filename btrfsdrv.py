@@ -6045,7 +6045,7 @@ def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int,
         try:
             os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)  # lchown never follows
         except OSError as error:
-            raise _os_error(error.errno, "change owner", path) from None
+            raise _os_error(error.errno, "change owner", path, _unmapped_owner_hint(error.errno, uid, gid)) from None
         return
     try:
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -6064,7 +6064,8 @@ def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int,
             try:
                 _set_owner(inode, st, uid, gid, uid_maps, path)
             except OSError as error:
-                raise _os_error(error.errno, "change owner", path) from None
+                raise _os_error(error.errno, "change owner", path,
+                                _unmapped_owner_hint(error.errno, uid, gid)) from None
 
         try:
             change()
@@ -6180,6 +6181,35 @@ def _check_writable_subvolume(dir_fd: int, name: str, st: os.stat_result, path: 
             raise _os_error(errno.EROFS, "remap layer owners", path,
                             f"the nested subvolume is read-only. Make it writable with 'btrfs property "
                             f"set {path} ro false' and run the remap again (nothing was changed)")
+
+
+def _is_mapped_here(map_file: str, value: int) -> bool:
+    """Return whether id value, as chown takes it, is mapped in this process's user namespace.
+
+    map_file is /proc/self/uid_map or /proc/self/gid_map, whose first field
+    is the first id of a range inside the namespace.
+    """
+    try:
+        with open(map_file, "rb") as ranges:
+            for line in ranges:
+                inside, _, count = (int(field) for field in line.split())
+                if inside <= value < inside + count:
+                    return True
+    except (OSError, ValueError):
+        return True  # unknown: the hint names both ids
+    return False
+
+
+def _unmapped_owner_hint(err: int | None, uid: int, gid: int) -> str:
+    """Return the hint for a chown to uid:gid that failed with err; EINVAL means an id is not mapped here."""
+    if err != errno.EINVAL:
+        return ""
+    unmapped = [f"{kind} {value}" for kind, value, map_file in
+                (("uid", uid, "/proc/self/uid_map"), ("gid", gid, "/proc/self/gid_map"))
+                if not _is_mapped_here(map_file, value)] or [f"uid {uid} or gid {gid}"]
+    return (f"{' and '.join(unmapped)} {'is' if len(unmapped) == 1 else 'are'} not mapped in this user namespace "
+            "(check /proc/self/uid_map and /proc/self/gid_map); remap to host ids that this namespace maps, "
+            "or run the remap in a namespace that maps them, or as root on the host")
 
 
 def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], Sequence[IDMap]] | None,

@@ -6824,6 +6824,35 @@ def test_unprivileged_remove_rejects_flags(open_fs, how, case):
         chattr("-" + flag[1], target)
 
 
+_UNMAPPED_REMAP_CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import btrfsdrv
+
+try:
+    btrfsdrv.Driver(sys.argv[2]).update_layer_id_map("layer", None, ([(0, 5000, 1)], [(0, 5000, 1)]))
+    print("ok")
+except OSError as error:
+    print(error)
+"""
+
+
+def test_remap_to_unmapped_host_id_names_namespace(fs):
+    home = fs.path("home")
+    with btrfsdrv.Driver(home) as driver:
+        driver.create("layer")
+        write(os.path.join(driver.get("layer"), "file"), b"data")
+    module_dir = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
+
+    result = subprocess.run(["unshare", "-Ur", sys.executable, "-c", _UNMAPPED_REMAP_CHILD, module_dir, home],
+                            capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stderr
+    assert "not mapped in this user namespace" in result.stdout
+    assert "/proc/self/uid_map" in result.stdout
+    assert "5000" in result.stdout
+
+
 SMALL_IMAGE = 256 * 1024**2
 
 
