@@ -29,6 +29,7 @@ import fcntl
 import io
 import os
 import re
+import shlex
 import stat
 import struct
 import sys
@@ -920,6 +921,68 @@ class _SavedInodeFlags:
             _ioctl(self.fd, _structs.FS_IOC_SETFLAGS, ctypes.c_int(current | cleared),
                    "set immutable and append-only flags again", path)
         log.debug("set the immutable and append-only flags of %s again", path)
+
+
+_CAP_LINUX_IMMUTABLE = 9
+_FULL_IDENTITY_MAP = [b"0", b"0", b"4294967295"]
+
+
+def _may_change_inode_flags() -> bool:
+    """Return whether this process may set or clear the immutable and append-only flags.
+
+    The kernel checks CAP_LINUX_IMMUTABLE in the initial user namespace, so
+    root of another namespace (unshare -Ur) lacks it. A uid_map that maps all
+    ids to themselves is taken as the initial namespace, as runc does.
+    """
+    try:
+        with open("/proc/self/status", "rb") as status:
+            effective = next((int(line.split()[1], 16) for line in status if line.startswith(b"CapEff:")), 0)
+        with open("/proc/self/uid_map", "rb") as uid_map:
+            ranges = uid_map.read().split()
+    except (OSError, ValueError, IndexError):
+        return False
+    return bool(effective >> _CAP_LINUX_IMMUTABLE & 1) and ranges == _FULL_IDENTITY_MAP
+
+
+class _InodeFlagError(PermissionError):
+    """EPERM because an immutable or append-only inode blocks a removal."""
+
+
+def _inode_flag_error(flags: int, where: Any, operation: str = "delete subvolume") -> _InodeFlagError:
+    """Return the error for where, whose immutable or append-only flag (in flags) blocks the removal."""
+    names = [name for bit, name in ((_FS_IMMUTABLE_FL, "immutable"), (_FS_APPEND_FL, "append-only")) if flags & bit]
+    letters = "".join(letter for bit, letter in ((_FS_IMMUTABLE_FL, "i"), (_FS_APPEND_FL, "a")) if flags & bit)
+    where = os.fsdecode(where)
+    message = (f"{operation} failed: {os.strerror(errno.EPERM)}; {where} has the {' and '.join(names)} "
+               f"flag{'s' if len(names) > 1 else ''}, which only root on the host can clear: "
+               f"run chattr -{letters} {shlex.quote(where)} as root, then remove again")
+    return _InodeFlagError(errno.EPERM, message, where)
+
+
+def _blocking_inode_flags(fd: int) -> int:
+    """Return the immutable and append-only flags of fd, 0 when it has neither."""
+    return (_inode_flags(fd) or 0) & (_FS_IMMUTABLE_FL | _FS_APPEND_FL)
+
+
+def _flag_error_at(dir_fd: int, name: bytes, path: Any) -> _InodeFlagError | None:
+    """Return the error for the flag that stops the kernel from unlinking directory name, None without one.
+
+    The kernel rejects the unlink when the directory or dir_fd, the
+    directory it is unlinked from, is immutable or append-only. path names name.
+    """
+    try:
+        fd = _open_directory(name, dir_fd=dir_fd)
+    except OSError:
+        fd = None
+    if fd is not None:
+        with _Fd(fd):
+            flags = _blocking_inode_flags(fd)
+        if flags:
+            return _inode_flag_error(flags, path)
+    flags = _blocking_inode_flags(dir_fd)
+    if flags:
+        return _inode_flag_error(flags, os.path.dirname(os.fsdecode(path)) or ".")
+    return None
 
 
 def _make_owner_accessible(dir_fd: int, name: str | bytes | None) -> bool:
@@ -2336,7 +2399,9 @@ class Driver:
             else:
                 layer_subvolume_id = _subvolume_id_of_fd(layer_fd, path)
                 _check_layer_deletable(layer_fd, layer_subvolume_id, path)
-                subvolume_ids = self._remove_nested(layer_fd, layer_subvolume_id, path)
+                nested = find_nested_subvolumes(layer_fd, layer_subvolume_id, path)
+                _clear_removal_flags(layer_fd, nested, path)
+                subvolume_ids = self._remove_nested(layer_fd, layer_subvolume_id, path, nested)
                 subvolume_ids.append(layer_subvolume_id)
                 _clear_read_only(layer_fd, path)
                 quota_on = self._clear_limit(subvolumes_fd, layer_subvolume_id, path)
@@ -2368,9 +2433,14 @@ class Driver:
             with _Fd(_open_directory(name, dir_fd=subvolumes_fd)) as layer_fd:
                 subvolume_ids[:0] = self._remove_nested(layer_fd, _subvolume_id_of_fd(layer_fd, path), path)
 
-    def _remove_nested(self, layer_fd: int, layer_subvolume_id: int, path: str) -> list[int]:
-        """Delete the subvolumes below the layer, deepest first, and return their ids."""
-        nested = find_nested_subvolumes(layer_fd, layer_subvolume_id, path)
+    def _remove_nested(self, layer_fd: int, layer_subvolume_id: int, path: str,
+                       nested: list[NestedSubvolume] | None = None) -> list[int]:
+        """Delete the subvolumes below the layer, deepest first, and return their ids.
+
+        nested is the list that find_nested_subvolumes returned, or None to list them here.
+        """
+        if nested is None:
+            nested = find_nested_subvolumes(layer_fd, layer_subvolume_id, path)
         removed = []
         for subvolume in reversed(nested):
             if _delete_nested_subvolume(layer_fd, subvolume, path):
@@ -2722,6 +2792,95 @@ def _delete_nested_subvolume(layer_fd: int, subvolume: NestedSubvolume, path: An
     return True
 
 
+class _FlaggedDirectory(NamedTuple):
+    """A directory with the immutable or append-only flag: an open fd, its flags and its path for messages."""
+
+    fd: int
+    flags: int
+    where: str
+
+
+def _find_flagged_directories(top_fd: int, nested: list[NestedSubvolume], path: Any) -> list[_FlaggedDirectory]:
+    """Open the flagged directories that stop the kernel from unlinking the subvolumes top_fd and nested.
+
+    The kernel rejects the unlink of a subvolume whose top directory, or the
+    directory it is unlinked from, is immutable or append-only. Those are
+    top_fd itself, each nested subvolume's top and the directory holding it.
+    A directory gone or replaced since nested was listed is skipped: the
+    deletion reports it.
+    """
+    found: list[_FlaggedDirectory] = []
+    seen: set[tuple[int, int]] = set()
+
+    def add(fd: int, relative: bytes) -> None:
+        st = os.fstat(fd)
+        flags = _blocking_inode_flags(fd)
+        if flags and (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            where = os.path.join(os.fsdecode(path), os.fsdecode(relative)) if relative else os.fsdecode(path)
+            found.append(_FlaggedDirectory(os.dup(fd), flags, where))
+
+    try:
+        add(top_fd, b"")
+        for subvolume in nested:
+            parent_path, _, name = subvolume.path.rpartition(b"/")
+            try:
+                parent_fd = _walk_relative(top_fd, parent_path, path)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            with _Fd(parent_fd):
+                add(parent_fd, parent_path)
+                try:
+                    child_fd = _open_directory(name, dir_fd=parent_fd)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                with _Fd(child_fd):
+                    add(child_fd, subvolume.path)
+    except BaseException:
+        for directory in found:
+            os.close(directory.fd)
+        raise
+    return found
+
+
+def _clear_removal_flags(top_fd: int, nested: list[NestedSubvolume], path: Any) -> None:
+    """Clear the immutable and append-only flags that stop the kernel from deleting top_fd and nested.
+
+    The subvolumes are about to be deleted, so the flags are not set again
+    once this returns. Without CAP_LINUX_IMMUTABLE, or when a clear fails,
+    this raises _InodeFlagError naming the flagged directory, and every flag
+    is as before.
+    """
+    flagged = _find_flagged_directories(top_fd, nested, path)
+    cleared: list[_FlaggedDirectory] = []
+    try:
+        if flagged and not _may_change_inode_flags():
+            raise _inode_flag_error(flagged[0].flags, flagged[0].where)
+        for directory in flagged:
+            try:
+                fcntl.ioctl(directory.fd, _structs.FS_IOC_SETFLAGS, ctypes.c_int(
+                    (_inode_flags(directory.fd) or 0) & ~(_FS_IMMUTABLE_FL | _FS_APPEND_FL)))
+            except OSError as error:
+                log.warning("could not clear the flags of %s: %s", directory.where, error)
+                _set_flags_again(cleared)
+                raise _inode_flag_error(directory.flags, directory.where) from None
+            cleared.append(directory)
+            log.debug("cleared immutable and append-only flags of %s", directory.where)
+    finally:
+        for directory in flagged:
+            os.close(directory.fd)
+
+
+def _set_flags_again(cleared: list[_FlaggedDirectory]) -> None:
+    """Set the flags of directories whose flags _clear_removal_flags cleared, logging each failure."""
+    for directory in cleared:
+        try:
+            current = _inode_flags(directory.fd) or 0
+            fcntl.ioctl(directory.fd, _structs.FS_IOC_SETFLAGS, ctypes.c_int(current | directory.flags))
+        except OSError as error:
+            log.warning("could not set the flags of %s again: %s", directory.where, error)
+
+
 def _check_layer_deletable(layer_fd: int, subvolume_id: int, path: Any) -> None:
     """Raise, before anything is deleted, when the kernel will refuse to delete the layer's subvolume.
 
@@ -2750,6 +2909,8 @@ def _check_layer_deletable(layer_fd: int, subvolume_id: int, path: Any) -> None:
         return
     try:
         _check_contents_removable(layer_fd, path)
+    except _InodeFlagError:
+        raise
     except PermissionError as error:
         raise _removal_permission_error(error, path) from None
 
@@ -2807,13 +2968,19 @@ def _check_contents_removable(top_fd: int, path: Any) -> None:
     that the caller neither owns nor may write into, or a sticky directory
     holding another user's file, would stop that halfway. Directories the
     caller owns but may not enter get owner rwx, as the removal would give
-    them. Immutable files are not detected.
+    them. Without CAP_LINUX_IMMUTABLE, an immutable or append-only directory
+    or regular file raises _InodeFlagError.
+    NOTE: the flags of symlinks and special files are not read, because
+    FS_IOC_GETFLAGS needs an open descriptor of the inode.
     """
     uid = os.geteuid()
+    check_flags = not _may_change_inode_flags()
 
     def visit(fd: int, relative: bytes, entries: list[Any]) -> list[bytes]:
         st = os.fstat(fd)
         where = os.path.join(os.fsdecode(path), os.fsdecode(relative))
+        if check_flags:
+            _check_no_blocking_flags(fd, entries, where if relative else os.fsdecode(path))
         if st.st_uid != uid and not _may_write_and_search(fd):
             raise PermissionError(errno.EACCES, "a directory of another user is in the way", where)
         if st.st_mode & stat.S_ISVTX and st.st_uid != uid and uid != 0:
@@ -2824,6 +2991,24 @@ def _check_contents_removable(top_fd: int, path: Any) -> None:
         return [os.fsencode(entry.name) for entry in entries if entry.is_dir(follow_symlinks=False)]
 
     walk_tree(top_fd, visit, path=path, repair_permissions=True)
+
+
+def _check_no_blocking_flags(fd: int, entries: list[Any], where: str) -> None:
+    """Raise _InodeFlagError when directory fd, or a regular file in entries, is immutable or append-only."""
+    flags = _blocking_inode_flags(fd)
+    if flags:
+        raise _inode_flag_error(flags, where)
+    for entry in entries:
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            file_fd = os.open(entry.name, _FLAGS_OPEN, dir_fd=fd)
+        except OSError:
+            continue  # unreadable: the removal reports what stops it
+        with _Fd(file_fd):
+            flags = _blocking_inode_flags(file_fd)
+        if flags:
+            raise _inode_flag_error(flags, os.path.join(where, entry.name))
 
 
 def _can_search_trees(fd: int) -> bool:
@@ -2850,6 +3035,9 @@ def _delete_subvolume_or_contents(dir_fd: int, name: bytes, path: Any) -> None:
             raise
         if error.errno == errno.EPERM and _can_search_trees(dir_fd):
             # Emptying the subvolume would not help: rmdir checks the same.
+            flag_error = _flag_error_at(dir_fd, name, path)
+            if flag_error is not None:
+                raise flag_error from None
             raise _os_error(
                 errno.EPERM, "delete subvolume", path,
                 "the kernel refuses to delete it although this process has CAP_SYS_ADMIN; it may be "
@@ -2861,11 +3049,16 @@ def _delete_subvolume_or_contents(dir_fd: int, name: bytes, path: Any) -> None:
         try:
             _check_contents_removable(fd, path)
             _remove_contents(fd, path)
+        except _InodeFlagError:
+            raise
         except PermissionError as error:
             raise _removal_permission_error(error, path) from None
     try:
         _unlink_at(dir_fd, name, is_dir=True)
     except OSError as error:
+        flag_error = _flag_error_at(dir_fd, name, path) if error.errno == errno.EPERM else None
+        if flag_error is not None:
+            raise flag_error from None
         raise _os_error(
             error.errno, "delete subvolume", path,
             "deleting a subvolume needs CAP_SYS_ADMIN, the user_subvol_rm_allowed mount option, "
@@ -2921,9 +3114,16 @@ def delete_subvolume(path: PathArg, *, recursive: bool = False) -> None:
             if recursive:
                 _check_no_mounts_below(fd, "delete subvolume", path)
                 nested = find_nested_subvolumes(fd, _subvolume_id_of_fd(fd, path), path)
+                _clear_removal_flags(fd, nested, path)
                 for subvolume in reversed(nested):
                     _delete_nested_subvolume(fd, subvolume, path)
-        _subvolume_destroy_at(parent_fd, name, path)
+        try:
+            _subvolume_destroy_at(parent_fd, name, path)
+        except PermissionError:
+            flag_error = _flag_error_at(parent_fd, name, path)
+            if flag_error is None:
+                raise
+            raise flag_error from None
 
 
 def is_subvolume(path: PathArg) -> bool:
@@ -6097,7 +6297,7 @@ def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int,
         try:
             os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)  # lchown never follows
         except OSError as error:
-            raise _os_error(error.errno, "change owner", path) from None
+            raise _os_error(error.errno, "change owner", path, _unmapped_owner_hint(error.errno, uid, gid)) from None
         return
     try:
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -6116,7 +6316,8 @@ def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int,
             try:
                 _set_owner(inode, st, uid, gid, uid_maps, path)
             except OSError as error:
-                raise _os_error(error.errno, "change owner", path) from None
+                raise _os_error(error.errno, "change owner", path,
+                                _unmapped_owner_hint(error.errno, uid, gid)) from None
 
         try:
             change()
@@ -6232,6 +6433,35 @@ def _check_writable_subvolume(dir_fd: int, name: str, st: os.stat_result, path: 
             raise _os_error(errno.EROFS, "remap layer owners", path,
                             f"the nested subvolume is read-only. Make it writable with 'btrfs property "
                             f"set {path} ro false' and run the remap again (nothing was changed)")
+
+
+def _is_mapped_here(map_file: str, value: int) -> bool:
+    """Return whether id value, as chown takes it, is mapped in this process's user namespace.
+
+    map_file is /proc/self/uid_map or /proc/self/gid_map, whose first field
+    is the first id of a range inside the namespace.
+    """
+    try:
+        with open(map_file, "rb") as ranges:
+            for line in ranges:
+                inside, _, count = (int(field) for field in line.split())
+                if inside <= value < inside + count:
+                    return True
+    except (OSError, ValueError):
+        return True  # unknown: the hint names both ids
+    return False
+
+
+def _unmapped_owner_hint(err: int | None, uid: int, gid: int) -> str:
+    """Return the hint for a chown to uid:gid that failed with err; EINVAL means an id is not mapped here."""
+    if err != errno.EINVAL:
+        return ""
+    unmapped = [f"{kind} {value}" for kind, value, map_file in
+                (("uid", uid, "/proc/self/uid_map"), ("gid", gid, "/proc/self/gid_map"))
+                if not _is_mapped_here(map_file, value)] or [f"uid {uid} or gid {gid}"]
+    return (f"{' and '.join(unmapped)} {'is' if len(unmapped) == 1 else 'are'} not mapped in this user namespace "
+            "(check /proc/self/uid_map and /proc/self/gid_map); remap to host ids that this namespace maps, "
+            "or run the remap in a namespace that maps them, or as root on the host")
 
 
 def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], Sequence[IDMap]] | None,

@@ -7096,6 +7096,168 @@ def test_unprivileged_store(open_fs, how):
     assert _mounts_below(home) == []
 
 
+# A layer (or a subvolume inside it) with chattr +i or +a where the kernel
+# checks it when it unlinks a subvolume: the layer's top directory, a
+# directory holding a nested subvolume, or a nested subvolume's top.
+FLAGGED_LAYER_CASES = {
+    "top immutable": ("+i", ""),
+    "top append-only": ("+a", ""),
+    "nested in immutable directory": ("+i", "imm"),
+    "nested top immutable": ("+i", "imm/n2"),
+}
+
+
+def make_flagged_layer(root, flag, flagged):
+    """Fill root with nested subvolumes holding data, then chattr flag the entry flagged below root."""
+    os.chmod(root, 0o755)
+    os.mkdir(os.path.join(root, "imm"))
+    for nested in ("imm/n2", "n1", "zz"):
+        btrfsdrv.create_subvolume(os.path.join(root, nested))
+        write(os.path.join(root, nested, "file"), b"data")
+    target = os.path.join(root, flagged) if flagged else root
+    chattr(flag, target)
+    return target
+
+
+@pytest.mark.parametrize("case", FLAGGED_LAYER_CASES)
+def test_remove_clears_blocking_flags(driver, fs, case):
+    flag, flagged = FLAGGED_LAYER_CASES[case]
+    driver.create("layer")
+    make_flagged_layer(driver.get("layer"), flag, flagged)
+
+    driver.remove("layer")
+
+    assert not driver.exists("layer")
+    assert_no_subvolumes(fs)
+
+
+def test_delete_subvolume_recursive_clears_blocking_flags(fs):
+    top = fs.path("top")
+    btrfsdrv.create_subvolume(top)
+    make_flagged_layer(top, "+i", "imm")
+
+    btrfsdrv.delete_subvolume(top, recursive=True)
+
+    assert not os.path.exists(top)
+    assert_no_subvolumes(fs)
+
+
+def test_delete_subvolume_names_immutable_top(fs):
+    top = fs.path("top")
+    btrfsdrv.create_subvolume(top)
+    chattr("+i", top)
+    fd = os.open(fs.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(PermissionError) as raised:
+            btrfsdrv._delete_subvolume_or_contents(fd, b"top", top)
+    finally:
+        os.close(fd)
+        chattr("-i", top)
+    message = str(raised.value)
+    assert "immutable" in message
+    assert f"chattr -i {top}" in message
+    assert "default subvolume" not in message
+
+
+_FLAGGED_REMOVE_CHILD = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import btrfsdrv
+
+try:
+    btrfsdrv.Driver(sys.argv[2]).remove(sys.argv[3])
+    print(json.dumps({"errno": None, "permission": False, "message": ""}))
+except OSError as error:
+    print(json.dumps({"errno": error.errno, "permission": isinstance(error, PermissionError), "message": str(error)}))
+"""
+
+
+def _flag_state(root):
+    """Return the immutable and append-only flags of every directory and regular file below root."""
+    flags = {}
+    for directory, dirnames, filenames in os.walk(root):
+        for name in [""] + dirnames + filenames:
+            path = os.path.join(directory, name)
+            flags[os.path.relpath(path, root)] = inode_flags(path)
+    return flags
+
+
+@pytest.mark.parametrize("case", FLAGGED_LAYER_CASES)
+@pytest.mark.parametrize("how", ["unshare", "setuid"])
+def test_unprivileged_remove_rejects_flags(open_fs, how, case):
+    flag, flagged = FLAGGED_LAYER_CASES[case]
+    owner = 0 if how == "unshare" else NOBODY
+    home = open_fs.path("home")
+    with btrfsdrv.Driver(home, uid_maps=[(0, owner, 1)], gid_maps=[(0, owner, 1)]) as driver:
+        driver.create("layer")
+        root = driver.get("layer")
+    os.chown(home, owner, owner)
+    os.chmod(root, 0o755)
+    os.mkdir(os.path.join(root, "imm"))
+    for nested in ("imm/n2", "n1", "zz"):
+        btrfsdrv.create_subvolume(os.path.join(root, nested))
+        write(os.path.join(root, nested, "file"), b"data")
+    for directory, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            os.chown(os.path.join(directory, name), owner, owner)
+    target = os.path.join(root, flagged) if flagged else root
+    chattr(flag, target)
+    subvolumes = subvolume_paths(open_fs)
+    digest = tree_digest(root)
+    flags = _flag_state(root)
+    module_dir = _copy_module(open_fs.directory)
+    try:
+        if how == "unshare":
+            command = ["unshare", "-Ur", sys.executable, "-c", _FLAGGED_REMOVE_CHILD, module_dir, home, "layer"]
+            result = subprocess.run(command, capture_output=True, text=True)
+        else:
+            command = [_interpreter_for(NOBODY), "-c", _FLAGGED_REMOVE_CHILD, module_dir, home, "layer"]
+            result = subprocess.run(command, capture_output=True, text=True, user=NOBODY, group=NOBODY,
+                                    extra_groups=[])
+        assert result.returncode == 0, result.stderr
+        outcome = json.loads(result.stdout)
+
+        assert outcome["permission"], outcome
+        assert outcome["errno"] == errno.EPERM
+        name = "immutable" if flag == "+i" else "append-only"
+        assert name in outcome["message"]
+        assert f"chattr -{flag[1]} {target}" in outcome["message"]
+        assert subvolume_paths(open_fs) == subvolumes
+        assert tree_digest(root) == digest
+        assert _flag_state(root) == flags
+    finally:
+        chattr("-" + flag[1], target)
+
+
+_UNMAPPED_REMAP_CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import btrfsdrv
+
+try:
+    btrfsdrv.Driver(sys.argv[2]).update_layer_id_map("layer", None, ([(0, 5000, 1)], [(0, 5000, 1)]))
+    print("ok")
+except OSError as error:
+    print(error)
+"""
+
+
+def test_remap_to_unmapped_host_id_names_namespace(fs):
+    home = fs.path("home")
+    with btrfsdrv.Driver(home) as driver:
+        driver.create("layer")
+        write(os.path.join(driver.get("layer"), "file"), b"data")
+    module_dir = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
+
+    result = subprocess.run(["unshare", "-Ur", sys.executable, "-c", _UNMAPPED_REMAP_CHILD, module_dir, home],
+                            capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stderr
+    assert "not mapped in this user namespace" in result.stdout
+    assert "/proc/self/uid_map" in result.stdout
+    assert "5000" in result.stdout
+
+
 SMALL_IMAGE = 256 * 1024**2
 
 
