@@ -5624,8 +5624,16 @@ class _LayerApplier:
         entry_parent or whiteout: callers do not close it.
         """
         self.created_parents = (parts, [])
-        fd = self.parents.open(parts[:-1], path, create=True, created=self.created_parents[1])
+        try:
+            fd = self.parents.open(parts[:-1], path, create=True, created=self.created_parents[1])
+        except PermissionError:
+            placeholder = _placeholder_on_path(self.root_fd, parts[:-1])
+            if placeholder is None:
+                raise
+            raise _placeholder_error(placeholder) from None
         assert fd is not None  # with create, missing directories are made
+        if _is_snapshot_placeholder(os.fstat(fd)):
+            raise _placeholder_error("/".join(parts[:-1]))
         return fd
 
     def remove_created_parents(self, path: str) -> None:
@@ -6089,6 +6097,32 @@ def _skip_to_next_header(tar: tarfile.TarFile) -> None:
         if not chunk:
             raise tarfile.ReadError("the entry's data ends before the size in its header")
         remaining -= len(chunk)
+
+
+def _placeholder_on_path(root_fd: int, parts: list[str]) -> str | None:
+    """Return the first directory of parts below root_fd that is a snapshot placeholder, or None."""
+    fd = os.dup(root_fd)
+    try:
+        for index, part in enumerate(parts):
+            st = _lstat_at(fd, part)
+            if st is None or not stat.S_ISDIR(st.st_mode):
+                return None
+            if _is_snapshot_placeholder(st):
+                return "/".join(parts[:index + 1])
+            child = _open_directory(part, fd)
+            os.close(fd)
+            fd = child
+        return None
+    finally:
+        os.close(fd)
+
+
+def _placeholder_error(path: str) -> OSError:
+    """Build the error for an entry below path, a snapshot's placeholder for a nested subvolume."""
+    return OSError(errno.EPERM, f"{path!r} is the empty placeholder that a snapshot has for a nested "
+                   "subvolume of the parent layer, and nothing can be created in it; put a directory entry "
+                   "for it earlier in the tar to replace it, or build the parent layer without nested "
+                   "subvolumes")
 
 
 class _suppress_missing:

@@ -4536,6 +4536,22 @@ def test_diff_replaces_placeholder_with_directory(driver):
         assert data.read() == b"child"
 
 
+@pytest.mark.parametrize("name", ["nested/new", "nested/dir/new"])
+@pytest.mark.parametrize("kind", [tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE])
+def test_apply_below_placeholder_names_it(driver, name, kind):
+    driver.create("parent")
+    btrfsdrv.create_subvolume(os.path.join(driver.get("parent"), "nested"))
+    driver.create("child", "parent")
+
+    with pytest.raises(OSError) as raised:
+        driver.apply_diff("child", io.BytesIO(make_tar([entry(name, kind, linkname="target")])))
+
+    assert raised.value.errno == errno.EPERM
+    assert "'nested' is the empty placeholder" in raised.value.strerror
+    assert "replace it" in raised.value.strerror
+    assert os.listdir(os.path.join(driver.get("child"), "nested")) == []
+
+
 def remove_contents(directory):
     """Delete everything in directory at any depth.
 
