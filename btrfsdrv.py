@@ -1446,6 +1446,8 @@ def _host_id(maps: Sequence[IDMap] | None, container_id: int, what: str) -> int:
 # digits, but Go's strconv.ParseUint, which containers/storage reads it
 # with, also takes leading zeros.
 _QUOTA_FILE_MAX = 4096
+# Reads of a quota file in one get while other processes change it; see Driver._sync_limit.
+_LIMIT_SYNC_ATTEMPTS = 3
 _TEMPORARY_SUFFIX = ".tmp"
 
 
@@ -2144,11 +2146,18 @@ class Driver:
                         "run as root, or pass uid_maps and gid_maps that map container root to your ids",
                     ) from None
             if size is not None:
-                self._apply_limit(subvolumes_fd, layer_fd, size, path)
+                # The quota file comes first: a get that finds a limit but no
+                # quota file clears the limit as stray.
                 with self._open_quotas(create=True) as quotas_fd:
                     assert quotas_fd is not None
                     _write_file_atomically(quotas_fd, name, str(size).encode(), self._quota_file(name))
                 log.debug("wrote quota file for %s: %d bytes", path, size)
+                try:
+                    self._apply_limit(subvolumes_fd, layer_fd, size, path)
+                except OSError:
+                    # The limit ioctl fails on the qgroup of a removed layer.
+                    self._check_not_removed(subvolumes_fd, name, path, created)
+                    raise
                 self._check_not_removed(subvolumes_fd, name, path, created)
             else:
                 # A quota file of this name is a leftover of a killed remove.
@@ -2414,7 +2423,34 @@ class Driver:
                 raise ValueError(f"invalid mount option {option!r}: btrfs layers take only 'ro'")
         path = self._layer_dir(layer_id)
         self._require_layer(layer_id, path)
+        self._sync_limit(layer_id, path)
+        return path
+
+    def _sync_limit(self, layer_id: str, path: str) -> None:
+        """Set the layer's limit to the size in its quota file, clearing it when there is no quota file.
+
+        A sized create writes the quota file before it sets the limit, and
+        an unsized create deletes a leftover quota file before it clears the
+        limit.  So the quota file is read again after each change, and the
+        change is redone until two reads agree: the create's own change then
+        comes after this one, or matches it.
+        """
+        quota = self._quota_state(layer_id)
+        for _ in range(_LIMIT_SYNC_ATTEMPTS):
+            self._apply_quota_state(layer_id, path, *quota)
+            current = self._quota_state(layer_id)
+            if current == quota:
+                return
+            quota = current
+        log.warning("the quota file of %s changed %d times during a get; the limit may not match it, so "
+                    "get the layer again", path, _LIMIT_SYNC_ATTEMPTS)
+
+    def _quota_state(self, layer_id: str) -> tuple[int | None, bool]:
+        """Return the size in the layer's quota file and whether anything is at its path."""
         size = self._read_quota(layer_id)
+        return size, size is not None or os.path.lexists(self._quota_file(layer_id))
+
+    def _apply_quota_state(self, layer_id: str, path: str, size: int | None, exists: bool) -> None:
         if size is not None and size >= self.options.min_space:
             if size == 0:
                 log.warning("ignoring quota file of %s: a limit of 0 bytes is not valid", layer_id)
@@ -2425,11 +2461,10 @@ class Driver:
                     else:
                         log.warning("ignoring quota file of %s: the layer is a plain directory (a copied "
                                     "store?), not a subvolume, so it cannot have a limit", path)
-        elif size is None and not os.path.lexists(self._quota_file(layer_id)):
+        elif not exists:
             # An invalid quota file is ignored with a warning, and the limit stays.
             with self._open_home() as home_fd, _Fd(self._open_layer(layer_id, path)) as layer_fd:
                 self._clear_stray_limit(home_fd, layer_fd, path)
-        return path
 
     @staticmethod
     def _open_layer(layer_id: str, path: str) -> int:
