@@ -1607,6 +1607,23 @@ def _remove_stale_temporary_files(directory_fd: int, directory: str) -> None:
                             os.path.join(directory, name))
 
 
+def _unlink_if_same(dir_fd: int, name: bytes, found: os.stat_result) -> bool:
+    """Delete name below dir_fd when it is still the inode found, and return whether it was deleted.
+
+    Quota files are always new inodes (written under a temporary name and
+    renamed), so a quota file that another process wrote since is spared.
+    NOTE: one renamed onto name between the check and the unlink is deleted.
+    """
+    try:
+        current = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if not os.path.samestat(found, current):
+        return False
+    os.unlink(name, dir_fd=dir_fd)
+    return True
+
+
 class _QuotaFileAside:
     """Keep a layer's quota file under a locked temporary name while the layer is deleted.
 
@@ -1616,8 +1633,10 @@ class _QuotaFileAside:
     under its temporary name and unlocked, so the next Driver init deletes
     it.  NOTE: that also happens when the kill comes before the delete, and
     the surviving layer then has no quota file until it is created again.
-    A quota file that cannot be renamed (a directory, or quotas is not a
-    directory) is left for the remove to delete afterwards.
+    An entry that is not a regular file stays under its name and is deleted
+    after the delete only when it is still the inode found before, because
+    once the layer is gone another process may create the id again and
+    write its own quota file.
     """
 
     def __init__(self, quotas_dir: str, name: bytes, layer_path: str) -> None:
@@ -1628,13 +1647,16 @@ class _QuotaFileAside:
         self.quotas_fd: int | None = None
         self.fd: int | None = None
         self.temporary: bytes | None = None
+        self.found: os.stat_result | None = None
 
     def __enter__(self) -> _QuotaFileAside:
         try:
             self._set_aside()
         except OSError as error:
-            log.warning("could not rename %s during the remove of its layer: %s", self.quota_file, error)
+            log.warning("could not rename %s during the remove of its layer: %s; if it outlives the layer, "
+                        "delete it by hand", self.quota_file, error)
             self._close()
+            self.found = None
         return self
 
     def _set_aside(self) -> None:
@@ -1642,16 +1664,16 @@ class _QuotaFileAside:
             self.quotas_fd = _open_directory(self.quotas_dir)
         except FileNotFoundError:
             return
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            self.fd = os.open(self.name, flags, dir_fd=self.quotas_fd)
+            self.found = os.stat(self.name, dir_fd=self.quotas_fd, follow_symlinks=False)
         except FileNotFoundError:
             return
-        except OSError as error:
-            if error.errno == errno.ELOOP:  # a symlink, which the remove deletes afterwards
-                return
-            raise
+        if not stat.S_ISREG(self.found.st_mode):
+            return
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        self.fd = os.open(self.name, flags, dir_fd=self.quotas_fd)
         st = os.fstat(self.fd)
+        self.found = st
         if not stat.S_ISREG(st.st_mode):
             return
         fcntl.flock(self.fd, fcntl.LOCK_EX)
@@ -1666,11 +1688,14 @@ class _QuotaFileAside:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:
         try:
+            layer_deleted = kind is None or not os.path.lexists(self.layer_path)
             if self.temporary is not None:
-                if kind is None or not os.path.lexists(self.layer_path):
+                if layer_deleted:
                     self._delete()
                 else:
                     self._restore()
+            elif self.found is not None and layer_deleted:
+                self._delete_found()
         finally:
             self._close()
 
@@ -1684,6 +1709,22 @@ class _QuotaFileAside:
                         temporary, self.layer_path, error.strerror)
             return
         log.debug("removed quota file %s", temporary)
+
+    def _delete_found(self) -> None:
+        """Delete the entry found under the quota file's name if it is still there."""
+        assert self.found is not None and self.quotas_fd is not None
+        try:
+            deleted = _unlink_if_same(self.quotas_fd, self.name, self.found)
+        except IsADirectoryError:
+            log.warning("could not delete %s: it is a directory, not a quota file; delete it by hand",
+                        self.quota_file)
+            return
+        except OSError as error:
+            log.warning("could not delete %s, the quota file of removed layer %s: %s; delete it by hand",
+                        self.quota_file, self.layer_path, error.strerror)
+            return
+        if deleted:
+            log.debug("removed quota file %s", self.quota_file)
 
     def _restore(self) -> None:
         assert self.temporary is not None and self.quotas_fd is not None
@@ -2270,17 +2311,17 @@ class Driver:
             try:
                 st = os.stat(name, dir_fd=subvolumes_fd, follow_symlinks=False)
             except FileNotFoundError:
-                self._remove_leftover_quota_file(name)
+                self._remove_leftover_quota_file(subvolumes_fd, name)
                 raise FileNotFoundError(
                     errno.ENOENT, f"layer {os.fsdecode(name)!r} not found; list the layers to check the id",
                     path) from None
             if not stat.S_ISDIR(st.st_mode):
-                os.unlink(name, dir_fd=subvolumes_fd)
+                with _QuotaFileAside(self._quotas_dir, name, path):
+                    os.unlink(name, dir_fd=subvolumes_fd)
                 log.debug("removed %s, which was not a directory", path)
             else:
                 self._check_no_mounts(path)
                 self._remove_layer_directory(subvolumes_fd, name, path)
-        self._remove_leftover_quota_file(name)
 
     def _check_no_mounts(self, path: str) -> None:
         # Home is resolved at init and a layer id is one component, so path
@@ -2404,13 +2445,34 @@ class Driver:
                 raise _os_error(error.errno, "delete quota file", quota_file) from None
         log.debug("removed quota file %s", quota_file)
 
-    def _remove_leftover_quota_file(self, name: bytes) -> None:
-        """Delete the quota file of a layer that is gone, logging a failure instead of raising it."""
+    def _remove_leftover_quota_file(self, subvolumes_fd: int, name: bytes) -> None:
+        """Delete the quota file of a missing layer, logging a failure instead of raising it.
+
+        A remove killed after deleting the subvolume leaves the quota file.
+        When another process creates the id meanwhile, the quota file found
+        is replaced by its own or the layer is back, and the file stays.
+        """
+        quota_file = self._quota_file(name)
         try:
-            self._remove_quota_file(name)
+            with self._open_quotas() as quotas_fd:
+                if quotas_fd is None:
+                    return
+                try:
+                    found = os.stat(name, dir_fd=quotas_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    return
+                if _lstat_at(subvolumes_fd, os.fsdecode(name)) is not None:
+                    return  # another process created the layer since the remove found it missing
+                deleted = _unlink_if_same(quotas_fd, name, found)
+        except IsADirectoryError:
+            log.warning("could not delete %s: it is a directory, not a quota file; delete it by hand", quota_file)
+            return
         except OSError as error:
             log.warning("could not delete the quota file of removed layer %r: %s; delete %s by hand",
-                        os.fsdecode(name), error, self._quota_file(name))
+                        os.fsdecode(name), error, quota_file)
+            return
+        if deleted:
+            log.debug("removed quota file %s", quota_file)
 
     # -- Get, put and queries
 
