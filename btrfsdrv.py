@@ -2157,6 +2157,14 @@ class Driver:
                 _snapshot_create_at(parent_fd, subvolumes_fd, name, False, path)
             except FileExistsError:
                 raise FileExistsError(errno.EEXIST, f"layer {os.fsdecode(name)!r} already exists", path) from None
+            except FileNotFoundError:
+                # The kernel returns ENOENT for a source subvolume deleted after it was opened.
+                current = _lstat_at(subvolumes_fd, os.fsdecode(parent))
+                if current is not None and os.path.samestat(current, os.fstat(parent_fd)):
+                    raise
+                raise FileNotFoundError(
+                    errno.ENOENT, f"parent layer {os.fsdecode(parent)!r} was removed by another process during "
+                    "the create; create the parent again", parent_path) from None
 
     def _finish_layer(self, subvolumes_fd: int, name: bytes, path: str, created: int | None, size: int | None,
                       mount_label: str) -> None:
