@@ -1633,10 +1633,9 @@ class _QuotaFileAside:
     under its temporary name and unlocked, so the next Driver init deletes
     it.  NOTE: that also happens when the kill comes before the delete, and
     the surviving layer then has no quota file until it is created again.
-    An entry that is not a regular file stays under its name and is deleted
-    after the delete only when it is still the inode found before, because
-    once the layer is gone another process may create the id again and
-    write its own quota file.
+    An entry that is not a regular file stays under its name.  After the
+    delete it is deleted only while it is still the inode found before,
+    because another process may then create the id and write its own.
     """
 
     def __init__(self, quotas_dir: str, name: bytes, layer_path: str) -> None:
