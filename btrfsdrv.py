@@ -1552,6 +1552,8 @@ def _host_id(maps: Sequence[IDMap] | None, container_id: int, what: str) -> int:
 # digits, but Go's strconv.ParseUint, which containers/storage reads it
 # with, also takes leading zeros.
 _QUOTA_FILE_MAX = 4096
+# Reads of a quota file in one get while other processes change it; see Driver._sync_limit.
+_LIMIT_SYNC_ATTEMPTS = 3
 _TEMPORARY_SUFFIX = ".tmp"
 
 
@@ -1711,6 +1713,23 @@ def _remove_stale_temporary_files(directory_fd: int, directory: str) -> None:
                             os.path.join(directory, name))
 
 
+def _unlink_if_same(dir_fd: int, name: bytes, found: os.stat_result) -> bool:
+    """Delete name below dir_fd when it is still the inode found, and return whether it was deleted.
+
+    Quota files are always new inodes (written under a temporary name and
+    renamed), so a quota file that another process wrote since is spared.
+    NOTE: one renamed onto name between the check and the unlink is deleted.
+    """
+    try:
+        current = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if not os.path.samestat(found, current):
+        return False
+    os.unlink(name, dir_fd=dir_fd)
+    return True
+
+
 class _QuotaFileAside:
     """Keep a layer's quota file under a locked temporary name while the layer is deleted.
 
@@ -1720,8 +1739,9 @@ class _QuotaFileAside:
     under its temporary name and unlocked, so the next Driver init deletes
     it.  NOTE: that also happens when the kill comes before the delete, and
     the surviving layer then has no quota file until it is created again.
-    A quota file that cannot be renamed (a directory, or quotas is not a
-    directory) is left for the remove to delete afterwards.
+    An entry that is not a regular file stays under its name.  After the
+    delete it is deleted only while it is still the inode found before,
+    because another process may then create the id and write its own.
     """
 
     def __init__(self, quotas_dir: str, name: bytes, layer_path: str) -> None:
@@ -1732,13 +1752,16 @@ class _QuotaFileAside:
         self.quotas_fd: int | None = None
         self.fd: int | None = None
         self.temporary: bytes | None = None
+        self.found: os.stat_result | None = None
 
     def __enter__(self) -> _QuotaFileAside:
         try:
             self._set_aside()
         except OSError as error:
-            log.warning("could not rename %s during the remove of its layer: %s", self.quota_file, error)
+            log.warning("could not rename %s during the remove of its layer: %s; if it outlives the layer, "
+                        "delete it by hand", self.quota_file, error)
             self._close()
+            self.found = None
         return self
 
     def _set_aside(self) -> None:
@@ -1746,16 +1769,16 @@ class _QuotaFileAside:
             self.quotas_fd = _open_directory(self.quotas_dir)
         except FileNotFoundError:
             return
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            self.fd = os.open(self.name, flags, dir_fd=self.quotas_fd)
+            self.found = os.stat(self.name, dir_fd=self.quotas_fd, follow_symlinks=False)
         except FileNotFoundError:
             return
-        except OSError as error:
-            if error.errno == errno.ELOOP:  # a symlink, which the remove deletes afterwards
-                return
-            raise
+        if not stat.S_ISREG(self.found.st_mode):
+            return
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        self.fd = os.open(self.name, flags, dir_fd=self.quotas_fd)
         st = os.fstat(self.fd)
+        self.found = st
         if not stat.S_ISREG(st.st_mode):
             return
         fcntl.flock(self.fd, fcntl.LOCK_EX)
@@ -1770,11 +1793,14 @@ class _QuotaFileAside:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:
         try:
+            layer_deleted = kind is None or not os.path.lexists(self.layer_path)
             if self.temporary is not None:
-                if kind is None or not os.path.lexists(self.layer_path):
+                if layer_deleted:
                     self._delete()
                 else:
                     self._restore()
+            elif self.found is not None and layer_deleted:
+                self._delete_found()
         finally:
             self._close()
 
@@ -1788,6 +1814,22 @@ class _QuotaFileAside:
                         temporary, self.layer_path, error.strerror)
             return
         log.debug("removed quota file %s", temporary)
+
+    def _delete_found(self) -> None:
+        """Delete the entry found under the quota file's name if it is still there."""
+        assert self.found is not None and self.quotas_fd is not None
+        try:
+            deleted = _unlink_if_same(self.quotas_fd, self.name, self.found)
+        except IsADirectoryError:
+            log.warning("could not delete %s: it is a directory, not a quota file; delete it by hand",
+                        self.quota_file)
+            return
+        except OSError as error:
+            log.warning("could not delete %s, the quota file of removed layer %s: %s; delete it by hand",
+                        self.quota_file, self.layer_path, error.strerror)
+            return
+        if deleted:
+            log.debug("removed quota file %s", self.quota_file)
 
     def _restore(self) -> None:
         assert self.temporary is not None and self.quotas_fd is not None
@@ -2220,6 +2262,14 @@ class Driver:
                 _snapshot_create_at(parent_fd, subvolumes_fd, name, False, path)
             except FileExistsError:
                 raise FileExistsError(errno.EEXIST, f"layer {os.fsdecode(name)!r} already exists", path) from None
+            except FileNotFoundError:
+                # The kernel returns ENOENT for a source subvolume deleted after it was opened.
+                current = _lstat_at(subvolumes_fd, os.fsdecode(parent))
+                if current is not None and os.path.samestat(current, os.fstat(parent_fd)):
+                    raise
+                raise FileNotFoundError(
+                    errno.ENOENT, f"parent layer {os.fsdecode(parent)!r} was removed by another process during "
+                    "the create; create the parent again", parent_path) from None
 
     def _finish_layer(self, subvolumes_fd: int, name: bytes, path: str, created: int | None, size: int | None,
                       mount_label: str) -> None:
@@ -2250,11 +2300,18 @@ class Driver:
                         "run as root, or pass uid_maps and gid_maps that map container root to your ids",
                     ) from None
             if size is not None:
-                self._apply_limit(subvolumes_fd, layer_fd, size, path)
+                # The quota file comes first: a get that finds a limit but no
+                # quota file clears the limit as stray.
                 with self._open_quotas(create=True) as quotas_fd:
                     assert quotas_fd is not None
                     _write_file_atomically(quotas_fd, name, str(size).encode(), self._quota_file(name))
                 log.debug("wrote quota file for %s: %d bytes", path, size)
+                try:
+                    self._apply_limit(subvolumes_fd, layer_fd, size, path)
+                except OSError:
+                    # The limit ioctl fails on the qgroup of a removed layer.
+                    self._check_not_removed(subvolumes_fd, name, path, created)
+                    raise
                 self._check_not_removed(subvolumes_fd, name, path, created)
             else:
                 # A quota file of this name is a leftover of a killed remove.
@@ -2367,17 +2424,17 @@ class Driver:
             try:
                 st = os.stat(name, dir_fd=subvolumes_fd, follow_symlinks=False)
             except FileNotFoundError:
-                self._remove_leftover_quota_file(name)
+                self._remove_leftover_quota_file(subvolumes_fd, name)
                 raise FileNotFoundError(
                     errno.ENOENT, f"layer {os.fsdecode(name)!r} not found; list the layers to check the id",
                     path) from None
             if not stat.S_ISDIR(st.st_mode):
-                os.unlink(name, dir_fd=subvolumes_fd)
+                with _QuotaFileAside(self._quotas_dir, name, path):
+                    os.unlink(name, dir_fd=subvolumes_fd)
                 log.debug("removed %s, which was not a directory", path)
             else:
                 self._check_no_mounts(path)
                 self._remove_layer_directory(subvolumes_fd, name, path)
-        self._remove_leftover_quota_file(name)
 
     def _check_no_mounts(self, path: str) -> None:
         # Home is resolved at init and a layer id is one component, so path
@@ -2508,13 +2565,34 @@ class Driver:
                 raise _os_error(error.errno, "delete quota file", quota_file) from None
         log.debug("removed quota file %s", quota_file)
 
-    def _remove_leftover_quota_file(self, name: bytes) -> None:
-        """Delete the quota file of a layer that is gone, logging a failure instead of raising it."""
+    def _remove_leftover_quota_file(self, subvolumes_fd: int, name: bytes) -> None:
+        """Delete the quota file of a missing layer, logging a failure instead of raising it.
+
+        A remove killed after deleting the subvolume leaves the quota file.
+        When another process creates the id meanwhile, the quota file found
+        is replaced by its own or the layer is back, and the file stays.
+        """
+        quota_file = self._quota_file(name)
         try:
-            self._remove_quota_file(name)
+            with self._open_quotas() as quotas_fd:
+                if quotas_fd is None:
+                    return
+                try:
+                    found = os.stat(name, dir_fd=quotas_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    return
+                if _lstat_at(subvolumes_fd, os.fsdecode(name)) is not None:
+                    return  # another process created the layer since the remove found it missing
+                deleted = _unlink_if_same(quotas_fd, name, found)
+        except IsADirectoryError:
+            log.warning("could not delete %s: it is a directory, not a quota file; delete it by hand", quota_file)
+            return
         except OSError as error:
             log.warning("could not delete the quota file of removed layer %r: %s; delete %s by hand",
-                        os.fsdecode(name), error, self._quota_file(name))
+                        os.fsdecode(name), error, quota_file)
+            return
+        if deleted:
+            log.debug("removed quota file %s", quota_file)
 
     # -- Get, put and queries
 
@@ -2527,7 +2605,34 @@ class Driver:
                 raise ValueError(f"invalid mount option {option!r}: btrfs layers take only 'ro'")
         path = self._layer_dir(layer_id)
         self._require_layer(layer_id, path)
+        self._sync_limit(layer_id, path)
+        return path
+
+    def _sync_limit(self, layer_id: str, path: str) -> None:
+        """Set the layer's limit to the size in its quota file, clearing it when there is no quota file.
+
+        A sized create writes the quota file before it sets the limit, and
+        an unsized create deletes a leftover quota file before it clears the
+        limit.  So the quota file is read again after each change, and the
+        change is redone until two reads agree: the create's own change then
+        comes after this one, or matches it.
+        """
+        quota = self._quota_state(layer_id)
+        for _ in range(_LIMIT_SYNC_ATTEMPTS):
+            self._apply_quota_state(layer_id, path, *quota)
+            current = self._quota_state(layer_id)
+            if current == quota:
+                return
+            quota = current
+        log.warning("the quota file of %s changed %d times during a get; the limit may not match it, so "
+                    "get the layer again", path, _LIMIT_SYNC_ATTEMPTS)
+
+    def _quota_state(self, layer_id: str) -> tuple[int | None, bool]:
+        """Return the size in the layer's quota file and whether anything is at its path."""
         size = self._read_quota(layer_id)
+        return size, size is not None or os.path.lexists(self._quota_file(layer_id))
+
+    def _apply_quota_state(self, layer_id: str, path: str, size: int | None, exists: bool) -> None:
         if size is not None and size >= self.options.min_space:
             if size == 0:
                 log.warning("ignoring quota file of %s: a limit of 0 bytes is not valid", layer_id)
@@ -2538,11 +2643,10 @@ class Driver:
                     else:
                         log.warning("ignoring quota file of %s: the layer is a plain directory (a copied "
                                     "store?), not a subvolume, so it cannot have a limit", path)
-        elif size is None and not os.path.lexists(self._quota_file(layer_id)):
+        elif not exists:
             # An invalid quota file is ignored with a warning, and the limit stays.
             with self._open_home() as home_fd, _Fd(self._open_layer(layer_id, path)) as layer_fd:
                 self._clear_stray_limit(home_fd, layer_fd, path)
-        return path
 
     @staticmethod
     def _open_layer(layer_id: str, path: str) -> int:

@@ -2861,6 +2861,160 @@ def test_sized_create_removed_before_quota_file(driver, fs, monkeypatch):
     assert os.listdir(os.path.join(driver.home, "quotas")) == []
 
 
+
+# A child that runs get(sys.argv[3]) and stops inside _clear_stray_limit:
+# it prints "clearing" and clears the limit only after a line on stdin.
+_GET_PAUSED_AT_CLEAR = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import btrfsdrv
+
+original = btrfsdrv.Driver._clear_stray_limit
+
+
+def pause_then_clear(self, *args, **kwargs):
+    print("clearing", flush=True)
+    sys.stdin.readline()
+    return original(self, *args, **kwargs)
+
+
+btrfsdrv.Driver._clear_stray_limit = pause_then_clear
+with btrfsdrv.Driver(sys.argv[2]) as driver:
+    driver.get(sys.argv[3])
+"""
+
+
+def test_sized_create_keeps_limit_during_get(driver, fs, monkeypatch):
+    driver.create("base")
+    module_dir = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
+    original = btrfsdrv._write_file_atomically
+    getters = []
+
+    def start_get_then_write(*args, **kwargs):
+        # Another process's get finds no quota file and stops before it clears the limit.
+        monkeypatch.setattr(btrfsdrv, "_write_file_atomically", original)
+        getter = subprocess.Popen([sys.executable, "-c", _GET_PAUSED_AT_CLEAR, module_dir, driver.home, "layer"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        getters.append(getter)
+        assert getter.stdout.readline() == "clearing\n", getter.stderr.read()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(btrfsdrv, "_write_file_atomically", start_get_then_write)
+    driver.create("layer", "base", storage_opt={"size": "8m"})
+    # The create has set its limit; the get now clears the limit it found.
+    output, errors = getters[0].communicate("\n")
+
+    assert getters[0].returncode == 0, errors
+    assert driver.metadata("layer")["SizeLimit"] == str(8 * 1024**2)
+    assert qgroup_limits(fs)[btrfsdrv.subvolume_id(driver.get("layer"))] == 8 * 1024**2
+
+
+def test_sized_create_keeps_limit_with_get_between_steps(driver, fs, monkeypatch):
+    driver.create("base")
+    fs.btrfs("quota", "enable", fs.mountpoint)
+    original_write = btrfsdrv._write_file_atomically
+    original_limit = btrfsdrv._set_layer_limit
+    limits_seen = []
+
+    def get_around(original):
+        def step(*args, **kwargs):
+            # Another process gets the layer before and after each step of the create.
+            monkeypatch.setattr(btrfsdrv, original.__name__, original)
+            driver.get("layer")
+            result = original(*args, **kwargs)
+            driver.get("layer")
+            limits_seen.append(qgroup_limits(fs)[btrfsdrv.subvolume_id(driver.get("layer"))])
+            return result
+        return step
+
+    monkeypatch.setattr(btrfsdrv, "_write_file_atomically", get_around(original_write))
+    monkeypatch.setattr(btrfsdrv, "_set_layer_limit", get_around(original_limit))
+    driver.create("layer", "base", storage_opt={"size": "8m"})
+
+    assert limits_seen == [8 * 1024**2] * len(limits_seen)
+    assert qgroup_limits(fs)[btrfsdrv.subvolume_id(driver.get("layer"))] == 8 * 1024**2
+
+
+def test_get_applies_quota_file_replaced_during_get(driver, fs, monkeypatch):
+    driver.create("layer", storage_opt={"size": "16m"})
+    layer_dir = driver.get("layer")
+    original = btrfsdrv.Driver._apply_limit
+
+    def replace_then_apply(self, *args, **kwargs):
+        # After the get read the quota file, another process removes the
+        # layer and creates it again with another size.
+        monkeypatch.setattr(btrfsdrv.Driver, "_apply_limit", original)
+        driver.remove("layer")
+        driver.create("layer", storage_opt={"size": "8m"})
+        home_fd, _, size, path = args
+        with btrfsdrv._Fd(btrfsdrv._open_directory(layer_dir)) as layer_fd:
+            return original(self, home_fd, layer_fd, size, path)
+
+    monkeypatch.setattr(btrfsdrv.Driver, "_apply_limit", replace_then_apply)
+    driver.get("layer")
+
+    assert driver.metadata("layer")["SizeLimit"] == str(8 * 1024**2)
+    assert qgroup_limits(fs)[btrfsdrv.subvolume_id(driver.get("layer"))] == 8 * 1024**2
+
+
+def test_remove_keeps_quota_file_of_new_layer(driver, fs, monkeypatch):
+    driver.create("layer", storage_opt={"size": "16m"})
+    original = btrfsdrv.Driver._destroy_layer_subvolume
+
+    def destroy_then_create(self, *args, **kwargs):
+        # Another process creates the id again as soon as the subvolume is gone.
+        monkeypatch.setattr(btrfsdrv.Driver, "_destroy_layer_subvolume", original)
+        original(self, *args, **kwargs)
+        driver.create("layer", storage_opt={"size": "8m"})
+
+    monkeypatch.setattr(btrfsdrv.Driver, "_destroy_layer_subvolume", destroy_then_create)
+    driver.remove("layer")
+
+    assert driver.metadata("layer")["SizeLimit"] == str(8 * 1024**2)
+    assert qgroup_limits(fs)[btrfsdrv.subvolume_id(driver.get("layer"))] == 8 * 1024**2
+
+
+def test_remove_of_missing_id_keeps_new_quota_file(driver, fs, monkeypatch):
+    quotas = os.path.join(driver.home, "quotas")
+    os.makedirs(quotas)
+    with open(os.path.join(quotas, "layer"), "w") as quota:
+        quota.write(str(16 * 1024**2))
+    original = btrfsdrv.Driver._open_quotas
+
+    def create_then_open(self, *args, **kwargs):
+        # Another process creates the id after the remove found no layer.
+        monkeypatch.setattr(btrfsdrv.Driver, "_open_quotas", original)
+        driver.create("layer", storage_opt={"size": "8m"})
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(btrfsdrv.Driver, "_open_quotas", create_then_open)
+    with pytest.raises(FileNotFoundError, match="layer 'layer' not found"):
+        driver.remove("layer")
+
+    assert driver.metadata("layer")["SizeLimit"] == str(8 * 1024**2)
+    assert qgroup_limits(fs)[btrfsdrv.subvolume_id(driver.get("layer"))] == 8 * 1024**2
+
+
+def test_create_of_child_while_parent_removed(driver, fs, monkeypatch):
+    driver.create("parent")
+    original = btrfsdrv._snapshot_create_at
+
+    def remove_parent_then_snapshot(*args, **kwargs):
+        # Another process removes the parent after the create opened it.
+        monkeypatch.setattr(btrfsdrv, "_snapshot_create_at", original)
+        driver.remove("parent")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(btrfsdrv, "_snapshot_create_at", remove_parent_then_snapshot)
+    with pytest.raises(FileNotFoundError, match="parent layer 'parent' was removed by another process") as raised:
+        driver.create("child", "parent", storage_opt={"size": "8m"})
+
+    assert raised.value.errno == errno.ENOENT
+    assert raised.value.filename == os.path.join(driver.home, "subvolumes", "parent")
+    assert driver.list_layers() == []
+    assert not os.path.lexists(os.path.join(driver.home, "quotas", "child"))
+
+
 def test_get_ignores_quota_file_of_plain_directory(fs, caplog):
     # A store copied with cp -a or rsync has plain directories for layers.
     home = fs.path("home")
