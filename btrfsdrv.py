@@ -3310,16 +3310,35 @@ def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
         return None
 
 
-def _list_dir(dir_fd: int) -> list[tuple[str, os.DirEntry[str]]]:
+class _ListedEntry(NamedTuple):
+    """A directory entry as readdir(2) returned it: its name, inode number and whether it is a directory."""
+
+    name: str
+    inode: int
+    is_dir: bool
+
+
+def _list_dir(dir_fd: int) -> list[_ListedEntry]:
     """List a directory's entries, sorted by name bytes.
 
-    Each entry's stat() is an fstatat() on dir_fd, so dir_fd must stay open
-    until the entries are used.
+    The entries keep no reference to dir_fd. Only on a filesystem whose
+    readdir(2) leaves the file type unknown does listing stat each entry.
     """
     with os.scandir(dir_fd) as scan:
-        entries = [(entry.name, entry) for entry in scan]
-    entries.sort(key=lambda item: os.fsencode(item[0]))
+        entries = [_ListedEntry(entry.name, entry.inode(), entry.is_dir(follow_symlinks=False)) for entry in scan]
+    entries.sort(key=lambda entry: os.fsencode(entry.name))
     return entries
+
+
+def _lstat_walked(dir_fd: int, name: str, path: str) -> os.stat_result:
+    """Return the lstat of a listed entry, and raise ESTALE when it is gone.
+
+    A FileNotFoundError must not escape: callers read it as "no such layer".
+    """
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        raise _walk_changed_error(dir_fd, name, path, "was removed or renamed") from None
 
 
 def _walk_changed_error(dir_fd: int, name: str, path: str, change: str) -> OSError:
@@ -3794,10 +3813,20 @@ class _WalkedChange:
         self.name = name
 
 
-class _DirFrame:
-    """A directory on the stack of _walk_changes. The walk's top, never reported, has st None and name ""."""
+# Directory levels on each side whose fds a _walk_changes walk keeps open.
+# The fds of the levels above them are closed and reopened on the way back.
+_WALK_OPEN_LEVELS = 16
 
-    __slots__ = ("path", "layer_fd", "parent_fd", "entries", "parent_entries",
+
+class _DirFrame:
+    """A directory on the stack of _walk_changes. The walk's top, never reported, has st None and name "".
+
+    parent_fd is None when the parent layer has no such directory. A closed
+    fd (see _push_frame) is -1, and layer_id and parent_id, the
+    (st_dev, st_ino) of both directories, check the directory reopened.
+    """
+
+    __slots__ = ("path", "layer_fd", "parent_fd", "layer_id", "parent_id", "entries", "parent_entries",
                  "changes_at_entry", "report_when_changed", "st", "name", "same_tree")
 
     def __init__(self, path: str, layer_fd: int, parent_fd: int | None, report_when_changed: bool,
@@ -3808,22 +3837,106 @@ class _DirFrame:
         self.same_tree = same_tree
         self.layer_fd = layer_fd
         self.parent_fd = parent_fd
+        self.layer_id = _file_id(os.fstat(layer_fd))
+        self.parent_id = _file_id(os.fstat(parent_fd)) if parent_fd is not None else None
         self.entries = iter(_list_dir(layer_fd))
-        self.parent_entries = dict(_list_dir(parent_fd)) if parent_fd is not None else {}
+        self.parent_entries = ({entry.name: entry for entry in _list_dir(parent_fd)}
+                               if parent_fd is not None else {})
         self.report_when_changed = report_when_changed
         self.changes_at_entry = changes_at_entry
         self.st = st
         self.name = name
 
 
-def _is_plain_directory_entry(entry: os.DirEntry[str]) -> bool:
-    """Return whether a directory entry is a directory of its own subvolume.
+def _file_id(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _is_plain_directory_entry(entry: _ListedEntry, st: os.stat_result) -> bool:
+    """Return whether a listed directory, whose lstat is st, is a directory of its own subvolume.
 
     readdir() gives the entry of a nested subvolume (and of a snapshot's
     placeholder for one) the subvolume id as its inode number, while stat()
     gives 256 (2 for the placeholder).
     """
-    return entry.stat(follow_symlinks=False).st_ino == entry.inode()
+    return st.st_ino == entry.inode
+
+
+def _push_frame(stack: list[_DirFrame], frame: _DirFrame) -> None:
+    """Push frame, closing the fds of the level _WALK_OPEN_LEVELS above it.
+
+    The open fds on each side are thus those of at most _WALK_OPEN_LEVELS
+    of the deepest levels on the stack. On the parent layer's side these are
+    the deepest levels that have a parent directory, because a level without
+    one closes no parent fd: the level above it must be reopened from its
+    own fd (see _pop_frame).
+    """
+    stack.append(frame)
+    if len(stack) <= _WALK_OPEN_LEVELS:
+        return
+    above = stack[-1 - _WALK_OPEN_LEVELS]
+    if above.layer_fd >= 0:
+        os.close(above.layer_fd)
+        above.layer_fd = -1
+    if frame.parent_fd is not None and above.parent_fd is not None and above.parent_fd >= 0:
+        os.close(above.parent_fd)
+        above.parent_fd = -1
+
+
+def _pop_frame(stack: list[_DirFrame]) -> _DirFrame:
+    """Pop the deepest frame and close its fds, reopening those of the frame above it where closed."""
+    frame = stack.pop()
+    try:
+        if stack:
+            _reopen_frame(stack[-1], frame)
+    finally:
+        _close_frame(frame)
+    return frame
+
+
+def _reopen_frame(frame: _DirFrame, child: _DirFrame) -> None:
+    """Reopen the closed fds of frame through ".." from those of child, its subdirectory's frame."""
+    if frame.layer_fd < 0:
+        frame.layer_fd = _open_walked_parent(child.layer_fd, frame.layer_id, frame.path)
+    if frame.parent_fd is not None and frame.parent_fd < 0:
+        # A closed parent fd has a deeper open one (see _push_frame), and
+        # only the child is deeper.
+        assert child.parent_fd is not None and child.parent_fd >= 0
+        assert frame.parent_id is not None  # set for every frame with a parent_fd
+        frame.parent_fd = _open_walked_parent(child.parent_fd, frame.parent_id, frame.path)
+
+
+def _open_walked_parent(child_fd: int, expected: tuple[int, int], path: str) -> int:
+    """Open ".." of child_fd, a directory of the walk, and check that it is the directory expected.
+
+    expected is the (st_dev, st_ino) of the directory at path when the walk
+    entered it. The walk entered the child on the same mount, so ".." does
+    not cross a mount point. Raises ESTALE when the child or its parent was
+    moved or removed since.
+    """
+    try:
+        fd = _open_directory_for_reading("..", child_fd)
+    except OSError as error:
+        if error.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise
+        raise _walk_changed_error(child_fd, "..", path or "/", "was moved or removed") from None
+    try:
+        st = os.fstat(fd)
+        if _file_id(st) != expected or st.st_nlink == 0:
+            raise _walk_changed_error(child_fd, "..", path or "/", "was moved or removed")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _close_frame(frame: _DirFrame) -> None:
+    if frame.layer_fd >= 0:
+        os.close(frame.layer_fd)
+        frame.layer_fd = -1
+    if frame.parent_fd is not None and frame.parent_fd >= 0:
+        os.close(frame.parent_fd)
+        frame.parent_fd = -1
 
 
 def _walk_changes(layer_root_fd: int, parent_root_fd: int | None, top: str = "",
@@ -3835,9 +3948,9 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: int | None, top: str = "",
     (callers sort), and a directory that contains a change and is not itself
     reported is yielded as MODIFY after its contents. The walk's top (path
     top, "" for the root) is never reported. Memory grows with the depth and
-    the size of one directory, not with the whole tree. NOTE: the walk keeps
-    two directory fds open per level, so a tree deeper than about half of
-    RLIMIT_NOFILE fails with EMFILE.
+    the size of one directory, not with the whole tree. The walk keeps the
+    directories of at most _WALK_OPEN_LEVELS levels open on each side, so
+    trees deeper than the open-file limit are walked too.
 
     With changed_inodes (the tree-search fast path), an entry that is the
     same inode on both sides and not in changed_inodes counts as unchanged
@@ -3849,33 +3962,40 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: int | None, top: str = "",
     another tree.
     """
     count = 0
-    stack = [_DirFrame(top, os.dup(layer_root_fd),
-                       os.dup(parent_root_fd) if parent_root_fd is not None else None,
-                       False, None, "", 0, changed_inodes is not None)]
+    stack: list[_DirFrame] = []
+    layer_fd = os.dup(layer_root_fd)
+    parent_fd = None
+    try:
+        if parent_root_fd is not None:
+            parent_fd = os.dup(parent_root_fd)
+        stack.append(_DirFrame(top, layer_fd, parent_fd, False, None, "", 0, changed_inodes is not None))
+    except BaseException:
+        os.close(layer_fd)
+        if parent_fd is not None:
+            os.close(parent_fd)
+        raise
     try:
         while stack:
             frame = stack[-1]
             descended = False
-            for name, entry in frame.entries:
+            for entry in frame.entries:
+                name = entry.name
                 path = frame.path + "/" + name
                 parent_entry = frame.parent_entries.pop(name, None)
-                same_inode = (frame.same_tree and parent_entry is not None
-                              and entry.inode() == parent_entry.inode())
-                if same_inode and entry.is_dir(follow_symlinks=False):
-                    assert parent_entry is not None  # same_inode implies it
-                    same_inode = _is_plain_directory_entry(entry) and _is_plain_directory_entry(parent_entry)
-                if same_inode and changed_inodes is not None and entry.inode() not in changed_inodes:
+                same_inode = frame.same_tree and parent_entry is not None and entry.inode == parent_entry.inode
+                new = old = None
+                if same_inode and entry.is_dir:
+                    assert parent_entry is not None and frame.parent_fd is not None  # same_inode implies it
+                    new = _lstat_walked(frame.layer_fd, name, path)
+                    old = _lstat_walked(frame.parent_fd, name, path)
+                    same_inode = _is_plain_directory_entry(entry, new) and _is_plain_directory_entry(parent_entry, old)
+                if same_inode and changed_inodes is not None and entry.inode not in changed_inodes:
                     continue  # the same inode, unchanged since the snapshot
-                # A FileNotFoundError must not escape: callers read it as "no such layer".
-                try:
-                    new = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    raise _walk_changed_error(frame.layer_fd, name, path, "was removed or renamed") from None
-                try:
-                    old = parent_entry.stat(follow_symlinks=False) if parent_entry is not None else None
-                except FileNotFoundError:
+                if new is None:
+                    new = _lstat_walked(frame.layer_fd, name, path)
+                if old is None and parent_entry is not None:
                     assert frame.parent_fd is not None  # parent_entries is empty without a parent_fd
-                    raise _walk_changed_error(frame.parent_fd, name, path, "was removed or renamed") from None
+                    old = _lstat_walked(frame.parent_fd, name, path)
                 reported = False
                 if old is None:
                     count += 1
@@ -3903,13 +4023,13 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: int | None, top: str = "",
                 same_tree = (frame.same_tree and new.st_ino != BTRFS_FIRST_FREE_OBJECTID
                              and (old is None or old.st_ino != BTRFS_FIRST_FREE_OBJECTID))
                 try:
-                    stack.append(_DirFrame(path, child_fd, child_parent_fd, not reported,
-                                           new, name, count, same_tree))
+                    child = _DirFrame(path, child_fd, child_parent_fd, not reported, new, name, count, same_tree)
                 except BaseException:
                     os.close(child_fd)
                     if child_parent_fd is not None:
                         os.close(child_parent_fd)
                     raise
+                _push_frame(stack, child)
                 descended = True
                 break
             if descended:
@@ -3919,18 +4039,13 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: int | None, top: str = "",
                 count += 1
                 yield _WalkedChange(frame.path + "/" + name, ChangeKind.DELETE, None, frame.layer_fd, name)
             frame.parent_entries = {}
-            stack.pop()
-            os.close(frame.layer_fd)
-            if frame.parent_fd is not None:
-                os.close(frame.parent_fd)
+            _pop_frame(stack)
             if stack and frame.report_when_changed and count > frame.changes_at_entry:
                 count += 1
                 yield _WalkedChange(frame.path, ChangeKind.MODIFY, frame.st, stack[-1].layer_fd, frame.name)
     finally:
         for frame in stack:
-            os.close(frame.layer_fd)
-            if frame.parent_fd is not None:
-                os.close(frame.parent_fd)
+            _close_frame(frame)
 
 
 def _change_sort_key(change: Change) -> bytes:

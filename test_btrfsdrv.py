@@ -2412,7 +2412,7 @@ def test_walk_entry_vanished_names_layer(driver, monkeypatch, operation):
     def list_then_remove(dir_fd):
         # Another process deletes x0 after the walk listed it.
         entries = original(dir_fd)
-        if "x0" in dict(entries):
+        if any(entry.name == "x0" for entry in entries):
             os.unlink("x0", dir_fd=dir_fd)
         return entries
 
@@ -5733,6 +5733,171 @@ def test_fast_path_ioctls_linear_beyond_ino_lookup_limit(driver, monkeypatch):
     # below level 194 one level at a time would take about 26,000 searches.
     assert ioctl_count <= 6 * depth
     assert changes == expected
+
+
+def run_with_fd_limit(function, limit=256):
+    """Run function() in a forked child whose RLIMIT_NOFILE is limit, and return its result or re-raise its error."""
+    import pickle
+    import resource
+    import traceback
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        status = 0
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+            result = ("ok", function())
+        except BaseException as error:  # reported to the parent
+            result = ("error", (repr(error), getattr(error, "errno", None), traceback.format_exc()))
+            status = 1
+        with os.fdopen(write_end, "wb") as output:
+            pickle.dump(result, output)
+        os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        data = reader.read()
+    os.waitpid(pid, 0)
+    kind, value = pickle.loads(data)
+    if kind == "error":
+        raise AssertionError(f"with {limit} open files at most: {value[0]} (errno {value[1]})\n{value[2]}")
+    return value
+
+
+FD_LIMIT_DEPTH = 600
+
+
+def deep_unrelated_layers(driver, depth=FD_LIMIT_DEPTH):
+    """Make layers "layer" and "other", two snapshots of "base" with a chain of depth levels, and change "layer".
+
+    Return the changes of "layer" against "other", sorted by path. Neither
+    layer is a snapshot of the other, so comparing them walks both in full.
+    """
+    driver.create("base")
+    base = driver.get("base")
+    make_chain(base, depth)
+    chain = "/a" * depth
+    middle = "/a" * (depth // 2)
+    write(base + "/top")
+    write(base + middle + "/middle")
+    write(base + chain + "/bottom")
+    driver.create("other", "base")
+    driver.create("layer", "base")
+    layer = driver.get("layer")
+
+    write(layer + "/a" * 300 + "/added")
+    write(layer + middle + "/middle", b"changed")
+    os.unlink(layer + chain + "/bottom")
+    # A directory only in "layer", with a chain as deep again below it.
+    branch = "/a" * 10 + "/new"
+    os.mkdir(layer + branch)
+    make_chain(layer + branch, depth, name="b")
+    write(layer + branch + "/b" * depth + "/file")
+
+    expected = [btrfsdrv.Change("/a" * level, btrfsdrv.ChangeKind.MODIFY) for level in range(1, depth + 1)]
+    expected += [btrfsdrv.Change("/a" * 300 + "/added", btrfsdrv.ChangeKind.ADD),
+                 btrfsdrv.Change(middle + "/middle", btrfsdrv.ChangeKind.MODIFY),
+                 btrfsdrv.Change(chain + "/bottom", btrfsdrv.ChangeKind.DELETE),
+                 btrfsdrv.Change(branch + "/b" * depth + "/file", btrfsdrv.ChangeKind.ADD)]
+    expected += [btrfsdrv.Change(branch + "/b" * level, btrfsdrv.ChangeKind.ADD) for level in range(depth + 1)]
+    return sorted(expected, key=lambda change: os.fsencode(change.path))
+
+
+def test_changes_deeper_than_fd_limit(driver):
+    expected = deep_unrelated_layers(driver)
+    assert btrfsdrv._snapshot_changes(driver.get("layer"), driver.get("other")) is None
+
+    changes = run_with_fd_limit(lambda: driver.changes("layer", "other"))
+
+    assert changes == expected
+
+
+def test_full_diff_deeper_than_fd_limit(driver):
+    deep_unrelated_layers(driver)
+    expected = read_whole_layer_diff(driver, "layer")
+    driver.create("copy")
+
+    def diff_and_apply():
+        raw = read_whole_layer_diff(driver, "layer")
+        driver.apply_diff("copy", io.BytesIO(raw))
+        return raw
+
+    raw = run_with_fd_limit(diff_and_apply)
+
+    assert raw == expected
+    names = set(members(raw))
+    assert "a/" * 10 + "new" + "/b" * FD_LIMIT_DEPTH + "/file" in names
+    assert "a" + "/a" * (FD_LIMIT_DEPTH // 2 - 1) + "/middle" in names
+    assert tree_digest(driver.get("copy")) == tree_digest(driver.get("layer"))
+
+
+def read_whole_layer_diff(driver, layer_id):
+    with driver.diff(layer_id) as stream:
+        return stream.read()
+
+
+def test_remap_deeper_than_fd_limit(driver):
+    deep_unrelated_layers(driver)
+    layer = driver.get("layer")
+    maps = [btrfsdrv.IDMap(0, 100000, 65536)]
+
+    run_with_fd_limit(lambda: driver.update_layer_id_map("layer", None, (maps, maps)))
+
+    owners = set()
+    entry_count = 0
+    for directory, dirnames, filenames in os.walk(layer):
+        for name in dirnames + filenames:
+            st = os.lstat(os.path.join(directory, name))
+            owners.add((st.st_uid, st.st_gid))
+            entry_count += 1
+    assert owners == {(100000, 100000)}
+    assert entry_count == 2 * FD_LIMIT_DEPTH + 5
+    assert os.lstat(layer).st_uid == 0
+
+
+def test_walk_opens_linear_in_depth(tmp_path, monkeypatch):
+    depth = FD_LIMIT_DEPTH
+    layer, parent = tmp_path / "layer", tmp_path / "parent"
+    layer.mkdir()
+    parent.mkdir()
+    make_chain(str(parent), depth)
+    make_chain(str(layer), depth, file_name="new")
+    try:
+        opens = count_calls(monkeypatch, os, "open")
+        changes = btrfsdrv.layer_changes(layer, parent)
+        open_count = len(opens)
+    finally:
+        monkeypatch.undo()
+        remove_contents(layer)
+        remove_contents(parent)
+
+    assert len(changes) == 2 * depth
+    # Each level is entered once on each side and, below the levels that
+    # stay open, reopened once on each side on the way back. Reopening each
+    # closed level from the top would take about depth * depth / 2 opens.
+    assert open_count <= 4 * depth + 10
+
+
+def test_walk_detects_directory_moved_above_closed_levels(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    depth = 3 * btrfsdrv._WALK_OPEN_LEVELS
+    make_chain(str(layer), depth)
+    fd = os.open(layer, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        walk = btrfsdrv._walk_changes(fd, None)
+        for item in walk:
+            if item.path == "/a" * depth:
+                break
+        # The walk is at the bottom, with the fds of the levels above closed.
+        os.rename(layer / "a" / "a" / "a", layer / "moved")
+        with pytest.raises(OSError, match=r"'/a/a' was moved or removed") as raised:
+            list(walk)
+    finally:
+        os.close(fd)
+        remove_contents(layer)
+
+    assert raised.value.errno == errno.ESTALE
 
 
 # -- Hardening -----------------------------------------------------------------
