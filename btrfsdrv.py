@@ -22,6 +22,7 @@ structures and request numbers come from ``ioctl_structs``, which
 # every signature out of the import time.
 from __future__ import annotations
 
+import collections
 import ctypes
 import enum
 import errno
@@ -5644,6 +5645,10 @@ def _sparse_regions(member: tarfile.TarInfo, stored_size: int) -> list[tuple[int
     return regions
 
 
+# Top directories of nested subvolumes that an apply keeps open, at most.
+_SUBVOLUME_TOPS_OPEN = 16
+
+
 class _LayerApplier:
     """Applies the entries of a layer tar to a layer directory.
 
@@ -5672,8 +5677,8 @@ class _LayerApplier:
         self.temporary_name = f"{_APPLY_TEMPORARY_PREFIX}apply-{os.urandom(8).hex()}"
         self.root_dev = os.fstat(root_fd).st_dev
         # Open top directories of the nested subvolumes that entries went
-        # into, by st_dev.
-        self.subvolume_tops: dict[int, int] = {}
+        # into, by st_dev, the least recently used first.
+        self.subvolume_tops: collections.OrderedDict[int, int] = collections.OrderedDict()
         self.warned_chown = False
         # Entries' parent directories, and hard links' target directories.
         self.parents = _DirectoryOpener(root_fd)
@@ -6182,11 +6187,18 @@ class _LayerApplier:
         if device == self.root_dev:
             return self.root_fd
         top_fd = self.subvolume_tops.get(device)
-        if top_fd is None:
-            # NOTE: an apply without CAP_DAC_OVERRIDE therefore needs write access to
-            # the top directory of each nested subvolume that it writes into.
-            top_fd = _open_device_top(parent_fd)
-            self.subvolume_tops[device] = top_fd
+        if top_fd is not None:
+            self.subvolume_tops.move_to_end(device)
+            return top_fd
+
+        # A layer can hold any number of nested subvolumes, so only the last
+        # few stay open. Every use of a staging fd ends before the next entry.
+        if len(self.subvolume_tops) >= _SUBVOLUME_TOPS_OPEN:
+            os.close(self.subvolume_tops.popitem(last=False)[1])
+        # NOTE: an apply without CAP_DAC_OVERRIDE therefore needs write access to
+        # the top directory of each nested subvolume that it writes into.
+        top_fd = _open_device_top(parent_fd)
+        self.subvolume_tops[device] = top_fd
         return top_fd
 
     def copy_into_subvolume(self, source_fd: int, staging_fd: int, parent_fd: int, parts: list[str],

@@ -5764,6 +5764,27 @@ def run_with_fd_limit(function, limit=256):
     return value
 
 
+def test_apply_into_many_nested_subvolumes(driver):
+    # More nested subvolumes than the open-file limit, one entry into each,
+    # and an entry back into the first one after all the others.
+    count, limit = 300, 128
+    driver.create("layer")
+    root = driver.get("layer")
+    for index in range(count):
+        btrfsdrv.create_subvolume(os.path.join(root, f"s{index}"))
+    entries = [entry(f"s{index}/f", data=str(index).encode()) for index in range(count)]
+    entries.append(entry("s0/again", data=b"again"))
+
+    run_with_fd_limit(lambda: driver.apply_diff("layer", io.BytesIO(make_tar(entries))), limit)
+
+    for index in range(count):
+        with open(os.path.join(root, f"s{index}", "f"), "rb") as data:
+            assert data.read() == str(index).encode()
+    with open(os.path.join(root, "s0", "again"), "rb") as data:
+        assert data.read() == b"again"
+    assert not any(name.startswith(".btrfsdrv-") for name in os.listdir(os.path.join(root, "s0")))
+
+
 FD_LIMIT_DEPTH = 600
 
 
