@@ -3755,10 +3755,16 @@ def _read_xattrs(target: int | bytes, path: str, operation: str = "read extended
 def _entry_xattrs(dir_fd: int, name: str, st: os.stat_result, path: str,
                   operation: str = "read extended attributes") -> dict[str, bytes]:
     # Linux allows user.* only on regular files and directories, and exec
-    # reads security.capability only from regular files, so others are not read.
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+    # reads security.capability only from regular files. So a diff carries
+    # no extended attribute of other types and no capability of a directory.
+    # apply sets none of them either (see _LayerApplier.check_capability).
+    if stat.S_ISREG(st.st_mode):
+        return _read_xattrs(_fd_path(dir_fd, name), path, operation)
+    if not stat.S_ISDIR(st.st_mode):
         return {}
-    return _read_xattrs(_fd_path(dir_fd, name), path, operation)
+    xattrs = _read_xattrs(_fd_path(dir_fd, name), path, operation)
+    xattrs.pop("security.capability", None)
+    return xattrs
 
 
 # Changes -------------------------------------------------------------------
@@ -5568,6 +5574,13 @@ def _capability_rootid(value: bytes) -> int | None:
     return rootid
 
 
+def _is_version_2_capability(value: bytes) -> bool:
+    if len(value) != _VFS_CAP_SIZE_2:
+        return False
+    magic: int = struct.unpack_from("<I", value)[0]
+    return magic & ~_VFS_CAP_FLAGS_EFFECTIVE == _VFS_CAP_REVISION_2
+
+
 def _capability_with_rootid(value: bytes, rootid: int) -> bytes:
     """Return a version 2 or 3 security.capability with the flags and sets of value and this rootid.
 
@@ -5590,7 +5603,8 @@ def _container_capability(value: bytes, uid_maps: Sequence[IDMap] | None) -> byt
     version 3 with that uid. A rootid without a container uid reads as
     version 2 when it is host uid 0, the root of an ancestor namespace.
     Any other rootid fails with EOVERFLOW, and the kernel does not honour
-    the capability in the container. Other values are returned unchanged.
+    the capability in the container. Other values are returned unchanged,
+    among them version 2 ones, which a process in the container reads as stored.
     """
     rootid = _capability_rootid(value)
     if rootid is None:
@@ -5606,14 +5620,18 @@ def _container_capability(value: bytes, uid_maps: Sequence[IDMap] | None) -> byt
 def _host_capability(value: bytes, uid_maps: Sequence[IDMap] | None) -> bytes | None:
     """Return a container's security.capability as the host stores it, or None if its rootid has no host uid.
 
-    The rootid of a version 3 value maps to a host uid, as the kernel maps
-    it when a process in the container sets the capability. Other values,
-    among them version 2 ones, are returned unchanged, as containers/storage
-    applies them, so a version 2 capability stays honoured in every namespace.
+    This follows cap_convert_nscap in security/commoncap.c (Linux 6.x),
+    which runs when a process in the container sets the capability. The
+    rootid of a version 3 value maps to a host uid. A version 2 value is
+    for the container's root, so it becomes version 3 with the host uid of
+    container uid 0, and stays version 2 only when that is host uid 0.
+    Invalid values are returned unchanged.
     """
     rootid = _capability_rootid(value)
     if rootid is None:
-        return value
+        if not _is_version_2_capability(value):
+            return value
+        rootid = 0
     host_rootid = _map_id(uid_maps, rootid, True)
     if host_rootid is None:
         return None
@@ -5741,19 +5759,37 @@ class _LayerApplier:
 
         A capability whose rootid has no host uid is left out. Without
         ignore_chown_errors, check_capability_rootid has rejected the entry
-        before.
+        before. A capability of anything but a regular file is left out too
+        (see check_capability).
         """
         xattrs = self.xattrs(member)
         value = xattrs.pop("security.capability", None)
-        if value is not None:
+        if value is not None and member.isreg():
             host_value = _host_capability(value, self.uid_maps)
             if host_value is not None:
                 xattrs["security.capability"] = host_value
         return xattrs
 
-    def check_capability_rootid(self, xattrs: dict[str, bytes], path: str) -> None:
-        """Raise ValueError when the rootid of a version 3 security.capability has no host uid.
+    def check_capability(self, member: tarfile.TarInfo, xattrs: dict[str, bytes], path: str) -> None:
+        """Check the entry's security.capability before anything is changed.
 
+        The kernel reads file capabilities only when it executes a regular
+        file, and chown removes them from anything but a directory, so the
+        capability of a directory, symlink, device node or FIFO is not set,
+        with a warning. Hard links take the capability of their target.
+        """
+        if "security.capability" not in xattrs:
+            return
+        if member.isreg() or member.islnk():
+            self.check_capability_rootid(xattrs, path)
+            return
+        log.warning("not setting security.capability of %s: the kernel reads file capabilities only from "
+                    "regular files", path)
+
+    def check_capability_rootid(self, xattrs: dict[str, bytes], path: str) -> None:
+        """Raise ValueError when the rootid of a security.capability has no host uid.
+
+        A version 2 capability is for container uid 0 (see _host_capability).
         With ignore_chown_errors, log a warning instead, and host_xattrs
         leaves the capability out, because any other rootid would have it
         honoured in another user namespace.
@@ -5762,11 +5798,13 @@ class _LayerApplier:
         if value is None or _host_capability(value, self.uid_maps) is not None:
             return
         rootid = _capability_rootid(value)
+        capability = (f"security.capability rootid {rootid}" if rootid is not None
+                      else "version 2 security.capability, which is for container uid 0,")
         if not self.ignore_chown_errors:
-            raise ValueError(f"security.capability rootid {rootid} has no host uid in the ID maps: add it "
-                             "to the maps, or set ignore_chown_errors to apply the entry without the capability")
-        log.warning("not setting security.capability of %s: its rootid %s has no host uid in the ID maps",
-                    path, rootid)
+            raise ValueError(f"{capability} has no host uid in the ID maps: add it to the maps, "
+                             "or set ignore_chown_errors to apply the entry without the capability")
+        log.warning("not setting security.capability of %s: %s has no host uid in the ID maps",
+                    path, f"its rootid {rootid}" if rootid is not None else "container uid 0, its root for version 2")
 
     def set_fd_metadata(self, fd: int, member: tarfile.TarInfo, path: str) -> None:
         """Set owner, mode, extended attributes and (for files) times through an fd."""
@@ -5818,7 +5856,7 @@ class _LayerApplier:
         xattrs = self.xattrs(member)
         _check_xattrs(xattrs)
         _check_xattr_file_type(member, xattrs)
-        self.check_capability_rootid(xattrs, path)
+        self.check_capability(member, xattrs, path)
         if member.issym():
             _check_symlink_target(member)
         if not parts:
@@ -6115,9 +6153,10 @@ class _LayerApplier:
 
         An entry lists every carried extended attribute of its inode, so one
         it leaves out was removed in the layer. Names that a diff does not
-        carry (security.selinux, trusted.*) stay.
+        carry (security.selinux, trusted.*) stay, and a capability, which a
+        directory does not carry, is removed.
         """
-        listed = self.xattrs(member)
+        listed = self.host_xattrs(member)
         # Nothing is changed before this listing, so when it fails the entry is left as it was.
         for name in _list_xattrs(fd, path):
             if not _is_carried_xattr(name) or name in listed:
@@ -6628,7 +6667,10 @@ def _remapped_capability(value: bytes, uid_maps: tuple[Sequence[IDMap], Sequence
     A version 3 value whose rootid is outside the old maps gives None,
     because the container did not read it (see _container_capability),
     except host uid 0, which gives version 2. A container rootid outside
-    the new maps raises ValueError. Version 2 values are returned unchanged.
+    the new maps raises ValueError. Version 2 values are returned unchanged:
+    under ID maps only a write by host root stores one (apply stores version
+    3, see _host_capability), and the kernel honours it in every namespace
+    under the old maps and the new ones alike.
     """
     rootid = _capability_rootid(value)
     if rootid is None:

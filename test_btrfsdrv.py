@@ -4041,7 +4041,7 @@ def test_apply_maps_capability_root_ids(tmp_path):
         entries.append((info, data))
     maps = [btrfsdrv.IDMap(0, 100000, 65536)]
     apply(layer, make_tar(entries), uid_maps=maps, gid_maps=maps)
-    assert os.getxattr(layer / "v2", "security.capability") == capability()
+    assert os.getxattr(layer / "v2", "security.capability") == capability(100000)
     assert os.getxattr(layer / "root", "security.capability") == capability(100000)
     assert os.getxattr(layer / "user", "security.capability") == capability(100005)
 
@@ -4062,6 +4062,117 @@ def test_apply_capability_root_without_host_id(tmp_path, caplog):
     assert "security.capability" not in os.listxattr(layer / "dir" / "ping")
     assert "dir/ping" in caplog.text
     assert "70000" in caplog.text
+
+
+def capability_entry(name, value, kind=tarfile.REGTYPE, uid=0):
+    """Return a tar entry owned by uid:uid carrying value as its security.capability."""
+    info, data = entry(name, kind, data=b"elf" if kind == tarfile.REGTYPE else None, mode=0o755)
+    info.uid = info.gid = uid
+    info.pax_headers = {"SCHILY.xattr.security.capability": value.decode("utf-8", "surrogateescape")}
+    return info, data
+
+
+def test_apply_version_2_capability_under_id_maps(tmp_path):
+    # As cap_convert_nscap stores a version 2 value that a process in a user
+    # namespace writes: version 3 with the host uid of the namespace's root.
+    layer = tmp_path / "l"
+    layer.mkdir()
+    maps = [btrfsdrv.IDMap(0, 100000, 65536)]
+    apply(layer, make_tar([capability_entry("ping", capability())]), uid_maps=maps, gid_maps=maps)
+    assert os.getxattr(layer / "ping", "security.capability") == capability(100000)
+
+
+@pytest.mark.parametrize("maps", [None, [btrfsdrv.IDMap(0, 0, 65536)], [btrfsdrv.IDMap(0, 0, 1),
+                                                                       btrfsdrv.IDMap(1, 100001, 65535)]],
+                         ids=["no-maps", "identity", "root-to-host-root"])
+def test_apply_version_2_capability_for_host_root(tmp_path, maps):
+    layer = tmp_path / "l"
+    layer.mkdir()
+    apply(layer, make_tar([capability_entry("ping", capability())]), uid_maps=maps, gid_maps=maps)
+    assert os.getxattr(layer / "ping", "security.capability") == capability()
+
+
+def test_apply_version_2_capability_without_host_root(tmp_path, caplog):
+    layer = tmp_path / "l"
+    layer.mkdir()
+    maps = [btrfsdrv.IDMap(1, 100001, 65535)]
+    raw = make_tar([capability_entry("ping", capability(), uid=5)])
+    with pytest.raises(ValueError, match="'ping'.*version 2 security.capability.*container uid 0"):
+        apply(layer, raw, uid_maps=maps, gid_maps=maps)
+    assert not os.path.exists(layer / "ping")
+    with caplog.at_level("WARNING", logger="btrfsdrv"):
+        apply(layer, raw, uid_maps=maps, gid_maps=maps, ignore_chown_errors=True)
+    assert "security.capability" not in os.listxattr(layer / "ping")
+    assert "ping" in caplog.text
+    assert "container uid 0" in caplog.text
+
+
+def test_capability_round_trip_under_id_maps(tmp_path):
+    layer, target = str(tmp_path / "l"), tmp_path / "t"
+    target.mkdir()
+    capable_file(layer + "/root", 100000, capability(100000))
+    capable_file(layer + "/user", 100005, capability(100005))
+    maps = [btrfsdrv.IDMap(0, 100000, 65536)]
+    apply(target, read_diff(layer, uid_maps=maps, gid_maps=maps), uid_maps=maps, gid_maps=maps)
+    assert os.getxattr(target / "root", "security.capability") == capability(100000)
+    assert os.getxattr(target / "user", "security.capability") == capability(100005)
+
+
+def test_apply_drops_capability_of_non_regular_files(tmp_path, caplog):
+    layer = tmp_path / "l"
+    layer.mkdir()
+    entries = [capability_entry(name, capability(), kind)
+               for name, kind in (("dir", tarfile.DIRTYPE), ("fifo", tarfile.FIFOTYPE),
+                                  ("block", tarfile.BLKTYPE), ("link", tarfile.SYMTYPE))]
+    entries[-1][0].linkname = "dir"
+    with caplog.at_level("WARNING", logger="btrfsdrv"):
+        apply(layer, make_tar(entries))
+    for name in ("dir", "fifo", "block", "link"):
+        assert "security.capability" not in os.listxattr(layer / name, follow_symlinks=False), name
+        assert f"security.capability of {name}:" in caplog.text, name
+
+
+def test_apply_removes_capability_of_existing_directory(tmp_path):
+    layer = tmp_path / "l"
+    (layer / "dir").mkdir(parents=True)
+    os.setxattr(layer / "dir", "security.capability", capability())
+    apply(layer, make_tar([capability_entry("dir", capability(), tarfile.DIRTYPE)]))
+    assert "security.capability" not in os.listxattr(layer / "dir")
+
+
+def test_special_file_xattrs_round_trip(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    entries = []
+    for name, kind in (("fifo", tarfile.FIFOTYPE), ("block", tarfile.BLKTYPE)):
+        info, data = capability_entry(name, capability(), kind)
+        info.devmajor, info.devminor = (7, 200) if kind == tarfile.BLKTYPE else (0, 0)
+        info.pax_headers["SCHILY.xattr.trusted.x"] = "local"
+        entries.append((info, data))
+    apply(first, make_tar(entries))
+    apply(second, read_diff(str(first)))
+    for name in ("fifo", "block"):
+        first_xattrs = {key: os.getxattr(first / name, key, follow_symlinks=False)
+                        for key in os.listxattr(first / name, follow_symlinks=False)}
+        second_xattrs = {key: os.getxattr(second / name, key, follow_symlinks=False)
+                         for key in os.listxattr(second / name, follow_symlinks=False)}
+        assert first_xattrs == second_xattrs, name
+
+
+def test_diff_carries_no_capability_of_directory(tmp_path):
+    parent, layer = str(tmp_path / "p"), str(tmp_path / "l")
+    os.makedirs(parent + "/dir")
+    os.utime(parent + "/dir", (1000, 1000))
+    copy_tree(parent, layer)
+    os.setxattr(layer + "/dir", "security.capability", capability())
+    os.setxattr(layer + "/dir", "user.note", b"kept")
+    assert btrfsdrv.layer_changes(layer, parent) == [Change("/dir", MODIFY)]
+    found = members(read_diff(layer))
+    assert member_capability(found["dir"]) is None
+    assert found["dir"].pax_headers["SCHILY.xattr.user.note"] == "kept"
+    os.removexattr(layer + "/dir", "user.note")
+    assert btrfsdrv.layer_changes(layer, parent) == []
 
 
 def test_apply_empty_stream_is_empty_layer(tmp_path):
