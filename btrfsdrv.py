@@ -2456,6 +2456,7 @@ class Driver:
                 subvolume_ids: list[int] = []
             else:
                 layer_subvolume_id = _subvolume_id_of_fd(layer_fd, path)
+                _check_holder_not_flagged(subvolumes_fd, path)
                 _check_layer_deletable(layer_fd, layer_subvolume_id, path)
                 nested = find_nested_subvolumes(layer_fd, layer_subvolume_id, path)
                 _clear_removal_flags(layer_fd, nested, path)
@@ -2948,6 +2949,18 @@ def _find_flagged_directories(top_fd: int, nested: list[NestedSubvolume], path: 
     return found
 
 
+def _check_holder_not_flagged(holder_fd: int, path: Any) -> None:
+    """Raise _InodeFlagError when holder_fd, the directory that holds the subvolume at path, blocks its unlink.
+
+    That directory is outside what the removal deletes, so its immutable or
+    append-only flag is never cleared, and the removal must fail before it
+    deletes any nested subvolume.
+    """
+    flags = _blocking_inode_flags(holder_fd)
+    if flags:
+        raise _inode_flag_error(flags, os.path.dirname(os.fsdecode(path)) or ".")
+
+
 def _clear_removal_flags(top_fd: int, nested: list[NestedSubvolume], path: Any) -> None:
     """Clear the immutable and append-only flags that stop the kernel from deleting top_fd and nested.
 
@@ -3217,6 +3230,7 @@ def delete_subvolume(path: PathArg, *, recursive: bool = False) -> None:
             if not _is_subvolume_stat(os.fstat(fd)):
                 raise _os_error(errno.EINVAL, "delete subvolume", path, "it is not a subvolume")
             if recursive:
+                _check_holder_not_flagged(parent_fd, path)
                 _check_no_mounts_below(fd, "delete subvolume", path)
                 nested = find_nested_subvolumes(fd, _subvolume_id_of_fd(fd, path), path)
                 _clear_removal_flags(fd, nested, path)

@@ -7609,6 +7609,48 @@ def test_delete_subvolume_recursive_clears_blocking_flags(fs):
     assert_no_subvolumes(fs)
 
 
+@pytest.mark.parametrize("flag", ["+i", "+a"])
+def test_delete_subvolume_checks_holder_flags_first(fs, flag):
+    holder = fs.path("holder")
+    os.mkdir(holder)
+    top = os.path.join(holder, "top")
+    btrfsdrv.create_subvolume(top)
+    btrfsdrv.create_subvolume(os.path.join(top, "n1"))
+    btrfsdrv.create_subvolume(os.path.join(top, "n1", "n2"))
+    before = subvolume_paths(fs)
+    chattr(flag, holder)
+    try:
+        with pytest.raises(PermissionError) as raised:
+            btrfsdrv.delete_subvolume(top, recursive=True)
+        after = subvolume_paths(fs)
+    finally:
+        chattr(flag.replace("+", "-"), holder)
+
+    assert after == before
+    assert raised.value.filename == holder
+    assert f"chattr {flag.replace('+', '-')} {holder}" in str(raised.value)
+
+
+def test_remove_checks_subvolumes_directory_flags_first(fs):
+    with btrfsdrv.Driver(fs.path("home")) as driver:
+        driver.create("layer")
+        btrfsdrv.create_subvolume(os.path.join(driver.get("layer"), "nested"))
+        before = subvolume_paths(fs)
+        subvolumes = os.path.join(driver.home, "subvolumes")
+        chattr("+i", subvolumes)
+        try:
+            with pytest.raises(PermissionError) as raised:
+                driver.remove("layer")
+            after = subvolume_paths(fs)
+        finally:
+            chattr("-i", subvolumes)
+
+        assert after == before
+        assert raised.value.filename == subvolumes
+        driver.remove("layer")
+        assert driver.list_layers() == []
+
+
 def test_delete_subvolume_names_immutable_top(fs):
     top = fs.path("top")
     btrfsdrv.create_subvolume(top)
