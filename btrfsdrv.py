@@ -946,17 +946,18 @@ def _may_change_inode_flags() -> bool:
 
 
 class _InodeFlagError(PermissionError):
-    """EPERM because an immutable or append-only inode blocks a removal."""
+    """EPERM because an immutable or append-only inode blocks a removal or a snapshot."""
 
 
-def _inode_flag_error(flags: int, where: Any, operation: str = "delete subvolume") -> _InodeFlagError:
-    """Return the error for where, whose immutable or append-only flag (in flags) blocks the removal."""
+def _inode_flag_error(flags: int, where: Any, operation: str = "delete subvolume",
+                      retry: str = "remove again") -> _InodeFlagError:
+    """Return the error for where, whose immutable or append-only flag (in flags) blocks operation."""
     names = [name for bit, name in ((_FS_IMMUTABLE_FL, "immutable"), (_FS_APPEND_FL, "append-only")) if flags & bit]
     letters = "".join(letter for bit, letter in ((_FS_IMMUTABLE_FL, "i"), (_FS_APPEND_FL, "a")) if flags & bit)
     where = os.fsdecode(where)
     message = (f"{operation} failed: {os.strerror(errno.EPERM)}; {where} has the {' and '.join(names)} "
                f"flag{'s' if len(names) > 1 else ''}, which only root on the host can clear: "
-               f"run chattr -{letters} {shlex.quote(where)} as root, then remove again")
+               f"run chattr -{letters} {shlex.quote(where)} as root, then {retry}")
     return _InodeFlagError(errno.EPERM, message, where)
 
 
@@ -2259,6 +2260,12 @@ class Driver:
             raise _os_error(error.errno, f"open parent layer {os.fsdecode(parent)!r}", parent_path,
                             "the parent must be a layer directory") from None
         with _Fd(parent_fd):
+            # A snapshot copies the inode flags of the parent's top directory,
+            # and an immutable or append-only top would stop _finish_layer and
+            # the roll back, leaving a half-made layer.
+            flags = _blocking_inode_flags(parent_fd)
+            if flags:
+                raise _inode_flag_error(flags, parent_path, "create layer", "create the layer again")
             try:
                 _snapshot_create_at(parent_fd, subvolumes_fd, name, False, path)
             except FileExistsError:

@@ -7651,6 +7651,29 @@ def test_remove_checks_subvolumes_directory_flags_first(fs):
         assert driver.list_layers() == []
 
 
+@pytest.mark.parametrize("flag", ["+i", "+a"])
+@pytest.mark.parametrize("size", [None, "100m"])
+def test_create_from_flagged_parent_leaves_nothing(fs, flag, size):
+    with btrfsdrv.Driver(fs.path("home"), ["btrfs.min_space=1m"]) as driver:
+        driver.create("parent")
+        parent = driver.get("parent")
+        chattr(flag, parent)
+        try:
+            with pytest.raises(PermissionError) as raised:
+                driver.create("child", "parent", storage_opt={"size": size} if size else None)
+            layers = driver.list_layers()
+            quotas = os.path.join(driver.home, "quotas")
+            quota_files = os.listdir(quotas) if os.path.exists(quotas) else []
+        finally:
+            chattr(flag.replace("+", "-"), parent)
+
+        assert layers == ["parent"]
+        assert quota_files == []
+        assert raised.value.filename == parent
+        assert f"chattr {flag.replace('+', '-')} {parent}" in str(raised.value)
+        assert "create the layer again" in str(raised.value)
+
+
 def test_delete_subvolume_names_immutable_top(fs):
     top = fs.path("top")
     btrfsdrv.create_subvolume(top)
