@@ -1836,13 +1836,21 @@ class _QuotaFileAside:
     def _restore(self) -> None:
         assert self.temporary is not None and self.quotas_fd is not None
         temporary = os.path.join(self.quotas_dir, os.fsdecode(self.temporary))
+        # A link, unlike a rename, never replaces a quota file that another
+        # process wrote under the name meanwhile for a layer of the same id.
         try:
-            os.rename(self.temporary, self.name, src_dir_fd=self.quotas_fd, dst_dir_fd=self.quotas_fd)
+            os.link(self.temporary, self.name, src_dir_fd=self.quotas_fd, dst_dir_fd=self.quotas_fd)
+        except FileExistsError:
+            log.warning("not renaming %s back to %s after the failed remove: another process wrote a new "
+                        "quota file under that name", temporary, self.quota_file)
         except OSError as error:
             log.warning("could not rename %s back to %s after the failed remove: %s; rename it by hand",
                         temporary, self.quota_file, error.strerror)
             return
-        log.debug("renamed %s back to %s after the failed remove", temporary, self.quota_file)
+        else:
+            log.debug("renamed %s back to %s after the failed remove", temporary, self.quota_file)
+        with _suppress_missing():
+            os.unlink(self.temporary, dir_fd=self.quotas_fd)
 
     def _close(self) -> None:
         for fd in (self.fd, self.quotas_fd):

@@ -2957,6 +2957,40 @@ def test_get_applies_quota_file_replaced_during_get(driver, fs, monkeypatch):
     assert qgroup_limits(fs)[btrfsdrv.subvolume_id(driver.get("layer"))] == 8 * 1024**2
 
 
+def test_failed_remove_keeps_quota_file_written_meanwhile(tmp_path):
+    quotas = tmp_path / "quotas"
+    quotas.mkdir()
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    (quotas / "layer").write_bytes(b"1000")
+
+    with pytest.raises(OSError):
+        with btrfsdrv._QuotaFileAside(str(quotas), b"layer", str(layer)):
+            # Another process writes the quota file of a new layer of this id,
+            # then the remove fails with the layer directory still there.
+            (quotas / "layer").write_bytes(b"2000")
+            raise OSError(errno.EIO, "delete failed")
+
+    assert (quotas / "layer").read_bytes() == b"2000"
+    assert os.listdir(quotas) == ["layer"]
+
+
+def test_failed_remove_restores_quota_file(tmp_path):
+    quotas = tmp_path / "quotas"
+    quotas.mkdir()
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    (quotas / "layer").write_bytes(b"1000")
+
+    with pytest.raises(OSError):
+        with btrfsdrv._QuotaFileAside(str(quotas), b"layer", str(layer)):
+            assert os.listdir(quotas) != ["layer"]
+            raise OSError(errno.EIO, "delete failed")
+
+    assert (quotas / "layer").read_bytes() == b"1000"
+    assert os.listdir(quotas) == ["layer"]
+
+
 def test_remove_keeps_quota_file_of_new_layer(driver, fs, monkeypatch):
     driver.create("layer", storage_opt={"size": "16m"})
     original = btrfsdrv.Driver._destroy_layer_subvolume
