@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 APT_GET = DEBIAN_FRONTEND=noninteractive apt-get
 
 .PHONY: demo-deps test test-deps test-source test-vendored vendor demo bench bench-deps bench-deep-paths \
-	lint clean struct-table crosscheck packages
+	bench-pax-headers lint clean struct-table crosscheck packages
 
 # The README's test command: prepare the machine, then run the whole suite
 # against the source tree and against the vendored single file.
@@ -79,6 +79,13 @@ bench: bench-deps
 DEPTH_ARGS ?=
 bench-deep-paths:
 	$(PYTHON) bench/deep_paths.py $(DEPTH_ARGS)
+
+# Measures the CPU seconds per MiB of PAX header data that apply_diff spends
+# (see bench/pax_headers.py). PAX_ARGS="--module-dir DIR" measures the
+# btrfsdrv.py of another checkout.
+PAX_ARGS ?=
+bench-pax-headers:
+	$(PYTHON) bench/pax_headers.py $(PAX_ARGS)
 
 # python3-btrfsutil is built for Debian's /usr/bin/python3, which the
 # benchmark runs it with.

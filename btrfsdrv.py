@@ -5236,9 +5236,10 @@ def _bounded_tarinfo_class() -> Any:
     It rejects extended headers over 1 MiB before reading them, and more
     than _EXTENDED_HEADER_CHAIN_MAX of them in front of one entry, because
     tarfile parses each one a recursion level deeper and keeps the ones
-    before it. It also rejects old GNU sparse maps over 1 MiB, and PAX
-    headers that are malformed or that tarfile would parse in quadratic
-    time. It ignores global PAX headers.
+    before it. It also rejects old GNU sparse maps over 1 MiB and malformed
+    PAX headers. It parses PAX headers itself, in time linear in their size,
+    and applies only the records that Go's archive/tar applies. It ignores
+    global PAX headers.
     """
     global _bounded_tarinfo
     if _bounded_tarinfo is None:
@@ -5248,6 +5249,9 @@ def _bounded_tarinfo_class() -> Any:
         # turns header_error (undeclared in typeshed) into ReadError.
         global_header_type = tarfile.XGLTYPE
         header_error = tarfile.SubsequentHeaderError  # type: ignore[attr-defined]
+        any_header_error = tarfile.HeaderError
+        old_gnu_sparse_type = tarfile.GNUTYPE_SPARSE
+        supported_types = tarfile.SUPPORTED_TYPES
 
         class BoundedTarInfo(tarfile.TarInfo):
             def _check_extended_size(self, tarfile: Any) -> None:
@@ -5289,21 +5293,56 @@ def _bounded_tarinfo_class() -> Any:
                     return self.fromtarfile(tarfile)
                 if len(records) < self.size:
                     raise header_error(f"PAX header ends early, after {len(records)} of its {self.size} bytes")
-                _check_pax_digit_runs(records[:self.size])
-                _check_pax_records(records[:self.size], records_offset)
-                # tarfile parses the padding after the size as records too, but
-                # Go's archive/tar, which containers/storage uses, ignores it.
-                padding = len(records) - self.size
-                tarfile.fileobj = _ReadAgain(stream, records[:self.size] + bytes(padding))
+                # tarfile's own parser searches the data with regular
+                # expressions that backtrack on runs of digits, and parses the
+                # padding after the size as records too.
+                pax_records = _pax_records_as_go_reads(_parse_pax_records(records[:self.size], records_offset))
                 try:
-                    return super()._proc_pax(tarfile)  # type: ignore[misc]
-                finally:
-                    tarfile.fileobj = stream
+                    next = self.fromtarfile(tarfile)
+                except any_header_error as error:
+                    raise header_error(str(error)) from None
+                # Go's archive/tar reads the old GNU map of a type S entry and
+                # ignores GNU.sparse records on it.
+                sparse_version = None
+                if next.type != old_gnu_sparse_type:
+                    sparse_version = _gnu_sparse_version(pax_records)
+                self._apply_bounded_pax(next, pax_records, sparse_version, tarfile)
+                return next
 
-            def _proc_gnusparse_10(self, next: Any, pax_headers: Any, tarfile: Any) -> None:
-                # tarfile's own version reads as many numbers as the map's
-                # count claims into one list, without a bound.
-                _read_sparse_map_1_0(next, tarfile.fileobj)
+            def _apply_bounded_pax(self, next: Any, pax_records: dict[bytes, bytes], sparse_version: str | None,
+                                   tarfile: Any) -> None:
+                pax_headers = self._decode_kept_records(pax_records, sparse_version is not None, tarfile)
+                # Numbers that the syntax rejects stay out of tarfile's int()
+                # and float(). _check_entry_numbers rejects the entry later.
+                fields = {keyword: value for keyword, value in pax_headers.items()
+                          if keyword in _PAX_FIELDS and (keyword not in _PAX_NUMBER_SYNTAX
+                                                         or _PAX_NUMBER_SYNTAX[keyword].fullmatch(value))}
+                next._apply_pax_info(fields, tarfile.encoding, tarfile.errors)
+                next.pax_headers = pax_headers
+                next.offset = self.offset
+                if "size" in fields:
+                    # The size record replaces the header's size, which decided
+                    # where tarfile expects the next header.
+                    offset = next.offset_data
+                    if next.isreg() or next.type not in supported_types:
+                        offset += next._block(next.size)
+                    tarfile.offset = offset
+                if sparse_version is not None:
+                    _apply_gnu_sparse(next, pax_headers, sparse_version, tarfile.fileobj)
+
+            def _decode_kept_records(self, pax_records: dict[bytes, bytes], sparse: bool,
+                                     tarfile: Any) -> dict[str, str]:
+                """Decode the records that the applier uses, as tarfile decodes them."""
+                name_encoding = tarfile.encoding if pax_records.get(b"hdrcharset") == b"BINARY" else "utf-8"
+                pax_headers = {}
+                for key, value in pax_records.items():
+                    if not _is_kept_pax_keyword(key, sparse):
+                        continue
+                    keyword = self._decode_pax_field(key, "utf-8", "utf-8", tarfile.errors)  # type: ignore[attr-defined]
+                    encoding = name_encoding if keyword in _PAX_NAME_FIELDS else "utf-8"
+                    pax_headers[keyword] = self._decode_pax_field(  # type: ignore[attr-defined]
+                        value, encoding, tarfile.encoding, tarfile.errors)
+                return pax_headers
 
         _bounded_tarinfo = BoundedTarInfo
     return _bounded_tarinfo
@@ -5350,35 +5389,14 @@ class _BoundedReads:
         return getattr(self.stream, name)
 
 
-# Sum of the squared lengths of the digit runs in one PAX header, at most.
-_PAX_DIGIT_RUN_BUDGET = 1 << 24
-
-
-def _check_pax_digit_runs(records: bytes) -> None:
-    """Raise ValueError when long runs of digits in a PAX header would stall tarfile.
-
-    The PAX parser of tarfile in CPython 3.8.18, 3.11.7 and 3.12.1 takes time
-    quadratic in the length of each run of digits. Measured here, 40,000
-    digits take 1.5 s, so a few hundred bytes of gzip could keep it busy for
-    minutes. CPython 3.13.0 and Debian's 3.11.2 reject such headers quickly.
-    Distributions backport fixes, so the check runs on every version. The
-    budget allows one run of 4096 digits; the numbers in real records are
-    far shorter.
-    """
-    cost = 0
-    for run in re.finditer(rb"[0-9]{65,}", records):  # shorter runs cost little
-        cost += (run.end() - run.start()) ** 2
-        if cost > _PAX_DIGIT_RUN_BUDGET:
-            raise ValueError("PAX header has runs of digits too long to parse safely "
-                             f"(longest so far {run.end() - run.start()} digits)")
-
-
 # The maximum number of digits in a PAX record's length, as in tarfile of CPython 3.13.
 _PAX_LENGTH_DIGITS_MAX = 20
 
 
-def _check_pax_records(records: bytes, offset: int) -> None:
-    """Raise ValueError unless records, the data of a PAX header at offset in the tar, are well-formed.
+def _parse_pax_records(records: bytes, offset: int) -> list[tuple[bytes, bytes]]:
+    """Return the (keyword, value) pairs of records, the data of a PAX header at offset in the tar.
+
+    Raises ValueError unless the records are well-formed.
 
     POSIX pax frames each record as "%d %s=%s\\n", where the decimal length
     counts the whole record, and the keyword is not empty and contains no
@@ -5389,9 +5407,13 @@ def _check_pax_records(records: bytes, offset: int) -> None:
     It matches rb"(\\d+) ([^=]+)=" at each record, and that runs on to the
     next "=" of the header. Records without "=" therefore take time and
     memory quadratic in the header's size. 3.13.0 and Debian's 3.11.2 check
-    the framing. This check reads each byte a bounded number of times.
+    the framing. This parser reads each byte a bounded number of times.
+
+    NOTE: each record costs about 1 microsecond of Python (CPython 3.11.7),
+    so 1 MiB of six-byte records takes about 0.16 s of CPU.
     """
     position = 0
+    parsed: list[tuple[bytes, bytes]] = []
 
     def malformed(reason: str) -> ValueError:
         return ValueError(f"PAX record at offset {offset + position} {reason}")
@@ -5400,7 +5422,7 @@ def _check_pax_records(records: bytes, offset: int) -> None:
         if records[position] == 0:
             if records.count(0, position) != len(records) - position:
                 raise malformed("is NUL padding, but bytes other than NUL follow it")
-            return
+            return parsed
         space = records.find(b" ", position, position + _PAX_LENGTH_DIGITS_MAX + 1)
         digits = records[position:space]
         if space < 0 or not digits.isdigit():
@@ -5423,25 +5445,111 @@ def _check_pax_records(records: bytes, offset: int) -> None:
             raise malformed("has an empty keyword")
         if records.find(0, space + 1, equals) >= 0:
             raise malformed("has a NUL byte in its keyword")
+        parsed.append((records[space + 1:equals], records[equals + 1:end - 1]))
         position = end
+    return parsed
 
 
-class _ReadAgain:
-    """A stream whose next read returns data that was already read from it."""
+def _pax_records_as_go_reads(records: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """Return the PAX records as a dictionary, as parsePAX of Go's archive/tar builds it.
 
-    def __init__(self, stream: Any, data: bytes) -> None:
-        self.stream = stream
-        self.data: bytes | None = data
+    A later record replaces an earlier one with the same keyword. The
+    GNU.sparse.offset and GNU.sparse.numbytes records of GNU sparse format
+    0.0 must alternate, starting with an offset, and they become one
+    GNU.sparse.map record that replaces any other.
+    """
+    result = {}
+    sparse_map: list[bytes] = []
+    for keyword, value in records:
+        if keyword in (b"GNU.sparse.offset", b"GNU.sparse.numbytes"):
+            expected = b"GNU.sparse.offset" if len(sparse_map) % 2 == 0 else b"GNU.sparse.numbytes"
+            if keyword != expected or b"," in value:
+                raise ValueError(f"invalid sparse map: expected a {expected.decode()} record, not "
+                                 f"{keyword.decode()} with value {value[:40]!r}")
+            sparse_map.append(value)
+        else:
+            result[keyword] = value
+    if sparse_map:
+        result[b"GNU.sparse.map"] = b",".join(sparse_map)
+    return result
 
-    def read(self, size: int = -1) -> bytes:
-        data = self.data
-        if data is None:
-            return self.stream.read(size)  # type: ignore[no-any-return]
-        self.data = None
-        return data
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.stream, name)
+def _gnu_sparse_version(records: dict[bytes, bytes]) -> str | None:
+    """Return the GNU sparse format ("0.x" or "1.0") that records declare, or None for an entry that is not sparse.
+
+    It follows readGNUSparsePAXHeaders of Go's archive/tar: a version other
+    than 0.0, 0.1 and 1.0 means "not sparse", and without a version a
+    non-empty GNU.sparse.map means 0.0 or 0.1.
+    """
+    major = records.get(b"GNU.sparse.major", b"")
+    minor = records.get(b"GNU.sparse.minor", b"")
+    if major == b"0" and minor in (b"0", b"1"):
+        return "0.x"
+    if major == b"1" and minor == b"0":
+        return "1.0"
+    if major or minor:
+        return None
+    if records.get(b"GNU.sparse.map"):
+        return "0.x"
+    return None
+
+
+# The PAX fields that tarfile's _apply_pax_info sets, and those of them that
+# are names, as in tarfile of CPython 3.8 to 3.13.
+_PAX_FIELDS = frozenset({"path", "linkpath", "size", "mtime", "uid", "gid", "uname", "gname"})
+_PAX_NAME_FIELDS = frozenset({"path", "linkpath", "uname", "gname"})
+_PAX_KEPT_KEYWORDS = frozenset(keyword.encode() for keyword in _PAX_FIELDS | {"hdrcharset"})
+
+
+def _is_kept_pax_keyword(keyword: bytes, sparse: bool) -> bool:
+    """Return whether the applier uses PAX records with keyword, the GNU.sparse ones only when sparse.
+
+    Other records, such as comment, atime and ctime, never reach tarfile.
+    """
+    if keyword in _PAX_KEPT_KEYWORDS or keyword.startswith(b"SCHILY.xattr."):
+        return True
+    return sparse and keyword.startswith(b"GNU.sparse.")
+
+
+# The entry types that a GNU sparse map cannot apply to, as isHeaderOnlyType
+# of Go's archive/tar lists them.
+_HEADER_ONLY_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")
+
+
+def _apply_gnu_sparse(member: tarfile.TarInfo, pax_headers: dict[str, str], version: str, stream: Any) -> None:
+    """Set the name, size and sparse map of a GNU sparse member from its PAX records, as Go's archive/tar does.
+
+    version is "0.x" (the map is in the GNU.sparse.map record) or "1.0" (the
+    map is in front of the data in stream). Raises ValueError for numbers
+    that Go's strconv.ParseInt rejects.
+    """
+    if member.type in _HEADER_ONLY_TYPES:
+        raise ValueError(f"GNU sparse records on entry {member.name!r} of type {member.type!r}, which has no data")
+    name = pax_headers.get("GNU.sparse.name")
+    if name:
+        member.name = name
+    real_size = pax_headers.get("GNU.sparse.size") or pax_headers.get("GNU.sparse.realsize")
+    if real_size:
+        member.size = _parse_sparse_number("GNU.sparse.size", real_size)
+    if version == "1.0":
+        _read_sparse_map_1_0(member, stream)
+        return
+    count = _parse_sparse_number("GNU.sparse.numblocks", pax_headers.get("GNU.sparse.numblocks", ""))
+    map_text = pax_headers.get("GNU.sparse.map", "")
+    fields = map_text.split(",") if map_text else []
+    if count < 0 or len(fields) != 2 * count:
+        raise ValueError(f"invalid sparse map: GNU.sparse.numblocks is {count}, but the map has "
+                         f"{len(fields)} numbers")
+    numbers = [_parse_sparse_number("GNU.sparse.map", field) for field in fields]
+    member.sparse = list(zip(numbers[::2], numbers[1::2]))  # type: ignore[assignment]
+
+
+def _parse_sparse_number(keyword: str, value: str) -> int:
+    """Return value, a number in a GNU.sparse record, if Go's strconv.ParseInt accepts it, else raise ValueError."""
+    if not _PAX_INTEGER_SYNTAX.fullmatch(value):
+        excerpt = value if len(value) <= 40 else value[:40] + "..."
+        raise ValueError(f"invalid sparse map: {keyword} {excerpt!r} is not a decimal number of at most 19 digits")
+    return int(value)
 
 
 def _read_sparse_map_1_0(member: tarfile.TarInfo, stream: Any) -> None:
@@ -5488,10 +5596,11 @@ _TAR_SIZE_MAX = 2**63 - 1
 # includes an integer of more than 4300 digits.
 # NOTE: at most 19 digits before any fraction, so that leading zeros beyond
 # that are rejected although Go accepts them.
+_PAX_INTEGER_SYNTAX = re.compile(r"[-+]?[0-9]{1,19}")
 _PAX_NUMBER_SYNTAX = {
-    "size": re.compile(r"[-+]?[0-9]{1,19}"),
-    "uid": re.compile(r"[-+]?[0-9]{1,19}"),
-    "gid": re.compile(r"[-+]?[0-9]{1,19}"),
+    "size": _PAX_INTEGER_SYNTAX,
+    "uid": _PAX_INTEGER_SYNTAX,
+    "gid": _PAX_INTEGER_SYNTAX,
     "mtime": re.compile(r"[-+]?[0-9]{1,19}(?:\.[0-9]*)?"),
 }
 
