@@ -6779,8 +6779,8 @@ def _set_owner(inode: str, st: os.stat_result, uid: int, gid: int,
     capability = _read_capability(inode, True) if stat.S_ISREG(st.st_mode) else None
     remapped = _remapped_capability(capability, uid_maps, path) if capability is not None else None
     # NOTE: chown(2) clears the capability and the setuid and setgid bits, and
-    # only this process holds their old values until the calls below set them
-    # again. A remap killed in between leaves the file without them.
+    # their old values exist only in this process's memory until the calls
+    # below set them again. A remap killed in between leaves the file without them.
     os.chown(inode, uid, gid)
     if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
         os.chmod(inode, stat.S_IMODE(st.st_mode))
