@@ -6194,19 +6194,15 @@ class _LayerApplier:
         """Install a regular file whose data is staged in the root into another subvolume.
 
         The copy is made in staging_fd, the top directory of the subvolume
-        that contains parent_fd.
+        that contains parent_fd. It shares the data extents of the staged
+        file where the filesystem can clone them (see _copy_file_data).
         """
         temporary = self.temporary_name
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=staging_fd)
         installed = False
         try:
-            os.lseek(source_fd, 0, os.SEEK_SET)
-            while True:
-                chunk = os.read(source_fd, 1 << 20)
-                if not chunk:
-                    break
-                os.write(fd, chunk)
+            _copy_file_data(source_fd, fd, path)
             self.set_fd_metadata(fd, member, path)
             self.move_into_place(staging_fd, temporary, parent_fd, parts)
             installed = True
@@ -6351,6 +6347,73 @@ class _suppress_missing:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> bool:
         return kind is not None and issubclass(kind, FileNotFoundError)
+
+
+# FICLONE errors after which the data is copied instead: EXDEV for files on
+# different filesystems, EOPNOTSUPP for a filesystem without reflinks,
+# EINVAL for btrfs files that differ in nodatacow (chattr +C), and ENOTTY
+# for a file whose driver has no such ioctl.
+_CLONE_UNSUPPORTED = frozenset({errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL})
+
+
+def _clone_file(source_fd: int, fd: int) -> None:
+    """Make fd share all data extents of source_fd (FICLONE), replacing fd's contents."""
+    while True:
+        try:
+            fcntl.ioctl(fd, _structs.FICLONE, source_fd)
+            return
+        except InterruptedError:
+            continue
+
+
+def _copy_file_data(source_fd: int, fd: int, path: str) -> None:
+    """Copy all data of source_fd into the empty file fd, by reflink where possible, keeping holes.
+
+    path names the entry in errors.
+    """
+    try:
+        _clone_file(source_fd, fd)
+        return
+    except OSError as error:
+        if error.errno not in _CLONE_UNSUPPORTED:
+            raise _os_error(error.errno, "clone file data", path) from None
+        log.debug("cannot clone the data of %s (%s), copying it", path, os.strerror(error.errno))
+    _copy_data_ranges(source_fd, fd)
+
+
+def _copy_data_ranges(source_fd: int, fd: int) -> None:
+    """Copy the data ranges of source_fd (SEEK_DATA, SEEK_HOLE) to the same offsets in fd.
+
+    Holes are skipped, and the final ftruncate gives fd the size of
+    source_fd, so fd stores no more blocks than source_fd.
+    """
+    size = os.fstat(source_fd).st_size
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(source_fd, offset, os.SEEK_DATA)
+        except OSError as error:
+            if error.errno != errno.ENXIO:  # ENXIO: only a hole remains
+                raise
+            break
+        end = os.lseek(source_fd, start, os.SEEK_HOLE)
+        _copy_range(source_fd, fd, start, end)
+        offset = end
+    os.ftruncate(fd, size)
+
+
+def _copy_range(source_fd: int, fd: int, start: int, end: int) -> None:
+    """Copy the bytes from start to end of source_fd to the same offsets in fd."""
+    offset = start
+    while offset < end:
+        chunk = os.pread(source_fd, min(end - offset, _COPY_CHUNK), offset)
+        if not chunk:
+            raise OSError(errno.EIO, f"file data ends at offset {offset}, before the data range "
+                          f"that SEEK_HOLE reported up to offset {end}")
+        written = 0
+        while written < len(chunk):
+            written += os.pwrite(fd, chunk[written:], offset + written)
+        offset += len(chunk)
 
 
 def _lock_layer_for_apply(root_fd: int, layer_dir: PathArg) -> None:
