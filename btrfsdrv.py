@@ -6416,18 +6416,95 @@ def _copy_range(source_fd: int, fd: int, start: int, end: int) -> None:
         offset += len(chunk)
 
 
+# Seconds that an apply retries a held lock before it raises EBUSY, and the
+# pause between two attempts. The retries outlast the window between fork()
+# and exec() of a child spawned by another thread, in which the child shares
+# the locked open file description.
+_APPLY_LOCK_WAIT = 2.0
+_APPLY_LOCK_RETRY_INTERVAL = 0.01
+
+# Descriptors of the layer directories that applies in this process lock or
+# are about to lock. A forked child closes its copies (see
+# _close_apply_locks_in_child), so that it does not share the lock.
+_apply_lock_fds: set[int] = set()
+_apply_lock_fds_guard = threading.Lock()
+
+
+def _acquire_apply_lock_fds_for_fork() -> None:
+    # Taken before fork() and released after it on both sides, so that the
+    # child gets the set in a consistent state and an unlocked guard.
+    _apply_lock_fds_guard.acquire()
+
+
+def _release_apply_lock_fds_after_fork() -> None:
+    _apply_lock_fds_guard.release()
+
+
+def _close_apply_locks_in_child() -> None:
+    """Close, in a forked child, the descriptors that hold the parent's apply locks.
+
+    The lock belongs to the open file description, and closing the child's
+    copy leaves it with the parent alone.
+    """
+    for fd in _apply_lock_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _apply_lock_fds.clear()
+    _apply_lock_fds_guard.release()
+
+
+# NOTE: only forks that run Python's at-fork handlers (os.fork, and
+# multiprocessing with the fork start method) close the copies. A child forked
+# by C code that never calls exec() holds the lock until it exits, and applies
+# to that layer meanwhile fail with EBUSY.
+os.register_at_fork(before=_acquire_apply_lock_fds_for_fork, after_in_parent=_release_apply_lock_fds_after_fork,
+                    after_in_child=_close_apply_locks_in_child)
+
+
 def _lock_layer_for_apply(root_fd: int, layer_dir: PathArg) -> None:
     """Lock a layer for one apply with an exclusive flock on its top directory root_fd.
 
     The lock belongs to root_fd's open file description, so closing root_fd
-    or the death of the process releases it.
+    or the death of the process releases it. While the lock is held by
+    another description, which includes another thread's apply in this
+    process, the call retries for _APPLY_LOCK_WAIT seconds and then raises
+    OSError with EBUSY. Release the lock with _unlock_and_close_layer.
     """
+    with _apply_lock_fds_guard:
+        _apply_lock_fds.add(root_fd)
     try:
-        fcntl.flock(root_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise _os_error(errno.EBUSY, "apply layer diff", layer_dir,
-                        "another apply_diff is writing to this layer, or another process holds a "
-                        "flock on its top directory; retry when it finishes") from None
+        _flock_with_retries(root_fd, layer_dir)
+    except BaseException:
+        with _apply_lock_fds_guard:
+            _apply_lock_fds.discard(root_fd)
+        raise
+
+
+def _flock_with_retries(root_fd: int, layer_dir: PathArg) -> None:
+    deadline = time.monotonic() + _APPLY_LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(root_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        if time.monotonic() >= deadline:
+            raise _os_error(errno.EBUSY, "apply layer diff", layer_dir,
+                            "another apply_diff is writing to this layer, or another process holds a "
+                            "flock on its top directory; retry when it finishes")
+        time.sleep(_APPLY_LOCK_RETRY_INTERVAL)
+
+
+def _unlock_and_close_layer(root_fd: int) -> None:
+    """Release the apply lock on root_fd and close root_fd."""
+    # Unlocking first releases the lock for every copy of the description,
+    # also one that a fork copies before root_fd leaves the set.
+    fcntl.flock(root_fd, fcntl.LOCK_UN)
+    with _apply_lock_fds_guard:
+        _apply_lock_fds.discard(root_fd)
+    os.close(root_fd)
 
 
 def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDMap] | None = (),
@@ -6448,11 +6525,13 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
     entry applied.
 
     Applies to one layer run one at a time: each holds an exclusive flock(2)
-    on the layer's top directory, and one that finds it held raises OSError
-    with EBUSY at once instead of waiting. A process that locks that
-    directory itself (a container locking its "/") makes applies fail the
-    same way. The lock ends with the apply or with its process. It does not
-    keep out other writers, such as a container or a remove of the layer.
+    on the layer's top directory, and one that finds it held retries for 2
+    seconds, then raises OSError with EBUSY. That holds for two threads of
+    one process too. A process that locks that directory itself (a
+    container locking its "/") makes applies fail the same way. The lock
+    ends with the apply or with its process. A child that os.fork() makes
+    during an apply does not share the lock. It does not keep out other
+    writers, such as a container or a remove of the layer.
     """
     import tarfile
 
@@ -6472,7 +6551,7 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
         applier = _LayerApplier(root_fd, uid_maps, gid_maps, ignore_chown_errors, layer_dir)
     except BaseException:
         # An open descriptor keeps a removed layer's subvolume from being cleaned.
-        os.close(root_fd)
+        _unlock_and_close_layer(root_fd)
         raise
     applied = 0
     written_size = 0
@@ -6580,7 +6659,7 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
         return written_size
     finally:
         applier.close()
-        os.close(root_fd)
+        _unlock_and_close_layer(root_fd)
 
 
 # ID-map updates ------------------------------------------------------------

@@ -1040,10 +1040,9 @@ def __dir__() -> list[str]:
 __all__ = [
     name
     for name in list(globals()) + list(_REQUESTS)
-    if name.startswith(("BTRFS_", "FS_", "btrfs_", "IOC_"))
+    if name.startswith(("BTRFS_", "FS_", "FICLONE", "btrfs_", "IOC_"))
 ] + [
     "ADDED_AFTER_PORTED_HEADERS",
-    "FICLONE",
     "IocEncoding",
     "PORTED_HEADERS_VERSION",
     "UnknownMachineError",

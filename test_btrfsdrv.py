@@ -7347,6 +7347,99 @@ def test_concurrent_apply_on_one_layer(driver, first_apply):
         assert data.read() == b"last"
 
 
+def test_apply_lock_survives_subprocess_spawning(tmp_path):
+    import threading
+
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    stop = threading.Event()
+    spawned = []
+
+    def spawn_until_stopped():
+        while not stop.is_set():
+            subprocess.run(["true"], check=True)
+            spawned.append(1)
+
+    spawner = threading.Thread(target=spawn_until_stopped)
+    spawner.start()
+    try:
+        for index in range(50):
+            apply(layer, make_tar([entry(f"f{index}", data=b"x")]))
+    finally:
+        stop.set()
+        spawner.join()
+    assert len(spawned) > 0
+    assert sorted(os.listdir(layer)) == sorted(f"f{index}" for index in range(50))
+
+
+def test_apply_lock_not_held_by_forked_child(tmp_path, monkeypatch):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    read_end, write_end = os.pipe()
+    children = []
+    original = btrfsdrv._remove_apply_temporaries
+
+    def fork_while_locked(root_fd, layer_dir):
+        original(root_fd, layer_dir)
+        if children:
+            return
+        pid = os.fork()
+        if pid == 0:
+            # The child lives until the parent closes the pipe.
+            try:
+                os.close(write_end)
+                os.read(read_end, 1)
+            finally:
+                os._exit(0)
+        children.append(pid)
+
+    monkeypatch.setattr(btrfsdrv, "_remove_apply_temporaries", fork_while_locked)
+    try:
+        apply(layer, make_tar([entry("first", data=b"1")]))
+        assert len(children) == 1
+        assert os.waitpid(children[0], os.WNOHANG) == (0, 0)
+
+        apply(layer, make_tar([entry("second", data=b"2")]))
+        assert os.waitpid(children[0], os.WNOHANG) == (0, 0)
+    finally:
+        os.close(write_end)
+        os.close(read_end)
+        for pid in children:
+            os.waitpid(pid, 0)
+    assert sorted(os.listdir(layer)) == ["first", "second"]
+
+
+def test_apply_lock_excludes_other_thread(tmp_path, monkeypatch):
+    import threading
+
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    monkeypatch.setattr(btrfsdrv, "_APPLY_LOCK_WAIT", 0.1)
+    errors = []
+    original = btrfsdrv._remove_apply_temporaries
+
+    def apply_second():
+        try:
+            apply(layer, make_tar([entry("second", data=b"2")]))
+        except OSError as error:
+            errors.append(error)
+
+    def apply_in_thread_while_locked(root_fd, layer_dir):
+        original(root_fd, layer_dir)
+        if not errors:
+            second = threading.Thread(target=apply_second)
+            second.start()
+            second.join()
+
+    monkeypatch.setattr(btrfsdrv, "_remove_apply_temporaries", apply_in_thread_while_locked)
+    apply(layer, make_tar([entry("first", data=b"1")]))
+
+    assert len(errors) == 1
+    assert errors[0].errno == errno.EBUSY
+    assert errors[0].filename == str(layer)
+    assert os.listdir(layer) == ["first"]
+
+
 NOBODY = 65534
 
 # Runs as a user without CAP_SYS_ADMIN and prints what each step did as JSON.
