@@ -6383,19 +6383,15 @@ class _LayerApplier:
         """Install a regular file whose data is staged in the root into another subvolume.
 
         The copy is made in staging_fd, the top directory of the subvolume
-        that contains parent_fd.
+        that contains parent_fd. It shares the data extents of the staged
+        file where the filesystem can clone them (see _copy_file_data).
         """
         temporary = self.temporary_name
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=staging_fd)
         installed = False
         try:
-            os.lseek(source_fd, 0, os.SEEK_SET)
-            while True:
-                chunk = os.read(source_fd, 1 << 20)
-                if not chunk:
-                    break
-                os.write(fd, chunk)
+            _copy_file_data(source_fd, fd, path)
             self.set_fd_metadata(fd, member, path)
             self.move_into_place(staging_fd, temporary, parent_fd, parts)
             installed = True
@@ -6542,18 +6538,162 @@ class _suppress_missing:
         return kind is not None and issubclass(kind, FileNotFoundError)
 
 
+# FICLONE errors after which the data is copied instead: EXDEV for files on
+# different filesystems, EOPNOTSUPP for a filesystem without reflinks,
+# EINVAL for btrfs files that differ in nodatacow (chattr +C), and ENOTTY
+# for a file whose driver has no such ioctl.
+_CLONE_UNSUPPORTED = frozenset({errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL})
+
+
+def _clone_file(source_fd: int, fd: int) -> None:
+    """Make fd share all data extents of source_fd (FICLONE), replacing fd's contents."""
+    while True:
+        try:
+            fcntl.ioctl(fd, _structs.FICLONE, source_fd)
+            return
+        except InterruptedError:
+            continue
+
+
+def _copy_file_data(source_fd: int, fd: int, path: str) -> None:
+    """Copy all data of source_fd into the empty file fd, by reflink where possible, keeping holes.
+
+    path names the entry in errors.
+    """
+    try:
+        _clone_file(source_fd, fd)
+        return
+    except OSError as error:
+        if error.errno not in _CLONE_UNSUPPORTED:
+            raise _os_error(error.errno, "clone file data", path) from None
+        log.debug("cannot clone the data of %s (%s), copying it", path, os.strerror(error.errno))
+    _copy_data_ranges(source_fd, fd)
+
+
+def _copy_data_ranges(source_fd: int, fd: int) -> None:
+    """Copy the data ranges of source_fd (SEEK_DATA, SEEK_HOLE) to the same offsets in fd.
+
+    Holes are skipped, and the final ftruncate gives fd the size of
+    source_fd, so fd stores no more blocks than source_fd.
+    """
+    size = os.fstat(source_fd).st_size
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(source_fd, offset, os.SEEK_DATA)
+        except OSError as error:
+            if error.errno != errno.ENXIO:  # ENXIO: only a hole remains
+                raise
+            break
+        end = os.lseek(source_fd, start, os.SEEK_HOLE)
+        _copy_range(source_fd, fd, start, end)
+        offset = end
+    os.ftruncate(fd, size)
+
+
+def _copy_range(source_fd: int, fd: int, start: int, end: int) -> None:
+    """Copy the bytes from start to end of source_fd to the same offsets in fd."""
+    offset = start
+    while offset < end:
+        chunk = os.pread(source_fd, min(end - offset, _COPY_CHUNK), offset)
+        if not chunk:
+            raise OSError(errno.EIO, f"file data ends at offset {offset}, before the data range "
+                          f"that SEEK_HOLE reported up to offset {end}")
+        written = 0
+        while written < len(chunk):
+            written += os.pwrite(fd, chunk[written:], offset + written)
+        offset += len(chunk)
+
+
+# Seconds that an apply retries a held lock before it raises EBUSY, and the
+# pause between two attempts. The retries outlast the window between fork()
+# and exec() of a child spawned by another thread, in which the child shares
+# the locked open file description.
+_APPLY_LOCK_WAIT = 2.0
+_APPLY_LOCK_RETRY_INTERVAL = 0.01
+
+# Descriptors of the layer directories that applies in this process lock or
+# are about to lock. A forked child closes its copies (see
+# _close_apply_locks_in_child), so that it does not share the lock.
+_apply_lock_fds: set[int] = set()
+_apply_lock_fds_guard = threading.Lock()
+
+
+def _acquire_apply_lock_fds_for_fork() -> None:
+    # Taken before fork() and released after it on both sides, so that the
+    # child gets the set in a consistent state and an unlocked guard.
+    _apply_lock_fds_guard.acquire()
+
+
+def _release_apply_lock_fds_after_fork() -> None:
+    _apply_lock_fds_guard.release()
+
+
+def _close_apply_locks_in_child() -> None:
+    """Close, in a forked child, the descriptors that hold the parent's apply locks.
+
+    The lock belongs to the open file description, and closing the child's
+    copy leaves it with the parent alone.
+    """
+    for fd in _apply_lock_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _apply_lock_fds.clear()
+    _apply_lock_fds_guard.release()
+
+
+# NOTE: only forks that run Python's at-fork handlers (os.fork, and
+# multiprocessing with the fork start method) close the copies. A child forked
+# by C code that never calls exec() holds the lock until it exits, and applies
+# to that layer meanwhile fail with EBUSY.
+os.register_at_fork(before=_acquire_apply_lock_fds_for_fork, after_in_parent=_release_apply_lock_fds_after_fork,
+                    after_in_child=_close_apply_locks_in_child)
+
+
 def _lock_layer_for_apply(root_fd: int, layer_dir: PathArg) -> None:
     """Lock a layer for one apply with an exclusive flock on its top directory root_fd.
 
     The lock belongs to root_fd's open file description, so closing root_fd
-    or the death of the process releases it.
+    or the death of the process releases it. While the lock is held by
+    another description, which includes another thread's apply in this
+    process, the call retries for _APPLY_LOCK_WAIT seconds and then raises
+    OSError with EBUSY. Release the lock with _unlock_and_close_layer.
     """
+    with _apply_lock_fds_guard:
+        _apply_lock_fds.add(root_fd)
     try:
-        fcntl.flock(root_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise _os_error(errno.EBUSY, "apply layer diff", layer_dir,
-                        "another apply_diff is writing to this layer, or another process holds a "
-                        "flock on its top directory; retry when it finishes") from None
+        _flock_with_retries(root_fd, layer_dir)
+    except BaseException:
+        with _apply_lock_fds_guard:
+            _apply_lock_fds.discard(root_fd)
+        raise
+
+
+def _flock_with_retries(root_fd: int, layer_dir: PathArg) -> None:
+    deadline = time.monotonic() + _APPLY_LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(root_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        if time.monotonic() >= deadline:
+            raise _os_error(errno.EBUSY, "apply layer diff", layer_dir,
+                            "another apply_diff is writing to this layer, or another process holds a "
+                            "flock on its top directory; retry when it finishes")
+        time.sleep(_APPLY_LOCK_RETRY_INTERVAL)
+
+
+def _unlock_and_close_layer(root_fd: int) -> None:
+    """Release the apply lock on root_fd and close root_fd."""
+    # Unlocking first releases the lock for every copy of the description,
+    # also one that a fork copies before root_fd leaves the set.
+    fcntl.flock(root_fd, fcntl.LOCK_UN)
+    with _apply_lock_fds_guard:
+        _apply_lock_fds.discard(root_fd)
+    os.close(root_fd)
 
 
 def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDMap] | None = (),
@@ -6574,11 +6714,13 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
     entry applied.
 
     Applies to one layer run one at a time: each holds an exclusive flock(2)
-    on the layer's top directory, and one that finds it held raises OSError
-    with EBUSY at once instead of waiting. A process that locks that
-    directory itself (a container locking its "/") makes applies fail the
-    same way. The lock ends with the apply or with its process. It does not
-    keep out other writers, such as a container or a remove of the layer.
+    on the layer's top directory, and one that finds it held retries for 2
+    seconds, then raises OSError with EBUSY. That holds for two threads of
+    one process too. A process that locks that directory itself (a
+    container locking its "/") makes applies fail the same way. The lock
+    ends with the apply or with its process. A child that os.fork() makes
+    during an apply does not share the lock. It does not keep out other
+    writers, such as a container or a remove of the layer.
     """
     import tarfile
 
@@ -6598,7 +6740,7 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
         applier = _LayerApplier(root_fd, uid_maps, gid_maps, ignore_chown_errors, layer_dir)
     except BaseException:
         # An open descriptor keeps a removed layer's subvolume from being cleaned.
-        os.close(root_fd)
+        _unlock_and_close_layer(root_fd)
         raise
     applied = 0
     written_size = 0
@@ -6706,7 +6848,7 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
         return written_size
     finally:
         applier.close()
-        os.close(root_fd)
+        _unlock_and_close_layer(root_fd)
 
 
 # ID-map updates ------------------------------------------------------------

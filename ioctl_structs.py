@@ -10,8 +10,8 @@ a comment at each definition gives that version too. Every name is spelled as in
 The module contains definitions only and imports nothing outside the standard
 library, so it imports on any machine, with or without a compiler.
 
-Request numbers (``BTRFS_IOC_*``, ``FS_IOC_*``) are computed on first use
-from ``ctypes.sizeof`` of the argument structures and the ioctl encoding of
+Request numbers (``BTRFS_IOC_*``, ``FS_IOC_*``, ``FICLONE``) are computed on
+first use from ``ctypes.sizeof`` of the argument structures and the ioctl encoding of
 the running architecture (``platform.machine()``). Read them as module
 attributes (``ioctl_structs.BTRFS_IOC_SYNC``), through ``from ioctl_structs
 import *``, or with ``request_number(name)``. On a machine with no known
@@ -963,12 +963,15 @@ _REQUESTS: dict[str, tuple[int, int | str, int, str | None]] = {
     # but the kernel reads and writes an int on every ABI.
     "FS_IOC_GETFLAGS": (_IOC_READ, "f", 1, "long"),
     "FS_IOC_SETFLAGS": (_IOC_WRITE, "f", 2, "long"),
+    # linux/fs.h spells the type 0x94, the btrfs ioctl type. The argument is
+    # the source file descriptor, passed by value.
+    "FICLONE": (_IOC_WRITE, 0x94, 9, "int"),
 }
 
 
 def _native_sizes() -> dict[str, int]:
     """Return the size of each argument type in ``_REQUESTS`` on this ABI."""
-    types: dict[str, Any] = {"__u64": ctypes.c_uint64, "long": ctypes.c_long}
+    types: dict[str, Any] = {"__u64": ctypes.c_uint64, "long": ctypes.c_long, "int": ctypes.c_int}
     for _, _, _, type_name in _REQUESTS.values():
         if type_name is not None and type_name not in types:
             types[type_name] = globals()[type_name]
@@ -978,11 +981,11 @@ def _native_sizes() -> dict[str, int]:
 def request_numbers(
     machine: str | None = None, sizes: dict[str, int] | None = None
 ) -> dict[str, int]:
-    """Compute every ``BTRFS_IOC_*`` and ``FS_IOC_*`` request number for a machine.
+    """Compute every ``BTRFS_IOC_*``, ``FS_IOC_*`` and ``FICLONE`` request number for a machine.
 
     ``machine`` is a ``platform.machine()`` name and defaults to this one.
     ``sizes`` maps each argument type name (a struct name such as
-    ``"btrfs_ioctl_vol_args"``, ``"__u64"`` or ``"long"``) to its size in
+    ``"btrfs_ioctl_vol_args"``, ``"__u64"``, ``"long"`` or ``"int"``) to its size in
     bytes on that machine's ABI. It defaults to this interpreter's ctypes
     sizes, which are right only for the running ABI, so pass the sizes a
     cross compiler reports when encoding for another machine.
@@ -1037,7 +1040,7 @@ def __dir__() -> list[str]:
 __all__ = [
     name
     for name in list(globals()) + list(_REQUESTS)
-    if name.startswith(("BTRFS_", "FS_", "btrfs_", "IOC_"))
+    if name.startswith(("BTRFS_", "FS_", "FICLONE", "btrfs_", "IOC_"))
 ] + [
     "ADDED_AFTER_PORTED_HEADERS",
     "IocEncoding",

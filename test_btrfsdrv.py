@@ -4022,6 +4022,83 @@ def test_apply_writes_sparse_members_with_holes(tmp_path, tar_format):
         assert file.read(8) == b"\0middle\0"
 
 
+def _data_ranges(path):
+    """Return the (start, end) byte ranges that SEEK_DATA and SEEK_HOLE report as data in a file."""
+    ranges = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as error:
+                if error.errno != errno.ENXIO:
+                    raise
+                break
+            offset = os.lseek(fd, start, os.SEEK_HOLE)
+            ranges.append((start, offset))
+    finally:
+        os.close(fd)
+    return ranges
+
+
+def assert_same_sparse_contents(path, expected_path):
+    """Compare two files by reading only the ranges that either stores as data."""
+    assert os.stat(path).st_size == os.stat(expected_path).st_size
+    with open(path, "rb") as actual, open(expected_path, "rb") as expected:
+        for start, end in _data_ranges(path) + _data_ranges(expected_path):
+            actual.seek(start)
+            expected.seek(start)
+            assert actual.read(end - start) == expected.read(end - start), (start, end)
+
+
+@pytest.mark.parametrize("clone", ["ficlone", "ficlone-unsupported", "nodatacow"])
+def test_apply_sparse_file_into_nested_subvolume(tmp_path, monkeypatch, caplog, clone):
+    # The file is 16 times the filesystem, so a copy that writes its holes
+    # fails with ENOSPC.
+    source = tmp_path / "source"
+    (source / "sv").mkdir(parents=True)
+    with open(source / "sv" / "big", "wb") as file:
+        file.seek(1 << 30)
+        file.write(b"middle")
+        file.seek((4 << 30) - 3)
+        file.write(b"end")
+    raw = subprocess.run(["tar", "-C", str(source), "--sparse", "-cf", "-", "sv/big"],
+                         stdout=subprocess.PIPE, check=True).stdout
+    assert len(raw) < 64 << 10
+    if clone == "ficlone-unsupported":
+        def unsupported(source_fd, fd):
+            raise OSError(errno.EOPNOTSUPP, "injected: FICLONE is not supported")
+
+        monkeypatch.setattr(btrfsdrv, "_clone_file", unsupported)
+
+    with loopback_btrfs(tmp_path / "fs", size=SMALL_IMAGE) as small:
+        layer = small.path("layer")
+        btrfsdrv.create_subvolume(layer)
+        btrfsdrv.create_subvolume(os.path.join(layer, "sv"))
+        if clone == "nodatacow":
+            # New files in sv inherit nodatacow, and btrfs rejects (EINVAL)
+            # a clone between a datacow and a nodatacow file.
+            subprocess.run(["chattr", "+C", os.path.join(layer, "sv")], check=True)
+
+        with caplog.at_level("DEBUG", logger="btrfsdrv"):
+            assert apply(layer, raw) == 4 << 30
+        copied = [record for record in caplog.records if "cannot clone the data" in record.getMessage()]
+        assert len(copied) == (0 if clone == "ficlone" else 1)
+
+        applied = os.path.join(layer, "sv", "big")
+        assert os.stat(applied).st_blocks * 512 < 1 << 20
+        assert_same_sparse_contents(applied, source / "sv" / "big")
+        with open(applied, "rb") as file:
+            file.seek((1 << 30) - 1)
+            assert file.read(8) == b"\0middle\0"
+        assert sorted(os.listdir(os.path.join(layer, "sv"))) == ["big"]
+        if clone == "nodatacow":
+            assert "C" in subprocess.run(["lsattr", applied], stdout=subprocess.PIPE, check=True,
+                                         text=True).stdout.split()[0]
+
+
 def sparse_tar(sparse_map, real_size, data):
     """A PAX tar with one GNU sparse (format 0.1) member named f."""
     info, _ = entry("f")
@@ -7544,6 +7621,99 @@ def test_concurrent_apply_on_one_layer(driver, first_apply):
         assert data.read() == big
     with open(os.path.join(root, "d", "last"), "rb") as data:
         assert data.read() == b"last"
+
+
+def test_apply_lock_survives_subprocess_spawning(tmp_path):
+    import threading
+
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    stop = threading.Event()
+    spawned = []
+
+    def spawn_until_stopped():
+        while not stop.is_set():
+            subprocess.run(["true"], check=True)
+            spawned.append(1)
+
+    spawner = threading.Thread(target=spawn_until_stopped)
+    spawner.start()
+    try:
+        for index in range(50):
+            apply(layer, make_tar([entry(f"f{index}", data=b"x")]))
+    finally:
+        stop.set()
+        spawner.join()
+    assert len(spawned) > 0
+    assert sorted(os.listdir(layer)) == sorted(f"f{index}" for index in range(50))
+
+
+def test_apply_lock_not_held_by_forked_child(tmp_path, monkeypatch):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    read_end, write_end = os.pipe()
+    children = []
+    original = btrfsdrv._remove_apply_temporaries
+
+    def fork_while_locked(root_fd, layer_dir):
+        original(root_fd, layer_dir)
+        if children:
+            return
+        pid = os.fork()
+        if pid == 0:
+            # The child lives until the parent closes the pipe.
+            try:
+                os.close(write_end)
+                os.read(read_end, 1)
+            finally:
+                os._exit(0)
+        children.append(pid)
+
+    monkeypatch.setattr(btrfsdrv, "_remove_apply_temporaries", fork_while_locked)
+    try:
+        apply(layer, make_tar([entry("first", data=b"1")]))
+        assert len(children) == 1
+        assert os.waitpid(children[0], os.WNOHANG) == (0, 0)
+
+        apply(layer, make_tar([entry("second", data=b"2")]))
+        assert os.waitpid(children[0], os.WNOHANG) == (0, 0)
+    finally:
+        os.close(write_end)
+        os.close(read_end)
+        for pid in children:
+            os.waitpid(pid, 0)
+    assert sorted(os.listdir(layer)) == ["first", "second"]
+
+
+def test_apply_lock_excludes_other_thread(tmp_path, monkeypatch):
+    import threading
+
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    monkeypatch.setattr(btrfsdrv, "_APPLY_LOCK_WAIT", 0.1)
+    errors = []
+    original = btrfsdrv._remove_apply_temporaries
+
+    def apply_second():
+        try:
+            apply(layer, make_tar([entry("second", data=b"2")]))
+        except OSError as error:
+            errors.append(error)
+
+    def apply_in_thread_while_locked(root_fd, layer_dir):
+        original(root_fd, layer_dir)
+        if not errors:
+            second = threading.Thread(target=apply_second)
+            second.start()
+            second.join()
+
+    monkeypatch.setattr(btrfsdrv, "_remove_apply_temporaries", apply_in_thread_while_locked)
+    apply(layer, make_tar([entry("first", data=b"1")]))
+
+    assert len(errors) == 1
+    assert errors[0].errno == errno.EBUSY
+    assert errors[0].filename == str(layer)
+    assert os.listdir(layer) == ["first"]
 
 
 NOBODY = 65534

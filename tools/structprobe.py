@@ -95,7 +95,7 @@ ANONYMOUS_TYPES = {
 }
 
 # C types of request arguments that are not structures.
-SCALAR_TYPES = {"__u64": "__u64", "long": "long"}
+SCALAR_TYPES = {"__u64": "__u64", "long": "long", "int": "int"}
 
 
 # -- What the module defines ----------------------------------------------------
@@ -133,7 +133,7 @@ def module_constants(module=ioctl_structs):
     """Return {name: value} for every public integer constant, request numbers included."""
     constants = {}
     for name in public_names(module):
-        if name.startswith(("BTRFS_", "FS_")):
+        if name.startswith(("BTRFS_", "FS_")) or name == "FICLONE":
             value = getattr(module, name)
             if isinstance(value, int):
                 constants[name] = value
@@ -151,6 +151,7 @@ def module_values(module=ioctl_structs):
         values[f"offsetof:{name}.{member}"] = getattr(getattr(module, factory)(1), member).offset
     values["sizeof:__u64"] = ctypes.sizeof(ctypes.c_uint64)
     values["sizeof:long"] = ctypes.sizeof(ctypes.c_long)
+    values["sizeof:int"] = ctypes.sizeof(ctypes.c_int)
     for name, value in module_constants(module).items():
         values[f"const:{name}"] = value
     return values
