@@ -6652,8 +6652,8 @@ os.register_at_fork(before=_acquire_apply_lock_fds_for_fork, after_in_parent=_re
                     after_in_child=_close_apply_locks_in_child)
 
 
-def _lock_layer_for_apply(root_fd: int, layer_dir: PathArg) -> None:
-    """Lock a layer for one apply with an exclusive flock on its top directory root_fd.
+def _lock_layer_for_writing(root_fd: int, layer_dir: PathArg, operation: str = "apply layer diff") -> None:
+    """Lock a layer for one apply or remap with an exclusive flock on its top directory root_fd.
 
     The lock belongs to root_fd's open file description, so closing root_fd
     or the death of the process releases it. While the lock is held by
@@ -6664,14 +6664,14 @@ def _lock_layer_for_apply(root_fd: int, layer_dir: PathArg) -> None:
     with _apply_lock_fds_guard:
         _apply_lock_fds.add(root_fd)
     try:
-        _flock_with_retries(root_fd, layer_dir)
+        _flock_with_retries(root_fd, layer_dir, operation)
     except BaseException:
         with _apply_lock_fds_guard:
             _apply_lock_fds.discard(root_fd)
         raise
 
 
-def _flock_with_retries(root_fd: int, layer_dir: PathArg) -> None:
+def _flock_with_retries(root_fd: int, layer_dir: PathArg, operation: str) -> None:
     deadline = time.monotonic() + _APPLY_LOCK_WAIT
     while True:
         try:
@@ -6680,9 +6680,9 @@ def _flock_with_retries(root_fd: int, layer_dir: PathArg) -> None:
         except BlockingIOError:
             pass
         if time.monotonic() >= deadline:
-            raise _os_error(errno.EBUSY, "apply layer diff", layer_dir,
-                            "another apply_diff is writing to this layer, or another process holds a "
-                            "flock on its top directory; retry when it finishes")
+            raise _os_error(errno.EBUSY, operation, layer_dir,
+                            "another apply_diff or update_layer_id_map is writing to this layer, or another "
+                            "process holds a flock on its top directory; retry when it finishes")
         time.sleep(_APPLY_LOCK_RETRY_INTERVAL)
 
 
@@ -6733,7 +6733,7 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
     try:
         # The lock is taken first, because the removal of temporaries below
         # would delete those of an apply running at the same time.
-        _lock_layer_for_apply(root_fd, layer_dir)
+        _lock_layer_for_writing(root_fd, layer_dir)
         _check_no_mounts_below(root_fd, "apply layer diff", layer_dir)
         _remove_apply_temporaries(root_fd, layer_dir)
         _remove_nested_apply_temporaries(root_fd, layer_dir)
@@ -7066,12 +7066,19 @@ def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], 
     subvolume is read-only, so those raise ValueError or EROFS before
     anything changes, and running the remap again after them never shifts
     an owner twice. The rootid of a version 3 security.capability moves
-    with the owners (see _remapped_capability).
+    with the owners (see _remapped_capability). The remap holds the lock
+    that apply_layer_diff takes (see _lock_layer_for_writing), so the two
+    never write to one layer at once.
     """
     maps = (to_container or ((), ())), (to_host or ((), ()))
     uid_maps = maps[0][0], maps[1][0]
     layer_path = os.fsdecode(layer_dir)
     root_fd = _open_directory(layer_dir)
+    try:
+        _lock_layer_for_writing(root_fd, layer_dir, "remap layer owners")
+    except BaseException:
+        os.close(root_fd)
+        raise
     try:
         _check_no_mounts_below(root_fd, "remap layer owners", layer_dir)
         # Inodes, as (st_dev, st_ino), whose security.capability the remap
@@ -7091,7 +7098,7 @@ def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], 
                     or (item.st.st_dev, item.st.st_ino) in changed_capabilities):
                 _chown_entry(item.dir_fd, item.name, item.st, uid, gid, uid_maps, layer_path + item.path)
     finally:
-        os.close(root_fd)
+        _unlock_and_close_layer(root_fd)
 
 
 def _remapped_owners(

@@ -7593,7 +7593,7 @@ def test_concurrent_apply_on_one_layer(driver, first_apply):
         assert parent_end.recv() == "paused"
         assert apply_temporaries_below(root) != []
 
-        with pytest.raises(OSError, match="another apply_diff is writing to this layer") as raised:
+        with pytest.raises(OSError, match="another apply_diff or update_layer_id_map is writing") as raised:
             driver.apply_diff("layer", io.BytesIO(make_tar([entry("second", data=b"second")])))
         assert raised.value.errno == errno.EBUSY
         assert raised.value.filename == root
@@ -7714,6 +7714,48 @@ def test_apply_lock_excludes_other_thread(tmp_path, monkeypatch):
     assert errors[0].errno == errno.EBUSY
     assert errors[0].filename == str(layer)
     assert os.listdir(layer) == ["first"]
+
+
+@pytest.mark.parametrize("first", ["apply", "remap"])
+def test_apply_and_remap_exclude_each_other(tmp_path, monkeypatch, first):
+    import threading
+
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    (layer / "file").write_bytes(b"data")
+    maps = [btrfsdrv.IDMap(0, 100000, 65536)]
+    monkeypatch.setattr(btrfsdrv, "_APPLY_LOCK_WAIT", 0.1)
+    errors = []
+
+    def second():
+        try:
+            if first == "apply":
+                btrfsdrv.remap_layer_owners(str(layer), None, (maps, maps))
+            else:
+                apply(layer, make_tar([entry("second", data=b"2")]))
+        except OSError as error:
+            errors.append(error)
+
+    def run_second_while_locked(*args):
+        # Runs inside the first operation, after it took the lock.
+        if not errors:
+            thread = threading.Thread(target=second)
+            thread.start()
+            thread.join()
+        return original(*args)
+
+    name = "_remove_apply_temporaries" if first == "apply" else "_check_no_mounts_below"
+    original = getattr(btrfsdrv, name)
+    monkeypatch.setattr(btrfsdrv, name, run_second_while_locked)
+    if first == "apply":
+        apply(layer, make_tar([entry("first", data=b"1")]))
+    else:
+        btrfsdrv.remap_layer_owners(str(layer), None, (maps, maps))
+
+    assert len(errors) == 1
+    assert errors[0].errno == errno.EBUSY
+    assert errors[0].filename == str(layer)
+    assert "update_layer_id_map" in errors[0].strerror
 
 
 NOBODY = 65534
