@@ -4181,7 +4181,12 @@ def _stat_changed_entry(layer_fd: int, directories: _DirectoryOpener,
     host path, as the walks do.
     """
     parts = _path_parts(path)
-    dir_fd = directories.open(parts[:-1], path)
+    try:
+        dir_fd = directories.open(parts[:-1], path)
+    except ValueError:
+        # A directory on the path is no longer one: a symlink or a file took its place.
+        raise _walk_changed_error(layer_fd, path.lstrip("/"), path,
+                                  "is below an entry that was replaced by a non-directory") from None
     if dir_fd is None:
         raise _walk_changed_error(layer_fd, path.lstrip("/"), path, "was removed")
     try:

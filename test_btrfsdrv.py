@@ -2426,7 +2426,7 @@ def test_walk_entry_vanished_names_layer(driver, monkeypatch, operation):
 
 
 @pytest.mark.parametrize("operation", ["diff_size", "diff"])
-@pytest.mark.parametrize("victim", ["d/x0", "d"])
+@pytest.mark.parametrize("victim", ["d/x0", "d", "d-symlink"])
 def test_changed_entry_vanished_names_layer(driver, monkeypatch, operation, victim):
     driver.create("parent")
     driver.create_read_write("layer", "parent")
@@ -2438,7 +2438,11 @@ def test_changed_entry_vanished_names_layer(driver, monkeypatch, operation, vict
         # Another process deletes the entry after its change was listed.
         changes = original(*args)
         path = os.path.join(root, victim)
-        if os.path.isdir(path):
+        if victim == "d-symlink":
+            # A container replaces the directory with a symlink.
+            os.rename(os.path.join(root, "d"), os.path.join(root, "old"))
+            os.symlink("/etc", os.path.join(root, "d"))
+        elif os.path.isdir(path):
             shutil.rmtree(path)
         else:
             os.unlink(path)
@@ -2453,7 +2457,7 @@ def test_changed_entry_vanished_names_layer(driver, monkeypatch, operation, vict
             driver.diff_size("layer", "parent")
 
     assert raised.value.errno == errno.ESTALE
-    assert raised.value.filename == os.path.join(root, victim)
+    assert raised.value.filename == os.path.join(root, victim if victim != "d-symlink" else "d/x0")
     assert "stop whatever writes to the layer" in raised.value.strerror
 
 
