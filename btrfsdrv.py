@@ -5694,6 +5694,11 @@ def _check_capability(value: bytes) -> None:
     if len(value) in revisions:
         magic = struct.unpack_from("<I", value)[0]
         if magic & ~_VFS_CAP_FLAGS_EFFECTIVE == revisions[len(value)]:
+            rootid = _capability_rootid(value)
+            if rootid is not None and rootid > _TAR_ID_MAX:
+                # (uid_t)-1 means "no uid" to the kernel, which rejects it with EINVAL.
+                raise ValueError(f"security.capability rootid {rootid} is not a valid uid "
+                                 f"(at most {_TAR_ID_MAX}); fix the capability in the image")
             return
     raise ValueError(f"invalid security.capability of {len(value)} bytes: expected a version 2 "
                      f"({_VFS_CAP_SIZE_2} bytes) or version 3 ({_VFS_CAP_SIZE_3} bytes) vfs_cap_data")

@@ -4179,6 +4179,19 @@ def test_apply_capability_root_without_host_id(tmp_path, caplog):
     assert "70000" in caplog.text
 
 
+@pytest.mark.parametrize("maps", [None, [btrfsdrv.IDMap(0, 100000, 2**32 - 100000)]])
+def test_apply_rejects_capability_rootid_beyond_uids(tmp_path, maps):
+    layer = tmp_path / "l"
+    layer.mkdir()
+    info, data = entry("bin/tool", data=b"elf", mode=0o755)
+    info.pax_headers = {"SCHILY.xattr.security.capability":
+                        capability(2**32 - 1).decode("utf-8", "surrogateescape")}
+
+    with pytest.raises(ValueError, match="'bin/tool'.*rootid 4294967295 is not a valid uid"):
+        apply(layer, make_tar([(info, data)]), uid_maps=maps, gid_maps=maps)
+    assert os.listdir(layer) == []
+
+
 def capability_entry(name, value, kind=tarfile.REGTYPE, uid=0):
     """Return a tar entry owned by uid:uid carrying value as its security.capability."""
     info, data = entry(name, kind, data=b"elf" if kind == tarfile.REGTYPE else None, mode=0o755)
