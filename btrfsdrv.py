@@ -6957,17 +6957,19 @@ def _remapped_capability(value: bytes, uid_maps: tuple[Sequence[IDMap], Sequence
                          path: str) -> bytes | None:
     """Return a security.capability with its rootid moved from the old uid maps to the new ones.
 
-    A version 3 value whose rootid is outside the old maps gives None,
-    because the container did not read it (see _container_capability),
-    except host uid 0, which gives version 2. A container rootid outside
-    the new maps raises ValueError. Version 2 values are returned unchanged:
-    under ID maps only a write by host root stores one (apply stores version
-    3, see _host_capability), and the kernel honours it in every namespace
-    under the old maps and the new ones alike.
+    A version 2 value has host uid 0 as its rootid, as the kernel reads it.
+    Where the old maps map host uid 0 (a layer made without ID maps), it
+    belongs to that container uid and moves with it, as apply would store it
+    under the new maps (see _host_capability). A version 3 value whose
+    rootid is outside the old maps gives None, because the container did not
+    read it (see _container_capability), except host uid 0, which gives
+    version 2. A container rootid outside the new maps raises ValueError.
     """
     rootid = _capability_rootid(value)
     if rootid is None:
-        return value
+        if not _is_version_2_capability(value):
+            return value
+        rootid = 0
     old_uid_maps, new_uid_maps = uid_maps
     container_rootid = _map_id(old_uid_maps, rootid, False)
     if container_rootid is None:

@@ -5457,7 +5457,9 @@ def test_remap_keeps_setuid_capability_and_links(tmp_path):
     st = os.stat(layer + "/bin/ping")
     assert (st.st_uid, st.st_gid) == (100000, 200000)
     assert stat.S_IMODE(st.st_mode) == 0o4755
-    assert os.getxattr(layer + "/bin/ping", "security.capability") == CAPABILITY
+    # The version 2 capability was container root's, so it moves with root.
+    assert (os.getxattr(layer + "/bin/ping", "security.capability")
+            == btrfsdrv._capability_with_rootid(CAPABILITY, 100000))
     assert os.stat(layer + "/bin/ping2").st_ino == st.st_ino
     assert os.stat(layer + "/sgid").st_gid == 200005
     assert stat.S_IMODE(os.stat(layer + "/sgid").st_mode) == 0o2755
@@ -5465,6 +5467,7 @@ def test_remap_keeps_setuid_capability_and_links(tmp_path):
     assert os.stat(layer).st_uid == 0
     btrfsdrv.remap_layer_owners(layer, new, old)
     assert os.stat(layer + "/bin/ping").st_uid == 0
+    assert os.getxattr(layer + "/bin/ping", "security.capability") == CAPABILITY
 
 
 def test_remap_moves_capability_root_ids(tmp_path):
@@ -5483,6 +5486,22 @@ def test_remap_moves_capability_root_ids(tmp_path):
     assert os.getxattr(layer + "/v2", "security.capability") == capability()
     assert os.getxattr(layer + "/root", "security.capability") == capability()
     assert os.getxattr(layer + "/user", "security.capability") == capability(5)
+
+
+def test_remap_moves_version_2_capability_of_unmapped_layer(tmp_path):
+    # A layer made without ID maps: its version 2 capability is container
+    # root's, so it must not stay honoured on the host after the remap.
+    layer = str(tmp_path / "l")
+    capable_file(layer + "/v2", 0, capability())
+    maps = [btrfsdrv.IDMap(0, 100000, 65536)]
+
+    btrfsdrv.remap_layer_owners(layer, None, (maps, maps))
+    assert os.getxattr(layer + "/v2", "security.capability") == capability(100000)
+    assert os.stat(layer + "/v2").st_uid == 100000
+
+    btrfsdrv.remap_layer_owners(layer, (maps, maps), None)
+    assert os.getxattr(layer + "/v2", "security.capability") == capability()
+    assert os.stat(layer + "/v2").st_uid == 0
 
 
 def test_remap_capability_of_unchanged_owner(tmp_path):
