@@ -2986,22 +2986,62 @@ def _clear_removal_flags(top_fd: int, nested: list[NestedSubvolume], path: Any) 
     """
     flagged = _find_flagged_directories(top_fd, nested, path)
     cleared: list[_FlaggedDirectory] = []
+    # Tops of read-only subvolumes made writable to clear a flag inside them.
+    made_writable: list[tuple[int, str]] = []
     try:
         if flagged and not _may_change_inode_flags():
             raise _inode_flag_error(flagged[0].flags, flagged[0].where)
         for directory in flagged:
             try:
-                fcntl.ioctl(directory.fd, _structs.FS_IOC_SETFLAGS, ctypes.c_int(
-                    (_inode_flags(directory.fd) or 0) & ~(_FS_IMMUTABLE_FL | _FS_APPEND_FL)))
+                _clear_blocking_flags(directory, made_writable)
             except OSError as error:
                 log.warning("could not clear the flags of %s: %s", directory.where, error)
                 _set_flags_again(cleared)
+                _set_read_only_again(made_writable)
                 raise _inode_flag_error(directory.flags, directory.where) from None
             cleared.append(directory)
             log.debug("cleared immutable and append-only flags of %s", directory.where)
     finally:
         for directory in flagged:
             os.close(directory.fd)
+        for fd, _ in made_writable:
+            os.close(fd)
+
+
+def _clear_blocking_flags(directory: _FlaggedDirectory, made_writable: list[tuple[int, str]]) -> None:
+    """Clear the immutable and append-only flags of directory.
+
+    Inode flags of a read-only subvolume cannot change (EROFS), so the
+    subvolume is made writable first, and its top is added to made_writable.
+    """
+    def clear() -> None:
+        fcntl.ioctl(directory.fd, _structs.FS_IOC_SETFLAGS, ctypes.c_int(
+            (_inode_flags(directory.fd) or 0) & ~(_FS_IMMUTABLE_FL | _FS_APPEND_FL)))
+
+    try:
+        clear()
+        return
+    except OSError as error:
+        if error.errno != errno.EROFS:
+            raise
+    top_fd = _open_device_top(directory.fd)
+    try:
+        _clear_read_only(top_fd, directory.where)
+    except BaseException:
+        os.close(top_fd)
+        raise
+    made_writable.append((top_fd, directory.where))
+    log.debug("cleared the read-only flag of the subvolume holding %s", directory.where)
+    clear()
+
+
+def _set_read_only_again(made_writable: list[tuple[int, str]]) -> None:
+    """Make the subvolumes that _clear_blocking_flags made writable read-only again, logging each failure."""
+    for fd, where in made_writable:
+        try:
+            _set_subvolume_flags(fd, _subvolume_flags(fd, where) | BTRFS_SUBVOL_RDONLY, where)
+        except OSError as error:
+            log.warning("could not make the subvolume holding %s read-only again: %s", where, error)
 
 
 def _set_flags_again(cleared: list[_FlaggedDirectory]) -> None:

@@ -7992,6 +7992,28 @@ def test_remove_clears_blocking_flags(driver, fs, case):
     assert_no_subvolumes(fs)
 
 
+@pytest.mark.parametrize("flag", ["+i", "+a"])
+@pytest.mark.parametrize("flagged", ["n1", "n1/dir", ""])
+def test_remove_clears_flags_in_read_only_subvolumes(driver, fs, flag, flagged):
+    # The flags of a read-only subvolume's inodes cannot change (EROFS)
+    # until the subvolume is writable again.
+    driver.create("layer")
+    root = driver.get("layer")
+    os.chmod(root, 0o755)
+    btrfsdrv.create_subvolume(os.path.join(root, "n1"))
+    os.mkdir(os.path.join(root, "n1", "dir"))
+    btrfsdrv.create_subvolume(os.path.join(root, "n1", "dir", "n2"))
+    write(os.path.join(root, "n1", "dir", "n2", "file"), b"data")
+    chattr(flag, os.path.join(root, flagged) if flagged else root)
+    read_only = os.path.join(root, "n1") if flagged else root
+    fs.btrfs("property", "set", read_only, "ro", "true")
+
+    driver.remove("layer")
+
+    assert not driver.exists("layer")
+    assert_no_subvolumes(fs)
+
+
 def test_delete_subvolume_recursive_clears_blocking_flags(fs):
     top = fs.path("top")
     btrfsdrv.create_subvolume(top)
