@@ -6702,23 +6702,28 @@ os.register_at_fork(before=_acquire_apply_lock_fds_for_fork, after_in_parent=_re
                     after_in_child=_close_apply_locks_in_child)
 
 
-def _lock_layer_for_writing(root_fd: int, layer_dir: PathArg, operation: str = "apply layer diff") -> None:
-    """Lock a layer for one apply or remap with an exclusive flock on its top directory root_fd.
+def _open_layer_for_writing(layer_dir: PathArg, operation: str = "apply layer diff") -> int:
+    """Open a layer's top directory and lock the layer for one apply or remap; return the fd.
 
-    The lock belongs to root_fd's open file description, so closing root_fd
-    or the death of the process releases it. While the lock is held by
-    another description, which includes another thread's apply in this
+    The lock is an exclusive flock on the fd's open file description, so
+    closing the fd or the death of the process releases it. While another
+    description holds it, which includes another thread's apply in this
     process, the call retries for _APPLY_LOCK_WAIT seconds and then raises
     OSError with EBUSY. Release the lock with _unlock_and_close_layer.
     """
+    # Opened under the guard, so a fork in another thread never copies the
+    # fd before it is in the set that the child closes.
     with _apply_lock_fds_guard:
+        root_fd = _open_directory(layer_dir)
         _apply_lock_fds.add(root_fd)
     try:
         _flock_with_retries(root_fd, layer_dir, operation)
     except BaseException:
         with _apply_lock_fds_guard:
             _apply_lock_fds.discard(root_fd)
+        os.close(root_fd)
         raise
+    return root_fd
 
 
 def _flock_with_retries(root_fd: int, layer_dir: PathArg, operation: str) -> None:
@@ -6779,11 +6784,10 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
                         "open the tar with open(path, 'rb')")
     counting = _CountingReader(diff)
     tar_input = _decompressed(counting)
-    root_fd = _open_directory(layer_dir)
+    # The lock is taken first, because the removal of temporaries below
+    # would delete those of an apply running at the same time.
+    root_fd = _open_layer_for_writing(layer_dir)
     try:
-        # The lock is taken first, because the removal of temporaries below
-        # would delete those of an apply running at the same time.
-        _lock_layer_for_writing(root_fd, layer_dir)
         _check_no_mounts_below(root_fd, "apply layer diff", layer_dir)
         _remove_apply_temporaries(root_fd, layer_dir)
         _remove_nested_apply_temporaries(root_fd, layer_dir)
@@ -7119,18 +7123,13 @@ def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], 
     anything changes, and running the remap again after them never shifts
     an owner twice. The rootid of a version 3 security.capability moves
     with the owners (see _remapped_capability). The remap holds the lock
-    that apply_layer_diff takes (see _lock_layer_for_writing), so the two
+    that apply_layer_diff takes (see _open_layer_for_writing), so the two
     never write to one layer at once.
     """
     maps = (to_container or ((), ())), (to_host or ((), ()))
     uid_maps = maps[0][0], maps[1][0]
     layer_path = os.fsdecode(layer_dir)
-    root_fd = _open_directory(layer_dir)
-    try:
-        _lock_layer_for_writing(root_fd, layer_dir, "remap layer owners")
-    except BaseException:
-        os.close(root_fd)
-        raise
+    root_fd = _open_layer_for_writing(layer_dir, "remap layer owners")
     try:
         _check_no_mounts_below(root_fd, "remap layer owners", layer_dir)
         # Inodes, as (st_dev, st_ino), whose security.capability the remap
