@@ -72,6 +72,8 @@ BENCH_ARGS = $(if $(CASES),--cases $(CASES)) $(if $(QUICK),--quick)
 
 bench: bench-deps
 	$(PYTHON) bench/run.py $(BENCH_ARGS)
+	$(PYTHON) bench/deep_paths.py $(DEPTH_ARGS)
+	$(PYTHON) bench/pax_headers.py $(PAX_ARGS)
 
 # Times changes, diff_size, diff and apply_diff on a chain of 3,000 nested
 # directories (see BENCHMARKS.md). DEPTH_ARGS="--module-dir DIR" measures the
