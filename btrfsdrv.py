@@ -5285,6 +5285,14 @@ def _bounded_tarinfo_class() -> Any:
     PAX headers. It parses PAX headers itself, in time linear in their size,
     and applies only the records that Go's archive/tar applies. It ignores
     global PAX headers.
+
+    Of the extended headers in front of one entry it applies those that Go's
+    archive/tar (Reader.next in reader.go) applies: only the last PAX header,
+    only the last GNU long name and long link name, a GNU long name over a
+    PAX path and a long link name over a PAX linkpath, and none in front of
+    a global header. tarfile parses the chain recursively, so the headers
+    nearest the entry are applied first and mark what they applied (see
+    _applied_extended_headers) for the outer ones to skip.
     """
     global _bounded_tarinfo
     if _bounded_tarinfo is None:
@@ -5296,9 +5304,21 @@ def _bounded_tarinfo_class() -> Any:
         header_error = tarfile.SubsequentHeaderError  # type: ignore[attr-defined]
         any_header_error = tarfile.HeaderError
         old_gnu_sparse_type = tarfile.GNUTYPE_SPARSE
+        long_name_type = tarfile.GNUTYPE_LONGNAME
         supported_types = tarfile.SUPPORTED_TYPES
+        block_size = tarfile.BLOCKSIZE
+        nts = tarfile.nts  # type: ignore[attr-defined]
 
         class BoundedTarInfo(tarfile.TarInfo):
+            @classmethod
+            def fromtarfile(cls, tarfile: Any) -> Any:
+                # TarInfo.fromtarfile, with the header block checked against Go's reading of it.
+                block = tarfile.fileobj.read(block_size)
+                header: Any = cls.frombuf(block, tarfile.encoding, tarfile.errors)
+                header.offset = tarfile.fileobj.tell() - block_size
+                _check_header_as_go_reads(header, block)
+                return header._proc_member(tarfile)
+
             def _check_extended_size(self, tarfile: Any) -> None:
                 if self.size < 0:
                     raise header_error(f"extended header size {self.size} is negative")
@@ -5312,7 +5332,34 @@ def _bounded_tarinfo_class() -> Any:
             def _proc_gnulong(self, tarfile: Any) -> Any:
                 self._check_extended_size(tarfile)
                 with _ExtendedHeaderChain(tarfile):
-                    return super()._proc_gnulong(tarfile)  # type: ignore[misc]
+                    return self._proc_bounded_gnulong(tarfile)
+
+            def _proc_bounded_gnulong(self, tarfile: Any) -> Any:
+                data = tarfile.fileobj.read(self._block(self.size))  # type: ignore[attr-defined]
+                if len(data) < self.size:
+                    raise header_error(f"GNU long name ends early, after {len(data)} of its {self.size} bytes")
+                try:
+                    next = self.fromtarfile(tarfile)
+                except any_header_error as error:
+                    raise header_error(str(error)) from None
+                next.offset = self.offset
+                kind = "longname" if self.type == long_name_type else "longlink"
+                applied = _applied_extended_headers(next)
+                if kind in applied or "global" in applied or (kind == "longname" and "sparse_name" in applied):
+                    return next
+                applied.add(kind)
+                # Go reads the size bytes up to the first NUL, and ignores an empty name.
+                value = nts(data[:self.size], tarfile.encoding, tarfile.errors)
+                if not value:
+                    return next
+                applied.add(kind + "_value")
+                if kind == "longlink":
+                    next.linkname = value
+                elif next.isdir():
+                    next.name = value.rstrip("/")
+                else:
+                    next.name = value
+                return next
 
             def _proc_sparse(self, tarfile: Any) -> Any:
                 stream = tarfile.fileobj
@@ -5335,7 +5382,12 @@ def _bounded_tarinfo_class() -> Any:
                     # containers/storage ignores global headers; tarfile would
                     # apply their records to every later entry.
                     log.debug("ignoring a global PAX header at offset %d", self.offset)
-                    return self.fromtarfile(tarfile)
+                    following = self.fromtarfile(tarfile)
+                    # Go's archive/tar returns a global header as an entry of
+                    # its own, so the extended headers in front of it apply to
+                    # no entry.
+                    _applied_extended_headers(following).add("global")
+                    return following
                 if len(records) < self.size:
                     raise header_error(f"PAX header ends early, after {len(records)} of its {self.size} bytes")
                 # tarfile's own parser searches the data with regular
@@ -5346,12 +5398,25 @@ def _bounded_tarinfo_class() -> Any:
                     next = self.fromtarfile(tarfile)
                 except any_header_error as error:
                     raise header_error(str(error)) from None
+                applied = _applied_extended_headers(next)
+                if "pax" in applied or "global" in applied:
+                    # A later PAX header replaced this one. Its size record
+                    # already decided where the next header starts.
+                    next.offset = self.offset
+                    return next
+                applied.add("pax")
+                if "longname_value" in applied:
+                    pax_records.pop(b"path", None)
+                if "longlink_value" in applied:
+                    pax_records.pop(b"linkpath", None)
                 # Go's archive/tar reads the old GNU map of a type S entry and
                 # ignores GNU.sparse records on it.
                 sparse_version = None
                 if next.type != old_gnu_sparse_type:
                     sparse_version = _gnu_sparse_version(pax_records)
                 self._apply_bounded_pax(next, pax_records, sparse_version, tarfile)
+                if sparse_version is not None and pax_records.get(b"GNU.sparse.name"):
+                    applied.add("sparse_name")
                 return next
 
             def _apply_bounded_pax(self, next: Any, pax_records: dict[bytes, bytes], sparse_version: str | None,
@@ -5391,6 +5456,109 @@ def _bounded_tarinfo_class() -> Any:
 
         _bounded_tarinfo = BoundedTarInfo
     return _bounded_tarinfo
+
+
+def _applied_extended_headers(member: Any) -> set[str]:
+    """Return the kinds of extended header already applied to member, a set that the caller may add to.
+
+    The kinds are:
+      "pax": a PAX header.
+      "global": a global PAX header, which ends the chain.
+      "longname", "longlink": a GNU long name or long link name, even an empty one.
+      "longname_value", "longlink_value": a GNU long name or long link name that set a name.
+      "sparse_name": a GNU.sparse.name record that set the name.
+    """
+    applied: set[str] | None = getattr(member, "_btrfsdrv_applied", None)
+    if applied is None:
+        applied = set()
+        member._btrfsdrv_applied = applied
+    return applied
+
+
+# The numeric fields of a tar header block that Go's archive/tar reads for
+# every format, as (name, start, end).
+_TAR_NUMERIC_FIELDS = (("mode", 100, 108), ("uid", 108, 116), ("gid", 116, 124), ("size", 124, 136),
+                       ("mtime", 136, 148))
+# The device numbers, which Go's archive/tar reads only with USTAR or GNU magic.
+_TAR_DEVICE_FIELDS = (("devmajor", 329, 337), ("devminor", 337, 345))
+_TAR_NAME_PREFIX = (345, 500)
+_TAR_STAR_PREFIX_END = 476
+# The types whose prefix field tarfile ignores: GNU long names and old GNU sparse files.
+_TAR_GNU_TYPES = (b"L", b"K", b"S")
+_TAR_OCTAL_DIGITS = re.compile(rb"[0-7]+")
+
+
+def _check_header_as_go_reads(member: Any, block: bytes) -> None:
+    """Raise ValueError where Go's archive/tar reads the header block of member otherwise than tarfile did.
+
+    tarfile cuts a number at its first NUL and parses it with int(), which
+    takes a sign, "_", "0o" and any whitespace. Go's parseNumeric trims NULs
+    and spaces from both ends first and takes only octal digits (or base
+    256). A number that Go reads replaces tarfile's, before the size decides
+    where the next header starts, and one that Go rejects raises.
+
+    tarfile joins the prefix field to the name in any header, but Go only
+    with USTAR magic ("ustar\\0"), and only its first 131 bytes with the
+    STAR trailer "tar\\0" at offset 508. Headers where that changes the name
+    are rejected. A V7 header (no magic) gets no owner names or device
+    numbers, as in Go.
+    """
+    is_ustar = block[257:263] == b"ustar\0"
+    is_gnu = block[257:265] == b"ustar  \0"
+    fields = _TAR_NUMERIC_FIELDS + (_TAR_DEVICE_FIELDS if is_ustar or is_gnu else ())
+    checked = [("checksum", 148, 156)] + list(fields)
+    for name, start, end in checked:
+        field = block[start:end]
+        go_value = _parse_tar_number_as_go(field, base_256=name != "checksum")
+        value = member.chksum if name == "checksum" else getattr(member, name)
+        if go_value == value:
+            continue
+        if go_value is None or name == "checksum":
+            go_reading = "rejects it" if go_value is None else f"reads {go_value}"
+            raise ValueError(f"header at offset {member.offset}: the {name} field {field!r} reads as {value} "
+                             f"in Python's tarfile, but Go's archive/tar {go_reading}; write it as octal "
+                             "digits followed by NUL or space")
+        setattr(member, name, go_value)
+    if not (is_ustar or is_gnu):
+        member.uname = member.gname = ""
+        member.devmajor = member.devminor = 0
+    start, end = _TAR_NAME_PREFIX
+    if block[start] == 0 or member.type in _TAR_GNU_TYPES:
+        return  # tarfile ignored the prefix too
+    if not is_ustar:
+        problem = "Go's archive/tar ignores it without USTAR magic"
+    elif block[508:512] == b"tar\0" and block.find(0, start, _TAR_STAR_PREFIX_END) < 0:
+        problem = "Go's archive/tar reads only its first 131 bytes in a header with the STAR trailer"
+    else:
+        return
+    prefix = block[start:end].split(b"\0", 1)[0]
+    raise ValueError(f"header at offset {member.offset}: the name prefix field {prefix!r} is joined to the "
+                     f"name by Python's tarfile, but {problem}")
+
+
+def _parse_tar_number_as_go(field: bytes, base_256: bool) -> int | None:
+    """Return a numeric header field as Go's archive/tar reads it, or None where Go rejects it.
+
+    base_256 selects parseNumeric, which also takes base 256, over parseOctal (used for the checksum).
+    """
+    if base_256 and field and field[0] & 0x80:
+        # Two's complement, big-endian, without the marker bit.
+        inversion = 0xFF if field[0] & 0x40 else 0
+        magnitude = int.from_bytes(bytes([(field[0] ^ inversion) & 0x7F])
+                                   + bytes(byte ^ inversion for byte in field[1:]), "big")
+        if magnitude >= 2**63:
+            return None
+        return -magnitude - 1 if inversion else magnitude
+    trimmed = field.strip(b" \0")
+    if not trimmed:
+        return 0
+    digits = trimmed.split(b"\0", 1)[0]
+    if not _TAR_OCTAL_DIGITS.fullmatch(digits):
+        return None
+    value = int(digits, 8)
+    if value >= 2**64:
+        return None
+    return value - 2**64 if value >= 2**63 else value
 
 
 # Extended headers (PAX, GNU long names) in front of one entry, at most. A
