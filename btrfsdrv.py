@@ -5770,7 +5770,8 @@ def _read_sparse_map_1_0(member: tarfile.TarInfo, stream: Any) -> None:
 
     The map is decimal numbers, one a line, in whole 512-byte blocks: the
     region count, then the offset and length of each region. Sets the
-    member's sparse map and the offset of its data in stream.
+    member's sparse map and the offset of its data in stream. Raises
+    ValueError for numbers that Go's strconv.ParseInt rejects.
     """
     import tarfile
 
@@ -5790,10 +5791,14 @@ def _read_sparse_map_1_0(member: tarfile.TarInfo, stream: Any) -> None:
             text += block
             continue
         line, text = text.split(b"\n", 1)
+        keyword = "GNU.sparse.numblocks" if count is None else "GNU.sparse.map"
+        number = _parse_sparse_number(keyword, line.decode("ascii", "replace"))
         if count is None:
-            count = int(line)
+            if number < 0:
+                raise ValueError(f"invalid sparse map: the region count {number} is negative")
+            count = number
         else:
-            numbers.append(int(line))
+            numbers.append(number)
     member.offset_data = stream.tell()
     member.sparse = list(zip(numbers[::2], numbers[1::2]))  # type: ignore[assignment]
 
@@ -5816,6 +5821,23 @@ _PAX_NUMBER_SYNTAX = {
     "gid": _PAX_INTEGER_SYNTAX,
     "mtime": re.compile(r"[-+]?[0-9]{1,19}(?:\.[0-9]*)?"),
 }
+
+
+def _mtime_ns(member: tarfile.TarInfo) -> int:
+    """Return the modification time of member in nanoseconds.
+
+    A PAX mtime record is read as parsePAXTime of Go's archive/tar does it,
+    with the fraction cut after 9 digits, because tarfile's float loses the
+    last digits of today's times. _check_entry_numbers checked its syntax.
+    """
+    record = member.pax_headers.get("mtime")
+    if record is None:
+        return int(member.mtime * _NS_PER_SECOND)
+    seconds, _, fraction = record.partition(".")
+    nanoseconds = int((fraction + "0" * 9)[:9])
+    if seconds.startswith("-"):
+        nanoseconds = -nanoseconds
+    return int(seconds) * _NS_PER_SECOND + nanoseconds
 
 
 def _check_entry_numbers(member: tarfile.TarInfo) -> None:
@@ -6174,7 +6196,7 @@ class _LayerApplier:
         for name, value in sorted(xattrs.items(), key=lambda item: item[0] == "security.capability"):
             os.setxattr(fd, name, value)
         if not member.isdir():
-            os.utime(fd, ns=(int(member.mtime * _NS_PER_SECOND),) * 2)
+            os.utime(fd, ns=(_mtime_ns(member),) * 2)
 
     def set_path_metadata(self, dir_fd: int, name: str, member: tarfile.TarInfo, path: str) -> None:
         """Set metadata on a new symlink, device node or FIFO, which are never opened."""
@@ -6185,7 +6207,7 @@ class _LayerApplier:
             os.chmod(name, member.mode & 0o7777, dir_fd=dir_fd)
             for key, value in self.host_xattrs(member).items():
                 os.setxattr(_fd_path(dir_fd, name), key, value, follow_symlinks=False)
-        os.utime(name, ns=(int(member.mtime * _NS_PER_SECOND),) * 2, dir_fd=dir_fd, follow_symlinks=False)
+        os.utime(name, ns=(_mtime_ns(member),) * 2, dir_fd=dir_fd, follow_symlinks=False)
 
     # Entries ------------------------------------------------------------
 
@@ -6501,7 +6523,7 @@ class _LayerApplier:
                 os.close(fd)
         else:
             self.install_directory(parent_fd, parts, member, path)
-        mtime_ns = int(member.mtime * _NS_PER_SECOND)
+        mtime_ns = _mtime_ns(member)
         self.dir_times.add(parts, mtime_ns, mtime_ns)
 
     def remove_unlisted_xattrs(self, fd: int, member: tarfile.TarInfo, path: str) -> None:

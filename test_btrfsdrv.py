@@ -4934,6 +4934,44 @@ def test_apply_reads_numbers_with_leading_nul_as_go(tmp_path):
     assert st.st_mtime == 0o1750
 
 
+@pytest.mark.parametrize("value, expected", [
+    (b"1700000000.123456789", 1700000000123456789),
+    (b"1700000000.9999999999", 1700000000999999999),
+    (b"1700000000.5", 1700000000500000000),
+    (b"-1.25", -1250000000),
+])
+def test_apply_reads_pax_mtime_exactly(tmp_path, value, expected):
+    # Go's parsePAXTime truncates the fraction to 9 digits.
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    apply(layer, raw_pax(mtime=value) + raw_member(b"f", b"x") + b"\0" * 1024)
+    assert os.stat(layer / "f").st_mtime_ns == expected
+
+
+def sparse_1_0_data(map_lines):
+    """The data of a GNU sparse 1.0 entry: its map of map_lines in one block, then 4 bytes."""
+    text = b"".join(line + b"\n" for line in map_lines)
+    return text + b"\0" * (512 - len(text)) + b"abcd"
+
+
+@pytest.mark.parametrize("map_lines", [
+    [b"1", b"0_0", b"4"], [b"1", b" 0", b"4"], [b"0_1", b"0", b"4"], [b"-1", b"0", b"4"],
+], ids=["underscore", "space", "count-underscore", "negative-count"])
+def test_apply_rejects_invalid_sparse_1_0_numbers(tmp_path, map_lines):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    with pytest.raises(ValueError, match=r"^invalid layer tar at offset \d+ \(after entry 'first'\): .*sparse map"):
+        apply(layer, pax_header_tar(SPARSE_1_0, sparse_1_0_data(map_lines)))
+    assert sorted(os.listdir(layer)) == ["first"]
+
+
+def test_apply_reads_valid_sparse_1_0_map(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    apply(layer, pax_header_tar(SPARSE_1_0, sparse_1_0_data([b"1", b"0", b"4"])))
+    assert (layer / "s").read_bytes() == b"abcd" + b"\0" * 96
+
+
 def test_apply_uses_only_last_pax_header(tmp_path):
     layer = tmp_path / "layer"
     layer.mkdir()
@@ -5092,6 +5130,23 @@ def insert_malformed_pax_header(rng, raw):
     header.size = len(body)
     at = rng.choice(offsets)
     return raw[:at] + header.tobuf(tarfile.USTAR_FORMAT) + body + b"\0" * (-len(body) % 512) + raw[at:]
+
+
+def insert_extended_header_chain(rng, raw):
+    """Insert extended headers that Go's archive/tar and tarfile order differently in front of a random header."""
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        offsets = [member.offset for member in tar]
+    chains = [
+        raw_pax(size=b"0") + raw_pax(mtime=b"1"),
+        raw_pax(size=b"1024") + raw_long_name(b"../escape"),
+        raw_pax(path=b"../escape") + raw_long_name(b"inside"),
+        raw_long_name(b"../escape") + raw_long_name(b""),
+        raw_pax(path=b"../escape") + raw_pax(b"g", comment=b""),
+        raw_header(b"nul-size", b"\x000000002000\x00"),
+        raw_member(b"name", b"", magic=b"ustar  \0", prefix=b".."),
+    ]
+    at = rng.choice(offsets)
+    return raw[:at] + rng.choice(chains) + raw[at:]
 
 
 def mutate_bytes(rng, raw):
@@ -5340,6 +5395,8 @@ def test_apply_random_and_mutated_tars_stay_inside(trees):
         malformed_pax = rng.random() < 0.2
         if malformed_pax:
             raw = insert_malformed_pax_header(rng, raw)
+        elif rng.random() < 0.2:
+            raw = insert_extended_header_chain(rng, raw)
         elif rng.random() < 0.5:
             raw = mutate_bytes(rng, raw)
         try:
