@@ -5305,6 +5305,7 @@ def _bounded_tarinfo_class() -> Any:
         any_header_error = tarfile.HeaderError
         old_gnu_sparse_type = tarfile.GNUTYPE_SPARSE
         long_name_type = tarfile.GNUTYPE_LONGNAME
+        solaris_header_type = tarfile.SOLARIS_XHDTYPE
         supported_types = tarfile.SUPPORTED_TYPES
         block_size = tarfile.BLOCKSIZE
         nts = tarfile.nts  # type: ignore[attr-defined]
@@ -5316,6 +5317,7 @@ def _bounded_tarinfo_class() -> Any:
                 block = tarfile.fileobj.read(block_size)
                 header: Any = cls.frombuf(block, tarfile.encoding, tarfile.errors)
                 header.offset = tarfile.fileobj.tell() - block_size
+                header._btrfsdrv_typeflag = block[156:157]
                 _check_header_as_go_reads(header, block)
                 return header._proc_member(tarfile)
 
@@ -5355,10 +5357,9 @@ def _bounded_tarinfo_class() -> Any:
                 applied.add(kind + "_value")
                 if kind == "longlink":
                     next.linkname = value
-                elif next.isdir():
-                    next.name = value.rstrip("/")
-                else:
-                    next.name = value
+                    return next
+                next._btrfsdrv_go_name = value
+                next.name = value.rstrip("/") if next.isdir() else value
                 return next
 
             def _proc_sparse(self, tarfile: Any) -> Any:
@@ -5370,6 +5371,10 @@ def _bounded_tarinfo_class() -> Any:
                     tarfile.fileobj = stream
 
             def _proc_pax(self, tarfile: Any) -> Any:
+                if self.type == solaris_header_type:
+                    # Go's archive/tar reads it as an entry of type 'X', not as an extended header.
+                    raise header_error(f"header at offset {self.offset} has type 'X' (a Solaris extended "
+                                       "header), which Go's archive/tar does not read as an extended header")
                 self._check_extended_size(tarfile)
                 with _ExtendedHeaderChain(tarfile):
                     return self._proc_bounded_pax(tarfile)
@@ -5417,6 +5422,7 @@ def _bounded_tarinfo_class() -> Any:
                 self._apply_bounded_pax(next, pax_records, sparse_version, tarfile)
                 if sparse_version is not None and pax_records.get(b"GNU.sparse.name"):
                     applied.add("sparse_name")
+                    next._btrfsdrv_go_name = next.name
                 return next
 
             def _apply_bounded_pax(self, next: Any, pax_records: dict[bytes, bytes], sparse_version: str | None,
@@ -5428,6 +5434,8 @@ def _bounded_tarinfo_class() -> Any:
                           if keyword in _PAX_FIELDS and (keyword not in _PAX_NUMBER_SYNTAX
                                                          or _PAX_NUMBER_SYNTAX[keyword].fullmatch(value))}
                 next._apply_pax_info(fields, tarfile.encoding, tarfile.errors)
+                if "path" in fields:
+                    next._btrfsdrv_go_name = fields["path"]
                 next.pax_headers = pax_headers
                 next.offset = self.offset
                 if "size" in fields:
@@ -5838,6 +5846,24 @@ def _mtime_ns(member: tarfile.TarInfo) -> int:
     if seconds.startswith("-"):
         nanoseconds = -nanoseconds
     return int(seconds) * _NS_PER_SECOND + nanoseconds
+
+
+def _check_entry_type(member: tarfile.TarInfo) -> None:
+    """Raise ValueError for an entry of type NUL that only one of Go's archive/tar and tarfile reads as a directory.
+
+    Go makes such an entry a directory when its final name, after PAX
+    records and GNU long names, ends with "/", and tarfile when the name in
+    its own header does. A directory has no data, so the two would find the
+    next header at different offsets.
+    """
+    go_name = getattr(member, "_btrfsdrv_go_name", None)
+    if getattr(member, "_btrfsdrv_typeflag", None) != b"\0" or go_name is None:
+        return
+    if go_name.endswith("/") != member.isdir():
+        header_kind = "a directory" if member.isdir() else "a regular file"
+        raise ValueError(f"the header of type NUL makes it {header_kind}, but Go's archive/tar decides that "
+                         f"from the name {go_name!r} of its extended headers, and whether it ends with '/'; "
+                         "use type '0' or '5'")
 
 
 def _check_entry_numbers(member: tarfile.TarInfo) -> None:
@@ -7059,6 +7085,7 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
             _forget_tar_members(tar)  # tarfile keeps every member read; memory must stay flat
             last_name = member.name
             try:
+                _check_entry_type(member)
                 _check_entry_numbers(member)
                 applier.apply(member, copy_data)
             except ValueError as error:

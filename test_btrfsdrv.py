@@ -4993,6 +4993,24 @@ def test_apply_keeps_long_link_over_pax_linkpath(tmp_path):
 
 
 @pytest.mark.parametrize("raw, match", [
+    pytest.param(raw_pax(path=b"file") + raw_member(b"dir/", HIDDEN_MEMBER, b"\0"),
+                 r"offset 0: .*'file'.*'/'", id="pax-path-drops-slash"),
+    pytest.param(raw_pax(path=b"dir/") + raw_member(b"file", HIDDEN_MEMBER, b"\0"),
+                 r"offset 0: .*'dir/'.*'/'", id="pax-path-adds-slash"),
+    pytest.param(raw_long_name(b"dir/") + raw_member(b"file", HIDDEN_MEMBER, b"\0"),
+                 r"offset 0: .*'dir/'.*'/'", id="long-name-adds-slash"),
+    pytest.param(raw_member(b"pax", pax_record(b"path", b"x"), b"X") + raw_member(b"f", b"x"),
+                 r"offset 0 .*type 'X'", id="solaris-extended-header"),
+])
+def test_apply_rejects_types_go_reads_differently(tmp_path, raw, match):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    with pytest.raises(ValueError, match=match):
+        apply(layer, raw + b"\0" * 1024)
+    assert os.listdir(layer) == []
+
+
+@pytest.mark.parametrize("raw, match", [
     pytest.param(raw_member(b"visible", b"x", magic=b"\0" * 8, prefix=b"evil"),
                  r"offset 0 .*prefix", id="v7-prefix"),
     pytest.param(raw_member(b"visible", b"x", magic=b"ustar  \0", prefix=b"evil"),
