@@ -5285,6 +5285,14 @@ def _bounded_tarinfo_class() -> Any:
     PAX headers. It parses PAX headers itself, in time linear in their size,
     and applies only the records that Go's archive/tar applies. It ignores
     global PAX headers.
+
+    Of the extended headers in front of one entry it applies those that Go's
+    archive/tar (Reader.next in reader.go) applies: only the last PAX header,
+    only the last GNU long name and long link name, a GNU long name over a
+    PAX path and a long link name over a PAX linkpath, and none in front of
+    a global header. tarfile parses the chain recursively, so the headers
+    nearest the entry are applied first and mark what they applied (see
+    _applied_extended_headers) for the outer ones to skip.
     """
     global _bounded_tarinfo
     if _bounded_tarinfo is None:
@@ -5296,9 +5304,23 @@ def _bounded_tarinfo_class() -> Any:
         header_error = tarfile.SubsequentHeaderError  # type: ignore[attr-defined]
         any_header_error = tarfile.HeaderError
         old_gnu_sparse_type = tarfile.GNUTYPE_SPARSE
+        long_name_type = tarfile.GNUTYPE_LONGNAME
+        solaris_header_type = tarfile.SOLARIS_XHDTYPE
         supported_types = tarfile.SUPPORTED_TYPES
+        block_size = tarfile.BLOCKSIZE
+        nts = tarfile.nts  # type: ignore[attr-defined]
 
         class BoundedTarInfo(tarfile.TarInfo):
+            @classmethod
+            def fromtarfile(cls, tarfile: Any) -> Any:
+                # TarInfo.fromtarfile, with the header block checked against Go's reading of it.
+                block = tarfile.fileobj.read(block_size)
+                header: Any = cls.frombuf(block, tarfile.encoding, tarfile.errors)
+                header.offset = tarfile.fileobj.tell() - block_size
+                header._btrfsdrv_typeflag = block[156:157]
+                _check_header_as_go_reads(header, block)
+                return header._proc_member(tarfile)
+
             def _check_extended_size(self, tarfile: Any) -> None:
                 if self.size < 0:
                     raise header_error(f"extended header size {self.size} is negative")
@@ -5312,7 +5334,33 @@ def _bounded_tarinfo_class() -> Any:
             def _proc_gnulong(self, tarfile: Any) -> Any:
                 self._check_extended_size(tarfile)
                 with _ExtendedHeaderChain(tarfile):
-                    return super()._proc_gnulong(tarfile)  # type: ignore[misc]
+                    return self._proc_bounded_gnulong(tarfile)
+
+            def _proc_bounded_gnulong(self, tarfile: Any) -> Any:
+                data = tarfile.fileobj.read(self._block(self.size))  # type: ignore[attr-defined]
+                if len(data) < self.size:
+                    raise header_error(f"GNU long name ends early, after {len(data)} of its {self.size} bytes")
+                try:
+                    next = self.fromtarfile(tarfile)
+                except any_header_error as error:
+                    raise header_error(str(error)) from None
+                next.offset = self.offset
+                kind = "longname" if self.type == long_name_type else "longlink"
+                applied = _applied_extended_headers(next)
+                if kind in applied or "global" in applied or (kind == "longname" and "sparse_name" in applied):
+                    return next
+                applied.add(kind)
+                # Go reads the size bytes up to the first NUL, and ignores an empty name.
+                value = nts(data[:self.size], tarfile.encoding, tarfile.errors)
+                if not value:
+                    return next
+                applied.add(kind + "_value")
+                if kind == "longlink":
+                    next.linkname = value
+                    return next
+                next._btrfsdrv_go_name = value
+                next.name = value.rstrip("/") if next.isdir() else value
+                return next
 
             def _proc_sparse(self, tarfile: Any) -> Any:
                 stream = tarfile.fileobj
@@ -5323,6 +5371,10 @@ def _bounded_tarinfo_class() -> Any:
                     tarfile.fileobj = stream
 
             def _proc_pax(self, tarfile: Any) -> Any:
+                if self.type == solaris_header_type:
+                    # Go's archive/tar reads it as an entry of type 'X', not as an extended header.
+                    raise header_error(f"header at offset {self.offset} has type 'X' (a Solaris extended "
+                                       "header), which Go's archive/tar does not read as an extended header")
                 self._check_extended_size(tarfile)
                 with _ExtendedHeaderChain(tarfile):
                     return self._proc_bounded_pax(tarfile)
@@ -5335,7 +5387,12 @@ def _bounded_tarinfo_class() -> Any:
                     # containers/storage ignores global headers; tarfile would
                     # apply their records to every later entry.
                     log.debug("ignoring a global PAX header at offset %d", self.offset)
-                    return self.fromtarfile(tarfile)
+                    following = self.fromtarfile(tarfile)
+                    # Go's archive/tar returns a global header as an entry of
+                    # its own, so the extended headers in front of it apply to
+                    # no entry.
+                    _applied_extended_headers(following).add("global")
+                    return following
                 if len(records) < self.size:
                     raise header_error(f"PAX header ends early, after {len(records)} of its {self.size} bytes")
                 # tarfile's own parser searches the data with regular
@@ -5346,12 +5403,26 @@ def _bounded_tarinfo_class() -> Any:
                     next = self.fromtarfile(tarfile)
                 except any_header_error as error:
                     raise header_error(str(error)) from None
+                applied = _applied_extended_headers(next)
+                if "pax" in applied or "global" in applied:
+                    # A later PAX header replaced this one. Its size record
+                    # already decided where the next header starts.
+                    next.offset = self.offset
+                    return next
+                applied.add("pax")
+                if "longname_value" in applied:
+                    pax_records.pop(b"path", None)
+                if "longlink_value" in applied:
+                    pax_records.pop(b"linkpath", None)
                 # Go's archive/tar reads the old GNU map of a type S entry and
                 # ignores GNU.sparse records on it.
                 sparse_version = None
                 if next.type != old_gnu_sparse_type:
                     sparse_version = _gnu_sparse_version(pax_records)
                 self._apply_bounded_pax(next, pax_records, sparse_version, tarfile)
+                if sparse_version is not None and pax_records.get(b"GNU.sparse.name"):
+                    applied.add("sparse_name")
+                    next._btrfsdrv_go_name = next.name
                 return next
 
             def _apply_bounded_pax(self, next: Any, pax_records: dict[bytes, bytes], sparse_version: str | None,
@@ -5363,6 +5434,8 @@ def _bounded_tarinfo_class() -> Any:
                           if keyword in _PAX_FIELDS and (keyword not in _PAX_NUMBER_SYNTAX
                                                          or _PAX_NUMBER_SYNTAX[keyword].fullmatch(value))}
                 next._apply_pax_info(fields, tarfile.encoding, tarfile.errors)
+                if "path" in fields:
+                    next._btrfsdrv_go_name = fields["path"]
                 next.pax_headers = pax_headers
                 next.offset = self.offset
                 if "size" in fields:
@@ -5391,6 +5464,109 @@ def _bounded_tarinfo_class() -> Any:
 
         _bounded_tarinfo = BoundedTarInfo
     return _bounded_tarinfo
+
+
+def _applied_extended_headers(member: Any) -> set[str]:
+    """Return the kinds of extended header already applied to member, a set that the caller may add to.
+
+    The kinds are:
+      "pax": a PAX header.
+      "global": a global PAX header, which ends the chain.
+      "longname", "longlink": a GNU long name or long link name, even an empty one.
+      "longname_value", "longlink_value": a GNU long name or long link name that set a name.
+      "sparse_name": a GNU.sparse.name record that set the name.
+    """
+    applied: set[str] | None = getattr(member, "_btrfsdrv_applied", None)
+    if applied is None:
+        applied = set()
+        member._btrfsdrv_applied = applied
+    return applied
+
+
+# The numeric fields of a tar header block that Go's archive/tar reads for
+# every format, as (name, start, end).
+_TAR_NUMERIC_FIELDS = (("mode", 100, 108), ("uid", 108, 116), ("gid", 116, 124), ("size", 124, 136),
+                       ("mtime", 136, 148))
+# The device numbers, which Go's archive/tar reads only with USTAR or GNU magic.
+_TAR_DEVICE_FIELDS = (("devmajor", 329, 337), ("devminor", 337, 345))
+_TAR_NAME_PREFIX = (345, 500)
+_TAR_STAR_PREFIX_END = 476
+# The types whose prefix field tarfile ignores: GNU long names and old GNU sparse files.
+_TAR_GNU_TYPES = (b"L", b"K", b"S")
+_TAR_OCTAL_DIGITS = re.compile(rb"[0-7]+")
+
+
+def _check_header_as_go_reads(member: Any, block: bytes) -> None:
+    """Raise ValueError where Go's archive/tar reads the header block of member otherwise than tarfile did.
+
+    tarfile cuts a number at its first NUL and parses it with int(), which
+    takes a sign, "_", "0o" and any whitespace. Go's parseNumeric trims NULs
+    and spaces from both ends first and takes only octal digits (or base
+    256). A number that Go reads replaces tarfile's, before the size decides
+    where the next header starts, and one that Go rejects raises.
+
+    tarfile joins the prefix field to the name in any header, but Go only
+    with USTAR magic ("ustar\\0"), and only its first 131 bytes with the
+    STAR trailer "tar\\0" at offset 508. Headers where that changes the name
+    are rejected. A V7 header (no magic) gets no owner names or device
+    numbers, as in Go.
+    """
+    is_ustar = block[257:263] == b"ustar\0"
+    is_gnu = block[257:265] == b"ustar  \0"
+    fields = _TAR_NUMERIC_FIELDS + (_TAR_DEVICE_FIELDS if is_ustar or is_gnu else ())
+    checked = [("checksum", 148, 156)] + list(fields)
+    for name, start, end in checked:
+        field = block[start:end]
+        go_value = _parse_tar_number_as_go(field, base_256=name != "checksum")
+        value = member.chksum if name == "checksum" else getattr(member, name)
+        if go_value == value:
+            continue
+        if go_value is None or name == "checksum":
+            go_reading = "rejects it" if go_value is None else f"reads {go_value}"
+            raise ValueError(f"header at offset {member.offset}: the {name} field {field!r} reads as {value} "
+                             f"in Python's tarfile, but Go's archive/tar {go_reading}; write it as octal "
+                             "digits followed by NUL or space")
+        setattr(member, name, go_value)
+    if not (is_ustar or is_gnu):
+        member.uname = member.gname = ""
+        member.devmajor = member.devminor = 0
+    start, end = _TAR_NAME_PREFIX
+    if block[start] == 0 or member.type in _TAR_GNU_TYPES:
+        return  # tarfile ignored the prefix too
+    if not is_ustar:
+        problem = "Go's archive/tar ignores it without USTAR magic"
+    elif block[508:512] == b"tar\0" and block.find(0, start, _TAR_STAR_PREFIX_END) < 0:
+        problem = "Go's archive/tar reads only its first 131 bytes in a header with the STAR trailer"
+    else:
+        return
+    prefix = block[start:end].split(b"\0", 1)[0]
+    raise ValueError(f"header at offset {member.offset}: the name prefix field {prefix!r} is joined to the "
+                     f"name by Python's tarfile, but {problem}")
+
+
+def _parse_tar_number_as_go(field: bytes, base_256: bool) -> int | None:
+    """Return a numeric header field as Go's archive/tar reads it, or None where Go rejects it.
+
+    base_256 selects parseNumeric, which also takes base 256, over parseOctal (used for the checksum).
+    """
+    if base_256 and field and field[0] & 0x80:
+        # Two's complement, big-endian, without the marker bit.
+        inversion = 0xFF if field[0] & 0x40 else 0
+        magnitude = int.from_bytes(bytes([(field[0] ^ inversion) & 0x7F])
+                                   + bytes(byte ^ inversion for byte in field[1:]), "big")
+        if magnitude >= 2**63:
+            return None
+        return -magnitude - 1 if inversion else magnitude
+    trimmed = field.strip(b" \0")
+    if not trimmed:
+        return 0
+    digits = trimmed.split(b"\0", 1)[0]
+    if not _TAR_OCTAL_DIGITS.fullmatch(digits):
+        return None
+    value = int(digits, 8)
+    if value >= 2**64:
+        return None
+    return value - 2**64 if value >= 2**63 else value
 
 
 # Extended headers (PAX, GNU long names) in front of one entry, at most. A
@@ -5602,7 +5778,8 @@ def _read_sparse_map_1_0(member: tarfile.TarInfo, stream: Any) -> None:
 
     The map is decimal numbers, one a line, in whole 512-byte blocks: the
     region count, then the offset and length of each region. Sets the
-    member's sparse map and the offset of its data in stream.
+    member's sparse map and the offset of its data in stream. Raises
+    ValueError for numbers that Go's strconv.ParseInt rejects.
     """
     import tarfile
 
@@ -5622,10 +5799,14 @@ def _read_sparse_map_1_0(member: tarfile.TarInfo, stream: Any) -> None:
             text += block
             continue
         line, text = text.split(b"\n", 1)
+        keyword = "GNU.sparse.numblocks" if count is None else "GNU.sparse.map"
+        number = _parse_sparse_number(keyword, line.decode("ascii", "replace"))
         if count is None:
-            count = int(line)
+            if number < 0:
+                raise ValueError(f"invalid sparse map: the region count {number} is negative")
+            count = number
         else:
-            numbers.append(int(line))
+            numbers.append(number)
     member.offset_data = stream.tell()
     member.sparse = list(zip(numbers[::2], numbers[1::2]))  # type: ignore[assignment]
 
@@ -5648,6 +5829,41 @@ _PAX_NUMBER_SYNTAX = {
     "gid": _PAX_INTEGER_SYNTAX,
     "mtime": re.compile(r"[-+]?[0-9]{1,19}(?:\.[0-9]*)?"),
 }
+
+
+def _mtime_ns(member: tarfile.TarInfo) -> int:
+    """Return the modification time of member in nanoseconds.
+
+    A PAX mtime record is read as parsePAXTime of Go's archive/tar does it,
+    with the fraction cut after 9 digits, because tarfile's float loses the
+    last digits of today's times. _check_entry_numbers checked its syntax.
+    """
+    record = member.pax_headers.get("mtime")
+    if record is None:
+        return int(member.mtime * _NS_PER_SECOND)
+    seconds, _, fraction = record.partition(".")
+    nanoseconds = int((fraction + "0" * 9)[:9])
+    if seconds.startswith("-"):
+        nanoseconds = -nanoseconds
+    return int(seconds) * _NS_PER_SECOND + nanoseconds
+
+
+def _check_entry_type(member: tarfile.TarInfo) -> None:
+    """Raise ValueError for an entry of type NUL that only one of Go's archive/tar and tarfile reads as a directory.
+
+    Go makes such an entry a directory when its final name, after PAX
+    records and GNU long names, ends with "/", and tarfile when the name in
+    its own header does. A directory has no data, so the two would find the
+    next header at different offsets.
+    """
+    go_name = getattr(member, "_btrfsdrv_go_name", None)
+    if getattr(member, "_btrfsdrv_typeflag", None) != b"\0" or go_name is None:
+        return
+    if go_name.endswith("/") != member.isdir():
+        header_kind = "a directory" if member.isdir() else "a regular file"
+        raise ValueError(f"the header of type NUL makes it {header_kind}, but Go's archive/tar decides that "
+                         f"from the name {go_name!r} of its extended headers, and whether it ends with '/'; "
+                         "use type '0' or '5'")
 
 
 def _check_entry_numbers(member: tarfile.TarInfo) -> None:
@@ -6006,7 +6222,7 @@ class _LayerApplier:
         for name, value in sorted(xattrs.items(), key=lambda item: item[0] == "security.capability"):
             os.setxattr(fd, name, value)
         if not member.isdir():
-            os.utime(fd, ns=(int(member.mtime * _NS_PER_SECOND),) * 2)
+            os.utime(fd, ns=(_mtime_ns(member),) * 2)
 
     def set_path_metadata(self, dir_fd: int, name: str, member: tarfile.TarInfo, path: str) -> None:
         """Set metadata on a new symlink, device node or FIFO, which are never opened."""
@@ -6017,7 +6233,7 @@ class _LayerApplier:
             os.chmod(name, member.mode & 0o7777, dir_fd=dir_fd)
             for key, value in self.host_xattrs(member).items():
                 os.setxattr(_fd_path(dir_fd, name), key, value, follow_symlinks=False)
-        os.utime(name, ns=(int(member.mtime * _NS_PER_SECOND),) * 2, dir_fd=dir_fd, follow_symlinks=False)
+        os.utime(name, ns=(_mtime_ns(member),) * 2, dir_fd=dir_fd, follow_symlinks=False)
 
     # Entries ------------------------------------------------------------
 
@@ -6333,7 +6549,7 @@ class _LayerApplier:
                 os.close(fd)
         else:
             self.install_directory(parent_fd, parts, member, path)
-        mtime_ns = int(member.mtime * _NS_PER_SECOND)
+        mtime_ns = _mtime_ns(member)
         self.dir_times.add(parts, mtime_ns, mtime_ns)
 
     def remove_unlisted_xattrs(self, fd: int, member: tarfile.TarInfo, path: str) -> None:
@@ -6869,6 +7085,7 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
             _forget_tar_members(tar)  # tarfile keeps every member read; memory must stay flat
             last_name = member.name
             try:
+                _check_entry_type(member)
                 _check_entry_numbers(member)
                 applier.apply(member, copy_data)
             except ValueError as error:

@@ -4852,6 +4852,184 @@ def test_apply_ignores_global_pax_headers(tmp_path):
     assert os.stat(layer / "bin" / "ls").st_uid == 0
 
 
+# -- Tar streams that Go's archive/tar reads differently from tarfile --------
+
+
+def raw_header(name, size_field, typeflag=b"0", magic=b"ustar\x0000", prefix=b"", fields=None):
+    """A 512-byte tar header built field by field, with a correct checksum.
+
+    fields maps the offset of a numeric field (100 mode, 108 uid, 116 gid,
+    136 mtime) to its raw bytes.
+    """
+    block = bytearray(512)
+    block[0:len(name)] = name
+    block[100:108] = b"0000644\0"
+    block[108:116] = b"0000000\0"
+    block[116:124] = b"0000000\0"
+    block[124:136] = size_field
+    block[136:148] = b"00000000000\0"
+    for offset, value in (fields or {}).items():
+        block[offset:offset + len(value)] = value
+    block[156:157] = typeflag
+    block[257:265] = magic
+    block[345:345 + len(prefix)] = prefix
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def raw_member(name, data, typeflag=b"0", **options):
+    return raw_header(name, b"%011o\0" % len(data), typeflag, **options) + data + b"\0" * (-len(data) % 512)
+
+
+def raw_pax(typeflag=b"x", **records):
+    return raw_member(b"pax", b"".join(pax_record(key.encode(), value) for key, value in records.items()),
+                      typeflag)
+
+
+def raw_long_name(name, typeflag=b"L"):
+    return raw_member(b"././@LongLink", name + b"\0", typeflag, magic=b"ustar  \0")
+
+
+HIDDEN_MEMBER = raw_member(b"hidden", b"smuggled\n")  # 1024 bytes
+
+
+@pytest.mark.parametrize("raw, expected", [
+    pytest.param(raw_pax(size=b"0") + raw_pax(mtime=b"1") + raw_member(b"visible", HIDDEN_MEMBER),
+                 {"visible": HIDDEN_MEMBER}, id="last-pax-size"),
+    pytest.param(raw_pax(path=b"paxpath") + raw_long_name(b"gnulong") + raw_member(b"header", b"x"),
+                 {"gnulong": b"x"}, id="pax-then-long-name"),
+    pytest.param(raw_long_name(b"gnulong") + raw_pax(path=b"paxpath") + raw_member(b"header", b"x"),
+                 {"gnulong": b"x"}, id="long-name-then-pax"),
+    pytest.param(raw_long_name(b"first") + raw_long_name(b"second") + raw_member(b"header", b"x"),
+                 {"second": b"x"}, id="two-long-names"),
+    pytest.param(raw_long_name(b"first") + raw_long_name(b"") + raw_member(b"header", b"x"),
+                 {"header": b"x"}, id="empty-last-long-name"),
+    pytest.param(raw_pax(path=b"paxpath") + raw_long_name(b"") + raw_member(b"header", b"x"),
+                 {"paxpath": b"x"}, id="empty-long-name-keeps-pax-path"),
+    pytest.param(raw_pax(path=b"fromx") + raw_pax(b"g", comment=b"") + raw_member(b"header", b"x"),
+                 {"header": b"x"}, id="pax-then-global"),
+    pytest.param(raw_long_name(b"gnulong") + raw_pax(b"g", comment=b"") + raw_member(b"header", b"x"),
+                 {"header": b"x"}, id="long-name-then-global"),
+    pytest.param(raw_header(b"visible", b"\x000000002000\x00") + HIDDEN_MEMBER,
+                 {"visible": HIDDEN_MEMBER}, id="size-with-leading-nul"),
+])
+def test_apply_reads_headers_as_go(tmp_path, raw, expected):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    apply(layer, raw + b"\0" * 1024)
+    assert sorted(os.listdir(layer)) == sorted(expected)
+    for name, data in expected.items():
+        assert (layer / name).read_bytes() == data
+
+
+def test_apply_reads_numbers_with_leading_nul_as_go(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    fields = {100: b"\x00000755\0", 108: b"\x00000007\0", 136: b"\x00000001750\0"}
+    apply(layer, raw_member(b"visible", b"x", fields=fields) + b"\0" * 1024)
+    st = os.stat(layer / "visible")
+    assert stat.S_IMODE(st.st_mode) == 0o755
+    assert st.st_uid == 7
+    assert st.st_mtime == 0o1750
+
+
+@pytest.mark.parametrize("value, expected", [
+    (b"1700000000.123456789", 1700000000123456789),
+    (b"1700000000.9999999999", 1700000000999999999),
+    (b"1700000000.5", 1700000000500000000),
+    (b"-1.25", -1250000000),
+])
+def test_apply_reads_pax_mtime_exactly(tmp_path, value, expected):
+    # Go's parsePAXTime truncates the fraction to 9 digits.
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    apply(layer, raw_pax(mtime=value) + raw_member(b"f", b"x") + b"\0" * 1024)
+    assert os.stat(layer / "f").st_mtime_ns == expected
+
+
+def sparse_1_0_data(map_lines):
+    """The data of a GNU sparse 1.0 entry: its map of map_lines in one block, then 4 bytes."""
+    text = b"".join(line + b"\n" for line in map_lines)
+    return text + b"\0" * (512 - len(text)) + b"abcd"
+
+
+@pytest.mark.parametrize("map_lines", [
+    [b"1", b"0_0", b"4"], [b"1", b" 0", b"4"], [b"0_1", b"0", b"4"], [b"-1", b"0", b"4"],
+], ids=["underscore", "space", "count-underscore", "negative-count"])
+def test_apply_rejects_invalid_sparse_1_0_numbers(tmp_path, map_lines):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    with pytest.raises(ValueError, match=r"^invalid layer tar at offset \d+ \(after entry 'first'\): .*sparse map"):
+        apply(layer, pax_header_tar(SPARSE_1_0, sparse_1_0_data(map_lines)))
+    assert sorted(os.listdir(layer)) == ["first"]
+
+
+def test_apply_reads_valid_sparse_1_0_map(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    apply(layer, pax_header_tar(SPARSE_1_0, sparse_1_0_data([b"1", b"0", b"4"])))
+    assert (layer / "s").read_bytes() == b"abcd" + b"\0" * 96
+
+
+def test_apply_uses_only_last_pax_header(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    raw = (raw_pax(**{"SCHILY.xattr.user.evil": b"1", "mtime": b"12345"}) + raw_pax(path=b"inner")
+           + raw_member(b"header", b"x", fields={136: b"00000001750\0"}))
+    apply(layer, raw + b"\0" * 1024)
+    assert os.listdir(layer) == ["inner"]
+    assert os.listxattr(layer / "inner") == []
+    assert os.stat(layer / "inner").st_mtime == 0o1750
+
+
+def test_apply_keeps_long_link_over_pax_linkpath(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    raw = (raw_pax(linkpath=b"paxtarget") + raw_long_name(b"gnutarget", b"K")
+           + raw_header(b"link", b"00000000000\0", b"2"))
+    apply(layer, raw + b"\0" * 1024)
+    assert os.readlink(layer / "link") == "gnutarget"
+
+
+@pytest.mark.parametrize("raw, match", [
+    pytest.param(raw_pax(path=b"file") + raw_member(b"dir/", HIDDEN_MEMBER, b"\0"),
+                 r"offset 0: .*'file'.*'/'", id="pax-path-drops-slash"),
+    pytest.param(raw_pax(path=b"dir/") + raw_member(b"file", HIDDEN_MEMBER, b"\0"),
+                 r"offset 0: .*'dir/'.*'/'", id="pax-path-adds-slash"),
+    pytest.param(raw_long_name(b"dir/") + raw_member(b"file", HIDDEN_MEMBER, b"\0"),
+                 r"offset 0: .*'dir/'.*'/'", id="long-name-adds-slash"),
+    pytest.param(raw_member(b"pax", pax_record(b"path", b"x"), b"X") + raw_member(b"f", b"x"),
+                 r"offset 0 .*type 'X'", id="solaris-extended-header"),
+])
+def test_apply_rejects_types_go_reads_differently(tmp_path, raw, match):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    with pytest.raises(ValueError, match=match):
+        apply(layer, raw + b"\0" * 1024)
+    assert os.listdir(layer) == []
+
+
+@pytest.mark.parametrize("raw, match", [
+    pytest.param(raw_member(b"visible", b"x", magic=b"\0" * 8, prefix=b"evil"),
+                 r"offset 0 .*prefix", id="v7-prefix"),
+    pytest.param(raw_member(b"visible", b"x", magic=b"ustar  \0", prefix=b"evil"),
+                 r"offset 0 .*prefix", id="gnu-prefix"),
+    pytest.param(raw_header(b"visible", b"00000000001\0", fields={108: b"+000001\0"}) + b"x" + b"\0" * 511,
+                 r"offset 0 .*uid", id="uid-with-sign"),
+    pytest.param(raw_header(b"visible", b"00000000001\0", fields={116: b"0o00001\0"}) + b"x" + b"\0" * 511,
+                 r"offset 0 .*gid", id="gid-with-base-prefix"),
+    pytest.param(raw_header(b"visible", b"00000000001\0", fields={136: b"\t0000000001\0"}) + b"x" + b"\0" * 511,
+                 r"offset 0 .*mtime", id="mtime-with-tab"),
+])
+def test_apply_rejects_headers_go_reads_differently(tmp_path, raw, match):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    with pytest.raises(ValueError, match=match):
+        apply(layer, raw + b"\0" * 1024)
+    assert os.listdir(layer) == []
+
+
 def extended_header(kind, body):
     header = tarfile.TarInfo("././@LongLink" if kind == tarfile.GNUTYPE_LONGNAME else "././@PaxHeader")
     header.type = kind
@@ -4970,6 +5148,23 @@ def insert_malformed_pax_header(rng, raw):
     header.size = len(body)
     at = rng.choice(offsets)
     return raw[:at] + header.tobuf(tarfile.USTAR_FORMAT) + body + b"\0" * (-len(body) % 512) + raw[at:]
+
+
+def insert_extended_header_chain(rng, raw):
+    """Insert extended headers that Go's archive/tar and tarfile order differently in front of a random header."""
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        offsets = [member.offset for member in tar]
+    chains = [
+        raw_pax(size=b"0") + raw_pax(mtime=b"1"),
+        raw_pax(size=b"1024") + raw_long_name(b"../escape"),
+        raw_pax(path=b"../escape") + raw_long_name(b"inside"),
+        raw_long_name(b"../escape") + raw_long_name(b""),
+        raw_pax(path=b"../escape") + raw_pax(b"g", comment=b""),
+        raw_header(b"nul-size", b"\x000000002000\x00"),
+        raw_member(b"name", b"", magic=b"ustar  \0", prefix=b".."),
+    ]
+    at = rng.choice(offsets)
+    return raw[:at] + rng.choice(chains) + raw[at:]
 
 
 def mutate_bytes(rng, raw):
@@ -5218,6 +5413,8 @@ def test_apply_random_and_mutated_tars_stay_inside(trees):
         malformed_pax = rng.random() < 0.2
         if malformed_pax:
             raw = insert_malformed_pax_header(rng, raw)
+        elif rng.random() < 0.2:
+            raw = insert_extended_header_chain(rng, raw)
         elif rng.random() < 0.5:
             raw = mutate_bytes(rng, raw)
         try:
