@@ -2904,6 +2904,10 @@ def _delete_nested_subvolume(layer_fd: int, subvolume: NestedSubvolume, path: An
                 raise _os_error(errno.ESTALE, "delete nested subvolume", display,
                                 f"it is no longer subvolume {subvolume.id}; run remove again")
             _clear_read_only(child_fd, display)
+        # The subvolume that holds it, the layer or another nested one that
+        # goes next, must be writable too, or the kernel refuses with EROFS.
+        with _Fd(_open_device_top(parent_fd)) as holder_fd:
+            _clear_read_only(holder_fd, os.path.dirname(display))
         try:
             _delete_subvolume_or_contents(parent_fd, name, display)
         except FileNotFoundError:

@@ -8211,6 +8211,23 @@ def test_remove_clears_flags_in_read_only_subvolumes(driver, fs, flag, flagged):
     assert_no_subvolumes(fs)
 
 
+@pytest.mark.parametrize("read_only", ["layer", "A", "layer and A"])
+def test_remove_nested_in_read_only_subvolumes(driver, fs, read_only):
+    driver.create("layer")
+    root = driver.get("layer")
+    os.chmod(root, 0o755)
+    btrfsdrv.create_subvolume(os.path.join(root, "A"))
+    btrfsdrv.create_subvolume(os.path.join(root, "A", "B"))
+    btrfsdrv.create_subvolume(os.path.join(root, "C"))
+    for name in read_only.split(" and "):
+        fs.btrfs("property", "set", root if name == "layer" else os.path.join(root, name), "ro", "true")
+
+    driver.remove("layer")
+
+    assert not driver.exists("layer")
+    assert_no_subvolumes(fs)
+
+
 def test_delete_subvolume_recursive_clears_blocking_flags(fs):
     top = fs.path("top")
     btrfsdrv.create_subvolume(top)
