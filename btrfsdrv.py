@@ -5367,6 +5367,11 @@ def _bounded_tarinfo_class() -> Any:
                 return next
 
             def _proc_sparse(self, tarfile: Any) -> Any:
+                # TODO: Go's archive/tar reads an old GNU sparse map (type S)
+                # otherwise: it keeps entries with offset 0, stops at the first
+                # entry that starts with NUL, parses the numbers as
+                # _parse_tar_number_as_go does, needs GNU magic, and takes a PAX
+                # size as the stored size, not the real size.
                 stream = tarfile.fileobj
                 tarfile.fileobj = _BoundedReads(stream, _EXTENDED_HEADER_MAX, header_error, "old GNU sparse map")
                 try:
@@ -6051,6 +6056,9 @@ def _sparse_regions(member: tarfile.TarInfo, stored_size: int) -> list[tuple[int
 
     stored_size is the number of data bytes that the archive holds for the
     member. Regions that add up to more would read the headers after it.
+    NOTE: stored_size is rounded up to whole 512-byte blocks, so regions may
+    read the padding, or use less than the data, where Go's archive/tar
+    rejects the member.
     """
     sparse_map: Any = member.sparse  # typeshed declares it an int
     regions = []
