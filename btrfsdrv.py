@@ -2904,8 +2904,8 @@ def _delete_nested_subvolume(layer_fd: int, subvolume: NestedSubvolume, path: An
                 raise _os_error(errno.ESTALE, "delete nested subvolume", display,
                                 f"it is no longer subvolume {subvolume.id}; run remove again")
             _clear_read_only(child_fd, display)
-        # The subvolume that holds it, the layer or another nested one that
-        # goes next, must be writable too, or the kernel refuses with EROFS.
+        # The subvolume that contains it (the layer, or a nested one deleted
+        # later) must be writable too, because the kernel rejects the unlink with EROFS.
         with _Fd(_open_device_top(parent_fd)) as holder_fd:
             _clear_read_only(holder_fd, os.path.dirname(display))
         try:
@@ -6816,10 +6816,10 @@ class _suppress_missing:
         return kind is not None and issubclass(kind, FileNotFoundError)
 
 
-# FICLONE errors after which the data is copied instead: EXDEV for files on
-# different filesystems, EOPNOTSUPP for a filesystem without reflinks,
-# EINVAL for btrfs files that differ in nodatacow (chattr +C), and ENOTTY
-# for a file whose driver has no such ioctl.
+# FICLONE errors after which the data is copied instead. EXDEV means files on
+# different filesystems, and EOPNOTSUPP a filesystem without reflinks. EINVAL
+# means btrfs files that differ in nodatacow (chattr +C), and ENOTTY a file
+# whose driver has no such ioctl.
 _CLONE_UNSUPPORTED = frozenset({errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL})
 
 
@@ -6935,7 +6935,7 @@ def _open_layer_for_writing(layer_dir: PathArg, operation: str = "apply layer di
 
     The lock is an exclusive flock on the fd's open file description, so
     closing the fd or the death of the process releases it. While another
-    description holds it, which includes another thread's apply in this
+    description has it, which includes another thread's apply in this
     process, the call retries for _APPLY_LOCK_WAIT seconds and then raises
     OSError with EBUSY. Release the lock with _unlock_and_close_layer.
     """

@@ -2190,15 +2190,15 @@ def test_apply_removes_leftover_temporaries(driver):
     leftover = os.path.join(root, ".btrfsdrv-apply-0123456789abcdef")
     with open(leftover, "w") as output:
         output.write("from a killed apply")
-    kept = os.path.join(root, ".btrfsdrv-image-file")
-    with open(kept, "w") as output:
+    image_file = os.path.join(root, ".btrfsdrv-image-file")
+    with open(image_file, "w") as output:
         output.write("image content")
     link = tarfile.TarInfo("d/link")
     link.type = tarfile.SYMTYPE
     link.linkname = "/etc/passwd"
     driver.apply_diff("layer", io.BytesIO(tar_bytes((link, None), (tarfile.TarInfo("d/f"), b"data"))))
     assert not os.path.lexists(leftover)
-    assert os.path.exists(kept)
+    assert os.path.exists(image_file)
     assert sorted(os.listdir(os.path.join(root, "d"))) == ["f", "link"]
 
 
@@ -2216,8 +2216,8 @@ def test_apply_removes_leftovers_in_nested_subvolumes(driver, monkeypatch, caplo
     write(file_leftover, b"from a killed apply")
     directory_leftover = os.path.join(root, "sv", "d", "inner", ".btrfsdrv-apply-fedcba9876543210")
     write(os.path.join(directory_leftover, "file"), b"moved aside by a killed apply")
-    kept = os.path.join(root, "sv", ".btrfsdrv-image-file")
-    write(kept, b"image content")
+    image_file = os.path.join(root, "sv", ".btrfsdrv-image-file")
+    write(image_file, b"image content")
     btrfsdrv.create_snapshot(os.path.join(root, "sv"), os.path.join(root, "ro"), read_only=True)
     if search == "unprivileged":
         def without_privilege(*args):
@@ -2229,7 +2229,7 @@ def test_apply_removes_leftovers_in_nested_subvolumes(driver, monkeypatch, caplo
 
     assert not os.path.lexists(file_leftover)
     assert not os.path.lexists(directory_leftover)
-    assert os.path.exists(kept)
+    assert os.path.exists(image_file)
     # The read-only snapshot keeps its copy of the leftover, with a warning.
     assert os.path.exists(os.path.join(root, "ro", ".btrfsdrv-apply-0123456789abcdef"))
     warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
