@@ -5313,15 +5313,37 @@ def _bounded_tarinfo_class() -> Any:
         supported_types = tarfile.SUPPORTED_TYPES
         block_size = tarfile.BLOCKSIZE
         nts = tarfile.nts  # type: ignore[attr-defined]
+        tarfile_number = tarfile.nti  # type: ignore[attr-defined]
+
+        def has_valid_checksum(block: bytes) -> bool:
+            # The check of tarfile's frombuf, which Go's getFormat also makes.
+            if len(block) != block_size:
+                return False
+            try:
+                return tarfile_number(block[148:156]) in tarfile.calc_chksums(block)  # type: ignore[attr-defined]
+            except any_header_error:
+                return False
 
         class BoundedTarInfo(tarfile.TarInfo):
             @classmethod
             def fromtarfile(cls, tarfile: Any) -> Any:
                 # TarInfo.fromtarfile, with the header block checked against Go's reading of it.
                 block = tarfile.fileobj.read(block_size)
-                header: Any = cls.frombuf(block, tarfile.encoding, tarfile.errors)
-                header.offset = tarfile.fileobj.tell() - block_size
+                offset = tarfile.fileobj.tell() - block_size
+                old_gnu_sparse = None
+                parsed_block = block
+                if block[156:157] == old_gnu_sparse_type and has_valid_checksum(block):
+                    # tarfile's frombuf would parse the map and the real
+                    # size with its own rules, and raise for numbers that
+                    # Go's archive/tar never reads.
+                    old_gnu_sparse = _read_old_gnu_sparse_header(block, offset)
+                    parsed_block = _without_old_gnu_sparse_fields(block)
+                header: Any = cls.frombuf(parsed_block, tarfile.encoding, tarfile.errors)
+                header.offset = offset
+                if old_gnu_sparse is not None:
+                    header.chksum = tarfile_number(block[148:156])
                 header._btrfsdrv_typeflag = block[156:157]
+                header._btrfsdrv_old_gnu_sparse = old_gnu_sparse
                 _check_header_as_go_reads(header, block)
                 return header._proc_member(tarfile)
 
@@ -5367,17 +5389,25 @@ def _bounded_tarinfo_class() -> Any:
                 return next
 
             def _proc_sparse(self, tarfile: Any) -> Any:
-                # TODO: Go's archive/tar reads an old GNU sparse map (type S)
-                # otherwise: it keeps entries with offset 0, stops at the first
-                # entry that starts with NUL, parses the numbers as
-                # _parse_tar_number_as_go does, needs GNU magic, and takes a PAX
-                # size as the stored size, not the real size.
-                stream = tarfile.fileobj
-                tarfile.fileobj = _BoundedReads(stream, _EXTENDED_HEADER_MAX, header_error, "old GNU sparse map")
-                try:
-                    return super()._proc_sparse(tarfile)  # type: ignore[misc]
-                finally:
-                    tarfile.fileobj = stream
+                # readOldGNUSparseMap of Go's archive/tar. fromtarfile read
+                # the header's part of the map; extension blocks of 21
+                # entries follow while their flag at byte 504 is set.
+                entries, is_extended, real_size = self._btrfsdrv_old_gnu_sparse  # type: ignore[attr-defined]
+                del self._sparse_structs  # type: ignore[attr-defined]  # tarfile's reading of the zeroed fields
+                stream = _BoundedReads(tarfile.fileobj, _EXTENDED_HEADER_MAX, header_error, "old GNU sparse map")
+                while is_extended:
+                    block_offset = tarfile.fileobj.tell()
+                    block = stream.read(block_size)
+                    entries += _read_old_gnu_sparse_entries(block, 0, _SPARSE_EXTENSION_ENTRIES, block_offset)
+                    is_extended = block[_SPARSE_EXTENSION_FLAG] != 0
+                if self.size < 0:
+                    raise ValueError(f"header at offset {self.offset}: size {self.size} is negative")
+                self.sparse = entries
+                self.offset_data = tarfile.fileobj.tell()
+                self._btrfsdrv_stored_size = self.size
+                tarfile.offset = self.offset_data + self._block(self.size)  # type: ignore[attr-defined]
+                self.size = real_size
+                return self
 
             def _proc_pax(self, tarfile: Any) -> Any:
                 if self.type == solaris_header_type:
@@ -5442,6 +5472,10 @@ def _bounded_tarinfo_class() -> Any:
                 fields = {keyword: value for keyword, value in pax_headers.items()
                           if keyword in _PAX_FIELDS and (keyword not in _PAX_NUMBER_SYNTAX
                                                          or _PAX_NUMBER_SYNTAX[keyword].fullmatch(value))}
+                if next.type == old_gnu_sparse_type and "size" in fields:
+                    # Go's archive/tar takes it as the size of the stored
+                    # data, and keeps the real size of the header.
+                    self._apply_old_gnu_sparse_stored_size(next, int(fields.pop("size")), tarfile)
                 next._apply_pax_info(fields, tarfile.encoding, tarfile.errors)
                 if "path" in fields:
                     next._btrfsdrv_go_name = fields["path"]
@@ -5456,6 +5490,13 @@ def _bounded_tarinfo_class() -> Any:
                     tarfile.offset = offset
                 if sparse_version is not None:
                     _apply_gnu_sparse(next, pax_headers, sparse_version, tarfile.fileobj)
+
+            @staticmethod
+            def _apply_old_gnu_sparse_stored_size(next: Any, stored_size: int, tarfile: Any) -> None:
+                if stored_size < 0:
+                    raise ValueError(f"PAX size {stored_size} of an old GNU sparse entry is negative")
+                next._btrfsdrv_stored_size = stored_size
+                tarfile.offset = next.offset_data + next._block(stored_size)
 
             def _decode_kept_records(self, pax_records: dict[bytes, bytes], sparse: bool,
                                      tarfile: Any) -> dict[str, str]:
@@ -5503,6 +5544,8 @@ _TAR_STAR_PREFIX_END = 476
 # The types whose prefix field tarfile ignores: GNU long names and old GNU sparse files.
 _TAR_GNU_TYPES = (b"L", b"K", b"S")
 _TAR_OCTAL_DIGITS = re.compile(rb"[0-7]+")
+# The magic and version fields of a GNU header.
+_TAR_GNU_MAGIC = b"ustar  \0"
 
 
 def _check_header_as_go_reads(member: Any, block: bytes) -> None:
@@ -5521,7 +5564,7 @@ def _check_header_as_go_reads(member: Any, block: bytes) -> None:
     numbers, as in Go.
     """
     is_ustar = block[257:263] == b"ustar\0"
-    is_gnu = block[257:265] == b"ustar  \0"
+    is_gnu = block[257:265] == _TAR_GNU_MAGIC
     fields = _TAR_NUMERIC_FIELDS + (_TAR_DEVICE_FIELDS if is_ustar or is_gnu else ())
     checked = [("checksum", 148, 156)] + list(fields)
     for name, start, end in checked:
@@ -5576,6 +5619,68 @@ def _parse_tar_number_as_go(field: bytes, base_256: bool) -> int | None:
     if value >= 2**64:
         return None
     return value - 2**64 if value >= 2**63 else value
+
+
+# The old GNU sparse header (type S), as Go's archive/tar lays it out
+# (headerGNU and sparseArray in its format.go): map entries of a 12-byte
+# offset and a 12-byte length, 4 of them at byte 386, a flag at byte 482
+# that extension blocks follow, and the real file size at bytes 483 to 495.
+# Each extension block holds 21 entries and its own flag at byte 504.
+_OLD_GNU_SPARSE_MAP = 386
+_OLD_GNU_SPARSE_ENTRIES = 4
+_OLD_GNU_SPARSE_FLAG = 482
+_OLD_GNU_REAL_SIZE = (483, 495)
+_SPARSE_ENTRY_SIZE = 24
+_SPARSE_EXTENSION_ENTRIES = 21
+_SPARSE_EXTENSION_FLAG = 504
+
+
+def _read_old_gnu_sparse_header(block: bytes, offset: int) -> tuple[list[tuple[int, int]], bool, int]:
+    """Return the map entries, the extension flag and the real size of block, a type S header at offset.
+
+    Raises ValueError where readOldGNUSparseMap of Go's archive/tar rejects
+    the header: without GNU magic (the STAR format has a type S of another
+    layout), or with a number that Go cannot parse.
+    """
+    if block[257:265] != _TAR_GNU_MAGIC:
+        raise ValueError(f"header at offset {offset} has type 'S' (an old GNU sparse file) without GNU magic, "
+                         "which Go's archive/tar rejects; write sparse files in GNU or PAX format")
+    start, end = _OLD_GNU_REAL_SIZE
+    real_size = _parse_tar_number_as_go(block[start:end], base_256=True)
+    if real_size is None:
+        raise ValueError(f"header at offset {offset}: invalid real size {block[start:end]!r} of an old GNU "
+                         "sparse file; write it as octal digits followed by NUL or space")
+    entries = _read_old_gnu_sparse_entries(block, _OLD_GNU_SPARSE_MAP, _OLD_GNU_SPARSE_ENTRIES, offset)
+    return entries, block[_OLD_GNU_SPARSE_FLAG] != 0, real_size
+
+
+def _read_old_gnu_sparse_entries(block: bytes, start: int, count: int, offset: int) -> list[tuple[int, int]]:
+    """Return up to count (offset, length) map entries from byte start of block, a block at offset in the tar.
+
+    As in GNU tar and Go's archive/tar, the map ends at the first entry
+    whose offset field starts with NUL. Raises ValueError for a number that
+    Go cannot parse.
+    """
+    entries = []
+    for position in range(start, start + count * _SPARSE_ENTRY_SIZE, _SPARSE_ENTRY_SIZE):
+        if block[position] == 0:
+            break
+        fields = (block[position:position + 12], block[position + 12:position + 24])
+        numbers = [_parse_tar_number_as_go(field, base_256=True) for field in fields]
+        if None in numbers:
+            raise ValueError(f"invalid sparse map: the entry {b''.join(fields)!r} at byte {position} of the block "
+                             f"at offset {offset}; write its numbers as octal digits followed by NUL or space")
+        entries.append((numbers[0], numbers[1]))
+    return entries  # type: ignore[return-value]
+
+
+def _without_old_gnu_sparse_fields(block: bytes) -> bytes:
+    """Return block, a type S header, with its map, flag and real size zeroed and its checksum made again."""
+    copy = bytearray(block)
+    copy[_OLD_GNU_SPARSE_MAP:_OLD_GNU_REAL_SIZE[1]] = bytes(_OLD_GNU_REAL_SIZE[1] - _OLD_GNU_SPARSE_MAP)
+    copy[148:156] = b" " * 8  # the checksum counts its own field as spaces
+    copy[148:156] = b"%06o\0 " % sum(copy)
+    return bytes(copy)
 
 
 # Extended headers (PAX, GNU long names) in front of one entry, at most. A
@@ -5755,15 +5860,26 @@ def _apply_gnu_sparse(member: tarfile.TarInfo, pax_headers: dict[str, str], vers
     """
     if member.type in _HEADER_ONLY_TYPES:
         raise ValueError(f"GNU sparse records on entry {member.name!r} of type {member.type!r}, which has no data")
+    stored_size = member.size
     name = pax_headers.get("GNU.sparse.name")
     if name:
         member.name = name
     real_size = pax_headers.get("GNU.sparse.size") or pax_headers.get("GNU.sparse.realsize")
     if real_size:
         member.size = _parse_sparse_number("GNU.sparse.size", real_size)
+    if stored_size < 0:
+        raise ValueError(f"size {stored_size} is negative")
     if version == "1.0":
+        map_start = member.offset_data
         _read_sparse_map_1_0(member, stream)
+        # Go's archive/tar reads the map from the entry's stored data.
+        map_size = member.offset_data - map_start
+        if map_size > stored_size:
+            raise ValueError(f"GNU sparse map of {map_size} bytes is longer than the {stored_size} bytes "
+                             "of data that the archive stores for the entry")
+        member._btrfsdrv_stored_size = stored_size - map_size  # type: ignore[attr-defined]
         return
+    member._btrfsdrv_stored_size = stored_size  # type: ignore[attr-defined]
     count = _parse_sparse_number("GNU.sparse.numblocks", pax_headers.get("GNU.sparse.numblocks", ""))
     map_text = pax_headers.get("GNU.sparse.map", "")
     fields = map_text.split(",") if map_text else []
@@ -6051,31 +6167,35 @@ def _host_capability(value: bytes, uid_maps: Sequence[IDMap] | None) -> bytes | 
     return _capability_with_rootid(value, host_rootid)
 
 
-def _sparse_regions(member: tarfile.TarInfo, stored_size: int) -> list[tuple[int, int]]:
-    """Return the data regions (offset, length) of a GNU sparse member, checked against its sizes.
+def _check_sparse_map(member: tarfile.TarInfo) -> None:
+    """Raise ValueError unless the map of a GNU sparse member is one that Go's archive/tar accepts.
 
-    stored_size is the number of data bytes that the archive holds for the
-    member. Regions that add up to more would read the headers after it.
-    NOTE: stored_size is rounded up to whole 512-byte blocks, so regions may
-    read the padding, or use less than the data, where Go's archive/tar
-    rejects the member.
+    As validateSparseEntries, regions must be in order and within the file
+    size, empty regions too.
     """
     sparse_map: Any = member.sparse  # typeshed declares it an int
-    regions = []
     end = 0
-    total = 0
     for offset, length in sparse_map or ():
-        if length == 0:
-            continue  # GNU tar ends its maps with empty regions
-        if offset < end or length < 0 or offset + length > member.size:
+        if offset < 0 or length < 0 or offset < end or offset + length > member.size:
             raise ValueError(f"invalid sparse map: region at offset {offset} of length {length} overlaps "
                              f"the one before it or ends past the file size {member.size}")
-        regions.append((offset, length))
         end = offset + length
-        total += length
-    if total > stored_size:
+
+
+def _sparse_regions(member: tarfile.TarInfo) -> list[tuple[int, int]]:
+    """Return the data regions (offset, length) of a GNU sparse member, without empty ones.
+
+    As sparseFileReader of Go's archive/tar, which containers/storage reads
+    layers with, the regions must hold exactly the data that the archive
+    stores for the member. _check_sparse_map checked their order.
+    """
+    sparse_map: Any = member.sparse  # typeshed declares it an int
+    stored_size: int = member._btrfsdrv_stored_size  # type: ignore[attr-defined]
+    regions = [(offset, length) for offset, length in sparse_map if length]
+    total = sum(length for _, length in regions)
+    if total != stored_size:
         raise ValueError(f"invalid sparse map: its regions hold {total} bytes, but the archive stores "
-                         f"only {stored_size} bytes of data for the entry")
+                         f"{stored_size} bytes of data for the entry")
     return regions
 
 
@@ -7050,9 +7170,7 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
             return
         # A GNU sparse member: only its data regions are written, so holes
         # stay holes. The unbuffered reader never reads ahead into a hole.
-        # Its stored data runs up to the next header at tar.offset, padded to
-        # whole 512-byte blocks.
-        regions = _sparse_regions(member, tar.offset - member.offset_data)
+        regions = _sparse_regions(member)
         raw = source.raw
         for offset, length in regions:
             raw.seek(offset)
@@ -7099,6 +7217,7 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
             try:
                 _check_entry_type(member)
                 _check_entry_numbers(member)
+                _check_sparse_map(member)
                 applier.apply(member, copy_data)
             except ValueError as error:
                 raise ValueError(f"entry {member.name!r} at offset {member.offset}: {error}") from None

@@ -4128,7 +4128,7 @@ def test_apply_rejects_sparse_map_beyond_data(tmp_path):
     info, _ = entry("s")
     info.pax_headers = {"GNU.sparse.map": "0,4,100,600", "GNU.sparse.size": "1000", "GNU.sparse.numblocks": "2"}
     raw = make_tar([entry("first", data=b"1"), (info, b"12345678"), entry("next", data=b"2")])
-    with pytest.raises(ValueError, match=r"entry 's'.*invalid sparse map.*604 bytes.*only 512"):
+    with pytest.raises(ValueError, match=r"entry 's'.*invalid sparse map.*604 bytes.*stores 8 bytes"):
         apply(layer, raw)
     assert sorted(os.listdir(layer)) == ["first"]
 
@@ -5073,6 +5073,116 @@ def test_apply_bounds_old_gnu_sparse_map(tmp_path, blocks, end_early):
     with pytest.raises(ValueError, match="old GNU sparse map"):
         apply(layer, old_gnu_sparse_header(blocks, end_early))
     assert os.listdir(layer) == []
+
+
+def sparse_map_entries(entries):
+    """The raw map entries of an old GNU sparse header: (offset, length) pairs, or raw 24-byte fields."""
+    return b"".join(b"%011o\0%011o\0" % entry if isinstance(entry, tuple) else entry for entry in entries)
+
+
+NUL_ENTRY = b"\0" * 24  # ends the map in its block
+
+
+def raw_old_gnu_sparse(data, real_size, entries, extensions=(), magic=b"ustar  \0", size_field=None):
+    """A type S member s: its header holds entries, and each item of extensions is one extension block."""
+    real_size_field = real_size if isinstance(real_size, bytes) else b"%011o\0" % real_size
+    fields = {386: sparse_map_entries(entries), 482: b"\1" if extensions else b"\0", 483: real_size_field}
+    header = raw_header(b"s", size_field or b"%011o\0" % len(data), b"S", magic=magic, fields=fields)
+    blocks = b""
+    for index, extension in enumerate(extensions):
+        block = bytearray(512)
+        raw = sparse_map_entries(extension)
+        block[:len(raw)] = raw
+        block[504] = index + 1 < len(extensions)
+        blocks += bytes(block)
+    return header + blocks + data + b"\0" * (-len(data) % 512)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    pytest.param(raw_old_gnu_sparse(b"abcdwxyz", 104, [NUL_ENTRY], [[(0, 4), (100, 4)]]),
+                 b"abcd" + b"\0" * 96 + b"wxyz", id="offset-0-in-extension"),
+    pytest.param(raw_old_gnu_sparse(b"abcd", 8, [(0, 4), NUL_ENTRY, (2, 100)]),
+                 b"abcd" + b"\0" * 4, id="nul-entry-ends-map"),
+    pytest.param(raw_old_gnu_sparse(b"abcd", 8, [(0, 4), NUL_ENTRY + b"\xff" * 24 + b"zz"]),
+                 b"abcd" + b"\0" * 4, id="garbage-after-nul-entry"),
+    pytest.param(raw_old_gnu_sparse(b"abcd", b"\0" + b"%010o\0" % 4096, [(0, 4)]),
+                 b"abcd" + b"\0" * 4092, id="real-size-with-leading-nul"),
+    pytest.param(raw_old_gnu_sparse(b"abcdwxyz", 20, [(0, 4), (4, 0), (10, 4)], [[(16, 0)]]),
+                 b"abcd" + b"\0" * 6 + b"wxyz" + b"\0" * 6, id="empty-regions-in-order"),
+    pytest.param(raw_pax(size=b"4") + raw_old_gnu_sparse(b"abcd", 100, [(0, 4)], size_field=b"0" * 11 + b"\0"),
+                 b"abcd" + b"\0" * 96, id="pax-size-is-stored-size"),
+])
+def test_apply_reads_old_gnu_sparse_as_go(tmp_path, raw, expected):
+    # The expected contents are those that Go's archive/tar (readOldGNUSparseMap) reads.
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    assert apply(layer, raw + raw_member(b"next", b"2") + b"\0" * 1024) == len(expected) + 1
+    assert (layer / "s").read_bytes() == expected
+    assert (layer / "next").read_bytes() == b"2"
+
+
+@pytest.mark.parametrize("raw, message", [
+    pytest.param(raw_old_gnu_sparse(b"abcd", 8, [(0, 4)], magic=b"ustar\x0000"), "without GNU magic",
+                 id="ustar-magic"),
+    pytest.param(raw_old_gnu_sparse(b"abcd", 8, [(0, 4)], magic=bytes(8)), "without GNU magic", id="v7"),
+    pytest.param(raw_old_gnu_sparse(b"abcd", b"00000000010x", [(0, 4)]), "invalid real size", id="real-size"),
+    pytest.param(raw_old_gnu_sparse(b"abcd", 8, [b"0000000000x\0" + b"%011o\0" % 4]), "invalid sparse map",
+                 id="map-number"),
+    pytest.param(raw_old_gnu_sparse(b"abcd", 8, [NUL_ENTRY], [[(0, 4), b"-" * 24]]), "invalid sparse map",
+                 id="extension-number"),
+    pytest.param(raw_old_gnu_sparse(b"abcdefgh", 8, [(0, 4)]), "regions hold 4 bytes.*stores 8 bytes",
+                 id="unused-data"),
+    pytest.param(raw_old_gnu_sparse(b"abcd", 8, [(0, 8)]), "regions hold 8 bytes.*stores 4 bytes",
+                 id="regions-read-padding"),
+    pytest.param(raw_old_gnu_sparse(b"abcd", 20, [(10, 0), (5, 4)]), "region at offset 5 .* overlaps",
+                 id="empty-region-out-of-order"),
+    pytest.param(raw_old_gnu_sparse(b"abcd", 20, [(0, 4), (30, 0)]), "region at offset 30 .* past the file size",
+                 id="empty-region-past-size"),
+    pytest.param(raw_pax(size=b"-1") + raw_old_gnu_sparse(b"", 8, []), "PAX size -1 .* is negative",
+                 id="negative-pax-size"),
+])
+def test_apply_rejects_old_gnu_sparse_that_go_rejects(tmp_path, raw, message):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    with pytest.raises(ValueError, match=message):
+        apply(layer, raw_member(b"first", b"1") + raw + b"\0" * 1024)
+    assert os.listdir(layer) == ["first"]
+
+
+@pytest.mark.parametrize("records, data, message", [
+    pytest.param(SPARSE_1_0, sparse_1_0_data([b"1", b"0", b"2"]), "regions hold 2 bytes.*stores 4 bytes",
+                 id="1.0-unused-data"),
+    pytest.param(SPARSE_1_0, sparse_1_0_data([b"1", b"0", b"8"]), "regions hold 8 bytes.*stores 4 bytes",
+                 id="1.0-regions-read-padding"),
+    pytest.param(SPARSE_1_0 + [(b"size", b"100")], sparse_1_0_data([b"1", b"0", b"4"]),
+                 "map of 512 bytes is longer than the 100 bytes", id="1.0-map-longer-than-data"),
+    pytest.param(SPARSE_0_1 + [(b"GNU.sparse.size", b"10")], b"abcdefgh", "regions hold 4 bytes.*stores 8 bytes",
+                 id="0.1-unused-data"),
+])
+def test_apply_rejects_sparse_data_that_go_rejects(tmp_path, records, data, message):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    with pytest.raises(ValueError, match=message):
+        apply(layer, pax_header_tar(records, data))
+    assert os.listdir(layer) == ["first"]
+
+
+def test_apply_reads_old_gnu_sparse_map_of_many_regions(tmp_path):
+    # GNU tar writes the map entries past the first 4 into extension blocks.
+    source, layer = tmp_path / "source", tmp_path / "layer"
+    source.mkdir()
+    layer.mkdir()
+    with open(source / "sparse", "wb") as file:
+        for index in range(60):
+            file.seek(index * (1 << 20))
+            file.write(b"region %d" % index)
+        file.truncate(64 << 20)
+    raw = subprocess.run(["tar", "-C", str(source), "--sparse", "--format=gnu", "-cf", "-", "sparse"],
+                         stdout=subprocess.PIPE, check=True).stdout
+    assert raw[512 + 156:512 + 157] == b"S" or raw[156:157] == b"S"
+    assert apply(layer, raw) == 64 << 20
+    assert_same_sparse_contents(layer / "sparse", source / "sparse")
+    assert os.stat(layer / "sparse").st_blocks * 512 < 8 << 20
 
 
 def test_apply_bounds_sparse_1_0_map(tmp_path):
