@@ -5394,10 +5394,16 @@ def _bounded_tarinfo_class() -> Any:
                 # entries follow while their flag at byte 504 is set.
                 entries, is_extended, real_size = self._btrfsdrv_old_gnu_sparse  # type: ignore[attr-defined]
                 del self._sparse_structs  # type: ignore[attr-defined]  # tarfile's reading of the zeroed fields
-                stream = _BoundedReads(tarfile.fileobj, _EXTENDED_HEADER_MAX, header_error, "old GNU sparse map")
+                map_size = _OLD_GNU_SPARSE_HEADER_MAP_SIZE
                 while is_extended:
+                    map_size += _SPARSE_EXTENSION_MAP_SIZE
+                    if map_size >= _EXTENDED_HEADER_MAX:
+                        raise header_error(f"old GNU sparse map at offset {self.offset} is larger than "
+                                           f"{_EXTENDED_HEADER_MAX} bytes")
                     block_offset = tarfile.fileobj.tell()
-                    block = stream.read(block_size)
+                    block = tarfile.fileobj.read(block_size)
+                    if len(block) < block_size:
+                        raise header_error(f"old GNU sparse map at offset {self.offset} ends early")
                     entries += _read_old_gnu_sparse_entries(block, 0, _SPARSE_EXTENSION_ENTRIES, block_offset)
                     is_extended = block[_SPARSE_EXTENSION_FLAG] != 0
                 if self.size < 0:
@@ -5583,9 +5589,17 @@ def _check_header_as_go_reads(member: Any, block: bytes) -> None:
         member.uname = member.gname = ""
         member.devmajor = member.devminor = 0
     start, end = _TAR_NAME_PREFIX
+    if member.type == b"S" and _go_reads_gnu_prefix(block):
+        raise ValueError(f"header at offset {member.offset}: the access or change time field of this GNU "
+                         "header is not a number, so Go's archive/tar joins the bytes from offset 345 to the "
+                         "name as a prefix, but Python's tarfile ignores them; write the times as octal digits")
     if block[start] == 0 or member.type in _TAR_GNU_TYPES:
         return  # tarfile ignored the prefix too
-    if not is_ustar:
+    if is_gnu:
+        if _go_reads_gnu_prefix(block):
+            return  # Go joins the same prefix
+        problem = "Go's archive/tar reads those bytes of a GNU header as access and change times"
+    elif not is_ustar:
         problem = "Go's archive/tar ignores it without USTAR magic"
     elif block[508:512] == b"tar\0" and block.find(0, start, _TAR_STAR_PREFIX_END) < 0:
         problem = "Go's archive/tar reads only its first 131 bytes in a header with the STAR trailer"
@@ -5621,11 +5635,32 @@ def _parse_tar_number_as_go(field: bytes, base_256: bool) -> int | None:
     return value - 2**64 if value >= 2**63 else value
 
 
-# The old GNU sparse header (type S), as Go's archive/tar lays it out
-# (headerGNU and sparseArray in its format.go): map entries of a 12-byte
-# offset and a 12-byte length, 4 of them at byte 386, a flag at byte 482
-# that extension blocks follow, and the real file size at bytes 483 to 495.
-# Each extension block holds 21 entries and its own flag at byte 504.
+# The access and change time fields of a GNU header.
+_TAR_GNU_TIMES = ((345, 357), (357, 369))
+
+
+def _go_reads_gnu_prefix(block: bytes) -> bool:
+    """Return whether Go's archive/tar joins a prefix to the name in block, a header with GNU magic.
+
+    Go reads the times in readHeader, and where either does not parse, it
+    reads the bytes from offset 345 as a USTAR prefix, as Go before 1.8
+    wrote them. It joins them if they are ASCII up to the first NUL.
+    """
+    for start, end in _TAR_GNU_TIMES:
+        if block[start] != 0 and _parse_tar_number_as_go(block[start:end], base_256=True) is None:
+            break
+    else:
+        return False
+    prefix = block[_TAR_NAME_PREFIX[0]:_TAR_NAME_PREFIX[1]].split(b"\0", 1)[0]
+    return bool(prefix) and prefix.isascii()
+
+
+# The old GNU sparse header (type S), as headerGNU and sparseArray of Go's
+# archive/tar (format.go) lay it out. Its map starts at byte 386 with 4
+# entries, each a 12-byte offset and a 12-byte length. The byte at 482 is
+# set when an extension block follows, and bytes 483 to 495 contain the
+# real file size. Each extension block contains 21 entries and its own flag
+# at byte 504.
 _OLD_GNU_SPARSE_MAP = 386
 _OLD_GNU_SPARSE_ENTRIES = 4
 _OLD_GNU_SPARSE_FLAG = 482
@@ -5633,6 +5668,11 @@ _OLD_GNU_REAL_SIZE = (483, 495)
 _SPARSE_ENTRY_SIZE = 24
 _SPARSE_EXTENSION_ENTRIES = 21
 _SPARSE_EXTENSION_FLAG = 504
+# The bytes of map that readOldGNUSparseMap of Go's archive/tar counts for
+# the header and for each extension block. It rejects maps whose count
+# reaches maxSpecialFileSize, 1 MiB.
+_OLD_GNU_SPARSE_HEADER_MAP_SIZE = _OLD_GNU_SPARSE_ENTRIES * _SPARSE_ENTRY_SIZE + 1
+_SPARSE_EXTENSION_MAP_SIZE = _SPARSE_EXTENSION_ENTRIES * _SPARSE_ENTRY_SIZE + 1
 
 
 def _read_old_gnu_sparse_header(block: bytes, offset: int) -> tuple[list[tuple[int, int]], bool, int]:
@@ -5699,29 +5739,6 @@ class _ExtendedHeaderChain:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.tar._btrfsdrv_header_chain -= 1
-
-
-class _BoundedReads:
-    """A stream that raises error once more than limit bytes were read, or a read comes up short."""
-
-    def __init__(self, stream: Any, limit: int, error: type[Exception], description: str) -> None:
-        self.stream = stream
-        self.limit = limit
-        self.remaining = limit
-        self.error = error
-        self.description = description
-
-    def read(self, size: int) -> bytes:
-        self.remaining -= size
-        if self.remaining < 0:
-            raise self.error(f"{self.description} is larger than {self.limit} bytes")
-        data: bytes = self.stream.read(size)
-        if len(data) < size:
-            raise self.error(f"{self.description} ends early")
-        return data
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.stream, name)
 
 
 # The maximum number of digits in a PAX record's length, as in tarfile of CPython 3.13.
@@ -6170,8 +6187,8 @@ def _host_capability(value: bytes, uid_maps: Sequence[IDMap] | None) -> bytes | 
 def _check_sparse_map(member: tarfile.TarInfo) -> None:
     """Raise ValueError unless the map of a GNU sparse member is one that Go's archive/tar accepts.
 
-    As validateSparseEntries, regions must be in order and within the file
-    size, empty regions too.
+    As validateSparseEntries of Go's archive/tar requires, regions must be in
+    order and within the file size, empty regions too.
     """
     sparse_map: Any = member.sparse  # typeshed declares it an int
     end = 0
@@ -6185,9 +6202,10 @@ def _check_sparse_map(member: tarfile.TarInfo) -> None:
 def _sparse_regions(member: tarfile.TarInfo) -> list[tuple[int, int]]:
     """Return the data regions (offset, length) of a GNU sparse member, without empty ones.
 
-    As sparseFileReader of Go's archive/tar, which containers/storage reads
-    layers with, the regions must hold exactly the data that the archive
-    stores for the member. _check_sparse_map checked their order.
+    Raises ValueError unless the regions add up to exactly the data that the
+    archive stores for the member, as sparseFileReader of Go's archive/tar
+    (which containers/storage reads layers with) requires.
+    _check_sparse_map checked their order.
     """
     sparse_map: Any = member.sparse  # typeshed declares it an int
     stored_size: int = member._btrfsdrv_stored_size  # type: ignore[attr-defined]

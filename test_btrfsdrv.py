@@ -5013,8 +5013,8 @@ def test_apply_rejects_types_go_reads_differently(tmp_path, raw, match):
 @pytest.mark.parametrize("raw, match", [
     pytest.param(raw_member(b"visible", b"x", magic=b"\0" * 8, prefix=b"evil"),
                  r"offset 0 .*prefix", id="v7-prefix"),
-    pytest.param(raw_member(b"visible", b"x", magic=b"ustar  \0", prefix=b"evil"),
-                 r"offset 0 .*prefix", id="gnu-prefix"),
+    pytest.param(raw_member(b"visible", b"x", magic=b"ustar  \0", prefix=b"00000000001\0" + b"00000000002\0"),
+                 r"offset 0 .*prefix .*access and change times", id="gnu-prefix"),
     pytest.param(raw_header(b"visible", b"00000000001\0", fields={108: b"+000001\0"}) + b"x" + b"\0" * 511,
                  r"offset 0 .*uid", id="uid-with-sign"),
     pytest.param(raw_header(b"visible", b"00000000001\0", fields={116: b"0o00001\0"}) + b"x" + b"\0" * 511,
@@ -5028,6 +5028,15 @@ def test_apply_rejects_headers_go_reads_differently(tmp_path, raw, match):
     with pytest.raises(ValueError, match=match):
         apply(layer, raw + b"\0" * 1024)
     assert os.listdir(layer) == []
+
+
+def test_apply_joins_gnu_prefix_where_times_are_invalid(tmp_path):
+    # Go's archive/tar reads such a header as Go before 1.8 wrote it, with a
+    # USTAR prefix, and so does tarfile.
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    apply(layer, raw_member(b"visible", b"x", magic=b"ustar  \0", prefix=b"dir") + b"\0" * 1024)
+    assert (layer / "dir" / "visible").read_bytes() == b"x"
 
 
 def extended_header(kind, body):
@@ -5083,10 +5092,14 @@ def sparse_map_entries(entries):
 NUL_ENTRY = b"\0" * 24  # ends the map in its block
 
 
-def raw_old_gnu_sparse(data, real_size, entries, extensions=(), magic=b"ustar  \0", size_field=None):
-    """A type S member s: its header holds entries, and each item of extensions is one extension block."""
+def raw_old_gnu_sparse(data, real_size, entries, extensions=(), magic=b"ustar  \0", size_field=None, times=b""):
+    """A type S member s: its header contains entries, and each item of extensions is one extension block.
+
+    times is the raw bytes from offset 345, where the access and change time fields are.
+    """
     real_size_field = real_size if isinstance(real_size, bytes) else b"%011o\0" % real_size
-    fields = {386: sparse_map_entries(entries), 482: b"\1" if extensions else b"\0", 483: real_size_field}
+    fields = {345: times, 386: sparse_map_entries(entries), 482: b"\1" if extensions else b"\0",
+              483: real_size_field}
     header = raw_header(b"s", size_field or b"%011o\0" % len(data), b"S", magic=magic, fields=fields)
     blocks = b""
     for index, extension in enumerate(extensions):
@@ -5111,6 +5124,10 @@ def raw_old_gnu_sparse(data, real_size, entries, extensions=(), magic=b"ustar  \
                  b"abcd" + b"\0" * 6 + b"wxyz" + b"\0" * 6, id="empty-regions-in-order"),
     pytest.param(raw_pax(size=b"4") + raw_old_gnu_sparse(b"abcd", 100, [(0, 4)], size_field=b"0" * 11 + b"\0"),
                  b"abcd" + b"\0" * 96, id="pax-size-is-stored-size"),
+    pytest.param(raw_old_gnu_sparse(b"abcd", 4, [(0, 4)], times=b"00000000001\0" + b"00000000002\0"),
+                 b"abcd", id="gnu-times"),
+    pytest.param(raw_old_gnu_sparse(b"abcd", 4, [(0, 4)], times=b"\0" * 12 + b"dir\0"),
+                 b"abcd", id="invalid-change-time-without-prefix"),
 ])
 def test_apply_reads_old_gnu_sparse_as_go(tmp_path, raw, expected):
     # The expected contents are those that Go's archive/tar (readOldGNUSparseMap) reads.
@@ -5140,6 +5157,8 @@ def test_apply_reads_old_gnu_sparse_as_go(tmp_path, raw, expected):
                  id="empty-region-past-size"),
     pytest.param(raw_pax(size=b"-1") + raw_old_gnu_sparse(b"", 8, []), "PAX size -1 .* is negative",
                  id="negative-pax-size"),
+    pytest.param(raw_old_gnu_sparse(b"abcd", 4, [(0, 4)], times=b"evil/dir\0"), "joins the bytes from offset 345",
+                 id="prefix-in-access-time"),
 ])
 def test_apply_rejects_old_gnu_sparse_that_go_rejects(tmp_path, raw, message):
     layer = tmp_path / "layer"
@@ -5167,7 +5186,7 @@ def test_apply_rejects_sparse_data_that_go_rejects(tmp_path, records, data, mess
     assert os.listdir(layer) == ["first"]
 
 
-def test_apply_reads_old_gnu_sparse_map_of_many_regions(tmp_path):
+def test_apply_old_gnu_sparse_many_regions(tmp_path):
     # GNU tar writes the map entries past the first 4 into extension blocks.
     source, layer = tmp_path / "source", tmp_path / "layer"
     source.mkdir()
@@ -5179,10 +5198,21 @@ def test_apply_reads_old_gnu_sparse_map_of_many_regions(tmp_path):
         file.truncate(64 << 20)
     raw = subprocess.run(["tar", "-C", str(source), "--sparse", "--format=gnu", "-cf", "-", "sparse"],
                          stdout=subprocess.PIPE, check=True).stdout
-    assert raw[512 + 156:512 + 157] == b"S" or raw[156:157] == b"S"
+    assert raw[156:157] == b"S"
     assert apply(layer, raw) == 64 << 20
     assert_same_sparse_contents(layer / "sparse", source / "sparse")
     assert os.stat(layer / "sparse").st_blocks * 512 < 8 << 20
+
+
+def test_apply_old_gnu_sparse_map_limit(tmp_path):
+    # Go's archive/tar counts 97 bytes for the header's map and 505 for each
+    # extension block, and rejects a count of 1 MiB, so it reads 2,076 blocks.
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    apply(layer, old_gnu_sparse_header(2075))
+    assert (layer / "s").stat().st_size == 0
+    with pytest.raises(ValueError, match="old GNU sparse map at offset 0 is larger than 1048576 bytes"):
+        apply(layer, old_gnu_sparse_header(2076))
 
 
 def test_apply_bounds_sparse_1_0_map(tmp_path):
