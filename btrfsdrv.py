@@ -4857,6 +4857,12 @@ class _TarInput(io.RawIOBase):
             return None
         return bytes(self.tail[start:start + 512])
 
+    def bytes_at(self, offset: int, size: int) -> bytes:
+        """Return the bytes read from offset on, at most size of them; offset must be within the kept tail."""
+        start = offset - (self.position - len(self.tail))
+        assert start >= 0, "the bytes at offset are no longer kept"
+        return bytes(self.tail[start:start + size])
+
 
 # Memory that the xz decoder may use. liblzma needs the dictionary size that
 # a stream's header states plus about 1 MiB, so streams of xz -9 and -9e
@@ -5050,6 +5056,23 @@ def _decompressed(counting: _CountingReader) -> _TarInput:
         # _ZstdReader raises _CorruptStream itself.
         return _TarInput(io.BufferedReader(_ZstdReader(raw), buffer_size=_COPY_CHUNK), "zstd")
     return _TarInput(raw)
+
+
+def _check_block_after_end(tar_input: _TarInput, offset: int) -> None:
+    """Raise ValueError unless the 512 bytes at offset, after the first zero block of a tar, are zeros or absent.
+
+    tarfile ends a tar at its first zero block. Go's archive/tar (readHeader)
+    ends it there only when the stream ends or a second zero block follows,
+    and rejects the tar otherwise, so entries after a lone zero block are
+    never dropped without an error.
+    """
+    end = offset + 512
+    while tar_input.position < end and tar_input.read(end - tar_input.position):
+        pass
+    block = tar_input.bytes_at(offset, 512)
+    if block and block != bytes(512):
+        raise ValueError(f"invalid layer tar at offset {offset}: the zero block before it is followed by data, "
+                         "not by a second zero block, so Go's archive/tar rejects the tar")
 
 
 def _read_to_end(tar_input: _TarInput) -> None:
@@ -5506,11 +5529,18 @@ def _bounded_tarinfo_class() -> Any:
 
             def _decode_kept_records(self, pax_records: dict[bytes, bytes], sparse: bool,
                                      tarfile: Any) -> dict[str, str]:
-                """Decode the records that the applier uses, as tarfile decodes them."""
+                """Decode the records that the applier uses, as tarfile decodes them.
+
+                As mergePAX of Go's archive/tar does, it drops empty records
+                of header fields, so that the header's value stays. Empty
+                xattr and GNU.sparse records stay, because Go keeps them.
+                """
                 name_encoding = tarfile.encoding if pax_records.get(b"hdrcharset") == b"BINARY" else "utf-8"
                 pax_headers = {}
                 for key, value in pax_records.items():
                     if not _is_kept_pax_keyword(key, sparse):
+                        continue
+                    if not value and not key.startswith((b"SCHILY.xattr.", b"GNU.sparse.")):
                         continue
                     keyword = self._decode_pax_field(key, "utf-8", "utf-8", tarfile.errors)  # type: ignore[attr-defined]
                     encoding = name_encoding if keyword in _PAX_NAME_FIELDS else "utf-8"
@@ -7258,6 +7288,7 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
             raise ValueError(f"invalid layer tar at offset {tar.offset} (after entry {last_name!r}): "
                              "truncated or corrupt, no end-of-archive block")
         try:
+            _check_block_after_end(tar_input, tar.offset + tarfile.BLOCKSIZE)
             _read_to_end(tar_input)
         except _CorruptStream as error:
             raise ValueError(f"invalid layer tar at offset {tar_input.position} (after the end-of-archive "

@@ -4913,6 +4913,9 @@ HIDDEN_MEMBER = raw_member(b"hidden", b"smuggled\n")  # 1024 bytes
                  {"header": b"x"}, id="long-name-then-global"),
     pytest.param(raw_header(b"visible", b"\x000000002000\x00") + HIDDEN_MEMBER,
                  {"visible": HIDDEN_MEMBER}, id="size-with-leading-nul"),
+    pytest.param(raw_pax(path=b"") + raw_member(b"header", b"x"), {"header": b"x"}, id="empty-pax-path"),
+    pytest.param(raw_pax(size=b"", mtime=b"", uid=b"", gid=b"") + raw_member(b"header", b"xyz"),
+                 {"header": b"xyz"}, id="empty-pax-numbers"),
 ])
 def test_apply_reads_headers_as_go(tmp_path, raw, expected):
     layer = tmp_path / "layer"
@@ -5028,6 +5031,38 @@ def test_apply_rejects_headers_go_reads_differently(tmp_path, raw, match):
     with pytest.raises(ValueError, match=match):
         apply(layer, raw + b"\0" * 1024)
     assert os.listdir(layer) == []
+
+
+@pytest.mark.parametrize("after", [b"", b"\0" * 512, b"\0" * 1024 + raw_member(b"ignored", b"x")],
+                         ids=["end-of-stream", "second-zero-block", "data-after-two-zero-blocks"])
+def test_apply_ends_tar_at_zero_blocks(tmp_path, after):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    apply(layer, raw_member(b"first", b"1") + b"\0" * 512 + after)
+    assert os.listdir(layer) == ["first"]
+
+
+@pytest.mark.parametrize("after", [raw_member(b"hidden", b"x") + b"\0" * 1024, b"\0" * 100, b"\0" * 511 + b"x"],
+                         ids=["entry", "short-block", "nonzero-byte"])
+def test_apply_rejects_data_after_one_zero_block(tmp_path, after):
+    # Go's archive/tar rejects a tar whose first zero block is followed by anything but a zero block or its end.
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    with pytest.raises(ValueError, match=r"offset 1536: the zero block before it is followed by data"):
+        apply(layer, raw_member(b"first", b"1") + b"\0" * 512 + after)
+
+
+def test_apply_keeps_header_values_for_empty_pax_records(tmp_path):
+    # Go's mergePAX skips empty records, but keeps empty xattr records in PAXRecords.
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    raw = (raw_pax(linkpath=b"") + raw_header(b"link", b"00000000000\0", b"2", fields={157: b"target"})
+           + raw_pax(mtime=b"", **{"SCHILY.xattr.user.empty": b""})
+           + raw_member(b"file", b"x", fields={136: b"00000001750\0"}))
+    apply(layer, raw + b"\0" * 1024)
+    assert os.readlink(layer / "link") == "target"
+    assert os.stat(layer / "file").st_mtime == 1000
+    assert os.getxattr(layer / "file", "user.empty") == b""
 
 
 def test_apply_joins_gnu_prefix_where_times_are_invalid(tmp_path):
