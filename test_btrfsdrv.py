@@ -5004,6 +5004,18 @@ def test_apply_keeps_long_link_over_pax_linkpath(tmp_path):
                  r"offset 0: .*'dir/'.*'/'", id="long-name-adds-slash"),
     pytest.param(raw_member(b"pax", pax_record(b"path", b"x"), b"X") + raw_member(b"f", b"x"),
                  r"offset 0 .*type 'X'", id="solaris-extended-header"),
+    pytest.param(raw_member(b"", HIDDEN_MEMBER, b"\0", prefix=b"dir"),
+                 r"offset 0: .*'dir/'.*'/'", id="prefix-with-empty-name"),
+    pytest.param(raw_member(b"", HIDDEN_MEMBER, b"\0", magic=b"ustar  \0", prefix=b"dir"),
+                 r"offset 0: .*'dir/'.*'/'", id="gnu-prefix-with-empty-name"),
+    pytest.param(raw_pax(path=b"dir/", **{"GNU.sparse.major": b"1", "GNU.sparse.minor": b"0",
+                                          "GNU.sparse.name": b"file"})
+                 + raw_member(b"x", sparse_1_0_data([b"1", b"0", b"4"]), b"\0"),
+                 r"offset 0: .*'dir/'.*'/'", id="sparse-name-after-pax-path"),
+    pytest.param(raw_long_name(b"dir/") + raw_pax(**{"GNU.sparse.major": b"1", "GNU.sparse.minor": b"0",
+                                                     "GNU.sparse.name": b"file"})
+                 + raw_member(b"x", sparse_1_0_data([b"1", b"0", b"4"]), b"\0"),
+                 r"offset 0: .*'dir/'.*'/'", id="sparse-name-after-long-name"),
 ])
 def test_apply_rejects_types_go_reads_differently(tmp_path, raw, match):
     layer = tmp_path / "layer"
@@ -5024,6 +5036,10 @@ def test_apply_rejects_types_go_reads_differently(tmp_path, raw, match):
                  r"offset 0 .*gid", id="gid-with-base-prefix"),
     pytest.param(raw_header(b"visible", b"00000000001\0", fields={136: b"\t0000000001\0"}) + b"x" + b"\0" * 511,
                  r"offset 0 .*mtime", id="mtime-with-tab"),
+    pytest.param(raw_member(b"visible", b"x", fields={476: b"evil", 508: b"tar\0"}),
+                 r"offset 0: the access time field b'evil.*STAR header", id="star-access-time"),
+    pytest.param(raw_member(b"visible", b"x", fields={488: b"9" * 12, 508: b"tar\0"}),
+                 r"offset 0: the change time field .*STAR header", id="star-change-time"),
 ])
 def test_apply_rejects_headers_go_reads_differently(tmp_path, raw, match):
     layer = tmp_path / "layer"
@@ -5031,6 +5047,30 @@ def test_apply_rejects_headers_go_reads_differently(tmp_path, raw, match):
     with pytest.raises(ValueError, match=match):
         apply(layer, raw + b"\0" * 1024)
     assert os.listdir(layer) == []
+
+
+@pytest.mark.parametrize("raw, match", [
+    pytest.param(raw_header(b"link", b"00000000000\0", b"2"), "symlink target is empty", id="empty-target"),
+    pytest.param(raw_pax(linkpath=b"") + raw_header(b"link", b"00000000000\0", b"2"), "symlink target is empty",
+                 id="empty-target-after-empty-linkpath"),
+    pytest.param(raw_header(b"dev", b"00000000000\0", b"3", fields={329: b"0010000\0"}),
+                 r"devmajor 4096 is out of range \(0 to 4095\)", id="major"),
+    pytest.param(raw_header(b"dev", b"00000000000\0", b"4", fields={337: b"4000000\0"}),
+                 r"devminor 1048576 is out of range \(0 to 1048575\)", id="minor"),
+])
+def test_apply_rejects_entries_linux_cannot_make(tmp_path, raw, match):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    with pytest.raises(ValueError, match=match):
+        apply(layer, raw + b"\0" * 1024)
+    assert os.listdir(layer) == []
+
+
+def test_apply_ignores_device_numbers_of_files(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    apply(layer, raw_member(b"file", b"x", fields={329: b"7777777\0"}) + b"\0" * 1024)
+    assert (layer / "file").read_bytes() == b"x"
 
 
 @pytest.mark.parametrize("after", [b"", b"\0" * 512, b"\0" * 1024 + raw_member(b"ignored", b"x")],
