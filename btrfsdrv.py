@@ -1741,9 +1741,11 @@ class _QuotaFileAside:
     under its temporary name and unlocked, so the next Driver init deletes
     it.  NOTE: that also happens when the kill comes before the delete, and
     the surviving layer then has no quota file until it is created again.
-    An entry that is not a regular file stays under its name.  After the
-    delete it is deleted only while it is still the inode found before,
-    because another process may then create the id and write its own.
+    An entry that is not a regular file stays under its name, and so does
+    a quota file that could not be renamed, for example on a filesystem
+    with no metadata space left.  After the delete such an entry is deleted
+    only while it is still the inode found before, because another process
+    may then create the id and write its own.
     """
 
     def __init__(self, quotas_dir: str, name: bytes, layer_path: str) -> None:
@@ -1760,11 +1762,18 @@ class _QuotaFileAside:
         try:
             self._set_aside()
         except OSError as error:
-            log.warning("could not rename %s during the remove of its layer: %s; if it outlives the layer, "
-                        "delete it by hand", self.quota_file, error)
-            self._close()
-            self.found = None
+            self._keep_name(error)
         return self
+
+    def _keep_name(self, error: OSError) -> None:
+        """Log why _set_aside failed, leaving the entry found, if any, to _delete_found."""
+        if self.found is None:
+            log.warning("could not stat %s during the remove of its layer: %s; if it outlives the layer, "
+                        "delete it by hand", self.quota_file, error.strerror)
+            self._close()
+            return
+        log.warning("could not open and lock %s during the remove of its layer: %s; it is deleted once the "
+                    "layer is", self.quota_file, error.strerror)
 
     def _set_aside(self) -> None:
         try:
@@ -1788,7 +1797,13 @@ class _QuotaFileAside:
         if not os.path.samestat(st, os.stat(self.name, dir_fd=self.quotas_fd, follow_symlinks=False)):
             return
         temporary = _temporary_name(self.name)
-        os.rename(self.name, temporary, src_dir_fd=self.quotas_fd, dst_dir_fd=self.quotas_fd)
+        try:
+            os.rename(self.name, temporary, src_dir_fd=self.quotas_fd, dst_dir_fd=self.quotas_fd)
+        except OSError as error:
+            log.warning("could not rename %s to %s during the remove of its layer: %s; it is deleted once the "
+                        "layer is", self.quota_file, os.path.join(self.quotas_dir, os.fsdecode(temporary)),
+                        error.strerror)
+            return
         self.temporary = temporary
         log.debug("renamed %s to %s during the remove of its layer", self.quota_file, os.fsdecode(temporary))
 

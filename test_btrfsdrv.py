@@ -2995,6 +2995,66 @@ def test_failed_remove_restores_quota_file(tmp_path):
     assert os.listdir(quotas) == ["layer"]
 
 
+def fail_rename_with_enospc(monkeypatch):
+    """Make os.rename fail as it does on a filesystem whose metadata is full."""
+    def rename(source, destination, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), source, None, destination)
+
+    monkeypatch.setattr(os, "rename", rename)
+
+
+def test_unrenamed_quota_file_deleted_after_layer(tmp_path, monkeypatch, caplog):
+    quotas = tmp_path / "quotas"
+    quotas.mkdir()
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    (quotas / "layer").write_bytes(b"1000")
+    fail_rename_with_enospc(monkeypatch)
+
+    with btrfsdrv._QuotaFileAside(str(quotas), b"layer", str(layer)):
+        assert os.listdir(quotas) == ["layer"]
+        layer.rmdir()
+
+    assert os.listdir(quotas) == []
+    assert f"could not rename {quotas / 'layer'} to {quotas}/.layer." in caplog.text
+    assert "No space left on device" in caplog.text
+    assert "b'" not in caplog.text
+
+
+def test_failed_remove_keeps_unrenamed_quota_file(tmp_path, monkeypatch):
+    quotas = tmp_path / "quotas"
+    quotas.mkdir()
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    (quotas / "layer").write_bytes(b"1000")
+    fail_rename_with_enospc(monkeypatch)
+
+    with pytest.raises(OSError, match="delete failed"):
+        with btrfsdrv._QuotaFileAside(str(quotas), b"layer", str(layer)):
+            raise OSError(errno.EIO, "delete failed")
+
+    assert (quotas / "layer").read_bytes() == b"1000"
+    assert os.listdir(quotas) == ["layer"]
+
+
+def test_unrenamed_quota_file_spares_replacement(tmp_path, monkeypatch):
+    quotas = tmp_path / "quotas"
+    quotas.mkdir()
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    (quotas / "layer").write_bytes(b"1000")
+    fail_rename_with_enospc(monkeypatch)
+
+    with btrfsdrv._QuotaFileAside(str(quotas), b"layer", str(layer)):
+        layer.rmdir()
+        # Another process creates the id again and writes its quota file.
+        (quotas / "new").write_bytes(b"2000")
+        os.replace(quotas / "new", quotas / "layer")
+
+    assert (quotas / "layer").read_bytes() == b"2000"
+    assert os.listdir(quotas) == ["layer"]
+
+
 def test_remove_keeps_quota_file_of_new_layer(driver, fs, monkeypatch):
     driver.create("layer", storage_opt={"size": "16m"})
     original = btrfsdrv.Driver._destroy_layer_subvolume
@@ -8607,6 +8667,43 @@ def test_full_filesystem(tmp_path):
             assert driver.list_layers() == []
         os.unlink(small.path("filler"))
         assert_no_subvolumes(small)
+
+
+def fill_metadata(directory, maximum_files=100000):
+    """Create files with 12,000-byte xattrs in directory until 51 in a row fail, as they do when metadata is full."""
+    failures = 0
+    for number in range(maximum_files):
+        path = os.path.join(directory, f"inode-{number}")
+        try:
+            with open(path, "wb"):
+                pass
+            os.setxattr(path, "user.padding", b"x" * 12000)
+        except OSError:
+            failures += 1
+            if failures > 50:
+                return
+        else:
+            failures = 0
+
+
+def test_full_filesystem_remove_deletes_quota_file(tmp_path, caplog):
+    with loopback_btrfs(tmp_path, size=SMALL_IMAGE) as small:
+        with btrfsdrv.Driver(small.path("home"), ["btrfs.min_space=1m"]) as driver:
+            driver.create_read_write("box", storage_opt={"size": "8m"})
+            driver.create_read_write("filler")
+            filler = driver.get("filler")
+            for number in range(SMALL_IMAGE // (4 * 1024**2)):
+                if write_until_error(os.path.join(filler, f"data-{number}"), maximum=4 * 1024**2):
+                    break
+            fill_metadata(filler)
+            os.sync()
+
+            driver.remove("box")
+
+            assert driver.list_layers() == ["filler"]
+            assert os.listdir(os.path.join(driver.home, "quotas")) == []
+            assert "b'" not in caplog.text
+            driver.remove("filler")
 
 
 def test_layer_at_its_limit(fs):
