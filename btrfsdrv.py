@@ -6299,12 +6299,15 @@ class _LayerApplier:
             return None
         return (uid if uid is not None else root_uid), (gid if gid is not None else root_gid)
 
-    def chown(self, function: Callable[[], None], path: str) -> None:
+    def chown(self, function: Callable[[], None], owner: tuple[int, int], path: str) -> None:
+        """Run function, a chown of the entry at path to owner, applying ignore_chown_errors."""
         try:
             function()
         except OSError as error:
             if not self.ignore_chown_errors or error.errno not in (errno.EPERM, errno.EINVAL):
-                raise
+                uid, gid = owner
+                raise _os_error(error.errno, f"change owner to {uid}:{gid}", path,
+                                _unmapped_owner_hint(error.errno, uid, gid, _APPLY_UNMAPPED_REMEDY)) from None
             if not self.warned_chown:
                 log.warning("cannot set owners in the layer, keeping the default ones: %s (first: %s)",
                             error, path)
@@ -6379,7 +6382,7 @@ class _LayerApplier:
         """Set owner, mode, extended attributes and (for files) times through an fd."""
         owner = self.host_owner(member, path)
         if owner is not None:
-            self.chown(lambda: os.fchown(fd, *owner), path)
+            self.chown(lambda: os.fchown(fd, *owner), owner, path)
         # chmod after chown, because chown clears setuid and setgid.
         os.fchmod(fd, member.mode & 0o7777)
         # security.capability last, because chown removes it too.
@@ -6393,7 +6396,7 @@ class _LayerApplier:
         """Set metadata on a new symlink, device node or FIFO, which are never opened."""
         owner = self.host_owner(member, path)
         if owner is not None:
-            self.chown(lambda: os.chown(name, *owner, dir_fd=dir_fd, follow_symlinks=False), path)
+            self.chown(lambda: os.chown(name, *owner, dir_fd=dir_fd, follow_symlinks=False), owner, path)
         if not member.issym():
             os.chmod(name, member.mode & 0o7777, dir_fd=dir_fd)
             for key, value in self.host_xattrs(member).items():
@@ -7479,16 +7482,26 @@ def _is_mapped_here(map_file: str, value: int) -> bool:
     return False
 
 
-def _unmapped_owner_hint(err: int | None, uid: int, gid: int) -> str:
-    """Return the hint for a chown to uid:gid that failed with err; EINVAL means an id is not mapped here."""
+_REMAP_UNMAPPED_REMEDY = ("remap to host ids that this namespace maps, or run the remap in a namespace that maps "
+                          "them, or as root on the host")
+_APPLY_UNMAPPED_REMEDY = ("set ignore_chown_errors=True (--ignore-chown-errors on the command line) to keep the "
+                          "owner that the entry was created with, pass ID maps that map the entry's owner to ids "
+                          "that this namespace maps, or apply in a namespace that maps the entry's owner or as root "
+                          "on the host")
+
+
+def _unmapped_owner_hint(err: int | None, uid: int, gid: int, remedy: str = _REMAP_UNMAPPED_REMEDY) -> str:
+    """Return the hint for a chown to uid:gid that failed with err; EINVAL means an id is not mapped here.
+
+    The hint ends with remedy, the fix that it suggests.
+    """
     if err != errno.EINVAL:
         return ""
     unmapped = [f"{kind} {value}" for kind, value, map_file in
                 (("uid", uid, "/proc/self/uid_map"), ("gid", gid, "/proc/self/gid_map"))
                 if not _is_mapped_here(map_file, value)] or [f"uid {uid} or gid {gid}"]
     return (f"{' and '.join(unmapped)} {'is' if len(unmapped) == 1 else 'are'} not mapped in this user namespace "
-            "(check /proc/self/uid_map and /proc/self/gid_map); remap to host ids that this namespace maps, "
-            "or run the remap in a namespace that maps them, or as root on the host")
+            f"(check /proc/self/uid_map and /proc/self/gid_map); {remedy}")
 
 
 def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], Sequence[IDMap]] | None,

@@ -8620,6 +8620,72 @@ def test_remap_to_unmapped_host_id_names_namespace(fs):
     assert "5000" in result.stdout
 
 
+
+_UNMAPPED_APPLY_CHILD = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import btrfsdrv
+
+try:
+    with open(sys.argv[3], "rb") as stream:
+        btrfsdrv.Driver(sys.argv[2]).apply_diff("layer", stream)
+    print(json.dumps({"errno": None}))
+except OSError as error:
+    print(json.dumps({"errno": error.errno, "filename": error.filename, "message": str(error)}))
+"""
+
+
+def write_gid_42_tar(directory):
+    """Write a layer tar whose etc/shadow has gid 42 and return its path."""
+    shadow, data = entry("etc/shadow", data=b"1")
+    shadow.gid = 42
+    path = os.path.join(directory, "gid42.tar")
+    write(path, make_tar([entry("etc", tarfile.DIRTYPE), (shadow, data)]))
+    return path
+
+
+def run_cli_in_user_namespace(home, tar_path, *arguments):
+    """Run the command line under unshare -Ur, which maps only uid and gid 0, with tar_path on stdin."""
+    with open(tar_path, "rb") as stream:
+        return subprocess.run(["unshare", "-Ur", sys.executable, btrfsdrv.__file__, "--home", home, *arguments],
+                              stdin=stream, capture_output=True, text=True)
+
+
+def test_apply_names_gid_unmapped_in_namespace(fs):
+    home = fs.path("home")
+    with btrfsdrv.Driver(home) as driver:
+        driver.create("layer")
+    tar_path = write_gid_42_tar(fs.directory)
+    module_dir = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
+
+    result = subprocess.run(["unshare", "-Ur", sys.executable, "-c", _UNMAPPED_APPLY_CHILD, module_dir, home,
+                             tar_path], capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    assert outcome["errno"] == errno.EINVAL
+    assert outcome["filename"] == os.path.join(home, "subvolumes", "layer")
+    assert "apply entry 'etc/shadow' at offset 512 failed" in outcome["message"]
+    assert "gid 42 is not mapped in this user namespace" in outcome["message"]
+    assert "uid 0" not in outcome["message"]
+    assert "ignore_chown_errors=True" in outcome["message"]
+    assert "ID maps" in outcome["message"]
+
+
+def test_cli_apply_names_unmapped_gid(fs):
+    home = fs.path("home")
+    with btrfsdrv.Driver(home) as driver:
+        driver.create("layer")
+    tar_path = write_gid_42_tar(fs.directory)
+
+    result = run_cli_in_user_namespace(home, tar_path, "apply", "layer")
+
+    assert result.returncode == btrfsdrv.EXIT_FAILURE
+    assert "gid 42 is not mapped in this user namespace" in result.stderr
+    assert "--ignore-chown-errors" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 SMALL_IMAGE = 256 * 1024**2
 
 
