@@ -7759,6 +7759,10 @@ def _add_diff_commands(add: Any) -> None:
         if name == "apply":
             command.add_argument("--parent", help="id of the parent layer; accepted for compatibility and "
                                  "unused, because the layer is already a snapshot of its parent")
+            command.add_argument("--ignore-chown-errors", action="store_true",
+                                 help="keep the owner that an entry was created with when the kernel rejects "
+                                 "the entry's owner (EPERM, or EINVAL for an id that the user namespace "
+                                 "does not map), with a warning")
         else:
             command.add_argument("--parent", help="id of the layer to compare with; without it every file "
                                  "of the layer counts as added")
@@ -7849,7 +7853,8 @@ def _command_apply(driver: Driver, args: Any) -> Any:
     try:
         if sys.stdin is None:
             raise ValueError("standard input is closed; redirect a layer tar into it")
-        size = driver.apply_diff(args.id, sys.stdin.buffer, parent=args.parent, progress=progress)
+        size = driver.apply_diff(args.id, sys.stdin.buffer, parent=args.parent,
+                                 ignore_chown_errors=args.ignore_chown_errors, progress=progress)
     finally:
         if progress is not None:
             sys.stderr.write("\n")

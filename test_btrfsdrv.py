@@ -8686,6 +8686,29 @@ def test_cli_apply_names_unmapped_gid(fs):
     assert "Traceback" not in result.stderr
 
 
+def test_cli_apply_ignore_chown_errors(fs):
+    home = fs.path("home")
+    with btrfsdrv.Driver(home) as driver:
+        driver.create("layer")
+        layer_dir = driver.get("layer")
+    tar_path = write_gid_42_tar(fs.directory)
+
+    result = run_cli_in_user_namespace(home, tar_path, "apply", "layer", "--ignore-chown-errors")
+
+    assert result.returncode == 0, result.stderr
+    assert "keeping the default ones" in result.stderr
+    shadow = os.stat(os.path.join(layer_dir, "etc", "shadow"))
+    assert shadow.st_gid == 0
+    assert shadow.st_size == 1
+
+
+def test_cli_apply_help_names_option():
+    result = subprocess.run([sys.executable, btrfsdrv.__file__, "--home", "unused", "apply", "--help"],
+                            capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stderr
+    assert "--ignore-chown-errors" in result.stdout
+
 SMALL_IMAGE = 256 * 1024**2
 
 
