@@ -1741,9 +1741,11 @@ class _QuotaFileAside:
     under its temporary name and unlocked, so the next Driver init deletes
     it.  NOTE: that also happens when the kill comes before the delete, and
     the surviving layer then has no quota file until it is created again.
-    An entry that is not a regular file stays under its name.  After the
-    delete it is deleted only while it is still the inode found before,
-    because another process may then create the id and write its own.
+    An entry that is not a regular file stays under its name, and so does
+    a quota file that could not be renamed, for example on a filesystem
+    with no metadata space left.  After the delete such an entry is deleted
+    only while it is still the inode found before, because another process
+    may then create the id and write its own.
     """
 
     def __init__(self, quotas_dir: str, name: bytes, layer_path: str) -> None:
@@ -1760,11 +1762,18 @@ class _QuotaFileAside:
         try:
             self._set_aside()
         except OSError as error:
-            log.warning("could not rename %s during the remove of its layer: %s; if it outlives the layer, "
-                        "delete it by hand", self.quota_file, error)
-            self._close()
-            self.found = None
+            self._keep_name(error)
         return self
+
+    def _keep_name(self, error: OSError) -> None:
+        """Log why _set_aside failed, leaving the entry found, if any, to _delete_found."""
+        if self.found is None:
+            log.warning("could not stat %s during the remove of its layer: %s; if it outlives the layer, "
+                        "delete it by hand", self.quota_file, error.strerror)
+            self._close()
+            return
+        log.warning("could not open and lock %s during the remove of its layer: %s; it is deleted once the "
+                    "layer is", self.quota_file, error.strerror)
 
     def _set_aside(self) -> None:
         try:
@@ -1788,7 +1797,13 @@ class _QuotaFileAside:
         if not os.path.samestat(st, os.stat(self.name, dir_fd=self.quotas_fd, follow_symlinks=False)):
             return
         temporary = _temporary_name(self.name)
-        os.rename(self.name, temporary, src_dir_fd=self.quotas_fd, dst_dir_fd=self.quotas_fd)
+        try:
+            os.rename(self.name, temporary, src_dir_fd=self.quotas_fd, dst_dir_fd=self.quotas_fd)
+        except OSError as error:
+            log.warning("could not rename %s to %s during the remove of its layer: %s; it is deleted once the "
+                        "layer is", self.quota_file, os.path.join(self.quotas_dir, os.fsdecode(temporary)),
+                        error.strerror)
+            return
         self.temporary = temporary
         log.debug("renamed %s to %s during the remove of its layer", self.quota_file, os.fsdecode(temporary))
 
@@ -6348,12 +6363,15 @@ class _LayerApplier:
             return None
         return (uid if uid is not None else root_uid), (gid if gid is not None else root_gid)
 
-    def chown(self, function: Callable[[], None], path: str) -> None:
+    def chown(self, function: Callable[[], None], owner: tuple[int, int], path: str) -> None:
+        """Run function, a chown of the entry at path to owner, applying ignore_chown_errors."""
         try:
             function()
         except OSError as error:
             if not self.ignore_chown_errors or error.errno not in (errno.EPERM, errno.EINVAL):
-                raise
+                uid, gid = owner
+                raise _os_error(error.errno, f"change owner to {uid}:{gid}", path,
+                                _unmapped_owner_hint(error.errno, uid, gid, _APPLY_UNMAPPED_REMEDY)) from None
             if not self.warned_chown:
                 log.warning("cannot set owners in the layer, keeping the default ones: %s (first: %s)",
                             error, path)
@@ -6428,7 +6446,7 @@ class _LayerApplier:
         """Set owner, mode, extended attributes and (for files) times through an fd."""
         owner = self.host_owner(member, path)
         if owner is not None:
-            self.chown(lambda: os.fchown(fd, *owner), path)
+            self.chown(lambda: os.fchown(fd, *owner), owner, path)
         # chmod after chown, because chown clears setuid and setgid.
         os.fchmod(fd, member.mode & 0o7777)
         # security.capability last, because chown removes it too.
@@ -6442,7 +6460,7 @@ class _LayerApplier:
         """Set metadata on a new symlink, device node or FIFO, which are never opened."""
         owner = self.host_owner(member, path)
         if owner is not None:
-            self.chown(lambda: os.chown(name, *owner, dir_fd=dir_fd, follow_symlinks=False), path)
+            self.chown(lambda: os.chown(name, *owner, dir_fd=dir_fd, follow_symlinks=False), owner, path)
         if not member.issym():
             os.chmod(name, member.mode & 0o7777, dir_fd=dir_fd)
             for key, value in self.host_xattrs(member).items():
@@ -7532,16 +7550,26 @@ def _is_mapped_here(map_file: str, value: int) -> bool:
     return False
 
 
-def _unmapped_owner_hint(err: int | None, uid: int, gid: int) -> str:
-    """Return the hint for a chown to uid:gid that failed with err; EINVAL means an id is not mapped here."""
+_REMAP_UNMAPPED_REMEDY = ("remap to host ids that this namespace maps, or run the remap in a namespace that maps "
+                          "them, or as root on the host")
+_APPLY_UNMAPPED_REMEDY = ("set ignore_chown_errors=True (--ignore-chown-errors on the command line) to keep the "
+                          "owner that the entry was created with, pass ID maps that map the entry's owner to ids "
+                          "that this namespace maps, or apply in a namespace that maps the entry's owner or as root "
+                          "on the host")
+
+
+def _unmapped_owner_hint(err: int | None, uid: int, gid: int, remedy: str = _REMAP_UNMAPPED_REMEDY) -> str:
+    """Return the hint for a chown to uid:gid that failed with err; EINVAL means an id is not mapped here.
+
+    The hint ends with remedy, the fix that it suggests.
+    """
     if err != errno.EINVAL:
         return ""
     unmapped = [f"{kind} {value}" for kind, value, map_file in
                 (("uid", uid, "/proc/self/uid_map"), ("gid", gid, "/proc/self/gid_map"))
                 if not _is_mapped_here(map_file, value)] or [f"uid {uid} or gid {gid}"]
     return (f"{' and '.join(unmapped)} {'is' if len(unmapped) == 1 else 'are'} not mapped in this user namespace "
-            "(check /proc/self/uid_map and /proc/self/gid_map); remap to host ids that this namespace maps, "
-            "or run the remap in a namespace that maps them, or as root on the host")
+            f"(check /proc/self/uid_map and /proc/self/gid_map); {remedy}")
 
 
 def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], Sequence[IDMap]] | None,
@@ -7799,6 +7827,10 @@ def _add_diff_commands(add: Any) -> None:
         if name == "apply":
             command.add_argument("--parent", help="id of the parent layer; accepted for compatibility and "
                                  "unused, because the layer is already a snapshot of its parent")
+            command.add_argument("--ignore-chown-errors", action="store_true",
+                                 help="keep the owner that an entry was created with when the kernel rejects "
+                                 "the entry's owner (EPERM, or EINVAL for an id that the user namespace "
+                                 "does not map), with a warning")
         else:
             command.add_argument("--parent", help="id of the layer to compare with; without it every file "
                                  "of the layer counts as added")
@@ -7889,7 +7921,8 @@ def _command_apply(driver: Driver, args: Any) -> Any:
     try:
         if sys.stdin is None:
             raise ValueError("standard input is closed; redirect a layer tar into it")
-        size = driver.apply_diff(args.id, sys.stdin.buffer, parent=args.parent, progress=progress)
+        size = driver.apply_diff(args.id, sys.stdin.buffer, parent=args.parent,
+                                 ignore_chown_errors=args.ignore_chown_errors, progress=progress)
     finally:
         if progress is not None:
             sys.stderr.write("\n")

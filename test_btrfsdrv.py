@@ -2995,6 +2995,66 @@ def test_failed_remove_restores_quota_file(tmp_path):
     assert os.listdir(quotas) == ["layer"]
 
 
+def fail_rename_with_enospc(monkeypatch):
+    """Make os.rename fail as it does on a filesystem whose metadata is full."""
+    def rename(source, destination, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), source, None, destination)
+
+    monkeypatch.setattr(os, "rename", rename)
+
+
+def test_unrenamed_quota_file_deleted_after_layer(tmp_path, monkeypatch, caplog):
+    quotas = tmp_path / "quotas"
+    quotas.mkdir()
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    (quotas / "layer").write_bytes(b"1000")
+    fail_rename_with_enospc(monkeypatch)
+
+    with btrfsdrv._QuotaFileAside(str(quotas), b"layer", str(layer)):
+        assert os.listdir(quotas) == ["layer"]
+        layer.rmdir()
+
+    assert os.listdir(quotas) == []
+    assert f"could not rename {quotas / 'layer'} to {quotas}/.layer." in caplog.text
+    assert "No space left on device" in caplog.text
+    assert "b'" not in caplog.text
+
+
+def test_failed_remove_keeps_unrenamed_quota_file(tmp_path, monkeypatch):
+    quotas = tmp_path / "quotas"
+    quotas.mkdir()
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    (quotas / "layer").write_bytes(b"1000")
+    fail_rename_with_enospc(monkeypatch)
+
+    with pytest.raises(OSError, match="delete failed"):
+        with btrfsdrv._QuotaFileAside(str(quotas), b"layer", str(layer)):
+            raise OSError(errno.EIO, "delete failed")
+
+    assert (quotas / "layer").read_bytes() == b"1000"
+    assert os.listdir(quotas) == ["layer"]
+
+
+def test_unrenamed_quota_file_spares_replacement(tmp_path, monkeypatch):
+    quotas = tmp_path / "quotas"
+    quotas.mkdir()
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    (quotas / "layer").write_bytes(b"1000")
+    fail_rename_with_enospc(monkeypatch)
+
+    with btrfsdrv._QuotaFileAside(str(quotas), b"layer", str(layer)):
+        layer.rmdir()
+        # Another process creates the id again and writes its quota file.
+        (quotas / "new").write_bytes(b"2000")
+        os.replace(quotas / "new", quotas / "layer")
+
+    assert (quotas / "layer").read_bytes() == b"2000"
+    assert os.listdir(quotas) == ["layer"]
+
+
 def test_remove_keeps_quota_file_of_new_layer(driver, fs, monkeypatch):
     driver.create("layer", storage_opt={"size": "16m"})
     original = btrfsdrv.Driver._destroy_layer_subvolume
@@ -8635,6 +8695,95 @@ def test_remap_to_unmapped_host_id_names_namespace(fs):
     assert "5000" in result.stdout
 
 
+
+_UNMAPPED_APPLY_CHILD = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import btrfsdrv
+
+try:
+    with open(sys.argv[3], "rb") as stream:
+        btrfsdrv.Driver(sys.argv[2]).apply_diff("layer", stream)
+    print(json.dumps({"errno": None}))
+except OSError as error:
+    print(json.dumps({"errno": error.errno, "filename": error.filename, "message": str(error)}))
+"""
+
+
+def write_gid_42_tar(directory):
+    """Write a layer tar whose etc/shadow has gid 42 and return its path."""
+    shadow, data = entry("etc/shadow", data=b"1")
+    shadow.gid = 42
+    path = os.path.join(directory, "gid42.tar")
+    write(path, make_tar([entry("etc", tarfile.DIRTYPE), (shadow, data)]))
+    return path
+
+
+def run_cli_in_user_namespace(home, tar_path, *arguments):
+    """Run the command line under unshare -Ur, which maps only uid and gid 0, with tar_path on stdin."""
+    with open(tar_path, "rb") as stream:
+        return subprocess.run(["unshare", "-Ur", sys.executable, btrfsdrv.__file__, "--home", home, *arguments],
+                              stdin=stream, capture_output=True, text=True)
+
+
+def test_apply_names_gid_unmapped_in_namespace(fs):
+    home = fs.path("home")
+    with btrfsdrv.Driver(home) as driver:
+        driver.create("layer")
+    tar_path = write_gid_42_tar(fs.directory)
+    module_dir = os.path.dirname(os.path.abspath(btrfsdrv.__file__))
+
+    result = subprocess.run(["unshare", "-Ur", sys.executable, "-c", _UNMAPPED_APPLY_CHILD, module_dir, home,
+                             tar_path], capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    assert outcome["errno"] == errno.EINVAL
+    assert outcome["filename"] == os.path.join(home, "subvolumes", "layer")
+    assert "apply entry 'etc/shadow' at offset 512 failed" in outcome["message"]
+    assert "gid 42 is not mapped in this user namespace" in outcome["message"]
+    assert "uid 0" not in outcome["message"]
+    assert "ignore_chown_errors=True" in outcome["message"]
+    assert "ID maps" in outcome["message"]
+
+
+def test_cli_apply_names_unmapped_gid(fs):
+    home = fs.path("home")
+    with btrfsdrv.Driver(home) as driver:
+        driver.create("layer")
+    tar_path = write_gid_42_tar(fs.directory)
+
+    result = run_cli_in_user_namespace(home, tar_path, "apply", "layer")
+
+    assert result.returncode == btrfsdrv.EXIT_FAILURE
+    assert "gid 42 is not mapped in this user namespace" in result.stderr
+    assert "--ignore-chown-errors" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_apply_ignore_chown_errors(fs):
+    home = fs.path("home")
+    with btrfsdrv.Driver(home) as driver:
+        driver.create("layer")
+        layer_dir = driver.get("layer")
+    tar_path = write_gid_42_tar(fs.directory)
+
+    result = run_cli_in_user_namespace(home, tar_path, "apply", "layer", "--ignore-chown-errors")
+
+    assert result.returncode == 0, result.stderr
+    assert "keeping the default ones" in result.stderr
+    shadow = os.stat(os.path.join(layer_dir, "etc", "shadow"))
+    assert shadow.st_gid == 0
+    assert shadow.st_size == 1
+
+
+def test_cli_apply_help_names_option():
+    result = subprocess.run([sys.executable, btrfsdrv.__file__, "--home", "unused", "apply", "--help"],
+                            capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stderr
+    assert "--ignore-chown-errors" in result.stdout
+
 SMALL_IMAGE = 256 * 1024**2
 
 
@@ -8682,6 +8831,43 @@ def test_full_filesystem(tmp_path):
             assert driver.list_layers() == []
         os.unlink(small.path("filler"))
         assert_no_subvolumes(small)
+
+
+def fill_metadata(directory, maximum_files=100000):
+    """Create files with 12,000-byte xattrs in directory until 51 in a row fail, as they do when metadata is full."""
+    failures = 0
+    for number in range(maximum_files):
+        path = os.path.join(directory, f"inode-{number}")
+        try:
+            with open(path, "wb"):
+                pass
+            os.setxattr(path, "user.padding", b"x" * 12000)
+        except OSError:
+            failures += 1
+            if failures > 50:
+                return
+        else:
+            failures = 0
+
+
+def test_full_filesystem_remove_deletes_quota_file(tmp_path, caplog):
+    with loopback_btrfs(tmp_path, size=SMALL_IMAGE) as small:
+        with btrfsdrv.Driver(small.path("home"), ["btrfs.min_space=1m"]) as driver:
+            driver.create_read_write("box", storage_opt={"size": "8m"})
+            driver.create_read_write("filler")
+            filler = driver.get("filler")
+            for number in range(SMALL_IMAGE // (4 * 1024**2)):
+                if write_until_error(os.path.join(filler, f"data-{number}"), maximum=4 * 1024**2):
+                    break
+            fill_metadata(filler)
+            os.sync()
+
+            driver.remove("box")
+
+            assert driver.list_layers() == ["filler"]
+            assert os.listdir(os.path.join(driver.home, "quotas")) == []
+            assert "b'" not in caplog.text
+            driver.remove("filler")
 
 
 def test_layer_at_its_limit(fs):
