@@ -455,39 +455,6 @@ class NestedSubvolume(NamedTuple):
     path: bytes
 
 
-def _ino_lookup_path(fd: int, tree_id: int, dirid: int, path: Any) -> bytes:
-    """Return the path of directory dirid inside subvolume tree_id, with a trailing slash.
-
-    The root directory of the subvolume gives b"".  INO_LOOKUP returns at
-    most BTRFS_INO_LOOKUP_PATH_MAX (4080) bytes and fails with ENAMETOOLONG
-    beyond, where the path is built from the directory's INODE_REF items.
-    """
-    args = btrfs_ioctl_ino_lookup_args()
-    args.treeid = tree_id
-    args.objectid = dirid
-    try:
-        _ioctl(fd, _structs.BTRFS_IOC_INO_LOOKUP, args, "look up directory path", path)
-    except OSError as error:
-        if error.errno != errno.ENAMETOOLONG:
-            raise
-        return _inode_ref_path(fd, tree_id, dirid, path)
-    return bytes(args.name)
-
-
-def _inode_ref_path(fd: int, tree_id: int, dirid: int, path: Any) -> bytes:
-    """Build the path of directory dirid from INODE_REF items, any length (CAP_SYS_ADMIN)."""
-    components: list[bytes] = []
-    inode = dirid
-    while inode != BTRFS_FIRST_FREE_OBJECTID:
-        ref = _directory_ref(fd, tree_id, inode, path)
-        if ref is None or len(components) > _MAX_DIRECTORY_DEPTH:
-            raise _os_error(errno.ENOENT, "look up directory path", path,
-                            f"directory inode {inode} of subvolume {tree_id} has no parent reference")
-        inode, name = ref
-        components.append(name)
-    return b"".join(component + b"/" for component in reversed(components))
-
-
 # More levels than this in a chain of INODE_REF items means the references
 # form a loop, which a consistent filesystem never has.
 _MAX_DIRECTORY_DEPTH = 1 << 20
@@ -507,36 +474,41 @@ def _directory_ref(fd: int, tree_id: int, inode: int, path: Any) -> tuple[int, b
 
 
 def _directory_paths(fd: int, tree_id: int, directories: set[int], path: Any) -> dict[int, bytes]:
-    """Return the path of each directory inode inside subvolume tree_id, as _ino_lookup_path does.
+    """Return the path of each directory inode inside subvolume tree_id, with a trailing slash.
 
-    A directory deleted meanwhile is left out. Each directory on the way up
-    costs one tree search (CAP_SYS_ADMIN) the first time, and only the given
-    directories get a path built, so time and memory follow the length of
-    their paths. _ino_lookup_path walks every level of every path, in the
-    kernel or, beyond 4080 bytes, with a search per level.
+    The root directory of the subvolume gives b"", and a directory deleted
+    meanwhile is left out. Each directory costs one tree search
+    (CAP_SYS_ADMIN) the first time that a walk up passes it. A walk stops at
+    the first directory already passed, so time and memory follow the
+    number of directories passed plus the length of the returned paths.
+    INO_LOOKUP would walk every level of every path in the kernel, and
+    fails beyond BTRFS_INO_LOOKUP_PATH_MAX (4080) bytes.
     """
-    refs: dict[int, tuple[int, bytes] | None] = {}
-    paths = {BTRFS_FIRST_FREE_OBJECTID: b""}
+    # inode -> (the path of a directory at or below it, the length of its own path in that one)
+    prefixes: dict[int, tuple[bytes, int]] = {BTRFS_FIRST_FREE_OBJECTID: (b"", 0)}
+    unreachable: set[int] = set()  # inodes whose chain of refs ends before the root
+    paths: dict[int, bytes] = {}
     for directory in directories:
         chain: list[tuple[int, bytes]] = []  # (inode, name) from directory upwards
         inode = directory
-        while inode not in paths and len(chain) <= _MAX_DIRECTORY_DEPTH:
-            if inode not in refs:
-                refs[inode] = _directory_ref(fd, tree_id, inode, path)
-            ref = refs[inode]
+        while inode not in prefixes and inode not in unreachable and len(chain) <= _MAX_DIRECTORY_DEPTH:
+            ref = _directory_ref(fd, tree_id, inode, path)
             if ref is None:
                 break
             chain.append((inode, ref[1]))
             inode = ref[0]
-        if inode not in paths:
+        if inode not in prefixes:
+            unreachable.add(inode)
+            unreachable.update(node for node, _ in chain)
             continue  # deleted while we looked
-        full = paths[inode] + b"".join(name + b"/" for _, name in reversed(chain))
+        known, length = prefixes[inode]
+        full = known[:length] + b"".join(name + b"/" for _, name in reversed(chain))
         end = len(full)
         for node, name in chain:
-            if node in directories:
-                paths[node] = full[:end]
+            prefixes[node] = (full, end)
             end -= len(name) + 1
-    return {directory: paths[directory] for directory in directories if directory in paths}
+        paths[directory] = full
+    return paths
 
 
 def _child_refs_privileged(fd: int, parent_id: int, path: Any) -> Iterator[tuple[int, bytes]]:
@@ -547,13 +519,17 @@ def _child_refs_privileged(fd: int, parent_id: int, path: Any) -> Iterator[tuple
         (parent_id, BTRFS_ROOT_REF_KEY, 0), (parent_id, BTRFS_ROOT_REF_KEY, _U64_MAX),
         path=path, max_item_size=header + _NAME_MAX,
     )
+    refs = []  # (child id, directory inode, name)
     for item in items:
         if item.type != BTRFS_ROOT_REF_KEY:
             continue
         ref = btrfs_root_ref.from_buffer_copy(item.data)
-        name = item.data[header:header + ref.name_len]
-        directory = _ino_lookup_path(fd, parent_id, int(ref.dirid), path)
-        yield item.offset, directory + name
+        refs.append((item.offset, int(ref.dirid), item.data[header:header + ref.name_len]))
+    directory_paths = _directory_paths(fd, parent_id, {dirid for _, dirid, _ in refs}, path)
+    for child_id, dirid, name in refs:
+        directory = directory_paths.get(dirid)
+        if directory is not None:  # None: the directory was deleted after the search, so the subvolume moved
+            yield child_id, directory + name
 
 
 def _child_refs_unprivileged(subvolume_fd: int, path: Any) -> Iterator[tuple[int, bytes]]:

@@ -9381,6 +9381,41 @@ def test_remove_reads_no_layer_directory(driver, monkeypatch):
     assert not driver.exists("base")
 
 
+def make_deep_subvolumes(root, depth, count, name=b"d"):
+    """Create count subvolumes in the directory at the bottom of a chain of depth directories below root."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir(name, dir_fd=fd)
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        for index in range(count):
+            btrfsdrv._subvolume_create_at(fd, b"s%d" % index, root)
+    finally:
+        os.close(fd)
+
+
+def test_privileged_search_long_paths_linear(fs, monkeypatch):
+    depth, count = 25, 40  # 25 levels of 201 bytes: beyond the 4080 bytes INO_LOOKUP returns
+    name = b"e" * 200
+    top = fs.path("top")
+    btrfsdrv.create_subvolume(top)
+    make_deep_subvolumes(top, depth, count, name)
+
+    with open_top(top) as (fd, top_id):
+        searches = count_calls(monkeypatch, btrfsdrv, "tree_search")
+        found = btrfsdrv._find_nested_privileged(fd, top_id, top)
+        search_count = len(searches)
+        monkeypatch.undo()
+
+    expected = sorted(b"/".join([name] * depth + [b"s%d" % index]) for index in range(count))
+    assert nested_paths(found) == expected
+    # One search for the refs of each subvolume and one per directory level.
+    # Building each path from its directory's refs would take count * depth.
+    assert search_count <= 2 * (depth + count)
+
+
 def test_snapshot_of_layer_keeps_parent_mode(driver):
     driver.create("empty")
     driver.create("full", "empty")
