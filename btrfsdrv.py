@@ -538,6 +538,11 @@ def _child_refs_unprivileged(subvolume_fd: int, path: Any) -> Iterator[tuple[int
     GET_SUBVOL_ROOTREF returns at most 255 refs per call and EOVERFLOW when
     there are more; INO_LOOKUP_USER (kernel 4.18+) names each one relative to
     subvolume_fd, which must be the subvolume's root directory.
+
+    NOTE: INO_LOOKUP_USER walks up the directory's path in the kernel for
+    every ref, so each subvolume costs time in proportion to its depth. A
+    directory path that does not fit in BTRFS_INO_LOOKUP_USER_PATH_MAX (3824)
+    bytes fails with ENAMETOOLONG, which fails the listing.
     """
     args = btrfs_ioctl_get_subvol_rootref_args()
     while True:
