@@ -76,7 +76,8 @@ bench: bench-deps
 	$(PYTHON) bench/pax_headers.py $(PAX_ARGS)
 
 # Times changes, diff_size, diff and apply_diff on a chain of 3,000 nested
-# directories (see BENCHMARKS.md). DEPTH_ARGS="--module-dir DIR" measures the
+# directories, and apply_diff and remove on layers with 1,000 nested
+# subvolumes (see BENCHMARKS.md). DEPTH_ARGS="--module-dir DIR" measures the
 # btrfsdrv.py of another checkout.
 DEPTH_ARGS ?=
 bench-deep-paths:

@@ -455,39 +455,6 @@ class NestedSubvolume(NamedTuple):
     path: bytes
 
 
-def _ino_lookup_path(fd: int, tree_id: int, dirid: int, path: Any) -> bytes:
-    """Return the path of directory dirid inside subvolume tree_id, with a trailing slash.
-
-    The root directory of the subvolume gives b"".  INO_LOOKUP returns at
-    most BTRFS_INO_LOOKUP_PATH_MAX (4080) bytes and fails with ENAMETOOLONG
-    beyond, where the path is built from the directory's INODE_REF items.
-    """
-    args = btrfs_ioctl_ino_lookup_args()
-    args.treeid = tree_id
-    args.objectid = dirid
-    try:
-        _ioctl(fd, _structs.BTRFS_IOC_INO_LOOKUP, args, "look up directory path", path)
-    except OSError as error:
-        if error.errno != errno.ENAMETOOLONG:
-            raise
-        return _inode_ref_path(fd, tree_id, dirid, path)
-    return bytes(args.name)
-
-
-def _inode_ref_path(fd: int, tree_id: int, dirid: int, path: Any) -> bytes:
-    """Build the path of directory dirid from INODE_REF items, any length (CAP_SYS_ADMIN)."""
-    components: list[bytes] = []
-    inode = dirid
-    while inode != BTRFS_FIRST_FREE_OBJECTID:
-        ref = _directory_ref(fd, tree_id, inode, path)
-        if ref is None or len(components) > _MAX_DIRECTORY_DEPTH:
-            raise _os_error(errno.ENOENT, "look up directory path", path,
-                            f"directory inode {inode} of subvolume {tree_id} has no parent reference")
-        inode, name = ref
-        components.append(name)
-    return b"".join(component + b"/" for component in reversed(components))
-
-
 # More levels than this in a chain of INODE_REF items means the references
 # form a loop, which a consistent filesystem never has.
 _MAX_DIRECTORY_DEPTH = 1 << 20
@@ -507,36 +474,41 @@ def _directory_ref(fd: int, tree_id: int, inode: int, path: Any) -> tuple[int, b
 
 
 def _directory_paths(fd: int, tree_id: int, directories: set[int], path: Any) -> dict[int, bytes]:
-    """Return the path of each directory inode inside subvolume tree_id, as _ino_lookup_path does.
+    """Return the path of each directory inode inside subvolume tree_id, with a trailing slash.
 
-    A directory deleted meanwhile is left out. Each directory on the way up
-    costs one tree search (CAP_SYS_ADMIN) the first time, and only the given
-    directories get a path built, so time and memory follow the length of
-    their paths. _ino_lookup_path walks every level of every path, in the
-    kernel or, beyond 4080 bytes, with a search per level.
+    The root directory of the subvolume gives b"", and a directory deleted
+    meanwhile is left out. Each directory costs one tree search
+    (CAP_SYS_ADMIN) the first time that a walk up passes it. A walk stops at
+    the first directory already passed, so time and memory follow the
+    number of directories passed plus the length of the returned paths.
+    INO_LOOKUP would walk every level of every path in the kernel, and
+    fails beyond BTRFS_INO_LOOKUP_PATH_MAX (4080) bytes.
     """
-    refs: dict[int, tuple[int, bytes] | None] = {}
-    paths = {BTRFS_FIRST_FREE_OBJECTID: b""}
+    # inode -> (the path of a directory at or below it, the length of its own path in that one)
+    prefixes: dict[int, tuple[bytes, int]] = {BTRFS_FIRST_FREE_OBJECTID: (b"", 0)}
+    unreachable: set[int] = set()  # inodes whose chain of refs ends before the root
+    paths: dict[int, bytes] = {}
     for directory in directories:
         chain: list[tuple[int, bytes]] = []  # (inode, name) from directory upwards
         inode = directory
-        while inode not in paths and len(chain) <= _MAX_DIRECTORY_DEPTH:
-            if inode not in refs:
-                refs[inode] = _directory_ref(fd, tree_id, inode, path)
-            ref = refs[inode]
+        while inode not in prefixes and inode not in unreachable and len(chain) <= _MAX_DIRECTORY_DEPTH:
+            ref = _directory_ref(fd, tree_id, inode, path)
             if ref is None:
                 break
             chain.append((inode, ref[1]))
             inode = ref[0]
-        if inode not in paths:
+        if inode not in prefixes:
+            unreachable.add(inode)
+            unreachable.update(node for node, _ in chain)
             continue  # deleted while we looked
-        full = paths[inode] + b"".join(name + b"/" for _, name in reversed(chain))
+        known, length = prefixes[inode]
+        full = known[:length] + b"".join(name + b"/" for _, name in reversed(chain))
         end = len(full)
         for node, name in chain:
-            if node in directories:
-                paths[node] = full[:end]
+            prefixes[node] = (full, end)
             end -= len(name) + 1
-    return {directory: paths[directory] for directory in directories if directory in paths}
+        paths[directory] = full
+    return paths
 
 
 def _child_refs_privileged(fd: int, parent_id: int, path: Any) -> Iterator[tuple[int, bytes]]:
@@ -547,13 +519,17 @@ def _child_refs_privileged(fd: int, parent_id: int, path: Any) -> Iterator[tuple
         (parent_id, BTRFS_ROOT_REF_KEY, 0), (parent_id, BTRFS_ROOT_REF_KEY, _U64_MAX),
         path=path, max_item_size=header + _NAME_MAX,
     )
+    refs = []  # (child id, directory inode, name)
     for item in items:
         if item.type != BTRFS_ROOT_REF_KEY:
             continue
         ref = btrfs_root_ref.from_buffer_copy(item.data)
-        name = item.data[header:header + ref.name_len]
-        directory = _ino_lookup_path(fd, parent_id, int(ref.dirid), path)
-        yield item.offset, directory + name
+        refs.append((item.offset, int(ref.dirid), item.data[header:header + ref.name_len]))
+    directory_paths = _directory_paths(fd, parent_id, {dirid for _, dirid, _ in refs}, path)
+    for child_id, dirid, name in refs:
+        directory = directory_paths.get(dirid)
+        if directory is not None:  # None: the directory was deleted after the search, so the subvolume moved
+            yield child_id, directory + name
 
 
 def _child_refs_unprivileged(subvolume_fd: int, path: Any) -> Iterator[tuple[int, bytes]]:
@@ -562,6 +538,11 @@ def _child_refs_unprivileged(subvolume_fd: int, path: Any) -> Iterator[tuple[int
     GET_SUBVOL_ROOTREF returns at most 255 refs per call and EOVERFLOW when
     there are more; INO_LOOKUP_USER (kernel 4.18+) names each one relative to
     subvolume_fd, which must be the subvolume's root directory.
+
+    NOTE: INO_LOOKUP_USER walks up the directory's path in the kernel for
+    every ref, so each subvolume costs time in proportion to its depth. A
+    directory path that does not fit in BTRFS_INO_LOOKUP_USER_PATH_MAX (3824)
+    bytes fails with ENAMETOOLONG, which fails the listing.
     """
     args = btrfs_ioctl_get_subvol_rootref_args()
     while True:
@@ -585,22 +566,50 @@ def _child_refs_unprivileged(subvolume_fd: int, path: Any) -> Iterator[tuple[int
             return
 
 
-def _walk_relative(top_fd: int, relative: bytes, path: Any) -> int:
-    """Open relative below top_fd one component at a time, never following a symlink."""
-    fd = os.dup(top_fd)
+def _nested_parts(relative: bytes) -> list[str]:
+    """Split the path of a nested subvolume, as the kernel lists it, into components for _DirectoryOpener."""
+    return _path_parts(os.fsdecode(relative))
+
+
+def _tree_order_key(relative: bytes) -> bytes:
+    """Return the sort key that puts paths in depth-first order.
+
+    NUL sorts before every byte that a name can contain, so each directory
+    comes right before its own subtree, and the subtree is contiguous.
+    """
+    return relative.replace(b"/", b"\0")
+
+
+def _in_tree_order(nested: Iterable[NestedSubvolume]) -> list[NestedSubvolume]:
+    """Return nested sorted depth-first by path, so parents come before children.
+
+    A _DirectoryOpener reaches paths in this order, or in its reverse, with
+    a number of opens that follows the number of directories on the paths.
+    In the kernel's listing order (by subvolume id) it can take one open per
+    component of every path.
+    """
+    return sorted(nested, key=lambda subvolume: _tree_order_key(subvolume.path))
+
+
+def _open_nested_top(directories: _DirectoryOpener, relative: bytes) -> tuple[int, int] | None:
+    """Open the parent directory and the top of the subvolume at relative, or return None when either is missing.
+
+    Returns (parent fd, top fd). The parent fd belongs to the opener and
+    stays open until its next call. The caller closes the other and checks
+    that it is on the expected mount. The opener's cursor stays in the
+    parent directory, where the next subvolume in tree order is often found.
+    """
+    parent_path, _, name = relative.rpartition(b"/")
     try:
-        for component in relative.split(b"/"):
-            if component in (b"", b"."):
-                continue
-            if component == b"..":
-                raise _os_error(errno.EINVAL, "resolve nested subvolume path", path)
-            child = _open_directory(component, dir_fd=fd)
-            os.close(fd)
-            fd = child
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
+        parent_fd = directories.open(_nested_parts(parent_path), os.fsdecode(parent_path))
+    except ValueError:
+        return None  # a component is not a directory
+    if parent_fd is None:
+        return None
+    try:
+        return parent_fd, _open_directory(name, dir_fd=parent_fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 # errno values of an ioctl that the running kernel does not implement.
@@ -644,36 +653,55 @@ def _find_nested_privileged(top_fd: int, top_id: int, path: Any) -> list[NestedS
 
 def _find_nested_unprivileged(top_fd: int, top_id: int, path: Any) -> list[NestedSubvolume]:
     found: list[NestedSubvolume] = []
-    queue: list[tuple[int, bytes]] = [(top_id, b"")]
-    while queue:
-        parent_id, parent_path = queue.pop(0)
-        try:
-            parent_fd = _walk_relative(top_fd, parent_path, path)
-        except FileNotFoundError:
-            continue
-        with _Fd(parent_fd):
-            if _subvolume_id_of_fd(parent_fd, path) != parent_id:
-                continue
-            for child_id, relative in _child_refs_unprivileged(parent_fd, path):
-                child_path = parent_path + b"/" + relative if parent_path else relative
-                found.append(NestedSubvolume(child_id, parent_id, child_path))
-                queue.append((child_id, child_path))
+    # Subvolumes are entered depth-first by path, so that the opener reaches
+    # each one from the last with few opens however deep both are.
+    stack = [NestedSubvolume(top_id, 0, b"")]
+    with _DirectoryOpener(top_fd) as directories:
+        while stack:
+            children = _list_children_unprivileged(directories, stack.pop(), path)
+            found.extend(children)
+            stack.extend(reversed(_in_tree_order(children)))
     return found
+
+
+def _list_children_unprivileged(directories: _DirectoryOpener, parent: NestedSubvolume,
+                                path: Any) -> list[NestedSubvolume]:
+    """Return the subvolumes directly below parent, or none when its path no longer leads to it."""
+    if parent.path:
+        opened = _open_nested_top(directories, parent.path)
+        if opened is None:
+            return []
+        parent_fd = opened[1]
+    else:
+        parent_fd = os.dup(directories.root_fd)
+    with _Fd(parent_fd):
+        if _subvolume_id_of_fd(parent_fd, path) != parent.id:
+            return []
+        children = []
+        for child_id, relative in _child_refs_unprivileged(parent_fd, path):
+            child_path = parent.path + b"/" + relative if parent.path else relative
+            children.append(NestedSubvolume(child_id, parent.id, child_path))
+        return children
 
 
 def _find_nested_by_walk(top_fd: int, top_id: int, path: Any) -> list[NestedSubvolume]:
     found: list[NestedSubvolume] = []
-    for relative in find_nested_subvolumes_by_walk(top_fd, path):
-        with _Fd(_walk_relative(top_fd, relative, path)) as fd:
-            subvolume = _subvolume_id_of_fd(fd, path)
-        # The walk lists parents first, so the nearest enclosing subvolume,
-        # if any, is the last one found whose path is a prefix.
-        parent_id = top_id
-        for candidate in reversed(found):
-            if relative.startswith(candidate.path + b"/"):
-                parent_id = candidate.id
-                break
-        found.append(NestedSubvolume(subvolume, parent_id, relative))
+    enclosing: list[NestedSubvolume] = []  # the subvolumes that contain the last one found, outermost first
+    with _DirectoryOpener(top_fd) as directories:
+        for relative in sorted(find_nested_subvolumes_by_walk(top_fd, path), key=_tree_order_key):
+            opened = _open_nested_top(directories, relative)
+            if opened is None:
+                continue  # removed or replaced since the walk
+            with _Fd(opened[1]) as fd:
+                subvolume_id = _subvolume_id_of_fd(fd, path)
+            # In depth-first order the nearest enclosing subvolume is the
+            # innermost of those that contain the last one found.
+            while enclosing and not relative.startswith(enclosing[-1].path + b"/"):
+                enclosing.pop()
+            parent_id = enclosing[-1].id if enclosing else top_id
+            subvolume = NestedSubvolume(subvolume_id, parent_id, relative)
+            found.append(subvolume)
+            enclosing.append(subvolume)
     return found
 
 
@@ -2530,11 +2558,7 @@ class Driver:
         """
         if nested is None:
             nested = find_nested_subvolumes(layer_fd, layer_subvolume_id, path)
-        removed = []
-        for subvolume in reversed(nested):
-            if _delete_nested_subvolume(layer_fd, subvolume, path):
-                removed.append(subvolume.id)
-        return removed
+        return _delete_nested_subvolumes(layer_fd, layer_subvolume_id, nested, path)
 
     def _clear_limit(self, fd: int, subvolume: int, path: str) -> bool:
         """Clear the limit of a layer's qgroup before the layer is deleted; return whether quota is on.
@@ -2894,41 +2918,110 @@ def _require_btrfs(home: str) -> None:
         )
 
 
-def _delete_nested_subvolume(layer_fd: int, subvolume: NestedSubvolume, path: Any) -> bool:
+def _delete_nested_subvolumes(top_fd: int, top_id: int, nested: list[NestedSubvolume], path: Any) -> list[int]:
+    """Delete the nested subvolumes of the subvolume top_fd, children first, and return the ids deleted.
+
+    nested is what find_nested_subvolumes listed for top_id. The subvolumes
+    that contain others are taken in reverse depth-first order, and the
+    children of each right after its top, so one _DirectoryOpener reaches
+    every path with a number of opens that follows the number of
+    directories on the paths.
+
+    NOTE: the opener keeps directories open from one subvolume to the next.
+    When someone moves a nested subvolume out of top_fd while the subvolumes
+    below it are being deleted, the listed ones that remain are still
+    deleted. Each deletion checks the subvolume's id, so only listed
+    subvolumes are deleted.
+    """
+    ordered = _in_tree_order(nested)
+    children: dict[int, list[NestedSubvolume]] = {}
+    for subvolume in ordered:
+        children.setdefault(subvolume.parent_id, []).append(subvolume)
+    holders = [NestedSubvolume(top_id, 0, b"")] + [subvolume for subvolume in ordered if subvolume.id in children]
+    deleted: list[int] = []
+    with _DirectoryOpener(top_fd) as directories:
+        for holder in reversed(holders):
+            if holder.id in children:
+                deleted += _delete_children(directories, top_fd, holder, children[holder.id], path)
+    return deleted
+
+
+def _delete_children(directories: _DirectoryOpener, top_fd: int, holder: NestedSubvolume,
+                     children: list[NestedSubvolume], path: Any) -> list[int]:
+    """Delete the listed children of holder and return the ids deleted.
+
+    holder is the subvolume of top_fd itself (path b"") or one nested in it.
+    Nothing is deleted when holder is gone from its path.
+    """
+    if holder.path:
+        opened = _open_listed_subvolume(directories, top_fd, holder, _nested_display(path, holder.path))
+        if opened is None:
+            return []
+        holder_fd = opened[1]
+    else:
+        holder_fd = os.dup(top_fd)
+    with _Fd(holder_fd):
+        return [child.id for child in reversed(children)
+                if _delete_nested_subvolume(directories, top_fd, holder_fd, child, path)]
+
+
+def _nested_display(path: Any, relative: bytes) -> str:
+    """Return the path of a nested subvolume for messages: relative below path."""
+    return os.path.join(os.fsdecode(path), os.fsdecode(relative))
+
+
+def _open_listed_subvolume(directories: _DirectoryOpener, top_fd: int, subvolume: NestedSubvolume,
+                           display: str) -> tuple[int, int] | None:
+    """Open the parent directory and the top of a listed nested subvolume, or return None when it is gone.
+
+    Returns (parent fd, subvolume fd). The parent fd belongs to directories,
+    and the caller closes the other. The subvolume must be on the mount of
+    top_fd and still have the listed id, so a renamed, replaced or
+    mounted-over entry is never returned. Raises ESTALE when another
+    directory has taken its place.
+    """
+    opened = _open_nested_top(directories, subvolume.path)
+    if opened is None:
+        return None
+    parent_fd, child_fd = opened
+    try:
+        _check_same_mount(top_fd, child_fd, "delete nested subvolume", display)
+        if not _is_subvolume_stat(os.fstat(child_fd)) or _subvolume_id_of_fd(child_fd, display) != subvolume.id:
+            raise _os_error(errno.ESTALE, "delete nested subvolume", display,
+                            f"it is no longer subvolume {subvolume.id}; run remove again")
+    except BaseException:
+        os.close(child_fd)
+        raise
+    return parent_fd, child_fd
+
+
+def _delete_nested_subvolume(directories: _DirectoryOpener, top_fd: int, holder_fd: int,
+                             subvolume: NestedSubvolume, path: Any) -> bool:
     """Delete one nested subvolume after checking it is what the kernel listed.
 
-    Return False when it is gone already.  The parent directory is opened from
-    the layer one component at a time, the subvolume must be on the layer's
-    mount and still have the listed id: a renamed, replaced or mounted-over
-    entry is never deleted.
+    holder_fd is the top of the subvolume that contains it. Return False
+    when it is gone already, or has moved to another subvolume since.
     """
-    parent_path, _, name = subvolume.path.rpartition(b"/")
-    display = os.path.join(os.fsdecode(path), os.fsdecode(subvolume.path))
-    try:
-        parent_fd = _walk_relative(layer_fd, parent_path, display)
-    except (FileNotFoundError, NotADirectoryError):
+    display = _nested_display(path, subvolume.path)
+    opened = _open_listed_subvolume(directories, top_fd, subvolume, display)
+    if opened is None:
         return False
-    with _Fd(parent_fd):
-        try:
-            child_fd = _open_directory(name, dir_fd=parent_fd)
-        except (FileNotFoundError, NotADirectoryError):
+    parent_fd, child_fd = opened
+    with _Fd(child_fd):
+        if os.fstat(parent_fd).st_dev != os.fstat(holder_fd).st_dev:
             return False
-        with _Fd(child_fd):
-            _check_same_mount(layer_fd, child_fd, "delete nested subvolume", display)
-            if not _is_subvolume_stat(os.fstat(child_fd)) or _subvolume_id_of_fd(child_fd, display) != subvolume.id:
-                raise _os_error(errno.ESTALE, "delete nested subvolume", display,
-                                f"it is no longer subvolume {subvolume.id}; run remove again")
-            _clear_read_only(child_fd, display)
-        # The subvolume that contains it (the layer, or a nested one deleted
-        # later) must be writable too, because the kernel rejects the unlink with EROFS.
-        with _Fd(_open_device_top(parent_fd)) as holder_fd:
-            _clear_read_only(holder_fd, os.path.dirname(display))
-        try:
-            _delete_subvolume_or_contents(parent_fd, name, display)
-        except FileNotFoundError:
-            # Renamed away since the check; remove lists the subvolumes again.
-            # A FileNotFoundError must not escape: callers read it as "no such layer".
-            return False
+        _clear_read_only(child_fd, display)
+    # The subvolume that contains it (top_fd, or a nested one deleted
+    # later) must be writable too, because the kernel rejects the unlink with EROFS.
+    _clear_read_only(holder_fd, os.path.dirname(display))
+    # Directories that the opener keeps open inside the subvolume would keep it after it is deleted.
+    directories.forget(_nested_parts(subvolume.path))
+    try:
+        _delete_subvolume_or_contents(parent_fd, subvolume.path.rpartition(b"/")[2], display)
+    except FileNotFoundError:
+        # Renamed away since the check; remove lists the subvolumes again.
+        # A FileNotFoundError must not escape: callers read it as "no such layer".
+        return False
     return True
 
 
@@ -2962,19 +3055,14 @@ def _find_flagged_directories(top_fd: int, nested: list[NestedSubvolume], path: 
 
     try:
         add(top_fd, b"")
-        for subvolume in nested:
-            parent_path, _, name = subvolume.path.rpartition(b"/")
-            try:
-                parent_fd = _walk_relative(top_fd, parent_path, path)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            with _Fd(parent_fd):
-                add(parent_fd, parent_path)
-                try:
-                    child_fd = _open_directory(name, dir_fd=parent_fd)
-                except (FileNotFoundError, NotADirectoryError):
+        with _DirectoryOpener(top_fd) as directories:
+            for subvolume in _in_tree_order(nested):
+                opened = _open_nested_top(directories, subvolume.path)
+                if opened is None:
                     continue
+                parent_fd, child_fd = opened
                 with _Fd(child_fd):
+                    add(parent_fd, subvolume.path.rpartition(b"/")[0])
                     add(child_fd, subvolume.path)
     except BaseException:
         for directory in found:
@@ -3306,10 +3394,10 @@ def delete_subvolume(path: PathArg, *, recursive: bool = False) -> None:
             if recursive:
                 _check_holder_not_flagged(parent_fd, path)
                 _check_no_mounts_below(fd, "delete subvolume", path)
-                nested = find_nested_subvolumes(fd, _subvolume_id_of_fd(fd, path), path)
+                top_id = _subvolume_id_of_fd(fd, path)
+                nested = find_nested_subvolumes(fd, top_id, path)
                 _clear_removal_flags(fd, nested, path)
-                for subvolume in reversed(nested):
-                    _delete_nested_subvolume(fd, subvolume, path)
+                _delete_nested_subvolumes(fd, top_id, nested, path)
         try:
             _subvolume_destroy_at(parent_fd, name, path)
         except PermissionError:
@@ -5204,23 +5292,24 @@ def _remove_nested_apply_temporaries(root_fd: int, layer_dir: PathArg) -> None:
         log.warning("cannot list the nested subvolumes of %s to remove what a killed apply_diff left "
                     "in them: %s", os.fsdecode(layer_dir), error)
         return
-    for subvolume in nested:
-        display = os.path.join(os.fsdecode(layer_dir), os.fsdecode(subvolume.path))
-        try:
-            _remove_subvolume_apply_temporaries(root_fd, subvolume, display)
-        except OSError as error:
-            if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise
-            log.warning("cannot remove what a killed apply_diff left in %s: %s", display, error)
+    with _DirectoryOpener(root_fd) as directories:
+        for subvolume in _in_tree_order(nested):
+            display = _nested_display(layer_dir, subvolume.path)
+            try:
+                _remove_subvolume_apply_temporaries(directories, root_fd, subvolume, display)
+            except OSError as error:
+                if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+                log.warning("cannot remove what a killed apply_diff left in %s: %s", display, error)
 
 
-def _remove_subvolume_apply_temporaries(root_fd: int, subvolume: NestedSubvolume, display: str) -> None:
+def _remove_subvolume_apply_temporaries(directories: _DirectoryOpener, root_fd: int, subvolume: NestedSubvolume,
+                                        display: str) -> None:
     """Delete the apply temporaries in the top directory of one nested subvolume, if it is still there."""
-    try:
-        fd = _walk_relative(root_fd, subvolume.path, display)
-    except (FileNotFoundError, NotADirectoryError):
+    opened = _open_nested_top(directories, subvolume.path)
+    if opened is None:
         return
-    with _Fd(fd):
+    with _Fd(opened[1]) as fd:
         _check_same_mount(root_fd, fd, "apply layer diff", display)
         if _is_subvolume_stat(os.fstat(fd)):
             _remove_apply_temporaries(fd, display)

@@ -9646,6 +9646,137 @@ def test_remove_reads_no_layer_directory(driver, monkeypatch):
     assert not driver.exists("base")
 
 
+def make_deep_subvolumes(root, depth, count, name=b"d"):
+    """Create count subvolumes in the directory at the bottom of a chain of depth directories below root."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir(name, dir_fd=fd)
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        for index in range(count):
+            btrfsdrv._subvolume_create_at(fd, b"s%d" % index, root)
+    finally:
+        os.close(fd)
+
+
+def make_subvolume_chain(root, count):
+    """Create count subvolumes below root, each inside the one before."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(count):
+            btrfsdrv._subvolume_create_at(fd, b"s", root)
+            child = os.open(b"s", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+
+
+# Nested subvolume layouts, as (directories, subvolumes), that cost about
+# subvolumes * depth opens when each subvolume's path is opened from the
+# top. The tests allow 12 opens per directory and subvolume.
+NESTED_LAYOUTS = {"deep directory": (200, 50), "chain": (0, 150)}
+
+
+def make_nested_layout(root, layout):
+    """Create a layout of NESTED_LAYOUTS below root; return the number of directories and subvolumes made."""
+    depth, count = NESTED_LAYOUTS[layout]
+    if depth:
+        make_deep_subvolumes(root, depth, count)
+    else:
+        make_subvolume_chain(root, count)
+    return depth + count
+
+
+@pytest.mark.parametrize("layout", sorted(NESTED_LAYOUTS))
+def test_remove_nested_opens_linear(driver, fs, monkeypatch, layout):
+    driver.create("layer")
+    root = driver.get("layer")
+    os.chmod(root, 0o755)
+    size = make_nested_layout(root, layout)
+
+    opens = count_calls(monkeypatch, os, "open")
+    driver.remove("layer")
+    open_count = len(opens)
+    monkeypatch.undo()
+
+    assert not driver.exists("layer")
+    assert_no_subvolumes(fs)
+    assert open_count <= 12 * size
+
+
+@pytest.mark.parametrize("layout", sorted(NESTED_LAYOUTS))
+def test_delete_subvolume_recursive_opens_linear(fs, monkeypatch, layout):
+    top = fs.path("top")
+    btrfsdrv.create_subvolume(top)
+    size = make_nested_layout(top, layout)
+
+    opens = count_calls(monkeypatch, os, "open")
+    btrfsdrv.delete_subvolume(top, recursive=True)
+    open_count = len(opens)
+    monkeypatch.undo()
+
+    assert not os.path.lexists(top)
+    assert_no_subvolumes(fs)
+    assert open_count <= 12 * size
+
+
+@pytest.mark.parametrize("layout", sorted(NESTED_LAYOUTS))
+def test_apply_nested_opens_linear(driver, monkeypatch, layout):
+    driver.create("layer")
+    root = driver.get("layer")
+    os.chmod(root, 0o755)
+    size = make_nested_layout(root, layout)
+
+    opens = count_calls(monkeypatch, os, "open")
+    driver.apply_diff("layer", io.BytesIO(make_tar([])))
+    open_count = len(opens)
+    monkeypatch.undo()
+
+    assert open_count <= 12 * size
+
+
+@pytest.mark.parametrize("method", ["_find_nested_unprivileged", "_find_nested_by_walk"])
+@pytest.mark.parametrize("layout", sorted(NESTED_LAYOUTS))
+def test_nested_search_opens_linear(fs, monkeypatch, method, layout):
+    top = fs.path("top")
+    btrfsdrv.create_subvolume(top)
+    size = make_nested_layout(top, layout)
+
+    with open_top(top) as (fd, top_id):
+        expected = sorted(btrfsdrv._find_nested_privileged(fd, top_id, top))
+        opens = count_calls(monkeypatch, os, "open")
+        found = getattr(btrfsdrv, method)(fd, top_id, top)
+        open_count = len(opens)
+        monkeypatch.undo()
+
+    assert sorted(found) == expected
+    assert len(found) == NESTED_LAYOUTS[layout][1]
+    assert open_count <= 12 * size
+
+
+def test_privileged_search_long_paths_linear(fs, monkeypatch):
+    depth, count = 25, 40  # 25 levels of 201 bytes: beyond the 4080 bytes INO_LOOKUP returns
+    name = b"e" * 200
+    top = fs.path("top")
+    btrfsdrv.create_subvolume(top)
+    make_deep_subvolumes(top, depth, count, name)
+
+    with open_top(top) as (fd, top_id):
+        searches = count_calls(monkeypatch, btrfsdrv, "tree_search")
+        found = btrfsdrv._find_nested_privileged(fd, top_id, top)
+        search_count = len(searches)
+        monkeypatch.undo()
+
+    expected = sorted(b"/".join([name] * depth + [b"s%d" % index]) for index in range(count))
+    assert nested_paths(found) == expected
+    # One search for the refs of each subvolume and one per directory level.
+    # Building each path from its directory's refs would take count * depth.
+    assert search_count <= 2 * (depth + count)
+
+
 def test_snapshot_of_layer_keeps_parent_mode(driver):
     driver.create("empty")
     driver.create("full", "empty")

@@ -1,4 +1,4 @@
-"""Time changes, diff_size, diff and apply_diff on a chain of deeply nested directories.
+"""Time changes, diff_size, diff, apply_diff and remove on deeply nested directories and subvolumes.
 
 Run as root from the repository root:
 
@@ -9,7 +9,11 @@ The parent layer is a chain a/a/.../a of --depth directories. Its child, a
 snapshot, gets a new file at every level, so every directory of the chain
 differs and the fast path of changes compares each one. apply_diff applies
 two gzip tars of the same depth into fresh layers: one goes down the chain
-and back up, one alternates between two chains. Each operation runs
+and back up, one alternates between two chains. Then a layer gets
+--subvolumes subvolumes in the directory at the bottom of a chain of
+--depth directories, and another layer a chain of --subvolumes subvolumes,
+each inside the one before: apply_diff applies an empty tar to the first,
+and remove deletes each (a new layer every round). Each operation runs
 --rounds times, and the median wall time is printed as one JSON object per
 operation. The loopback btrfs is made in a new temporary directory and torn
 down at the end.
@@ -18,6 +22,7 @@ down at the end.
 import argparse
 import gzip
 import io
+import itertools
 import json
 import os
 import shutil
@@ -98,9 +103,40 @@ def alternating_entries(depth):
     return entries
 
 
-def median_seconds(function, rounds):
+def make_deep_subvolumes(btrfsdrv, root, depth, count):
+    """Create count subvolumes in the directory at the bottom of a chain of depth directories below root."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        for index in range(count):
+            btrfsdrv._subvolume_create_at(fd, b"s%d" % index, root)
+    finally:
+        os.close(fd)
+
+
+def make_subvolume_chain(btrfsdrv, root, count):
+    """Create count subvolumes below root, each inside the one before."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(count):
+            btrfsdrv._subvolume_create_at(fd, b"s", root)
+            child = os.open("s", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+
+
+def median_seconds(function, rounds, setup=None):
+    """Return the median and all wall times of rounds calls of function; setup runs untimed before each."""
     samples = []
     for _ in range(rounds):
+        if setup is not None:
+            setup()
         start = time.perf_counter()
         function()
         samples.append(time.perf_counter() - start)
@@ -113,11 +149,11 @@ def drain(stream):
             pass
 
 
-def run(btrfsdrv, fs, depth, rounds):
+def run(btrfsdrv, fs, depth, subvolumes, rounds):
     results = []
 
-    def report(operation, function, detail=""):
-        median, samples = median_seconds(function, rounds)
+    def report(operation, function, detail="", setup=None):
+        median, samples = median_seconds(function, rounds, setup)
         row = {"operation": operation, "depth": depth, "median_s": round(median, 4),
                "samples_s": [round(sample, 4) for sample in samples], "detail": detail}
         print(json.dumps(row), flush=True)
@@ -149,12 +185,45 @@ def run(btrfsdrv, fs, depth, rounds):
 
             report(f"apply_diff ({label})", apply_layer,
                    f"{len(entries):,} entries, {len(raw):,} bytes of gzip")
+
+        run_nested_subvolumes(btrfsdrv, driver, depth, subvolumes, report)
     return results
+
+
+def run_nested_subvolumes(btrfsdrv, driver, depth, subvolumes, report):
+    """Time apply_diff of an empty tar and remove on layers with many nested subvolumes."""
+    deep = f"{subvolumes:,} subvolumes at depth {depth:,}"
+    chain = f"chain of {subvolumes:,} subvolumes"
+    driver.create("nested")
+    make_deep_subvolumes(btrfsdrv, driver.get("nested"), depth, subvolumes)
+    empty_tar = gzip_tar([])
+    report("apply_diff (empty tar, nested subvolumes)",
+           lambda: driver.apply_diff("nested", io.BytesIO(empty_tar)), deep)
+    driver.remove("nested")
+
+    layer_names = (f"nested-{index}" for index in itertools.count())
+    pending = []  # the layer that the next timed remove deletes
+
+    def make_layer(build):
+        name = next(layer_names)
+        driver.create(name)
+        build(driver.get(name))
+        pending.append(name)
+
+    def remove_layer():
+        driver.remove(pending.pop())
+
+    report("remove (nested subvolumes)", remove_layer, deep,
+           setup=lambda: make_layer(lambda root: make_deep_subvolumes(btrfsdrv, root, depth, subvolumes)))
+    report("remove (chain of subvolumes)", remove_layer, chain,
+           setup=lambda: make_layer(lambda root: make_subvolume_chain(btrfsdrv, root, subvolumes)))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=3000, help="levels of the chain (default 3000)")
+    parser.add_argument("--subvolumes", type=int, default=1000,
+                        help="nested subvolumes of the remove and apply_diff layers (default 1000)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each operation (default 3)")
     parser.add_argument("--module-dir", default=REPOSITORY,
                         help="directory whose btrfsdrv.py is measured (default: this checkout)")
@@ -170,7 +239,7 @@ def main():
     work = tempfile.mkdtemp(prefix="btrfsdrv-deep-")
     fs = LoopbackBtrfs(work, size=4 * 1024**3)
     try:
-        run(btrfsdrv, fs, args.depth, args.rounds)
+        run(btrfsdrv, fs, args.depth, args.subvolumes, args.rounds)
     finally:
         # Unmounting drops the deep trees, which shutil.rmtree could not remove.
         fs.teardown()
