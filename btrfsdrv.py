@@ -542,7 +542,8 @@ def _child_refs_unprivileged(subvolume_fd: int, path: Any) -> Iterator[tuple[int
     NOTE: INO_LOOKUP_USER walks up the directory's path in the kernel for
     every ref, so each subvolume costs time in proportion to its depth. A
     directory path that does not fit in BTRFS_INO_LOOKUP_USER_PATH_MAX (3824)
-    bytes fails with ENAMETOOLONG, which fails the listing.
+    bytes fails with ENAMETOOLONG, and find_nested_subvolumes then walks the
+    layer instead.
     """
     args = btrfs_ioctl_get_subvol_rootref_args()
     while True:
@@ -622,8 +623,9 @@ def find_nested_subvolumes(top_fd: int, top_id: int, path: Any = None) -> list[N
     Reads the kernel's root refs: TREE_SEARCH of the root tree when the caller
     has CAP_SYS_ADMIN, otherwise GET_SUBVOL_ROOTREF and INO_LOOKUP_USER from
     each subvolume's own directory.  No file of the layer is read, unless the
-    kernel lacks those two ioctls (before Linux 4.18) and the caller is
-    unprivileged: then every directory is walked.
+    caller is unprivileged and the kernel lacks those two ioctls (before Linux
+    4.18) or a subvolume lies below a directory path longer than
+    INO_LOOKUP_USER returns: then every directory is walked.
     """
     try:
         return _find_nested_privileged(top_fd, top_id, path)
@@ -633,7 +635,8 @@ def find_nested_subvolumes(top_fd: int, top_id: int, path: Any = None) -> list[N
     try:
         return _find_nested_unprivileged(top_fd, top_id, path)
     except OSError as error:
-        if error.errno not in _IOCTL_UNSUPPORTED:
+        # ENAMETOOLONG: a directory path longer than INO_LOOKUP_USER can return.
+        if error.errno not in _IOCTL_UNSUPPORTED + (errno.ENAMETOOLONG,):
             raise
         log.debug("listing nested subvolumes of %s by walking it: %s", os.fsdecode(path or b"?"), error)
     return _find_nested_by_walk(top_fd, top_id, path)

@@ -9579,10 +9579,21 @@ def test_nested_search_lists_parents_first(fs):
             assert position[subvolume.parent_id] < position[subvolume.id]
 
 
-def test_nested_search_as_unprivileged_user(fs):
+def make_subvolume_beyond_lookup_limit(top):
+    """Create a subvolume at top and one below a directory path longer than INO_LOOKUP_USER can return."""
+    btrfsdrv.create_subvolume(top)
+    deep = os.path.join(top, *["d" * 99] * 40)  # 4,000 bytes below top; the kernel's limit is 3,824
+    os.makedirs(deep)
+    btrfsdrv.create_subvolume(os.path.join(deep, "nested"))
+    btrfsdrv.create_subvolume(os.path.join(top, "shallow"))
+
+
+@pytest.mark.parametrize("make_tree", [make_nested_tree, make_subvolume_beyond_lookup_limit],
+                         ids=["nested-tree", "beyond-lookup-limit"])
+def test_nested_search_as_unprivileged_user(fs, make_tree):
     nobody = 65534
     top = fs.path("top")
-    make_nested_tree(top)
+    make_tree(top)
     for directory, subdirectories, files in os.walk(top):
         for name in [directory] + [os.path.join(directory, entry) for entry in subdirectories + files]:
             os.lchown(name, nobody, nobody)
