@@ -3003,13 +3003,19 @@ def fail_rename_with_enospc(monkeypatch):
     monkeypatch.setattr(os, "rename", rename)
 
 
-def test_unrenamed_quota_file_deleted_after_layer(tmp_path, monkeypatch, caplog):
+def unrenamable_quota_file(tmp_path, monkeypatch):
+    """Make a quotas directory with the quota file of a layer directory, both below tmp_path, and fail renames."""
     quotas = tmp_path / "quotas"
     quotas.mkdir()
     layer = tmp_path / "layer"
     layer.mkdir()
     (quotas / "layer").write_bytes(b"1000")
     fail_rename_with_enospc(monkeypatch)
+    return quotas, layer
+
+
+def test_unrenamed_quota_file_deleted_after_layer(tmp_path, monkeypatch, caplog):
+    quotas, layer = unrenamable_quota_file(tmp_path, monkeypatch)
 
     with btrfsdrv._QuotaFileAside(str(quotas), b"layer", str(layer)):
         assert os.listdir(quotas) == ["layer"]
@@ -3022,12 +3028,7 @@ def test_unrenamed_quota_file_deleted_after_layer(tmp_path, monkeypatch, caplog)
 
 
 def test_failed_remove_keeps_unrenamed_quota_file(tmp_path, monkeypatch):
-    quotas = tmp_path / "quotas"
-    quotas.mkdir()
-    layer = tmp_path / "layer"
-    layer.mkdir()
-    (quotas / "layer").write_bytes(b"1000")
-    fail_rename_with_enospc(monkeypatch)
+    quotas, layer = unrenamable_quota_file(tmp_path, monkeypatch)
 
     with pytest.raises(OSError, match="delete failed"):
         with btrfsdrv._QuotaFileAside(str(quotas), b"layer", str(layer)):
@@ -3038,12 +3039,7 @@ def test_failed_remove_keeps_unrenamed_quota_file(tmp_path, monkeypatch):
 
 
 def test_unrenamed_quota_file_spares_replacement(tmp_path, monkeypatch):
-    quotas = tmp_path / "quotas"
-    quotas.mkdir()
-    layer = tmp_path / "layer"
-    layer.mkdir()
-    (quotas / "layer").write_bytes(b"1000")
-    fail_rename_with_enospc(monkeypatch)
+    quotas, layer = unrenamable_quota_file(tmp_path, monkeypatch)
 
     with btrfsdrv._QuotaFileAside(str(quotas), b"layer", str(layer)):
         layer.rmdir()
@@ -5055,6 +5051,15 @@ def test_apply_keeps_long_link_over_pax_linkpath(tmp_path):
     assert os.readlink(layer / "link") == "gnutarget"
 
 
+def assert_apply_rejects(tmp_path, raw, match):
+    """Check that applying raw and the end of the archive raises ValueError matching match, and writes nothing."""
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    with pytest.raises(ValueError, match=match):
+        apply(layer, raw + b"\0" * 1024)
+    assert os.listdir(layer) == []
+
+
 @pytest.mark.parametrize("raw, match", [
     pytest.param(raw_pax(path=b"file") + raw_member(b"dir/", HIDDEN_MEMBER, b"\0"),
                  r"offset 0: .*'file'.*'/'", id="pax-path-drops-slash"),
@@ -5078,11 +5083,7 @@ def test_apply_keeps_long_link_over_pax_linkpath(tmp_path):
                  r"offset 0: .*'dir/'.*'/'", id="sparse-name-after-long-name"),
 ])
 def test_apply_rejects_types_go_reads_differently(tmp_path, raw, match):
-    layer = tmp_path / "layer"
-    layer.mkdir()
-    with pytest.raises(ValueError, match=match):
-        apply(layer, raw + b"\0" * 1024)
-    assert os.listdir(layer) == []
+    assert_apply_rejects(tmp_path, raw, match)
 
 
 @pytest.mark.parametrize("raw, match", [
@@ -5102,11 +5103,7 @@ def test_apply_rejects_types_go_reads_differently(tmp_path, raw, match):
                  r"offset 0: the change time field .*STAR header", id="star-change-time"),
 ])
 def test_apply_rejects_headers_go_reads_differently(tmp_path, raw, match):
-    layer = tmp_path / "layer"
-    layer.mkdir()
-    with pytest.raises(ValueError, match=match):
-        apply(layer, raw + b"\0" * 1024)
-    assert os.listdir(layer) == []
+    assert_apply_rejects(tmp_path, raw, match)
 
 
 @pytest.mark.parametrize("raw, match", [
@@ -5119,11 +5116,7 @@ def test_apply_rejects_headers_go_reads_differently(tmp_path, raw, match):
                  r"devminor 1048576 is out of range \(0 to 1048575\)", id="minor"),
 ])
 def test_apply_rejects_entries_linux_cannot_make(tmp_path, raw, match):
-    layer = tmp_path / "layer"
-    layer.mkdir()
-    with pytest.raises(ValueError, match=match):
-        apply(layer, raw + b"\0" * 1024)
-    assert os.listdir(layer) == []
+    assert_apply_rejects(tmp_path, raw, match)
 
 
 def test_apply_ignores_device_numbers_of_files(tmp_path):
