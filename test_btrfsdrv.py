@@ -4725,6 +4725,9 @@ MALFORMED_PAX_RECORDS = {
     "empty-keyword": (b"7 =abc\n", 0),
     "nul-in-keyword": (b"12 pa\0h=abc\n", 0),
     "bytes-after-nul": (b"11 path=ab\n\0\0xyz", 11),
+    "nul-padding": (b"11 path=ab\n\0\0\0", 11),
+    "nul-in-path": (b"12 path=a\0b\n", 0),
+    "nul-in-uname": (b"11 path=ab\n13 uname=r\0t\n", 11),
     "after-good-record": (b"11 path=ab\n9 pathab\n", 11),
     "repeated-without-equals": (b"6 aaa\n" * 1000 + b"=\n", 0),
 }
@@ -4781,7 +4784,7 @@ def test_apply_accepts_well_formed_pax_records(tmp_path):
     layer.mkdir()
     body = (pax_record(b"path", b"d/" + b"n" * 200) + pax_record(b"SCHILY.xattr.user.a", b"x=y\nz")
             + pax_record(b"comment", b"") + pax_record(b"mtime", b"1700000000.123456789"))
-    apply(layer, pax_body_tar(body + b"\0" * 40, b"data"))
+    apply(layer, pax_body_tar(body, b"data"))
     path = layer / "d" / ("n" * 200)
     assert path.read_bytes() == b"data"
     assert os.getxattr(path, "user.a") == b"x=y\nz"
@@ -4847,13 +4850,11 @@ def test_apply_rejects_invalid_entry_size(tmp_path, name, kind, size, match):
     assert sorted(os.listdir(layer)) == ["first"]
 
 
-@pytest.mark.parametrize("kind, match", [
-    (tarfile.REGTYPE, r"^entry '\.wh\.gone' at offset 1024: size -1024 is out of range"),
-    (tarfile.XHDTYPE, r"^invalid layer tar at offset 1024 \(after entry 'first'\): extended header size -1024 "),
-    (tarfile.GNUTYPE_LONGNAME, r"^invalid layer tar at offset 1024 \(after entry 'first'\): extended header size "
-                               "-1024 "),
-], ids=["whiteout", "pax", "long-name"])
-def test_apply_rejects_negative_base_256_size(tmp_path, kind, match):
+@pytest.mark.parametrize("kind", [tarfile.REGTYPE, tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME],
+                         ids=["whiteout", "pax", "long-name"])
+def test_apply_rejects_negative_base_256_size(tmp_path, kind):
+    match = (r"^invalid layer tar at offset 1024 \(after entry 'first'\): malformed header: header at offset 1024: "
+             "size -1024 is negative")
     layer = tmp_path / "layer"
     layer.mkdir()
     header = tarfile.TarInfo(".wh.gone")
@@ -5145,6 +5146,57 @@ def test_apply_rejects_data_after_one_zero_block(tmp_path, after):
         apply(layer, raw_member(b"first", b"1") + b"\0" * 512 + after)
 
 
+@pytest.mark.parametrize("raw, match", [
+    pytest.param(raw_pax(atime=b"garbage") + raw_member(b"a", b"x"), r"offset 0: invalid atime record b'garbage'",
+                 id="atime"),
+    pytest.param(raw_pax(ctime=b"1e5") + raw_member(b"a", b"x"), r"offset 0: invalid ctime record b'1e5'", id="ctime"),
+    pytest.param(raw_pax(size=b"5") + raw_header(b"a", b"\xff" * 12) + b"hello" + b"\0" * 507,
+                 r"offset 1024: size -1 is negative", id="negative-size-under-pax-size"),
+    pytest.param(raw_pax(b"g", comment=b"x") [:512] + b"not a pax record\n".ljust(512, b"\0")
+                 + raw_member(b"a", b"x"), "PAX record at offset 512", id="malformed-global"),
+])
+def test_apply_rejects_pax_headers_go_rejects(tmp_path, raw, match):
+    assert_apply_rejects(tmp_path, raw, match)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    pytest.param(raw_pax(b"g", comment=b"x"), [], id="only-a-global-header"),
+    pytest.param(raw_member(b"a", b"x") + raw_pax(b"g", comment=b"x"), ["a"], id="global-header-last"),
+    pytest.param(raw_pax(b"g", comment=b"x") + raw_member(b"a", b"x"), ["a"], id="global-header-first"),
+    pytest.param(raw_pax(path=b"lost") + raw_pax(b"g", comment=b"x") + raw_member(b"a", b"x"), ["a"],
+                 id="pax-before-global"),
+    pytest.param(raw_pax(atime=b"", ctime=b"1700000000.5") + raw_member(b"a", b"x"), ["a"], id="valid-times"),
+    # Each global header is an entry of its own to Go, so they form no chain.
+    pytest.param(raw_pax(b"g", comment=b"x") * 300 + raw_member(b"a", b"x"), ["a"], id="many-global-headers"),
+])
+def test_apply_reads_global_headers_and_times_as_go(tmp_path, raw, expected):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    apply(layer, raw + b"\0" * 1024)
+    assert os.listdir(layer) == expected
+
+
+def test_apply_makes_missing_parents_0755_under_any_umask(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    previous = os.umask(0o077)
+    try:
+        apply(layer, raw_member(b"usr/share/f", b"x") + b"\0" * 1024)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(layer / "usr").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(layer / "usr" / "share").st_mode) == 0o755
+
+
+@pytest.mark.parametrize("name", [b"a/b/.wh.c", b"a/b/.wh..wh..opq"])
+def test_apply_makes_missing_parents_of_whiteouts(tmp_path, name):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    apply(layer, raw_member(name, b"") + b"\0" * 1024)
+    assert os.listdir(layer / "a" / "b") == []
+    assert stat.S_IMODE(os.stat(layer / "a").st_mode) == 0o755
+
+
 def test_apply_keeps_header_values_for_empty_pax_records(tmp_path):
     # Go's mergePAX skips empty records, but keeps empty xattr records in PAXRecords.
     layer = tmp_path / "layer"
@@ -5177,7 +5229,6 @@ def extended_header(kind, body):
 @pytest.mark.parametrize("kind, body", [
     pytest.param(tarfile.XHDTYPE, b"11 path=ab\n", id="pax"),
     pytest.param(tarfile.GNUTYPE_LONGNAME, b"abcde\0", id="long-name"),
-    pytest.param(tarfile.XGLTYPE, b"11 path=ab\n", id="global-pax"),
 ])
 def test_apply_rejects_extended_header_chains(tmp_path, kind, body):
     layer = tmp_path / "layer"
