@@ -1859,6 +1859,51 @@ def test_unprivileged_remove_of_unwritable_top(tmp_path):
         assert qgroup_limits(fs) == limits
 
 
+def test_unprivileged_remove_of_unsearchable_directory(open_fs):
+    # The owner's mode-0 directory hides the nested subvolume from
+    # INO_LOOKUP_USER, which needs read and search permission on the path.
+    home = nobody_home(open_fs)
+
+    def scenario():
+        driver = btrfsdrv.Driver(home)
+        driver.create("locked")
+        root = driver.get("locked")
+        os.chmod(root, 0o755)
+        os.makedirs(os.path.join(root, "d", "e"))
+        btrfsdrv.create_subvolume(os.path.join(root, "d", "e", "nested"))
+        os.chmod(os.path.join(root, "d"), 0)
+        driver.remove("locked")
+        return driver.list_layers()
+
+    assert run_as_user(scenario) == []
+
+
+def test_unprivileged_remove_names_foreign_unsearchable_directory(tmp_path):
+    with loopback_btrfs(tmp_path, mount_options=("user_subvol_rm_allowed",)) as fs:
+        home = nobody_home(fs)
+        run_as_user(lambda: btrfsdrv.Driver(home).create("guarded"))
+        root = os.path.join(home, "subvolumes", "guarded")
+        os.chmod(root, 0o755)
+        foreign = os.path.join(root, "foreign")
+        os.mkdir(foreign, 0o700)
+        btrfsdrv.create_subvolume(os.path.join(foreign, "nested"))
+        subvolumes = subvolume_paths(fs)
+        digest = tree_digest(root)
+
+        def scenario():
+            with pytest.raises(PermissionError) as raised:
+                btrfsdrv.Driver(home).remove("guarded")
+            return raised.value.errno, str(raised.value)
+
+        error, message = run_as_user(scenario)
+
+        assert error == errno.EACCES
+        assert foreign in message
+        assert "chmod" in message
+        assert subvolume_paths(fs) == subvolumes
+        assert tree_digest(root) == digest
+
+
 def test_get_without_cap_sys_admin_keeps_limit(fs):
     home = fs.path("home")
     with btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as driver:
