@@ -2524,11 +2524,18 @@ class Driver:
                 subvolume_ids = self._remove_nested(layer_fd, layer_subvolume_id, path, nested)
                 subvolume_ids.append(layer_subvolume_id)
                 _clear_read_only(layer_fd, path)
-                quota_on = self._clear_limit(subvolumes_fd, layer_subvolume_id, path)
         if subvolume_ids:
+            # The quota file is set aside before the limit is cleared, so a
+            # concurrent get finds none and does not set the limit again.
             with _QuotaFileAside(self._quotas_dir, name, path):
+                quota_on = self._clear_limit(subvolumes_fd, subvolume_ids[-1], path)
                 self._destroy_layer_subvolume(subvolumes_fd, name, path, subvolume_ids)
             if quota_on:
+                # A get that read the quota file before it was set aside can
+                # set the limit after the clear above, so it is cleared again.
+                # NOTE: a get that opened the layer before the delete can
+                # still set the limit after this second clear.
+                self._clear_limit(subvolumes_fd, subvolume_ids[-1], path)
                 self._destroy_qgroups(subvolumes_fd, subvolume_ids)
         else:
             with _QuotaFileAside(self._quotas_dir, name, path):
@@ -2564,8 +2571,9 @@ class Driver:
         return _delete_nested_subvolumes(layer_fd, layer_subvolume_id, nested, path)
 
     def _clear_limit(self, fd: int, subvolume: int, path: str) -> bool:
-        """Clear the limit of a layer's qgroup before the layer is deleted; return whether quota is on.
+        """Clear the limit of a layer's qgroup and return whether quota is on.
 
+        The remove calls this before and again after it deletes the layer.
         The kernel rejects (EBUSY) destroying the qgroup of a deleted
         subvolume until its cleaner has dropped it, and Linux 6.18 then
         sometimes keeps the qgroup, limit included, for the next subvolume
@@ -2581,7 +2589,7 @@ class Driver:
         except PermissionError as error:
             log.debug("cannot clear the qgroup limit of %s: %s", path, error)
         except OSError as error:
-            log.warning("could not clear the qgroup limit of %s before removing it: %s", path, error)
+            log.warning("could not clear the qgroup limit of %s during its remove: %s", path, error)
         return True
 
     def _destroy_qgroups(self, fd: int, subvolume_ids: list[int]) -> None:

@@ -1256,6 +1256,48 @@ def test_remove_destroys_qgroups(fs):
         assert quota_is_enabled(fs)
 
 
+@pytest.mark.parametrize("moment", ["get after limit cleared", "limit applied before delete"])
+def test_remove_with_concurrent_get_leaves_no_limit(fs, monkeypatch, moment):
+    home = fs.path("home")
+    size = 30 * 1024**2
+    with btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as driver, \
+            btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as other:
+        driver.create("sized", storage_opt={"size": "30m"})
+        path = driver.get("sized")
+        layer = btrfsdrv.subvolume_id(path)
+        gets = []
+
+        if moment == "get after limit cleared":
+            original = btrfsdrv.Driver._clear_limit
+
+            def clear_then_get(self, *arguments):
+                quota_on = original(self, *arguments)
+                if not gets:
+                    gets.append(other.get("sized"))
+                return quota_on
+
+            monkeypatch.setattr(btrfsdrv.Driver, "_clear_limit", clear_then_get)
+        else:
+            # A get that read the quota file before the remove set it aside
+            # applies the size it read.
+            original = btrfsdrv.Driver._destroy_layer_subvolume
+
+            def apply_then_destroy(self, *arguments):
+                other._apply_quota_state("sized", path, size, True)
+                gets.append(path)
+                return original(self, *arguments)
+
+            monkeypatch.setattr(btrfsdrv.Driver, "_destroy_layer_subvolume", apply_then_destroy)
+
+        driver.remove("sized")
+
+        assert gets == [path]
+        assert qgroup_limits(fs).get(layer) is None
+        sync_subvolumes(fs)
+        assert qgroup_limits(fs).get(layer) is None
+        assert not os.path.exists(os.path.join(home, "quotas", "sized"))
+
+
 def test_size_limit_enforced(fs):
     with btrfsdrv.Driver(fs.path("home"), ["btrfs.min_space=1m"]) as driver:
         driver.create("base")
