@@ -2519,16 +2519,23 @@ class Driver:
                 layer_subvolume_id = _subvolume_id_of_fd(layer_fd, path)
                 _check_holder_not_flagged(subvolumes_fd, path)
                 _check_layer_deletable(layer_fd, layer_subvolume_id, path)
-                nested = find_nested_subvolumes(layer_fd, layer_subvolume_id, path)
+                nested = _find_nested_for_removal(layer_fd, layer_subvolume_id, path)
                 _clear_removal_flags(layer_fd, nested, path)
                 subvolume_ids = self._remove_nested(layer_fd, layer_subvolume_id, path, nested)
                 subvolume_ids.append(layer_subvolume_id)
                 _clear_read_only(layer_fd, path)
-                quota_on = self._clear_limit(subvolumes_fd, layer_subvolume_id, path)
         if subvolume_ids:
+            # The quota file is set aside before the limit is cleared, so a
+            # concurrent get finds none and does not set the limit again.
             with _QuotaFileAside(self._quotas_dir, name, path):
+                quota_on = self._clear_limit(subvolumes_fd, subvolume_ids[-1], path)
                 self._destroy_layer_subvolume(subvolumes_fd, name, path, subvolume_ids)
             if quota_on:
+                # A get that read the quota file before it was set aside can
+                # set the limit after the clear above, so it is cleared again.
+                # NOTE: a get that opened the layer before the delete can
+                # still set the limit after this second clear.
+                self._clear_limit(subvolumes_fd, subvolume_ids[-1], path)
                 self._destroy_qgroups(subvolumes_fd, subvolume_ids)
         else:
             with _QuotaFileAside(self._quotas_dir, name, path):
@@ -2560,12 +2567,13 @@ class Driver:
         nested is the list that find_nested_subvolumes returned, or None to list them here.
         """
         if nested is None:
-            nested = find_nested_subvolumes(layer_fd, layer_subvolume_id, path)
+            nested = _find_nested_for_removal(layer_fd, layer_subvolume_id, path)
         return _delete_nested_subvolumes(layer_fd, layer_subvolume_id, nested, path)
 
     def _clear_limit(self, fd: int, subvolume: int, path: str) -> bool:
-        """Clear the limit of a layer's qgroup before the layer is deleted; return whether quota is on.
+        """Clear the limit of a layer's qgroup and return whether quota is on.
 
+        The remove calls this before and again after it deletes the layer.
         The kernel rejects (EBUSY) destroying the qgroup of a deleted
         subvolume until its cleaner has dropped it, and Linux 6.18 then
         sometimes keeps the qgroup, limit included, for the next subvolume
@@ -2581,7 +2589,7 @@ class Driver:
         except PermissionError as error:
             log.debug("cannot clear the qgroup limit of %s: %s", path, error)
         except OSError as error:
-            log.warning("could not clear the qgroup limit of %s before removing it: %s", path, error)
+            log.warning("could not clear the qgroup limit of %s during its remove: %s", path, error)
         return True
 
     def _destroy_qgroups(self, fd: int, subvolume_ids: list[int]) -> None:
@@ -3196,6 +3204,71 @@ def _check_layer_deletable(layer_fd: int, subvolume_id: int, path: Any) -> None:
         raise
     except PermissionError as error:
         raise _removal_permission_error(error, path) from None
+
+
+def _find_nested_for_removal(layer_fd: int, layer_id: int, path: Any) -> list[NestedSubvolume]:
+    """Return the subvolumes below a layer that is being removed, giving the caller's directories rwx when needed.
+
+    Without CAP_SYS_ADMIN the listing fails with EACCES when a directory
+    above a nested subvolume denies the caller read or search permission.
+    The removal gives the caller's own directories owner rwx anyway, so they
+    get it here and the listing runs again. The first listing runs without
+    that repair, because the repair reads every directory of the layer.
+    """
+    try:
+        return find_nested_subvolumes(layer_fd, layer_id, path)
+    except PermissionError as error:
+        if error.errno != errno.EACCES:
+            raise
+        log.debug("cannot list the nested subvolumes of %s (%s); giving the caller's directories in it owner rwx",
+                  os.fsdecode(path), error)
+    blocked = _make_own_directories_accessible(layer_fd, path)
+    try:
+        return find_nested_subvolumes(layer_fd, layer_id, path)
+    except PermissionError as error:
+        if error.errno != errno.EACCES:
+            raise
+        if blocked is None:
+            hint = ("a directory above a nested subvolume denies this process read or search permission; "
+                    "give this user read and search permission on the layer's directories, or remove it as root")
+        else:
+            hint = (f"the directory {blocked} of another user denies this process read or search permission; "
+                    f"run chmod o+rx {shlex.quote(blocked)} as its owner, or remove the layer as root")
+        raise _os_error(errno.EACCES, "list nested subvolumes", path, hint) from None
+
+
+def _make_own_directories_accessible(top_fd: int, path: Any) -> str | None:
+    """Give every directory below top_fd that the caller owns owner rwx.
+
+    Returns the path of the first directory of another user that the caller
+    may not read or search, or None. The walk does not enter such a
+    directory, so the directories below it keep their modes.
+    """
+    uid = os.geteuid()
+    effective = {"effective_ids": True} if os.access in os.supports_effective_ids else {}
+    blocked: list[str] = []
+
+    def visit(fd: int, relative: bytes, entries: list[Any]) -> list[bytes]:
+        where = os.path.join(os.fsdecode(path), os.fsdecode(relative)) if relative else os.fsdecode(path)
+        st = os.fstat(fd)
+        if st.st_uid == uid and st.st_mode & 0o700 != 0o700:
+            # The caller may lack search permission here, which a lookup of
+            # "." in _make_owner_accessible would need, so fchmod the open fd.
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
+            log.debug("made %s accessible to its owner", where)
+        subdirectories = []
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            if (entry.stat(follow_symlinks=False).st_uid != uid
+                    and not os.access(entry.name, os.R_OK | os.X_OK, dir_fd=fd, **effective)):
+                blocked.append(os.path.join(where, entry.name))
+                continue
+            subdirectories.append(os.fsencode(entry.name))
+        return subdirectories
+
+    walk_tree(top_fd, visit, path=path, repair_permissions=True)
+    return blocked[0] if blocked else None
 
 
 def _may_write_and_search(fd: int) -> bool:

@@ -1256,6 +1256,48 @@ def test_remove_destroys_qgroups(fs):
         assert quota_is_enabled(fs)
 
 
+@pytest.mark.parametrize("moment", ["get after limit cleared", "limit applied before delete"])
+def test_remove_with_concurrent_get_leaves_no_limit(fs, monkeypatch, moment):
+    home = fs.path("home")
+    size = 30 * 1024**2
+    with btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as driver, \
+            btrfsdrv.Driver(home, ["btrfs.min_space=1m"]) as other:
+        driver.create("sized", storage_opt={"size": "30m"})
+        path = driver.get("sized")
+        layer = btrfsdrv.subvolume_id(path)
+        gets = []
+
+        if moment == "get after limit cleared":
+            original = btrfsdrv.Driver._clear_limit
+
+            def clear_then_get(self, *arguments):
+                quota_on = original(self, *arguments)
+                if not gets:
+                    gets.append(other.get("sized"))
+                return quota_on
+
+            monkeypatch.setattr(btrfsdrv.Driver, "_clear_limit", clear_then_get)
+        else:
+            # A get that read the quota file before the remove set it aside
+            # applies the size it read.
+            original = btrfsdrv.Driver._destroy_layer_subvolume
+
+            def apply_then_destroy(self, *arguments):
+                other._apply_quota_state("sized", path, size, True)
+                gets.append(path)
+                return original(self, *arguments)
+
+            monkeypatch.setattr(btrfsdrv.Driver, "_destroy_layer_subvolume", apply_then_destroy)
+
+        driver.remove("sized")
+
+        assert gets == [path]
+        assert qgroup_limits(fs).get(layer) is None
+        sync_subvolumes(fs)
+        assert qgroup_limits(fs).get(layer) is None
+        assert not os.path.exists(os.path.join(home, "quotas", "sized"))
+
+
 def test_size_limit_enforced(fs):
     with btrfsdrv.Driver(fs.path("home"), ["btrfs.min_space=1m"]) as driver:
         driver.create("base")
@@ -1857,6 +1899,51 @@ def test_unprivileged_remove_of_unwritable_top(tmp_path):
         with open(quota_file, "rb") as quota:
             assert quota.read() == quota_content
         assert qgroup_limits(fs) == limits
+
+
+def test_unprivileged_remove_of_unsearchable_directory(open_fs):
+    # The owner's mode-0 directory hides the nested subvolume from
+    # INO_LOOKUP_USER, which needs read and search permission on the path.
+    home = nobody_home(open_fs)
+
+    def scenario():
+        driver = btrfsdrv.Driver(home)
+        driver.create("locked")
+        root = driver.get("locked")
+        os.chmod(root, 0o755)
+        os.makedirs(os.path.join(root, "d", "e"))
+        btrfsdrv.create_subvolume(os.path.join(root, "d", "e", "nested"))
+        os.chmod(os.path.join(root, "d"), 0)
+        driver.remove("locked")
+        return driver.list_layers()
+
+    assert run_as_user(scenario) == []
+
+
+def test_unprivileged_remove_names_foreign_unsearchable_directory(tmp_path):
+    with loopback_btrfs(tmp_path, mount_options=("user_subvol_rm_allowed",)) as fs:
+        home = nobody_home(fs)
+        run_as_user(lambda: btrfsdrv.Driver(home).create("guarded"))
+        root = os.path.join(home, "subvolumes", "guarded")
+        os.chmod(root, 0o755)
+        foreign = os.path.join(root, "foreign")
+        os.mkdir(foreign, 0o700)
+        btrfsdrv.create_subvolume(os.path.join(foreign, "nested"))
+        subvolumes = subvolume_paths(fs)
+        digest = tree_digest(root)
+
+        def scenario():
+            with pytest.raises(PermissionError) as raised:
+                btrfsdrv.Driver(home).remove("guarded")
+            return raised.value.errno, str(raised.value)
+
+        error, message = run_as_user(scenario)
+
+        assert error == errno.EACCES
+        assert foreign in message
+        assert "chmod" in message
+        assert subvolume_paths(fs) == subvolumes
+        assert tree_digest(root) == digest
 
 
 def test_get_without_cap_sys_admin_keeps_limit(fs):
