@@ -2528,14 +2528,13 @@ class Driver:
             # The quota file is set aside before the limit is cleared, so a
             # concurrent get finds none and does not set the limit again.
             with _QuotaFileAside(self._quotas_dir, name, path):
-                quota_on = self._clear_limit(subvolumes_fd, subvolume_ids[-1], path)
-                self._destroy_layer_subvolume(subvolumes_fd, name, path, subvolume_ids)
-            if quota_on:
-                # A get that read the quota file before it was set aside can
-                # set the limit after the clear above, so it is cleared again.
-                # NOTE: a get that opened the layer before the delete can
-                # still set the limit after this second clear.
                 self._clear_limit(subvolumes_fd, subvolume_ids[-1], path)
+                self._destroy_layer_subvolume(subvolumes_fd, name, path, subvolume_ids)
+            # A get that read the quota file before it was set aside can set
+            # the limit after the clear above, and turn quota on to do so, so
+            # the limit is cleared again. A get that sets it after this clear
+            # finds the layer gone and clears it itself (_check_layer_kept).
+            if self._clear_limit(subvolumes_fd, subvolume_ids[-1], path):
                 self._destroy_qgroups(subvolumes_fd, subvolume_ids)
         else:
             with _QuotaFileAside(self._quotas_dir, name, path):
@@ -2707,6 +2706,7 @@ class Driver:
                 with self._open_home() as home_fd, _Fd(self._open_layer(layer_id, path)) as layer_fd:
                     if _is_subvolume_stat(os.fstat(layer_fd)):
                         self._apply_limit(home_fd, layer_fd, size, path)
+                        self._check_layer_kept(home_fd, layer_fd, layer_id, path)
                     else:
                         log.warning("ignoring quota file of %s: the layer is a plain directory (a copied "
                                     "store?), not a subvolume, so it cannot have a limit", path)
@@ -2714,6 +2714,32 @@ class Driver:
             # An invalid quota file is ignored with a warning, and the limit stays.
             with self._open_home() as home_fd, _Fd(self._open_layer(layer_id, path)) as layer_fd:
                 self._clear_stray_limit(home_fd, layer_fd, path)
+
+    def _check_layer_kept(self, home_fd: int, layer_fd: int, layer_id: str, path: str) -> None:
+        """Undo the limit just set through layer_fd if a remove deleted that layer meanwhile.
+
+        A remove clears the limit once more after its delete. A limit set
+        before the layer is seen here is therefore cleared by the remove, and
+        one set after the delete is cleared here, with its qgroup destroyed.
+        Raises FileNotFoundError when no layer has the id any more; a layer
+        created again under the id got its own limit from its create.
+        """
+        try:
+            current = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(current, os.fstat(layer_fd)):
+            return
+        subvolume = _subvolume_id_of_fd(layer_fd, path)
+        try:
+            _set_qgroup_limit(home_fd, subvolume, None, path)
+            _destroy_qgroup(home_fd, subvolume, self.home)
+        except OSError as error:
+            log.warning("could not undo the limit that a get set on qgroup 0/%d of %s, removed meanwhile: %s",
+                        subvolume, path, error)
+        if current is None:
+            raise FileNotFoundError(errno.ENOENT, f"layer {layer_id!r} not found; another process removed it",
+                                    path)
 
     @staticmethod
     def _open_layer(layer_id: str, path: str) -> int:

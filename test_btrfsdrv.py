@@ -1256,7 +1256,8 @@ def test_remove_destroys_qgroups(fs):
         assert quota_is_enabled(fs)
 
 
-@pytest.mark.parametrize("moment", ["get after limit cleared", "limit applied before delete"])
+@pytest.mark.parametrize("moment", ["get after limit cleared", "limit applied before delete",
+                                    "limit applied after remove"])
 def test_remove_with_concurrent_get_leaves_no_limit(fs, monkeypatch, moment):
     home = fs.path("home")
     size = 30 * 1024**2
@@ -1277,6 +1278,18 @@ def test_remove_with_concurrent_get_leaves_no_limit(fs, monkeypatch, moment):
                 return quota_on
 
             monkeypatch.setattr(btrfsdrv.Driver, "_clear_limit", clear_then_get)
+        elif moment == "limit applied after remove":
+            # A get that opened the layer before the remove sets the limit after it.
+            original = btrfsdrv.Driver._apply_limit
+
+            def remove_then_apply(self, *arguments):
+                driver.remove("sized")
+                gets.append(path)
+                return original(self, *arguments)
+
+            monkeypatch.setattr(btrfsdrv.Driver, "_apply_limit", remove_then_apply)
+            with pytest.raises(FileNotFoundError, match="another process removed it"):
+                other._apply_quota_state("sized", path, size, True)
         else:
             # A get that read the quota file before the remove set it aside
             # applies the size it read.
@@ -1289,7 +1302,8 @@ def test_remove_with_concurrent_get_leaves_no_limit(fs, monkeypatch, moment):
 
             monkeypatch.setattr(btrfsdrv.Driver, "_destroy_layer_subvolume", apply_then_destroy)
 
-        driver.remove("sized")
+        if moment != "limit applied after remove":
+            driver.remove("sized")
 
         assert gets == [path]
         assert qgroup_limits(fs).get(layer) is None
