@@ -833,6 +833,10 @@ def walk_tree(
     repair_permissions, a directory the caller owns but may not enter gets
     owner rwx (removal needs this without CAP_DAC_OVERRIDE).  An OSError from
     visit or leave names the full path of the entry it was about.
+    NOTE: below a bind mount, such as the driver's home, an openat of ".."
+    took time in proportion to the depth (137 µs at 20,000 levels on Linux
+    6.18), so the climb makes a walk of a long chain take time in proportion
+    to the square of its depth.
     """
     top_mount = _mount_id(top_fd)
     fd = os.dup(top_fd)
