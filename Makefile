@@ -77,7 +77,8 @@ bench: bench-deps
 
 # Times changes, diff_size, diff and apply_diff on a chain of 3,000 nested
 # directories, and apply_diff and remove on layers with 1,000 nested
-# subvolumes (see BENCHMARKS.md). DEPTH_ARGS="--module-dir DIR" measures the
+# subvolumes, and read_write_disk_usage and update_layer_id_map on a chain of
+# 20,000 directories (see BENCHMARKS.md). DEPTH_ARGS="--module-dir DIR" measures the
 # btrfsdrv.py of another checkout.
 DEPTH_ARGS ?=
 bench-deep-paths:

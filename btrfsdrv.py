@@ -716,16 +716,15 @@ def find_nested_subvolumes_by_walk(top_fd: int, path: Any = None) -> list[bytes]
     """
     found: list[bytes] = []
 
-    def visit(fd: int, relative: bytes, entries: list[Any]) -> list[bytes]:
+    def visit(fd: int, relative: _WalkPath, entries: list[Any]) -> list[bytes]:
         subdirectories = []
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
                 name = os.fsencode(entry.name)
-                child = relative + b"/" + name if relative else name
                 # readdir reports a subvolume's id as its inode number, so
                 # only stat shows the root directory's inode 256.
                 if entry.stat(follow_symlinks=False).st_ino == BTRFS_FIRST_FREE_OBJECTID:
-                    found.append(child)
+                    found.append(relative.child(entry.name).relative_bytes())
                 subdirectories.append(name)
         return subdirectories
 
@@ -734,6 +733,67 @@ def find_nested_subvolumes_by_walk(top_fd: int, path: Any = None) -> list[bytes]
 
 
 # -- Walking layer contents ------------------------------------------------------
+
+
+class _WalkPath:
+    """A path in a walked tree, as a name and the _WalkPath of the directory that contains it.
+
+    A walk keeps one per level, so its memory grows with the depth, where
+    full path strings for every level would grow with its square. The string
+    is built on demand by str() or os.fspath(), for messages and for callers
+    that need it. It joins the names with "/", starting with the root's name.
+    """
+
+    __slots__ = ("parent", "name")
+
+    def __init__(self, parent: _WalkPath | None, name: str) -> None:
+        self.parent = parent
+        self.name = name
+
+    def child(self, name: str) -> _WalkPath:
+        return _WalkPath(self, name)
+
+    def __str__(self) -> str:
+        names = []
+        node: _WalkPath | None = self
+        while node is not None:
+            names.append(node.name)
+            node = node.parent
+        names.reverse()
+        return "/".join(names)
+
+    def __fspath__(self) -> str:
+        return str(self)
+
+    def __repr__(self) -> str:
+        return repr(str(self))
+
+    def __bool__(self) -> bool:
+        """Return False for the root when its name is empty, as for an empty path string."""
+        return self.parent is not None or bool(self.name)
+
+    def relative_bytes(self) -> bytes:
+        """Return the path below a root named "" without the leading "/": b"" for the root, b"a/b" below it."""
+        return os.fsencode(str(self))[1:]
+
+
+class _PathBelow:
+    """The path of a walked entry below a directory given as a string, built only when formatted."""
+
+    __slots__ = ("top", "walked")
+
+    def __init__(self, top: str, walked: _WalkPath) -> None:
+        self.top = top
+        self.walked = walked
+
+    def __str__(self) -> str:
+        return self.top + str(self.walked)
+
+    def __fspath__(self) -> str:
+        return str(self)
+
+    def __repr__(self) -> str:
+        return repr(str(self))
 
 
 def _mount_id(fd: int) -> int | None:
@@ -760,8 +820,9 @@ def walk_tree(
     """Walk the directories below top_fd depth-first, without following symlinks.
 
     visit(fd, relative, entries) is called for every directory with an open
-    descriptor, its path relative to the top (b"" for the top) and its
-    os.DirEntry list, and returns the names of the subdirectories to enter.
+    descriptor, its _WalkPath below a root named "" (false for the top, and
+    relative.relative_bytes() is b"a/b" for a/b) and its os.DirEntry list,
+    and returns the names of the subdirectories to enter.
     leave(parent_fd, name, stat) is called after a subdirectory was walked.
 
     Only one directory is open at a time: the walk climbs back with ".." and
@@ -772,13 +833,17 @@ def walk_tree(
     repair_permissions, a directory the caller owns but may not enter gets
     owner rwx (removal needs this without CAP_DAC_OVERRIDE).  An OSError from
     visit or leave names the full path of the entry it was about.
+    NOTE: below a bind mount, such as the driver's home, an openat of ".."
+    took time in proportion to the depth (137 µs at 20,000 levels on Linux
+    6.18), so the climb makes a walk of a long chain take time in proportion
+    to the square of its depth.
     """
     top_mount = _mount_id(top_fd)
     fd = os.dup(top_fd)
-    relative = b""
-    # One entry per open ancestor: its stat, its relative path, its
-    # subdirectories still to walk, and the name of the child walked now.
-    stack: list[tuple[os.stat_result, bytes, list[bytes], bytes]] = []
+    relative = _WalkPath(None, "")
+    # One entry per ancestor of the directory open now: its stat, its path,
+    # its subdirectories still to walk, and the name of the child walked now.
+    stack: list[tuple[os.stat_result, _WalkPath, list[bytes], bytes]] = []
     try:
         pending = _visit_directory(fd, relative, visit, path)
         while True:
@@ -790,7 +855,7 @@ def walk_tree(
                 stack.append((os.fstat(fd), relative, pending, name))
                 os.close(fd)
                 fd = child
-                relative = relative + b"/" + name if relative else name
+                relative = relative.child(os.fsdecode(name))
                 pending = _visit_directory(fd, relative, visit, path)
                 continue
             if not stack:
@@ -812,7 +877,7 @@ def walk_tree(
         os.close(fd)
 
 
-def _visit_directory(fd: int, relative: bytes, visit: Any, path: Any) -> list[bytes]:
+def _visit_directory(fd: int, relative: _WalkPath, visit: Any, path: Any) -> list[bytes]:
     try:
         with os.scandir(fd) as iterator:
             entries = list(iterator)
@@ -821,11 +886,11 @@ def _visit_directory(fd: int, relative: bytes, visit: Any, path: Any) -> list[by
         raise _with_full_path(error, path, relative, error.filename) from None
 
 
-def _with_full_path(error: OSError, path: Any, relative: bytes, name: Any) -> OSError:
+def _with_full_path(error: OSError, path: Any, relative: _WalkPath, name: Any) -> OSError:
     """Return error with its filename made a full path below path (the walk's top)."""
     parts = [os.fsencode(path if path is not None else ".")]
     if relative:
-        parts.append(relative)
+        parts.append(relative.relative_bytes())
     if isinstance(name, (str, bytes)) and name and not os.fsencode(name).startswith(b"/"):
         parts.append(os.fsencode(name))
     full = os.fsdecode(b"/".join(parts))
@@ -1070,7 +1135,7 @@ def _remove_contents(top_fd: int, path: Any, unlink: Callable[[int, str], None] 
     one directory open at a time, so any depth works.
     """
 
-    def visit(fd: int, relative: bytes, entries: list[Any]) -> list[bytes]:
+    def visit(fd: int, relative: _WalkPath, entries: list[Any]) -> list[bytes]:
         st = os.fstat(fd)
         if st.st_ino == BTRFS_FIRST_FREE_OBJECTID:
             try:
@@ -1916,7 +1981,7 @@ def _relabel(layer_fd: int, label: str, path: Any) -> None:
     """Set security.selinux on every entry of the layer, never following symlinks."""
     value = label.encode()
 
-    def visit(fd: int, relative: bytes, entries: list[Any]) -> list[bytes]:
+    def visit(fd: int, relative: _WalkPath, entries: list[Any]) -> list[bytes]:
         base = f"/proc/self/fd/{fd}"
         os.setxattr(base, "security.selinux", value)
         subdirectories = []
@@ -2829,7 +2894,7 @@ class Driver:
         seen: set[tuple[int, int]] = set()
         total = [0]
 
-        def visit(fd: int, relative: bytes, entries: list[Any]) -> list[bytes]:
+        def visit(fd: int, relative: _WalkPath, entries: list[Any]) -> list[bytes]:
             st = os.fstat(fd)
             seen.add((st.st_dev, st.st_ino))
             subdirectories = []
@@ -3358,13 +3423,17 @@ def _check_contents_removable(top_fd: int, path: Any) -> None:
     uid = os.geteuid()
     check_flags = not _may_change_inode_flags()
 
-    def visit(fd: int, relative: bytes, entries: list[Any]) -> list[bytes]:
+    top = os.fsdecode(path)
+
+    def visit(fd: int, relative: _WalkPath, entries: list[Any]) -> list[bytes]:
+        # The directory's path is built only for an error, because building
+        # it for every directory costs time in proportion to the depth.
+        where = _PathBelow(top, relative)
         st = os.fstat(fd)
-        where = os.path.join(os.fsdecode(path), os.fsdecode(relative))
         if check_flags:
-            _check_no_blocking_flags(fd, entries, where if relative else os.fsdecode(path))
+            _check_no_blocking_flags(fd, entries, where)
         if st.st_uid != uid and not _may_write_and_search(fd):
-            raise PermissionError(errno.EACCES, "a directory of another user is in the way", where)
+            raise PermissionError(errno.EACCES, "a directory of another user is in the way", str(where))
         if st.st_mode & stat.S_ISVTX and st.st_uid != uid and uid != 0:
             for entry in entries:
                 if entry.stat(follow_symlinks=False).st_uid != uid:
@@ -3375,7 +3444,7 @@ def _check_contents_removable(top_fd: int, path: Any) -> None:
     walk_tree(top_fd, visit, path=path, repair_permissions=True)
 
 
-def _check_no_blocking_flags(fd: int, entries: list[Any], where: str) -> None:
+def _check_no_blocking_flags(fd: int, entries: list[Any], where: Any) -> None:
     """Raise _InodeFlagError when directory fd, or a regular file in entries, is immutable or append-only."""
     flags = _blocking_inode_flags(fd)
     if flags:
@@ -3609,7 +3678,7 @@ def _list_dir(dir_fd: int) -> list[_ListedEntry]:
     return entries
 
 
-def _lstat_walked(dir_fd: int, name: str, path: str) -> os.stat_result:
+def _lstat_walked(dir_fd: int, name: str, path: str | _WalkPath) -> os.stat_result:
     """Return the lstat of a listed entry, and raise ESTALE when it is gone.
 
     A FileNotFoundError must not escape: callers read it as "no such layer".
@@ -3620,7 +3689,7 @@ def _lstat_walked(dir_fd: int, name: str, path: str) -> os.stat_result:
         raise _walk_changed_error(dir_fd, name, path, "was removed or renamed") from None
 
 
-def _walk_changed_error(dir_fd: int, name: str, path: str, change: str) -> OSError:
+def _walk_changed_error(dir_fd: int, name: str, path: str | _WalkPath, change: str) -> OSError:
     """Build the ESTALE error for an entry that something changed while its layer was walked.
 
     path is the entry's path inside the layer, and the filename is its host
@@ -3629,12 +3698,12 @@ def _walk_changed_error(dir_fd: int, name: str, path: str, change: str) -> OSErr
     try:
         filename = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), name)
     except OSError:
-        filename = path
+        filename = str(path)
     return OSError(errno.ESTALE, f"{path!r} {change} while the layer was walked; stop whatever writes "
                    "to the layer and run the operation again", filename)
 
 
-def _open_listed_dir(dir_fd: int, name: str, listed: os.stat_result, path: str) -> int:
+def _open_listed_dir(dir_fd: int, name: str, listed: os.stat_result, path: str | _WalkPath) -> int:
     """Open a subdirectory and check that it is still the one that was listed.
 
     Raises OSError with ESTALE when it was removed or replaced since.
@@ -4090,14 +4159,20 @@ class _WalkedChange:
     DELETE) and stay valid only until the walk goes on. st is None for a DELETE.
     """
 
-    __slots__ = ("path", "kind", "st", "dir_fd", "name")
+    __slots__ = ("location", "kind", "st", "dir_fd", "name")
 
-    def __init__(self, path: str, kind: ChangeKind, st: os.stat_result | None, dir_fd: int, name: str) -> None:
-        self.path = path
+    def __init__(self, location: _WalkPath, kind: ChangeKind, st: os.stat_result | None, dir_fd: int,
+                 name: str) -> None:
+        self.location = location
         self.kind = kind
         self.st = st
         self.dir_fd = dir_fd
         self.name = name
+
+    @property
+    def path(self) -> str:
+        """The entry's path in the layer, "/a/b", built at each access in time proportional to its depth."""
+        return str(self.location)
 
 
 # Directory levels on each side whose fds a _walk_changes walk keeps open.
@@ -4116,7 +4191,7 @@ class _DirFrame:
     __slots__ = ("path", "layer_fd", "parent_fd", "layer_id", "parent_id", "entries", "parent_entries",
                  "changes_at_entry", "report_when_changed", "st", "name", "same_tree")
 
-    def __init__(self, path: str, layer_fd: int, parent_fd: int | None, report_when_changed: bool,
+    def __init__(self, path: _WalkPath, layer_fd: int, parent_fd: int | None, report_when_changed: bool,
                  st: os.stat_result | None, name: str, changes_at_entry: int, same_tree: bool) -> None:
         self.path = path
         # Whether equal inode numbers on both sides name one inode: true in
@@ -4193,7 +4268,7 @@ def _reopen_frame(frame: _DirFrame, child: _DirFrame) -> None:
         frame.parent_fd = _open_walked_parent(child.parent_fd, frame.parent_id, frame.path)
 
 
-def _open_walked_parent(child_fd: int, expected: tuple[int, int], path: str) -> int:
+def _open_walked_parent(child_fd: int, expected: tuple[int, int], path: _WalkPath) -> int:
     """Open ".." of child_fd, a directory of the walk, and check that it is the directory expected.
 
     expected is the (st_dev, st_ino) of the directory at path when the walk
@@ -4206,11 +4281,11 @@ def _open_walked_parent(child_fd: int, expected: tuple[int, int], path: str) -> 
     except OSError as error:
         if error.errno not in (errno.ENOENT, errno.ENOTDIR):
             raise
-        raise _walk_changed_error(child_fd, "..", path or "/", "was moved or removed") from None
+        raise _walk_changed_error(child_fd, "..", str(path) or "/", "was moved or removed") from None
     try:
         st = os.fstat(fd)
         if _file_id(st) != expected or st.st_nlink == 0:
-            raise _walk_changed_error(child_fd, "..", path or "/", "was moved or removed")
+            raise _walk_changed_error(child_fd, "..", str(path) or "/", "was moved or removed")
     except BaseException:
         os.close(fd)
         raise
@@ -4255,7 +4330,8 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: int | None, top: str = "",
     try:
         if parent_root_fd is not None:
             parent_fd = os.dup(parent_root_fd)
-        stack.append(_DirFrame(top, layer_fd, parent_fd, False, None, "", 0, changed_inodes is not None))
+        stack.append(_DirFrame(_WalkPath(None, top), layer_fd, parent_fd, False, None, "", 0,
+                               changed_inodes is not None))
     except BaseException:
         os.close(layer_fd)
         if parent_fd is not None:
@@ -4267,7 +4343,9 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: int | None, top: str = "",
             descended = False
             for entry in frame.entries:
                 name = entry.name
-                path = frame.path + "/" + name
+                # Built into a string only for an error or a caller that
+                # reads it (see _WalkPath).
+                path = frame.path.child(name)
                 parent_entry = frame.parent_entries.pop(name, None)
                 same_inode = frame.same_tree and parent_entry is not None and entry.inode == parent_entry.inode
                 new = old = None
@@ -4290,7 +4368,7 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: int | None, top: str = "",
                     yield _WalkedChange(path, ChangeKind.ADD, new, frame.layer_fd, name)
                 else:
                     assert frame.parent_fd is not None  # parent_entries is empty without a parent_fd
-                    if _entry_modified(frame.layer_fd, frame.parent_fd, name, new, old, path):
+                    if _entry_modified(frame.layer_fd, frame.parent_fd, name, new, old, str(path)):
                         count += 1
                         reported = True
                         yield _WalkedChange(path, ChangeKind.MODIFY, new, frame.layer_fd, name)
@@ -4324,7 +4402,7 @@ def _walk_changes(layer_root_fd: int, parent_root_fd: int | None, top: str = "",
 
             for name in sorted(frame.parent_entries, key=os.fsencode):
                 count += 1
-                yield _WalkedChange(frame.path + "/" + name, ChangeKind.DELETE, None, frame.layer_fd, name)
+                yield _WalkedChange(frame.path.child(name), ChangeKind.DELETE, None, frame.layer_fd, name)
             frame.parent_entries = {}
             _pop_frame(stack)
             if stack and frame.report_when_changed and count > frame.changes_at_entry:
@@ -4675,11 +4753,10 @@ def _check_layer_names(layer_fd: int, layer_dir: PathArg) -> None:
     readdir(2) returns the file type on btrfs.
     """
 
-    def visit(fd: int, relative: bytes, entries: list[Any]) -> list[bytes]:
-        prefix = "/" + os.fsdecode(relative) if relative else ""
+    def visit(fd: int, relative: _WalkPath, entries: list[Any]) -> list[bytes]:
         for entry in entries:
             if entry.name.startswith(WHITEOUT_PREFIX):
-                _check_diff_path(prefix + "/" + entry.name)
+                _check_diff_path(str(relative.child(entry.name)))
         return [os.fsencode(entry.name) for entry in entries if entry.is_dir(follow_symlinks=False)]
 
     walk_tree(layer_fd, visit, path=layer_dir)
@@ -6820,7 +6897,7 @@ class _LayerApplier:
         marker costs one stat.
         """
 
-        def visit(fd: int, relative: bytes, entries: list[Any]) -> list[bytes]:
+        def visit(fd: int, relative: _WalkPath, entries: list[Any]) -> list[bytes]:
             dir_st = os.fstat(fd)
             self.emptied.add((dir_st.st_dev, dir_st.st_ino))
             subdirectories = []
@@ -7587,7 +7664,7 @@ def _id_map_pair(pair: Any, what: str) -> tuple[list[IDMap], list[IDMap]] | None
 
 
 def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int,
-                 uid_maps: tuple[Sequence[IDMap], Sequence[IDMap]], path: str) -> None:
+                 uid_maps: tuple[Sequence[IDMap], Sequence[IDMap]], path: Any) -> None:
     """Change an entry's owner, keeping setuid, setgid and security.capability.
 
     chown clears setuid, setgid and the capability, which are then restored,
@@ -7612,10 +7689,10 @@ def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int,
     with _OptionalFd(fd if fd >= 0 else None):
         current = os.fstat(fd) if fd >= 0 else None
         if current is None:
-            raise OSError(errno.ESTALE, "entry vanished while its owner was remapped", path)
+            raise OSError(errno.ESTALE, "entry vanished while its owner was remapped", str(path))
         if not os.path.samestat(current, st) or stat.S_IFMT(current.st_mode) != stat.S_IFMT(st.st_mode):
             raise OSError(errno.ESTALE, "entry changed while its owner was remapped; run the remap again",
-                          path)
+                          str(path))
         inode = f"/proc/self/fd/{fd}"
 
         def change() -> None:
@@ -7633,7 +7710,7 @@ def _chown_entry(dir_fd: int, name: str, st: os.stat_result, uid: int, gid: int,
 
 
 def _set_owner(inode: str, st: os.stat_result, uid: int, gid: int,
-               uid_maps: tuple[Sequence[IDMap], Sequence[IDMap]], path: str) -> None:
+               uid_maps: tuple[Sequence[IDMap], Sequence[IDMap]], path: Any) -> None:
     """Change the owner of inode (a /proc/self/fd path), restoring what chown clears.
 
     security.capability is set again with its rootid remapped (see
@@ -7641,7 +7718,7 @@ def _set_owner(inode: str, st: os.stat_result, uid: int, gid: int,
     old maps stays removed, with a warning naming path.
     """
     capability = _read_capability(inode, True) if stat.S_ISREG(st.st_mode) else None
-    remapped = _remapped_capability(capability, uid_maps, path) if capability is not None else None
+    remapped = _remapped_capability(capability, uid_maps, str(path)) if capability is not None else None
     # NOTE: chown(2) clears the capability and the setuid and setgid bits, and
     # their old values exist only in this process's memory until the calls
     # below set them again. A remap killed in between leaves the file without them.
@@ -7704,7 +7781,7 @@ def _remap_changes_capability(item: Any, uid_maps: tuple[Sequence[IDMap], Sequen
     return capability is not None and _remapped_capability(capability, uid_maps, item.path) != capability
 
 
-def _run_with_inode_flags_cleared(inode: str, st: os.stat_result, change: Callable[[], None], path: str) -> bool:
+def _run_with_inode_flags_cleared(inode: str, st: os.stat_result, change: Callable[[], None], path: Any) -> bool:
     """Run change with the immutable and append-only flags of inode cleared, then set them again.
 
     inode is a /proc/self/fd path; only regular files and directories are
@@ -7732,7 +7809,7 @@ def _run_with_inode_flags_cleared(inode: str, st: os.stat_result, change: Callab
     return True
 
 
-def _check_writable_subvolume(dir_fd: int, name: str, st: os.stat_result, path: str) -> None:
+def _check_writable_subvolume(dir_fd: int, name: str, st: os.stat_result, path: Any) -> None:
     """Raise EROFS when name (in dir_fd) is the root of a read-only nested subvolume.
 
     A subvolume's root directory has inode number 256 and a st_dev of its
@@ -7815,7 +7892,7 @@ def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], 
         # even when their owner stays.
         changed_capabilities = set()
         for item, _ in _remapped_owners(root_fd, maps, layer_path):  # checks every owner first
-            _check_writable_subvolume(item.dir_fd, item.name, item.st, layer_path + item.path)
+            _check_writable_subvolume(item.dir_fd, item.name, item.st, _PathBelow(layer_path, item.location))
             if _remap_changes_capability(item, uid_maps):
                 changed_capabilities.add((item.st.st_dev, item.st.st_ino))
         # NOTE: an error in this pass (an I/O error, or an entry changed by a
@@ -7825,7 +7902,8 @@ def remap_layer_owners(layer_dir: PathArg, to_container: tuple[Sequence[IDMap], 
         for item, (uid, gid) in _remapped_owners(root_fd, maps, layer_path):
             if ((uid, gid) != (item.st.st_uid, item.st.st_gid)
                     or (item.st.st_dev, item.st.st_ino) in changed_capabilities):
-                _chown_entry(item.dir_fd, item.name, item.st, uid, gid, uid_maps, layer_path + item.path)
+                _chown_entry(item.dir_fd, item.name, item.st, uid, gid, uid_maps,
+                             _PathBelow(layer_path, item.location))
     finally:
         _unlock_and_close_layer(root_fd)
 

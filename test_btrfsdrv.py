@@ -1463,6 +1463,57 @@ def test_read_write_disk_usage_counts_inodes_once(driver):
     assert usage.inode_count == 4  # root, dir, data (twice linked), symlink
 
 
+# Levels of the chain that the walk memory tests build. Full paths kept for
+# every level take about 25 MB at this depth. The records that the walks keep
+# per level took 870 to 1,200 bytes each under tracemalloc (Python 3.11).
+WALK_TEST_DEPTH = 5000
+
+
+def make_directory_chain(root, depth, name="d"):
+    """Nest depth directories called name below root, without paths longer than PATH_MAX."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir(name, dir_fd=fd)
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+
+
+def peak_traced_bytes(function):
+    """Return the peak of the memory that tracemalloc sees while function runs."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        function()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def check_contents_removable(driver, layer_id):
+    with btrfsdrv._Fd(os.open(driver.get(layer_id), os.O_RDONLY | os.O_DIRECTORY)) as fd:
+        btrfsdrv._check_contents_removable(fd, driver.get(layer_id))
+
+
+@pytest.mark.parametrize("operation", {
+    "read_write_disk_usage": lambda driver: driver.read_write_disk_usage("layer"),
+    "update_layer_id_map": lambda driver: driver.update_layer_id_map(
+        "layer", None, ([btrfsdrv.IDMap(0, 100000, 65536)], [btrfsdrv.IDMap(0, 100000, 65536)])),
+    "removal check": lambda driver: check_contents_removable(driver, "layer"),
+}.items(), ids=lambda item: item[0])
+def test_deep_chain_walk_memory_linear(driver, operation):
+    name, run = operation
+    driver.create("layer")
+    make_directory_chain(driver.get("layer"), WALK_TEST_DEPTH)
+    peak = peak_traced_bytes(lambda: run(driver))
+    bound = WALK_TEST_DEPTH * 2048
+    assert peak < bound, f"{name} peaked at {peak:,} bytes for {WALK_TEST_DEPTH:,} levels"
+
+
 def test_additional_image_stores_empty(driver):
     assert driver.additional_image_stores() == []
 

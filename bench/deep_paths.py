@@ -1,4 +1,4 @@
-"""Time changes, diff_size, diff, apply_diff and remove on deeply nested directories and subvolumes.
+"""Time the layer operations that walk deeply nested directories and subvolumes.
 
 Run as root from the repository root:
 
@@ -13,7 +13,10 @@ and back up, one alternates between two chains. Then a layer gets
 --subvolumes subvolumes in the directory at the bottom of a chain of
 --depth directories, and another layer a chain of --subvolumes subvolumes,
 each inside the one before: apply_diff applies an empty tar to the first,
-and remove deletes each (a new layer every round). Each operation runs
+and remove deletes each (a new layer every round). Last, a layer gets a
+chain a/a/.../a of --walk-depth directories, and read_write_disk_usage and
+update_layer_id_map walk it (the remap moves the owners to another range
+and back in turns). Each operation runs
 --rounds times, and the median wall time is printed as one JSON object per
 operation. The loopback btrfs is made in a new temporary directory and torn
 down at the end.
@@ -149,12 +152,12 @@ def drain(stream):
             pass
 
 
-def run(btrfsdrv, fs, depth, subvolumes, rounds):
+def run(btrfsdrv, fs, depth, subvolumes, walk_depth, rounds):
     results = []
 
-    def report(operation, function, detail="", setup=None):
+    def report(operation, function, detail="", setup=None, levels=depth):
         median, samples = median_seconds(function, rounds, setup)
-        row = {"operation": operation, "depth": depth, "median_s": round(median, 4),
+        row = {"operation": operation, "depth": levels, "median_s": round(median, 4),
                "samples_s": [round(sample, 4) for sample in samples], "detail": detail}
         print(json.dumps(row), flush=True)
         results.append(row)
@@ -187,6 +190,7 @@ def run(btrfsdrv, fs, depth, subvolumes, rounds):
                    f"{len(entries):,} entries, {len(raw):,} bytes of gzip")
 
         run_nested_subvolumes(btrfsdrv, driver, depth, subvolumes, report)
+        run_deep_walks(btrfsdrv, driver, walk_depth, report)
     return results
 
 
@@ -219,11 +223,31 @@ def run_nested_subvolumes(btrfsdrv, driver, depth, subvolumes, report):
            setup=lambda: make_layer(lambda root: make_subvolume_chain(btrfsdrv, root, subvolumes)))
 
 
+def run_deep_walks(btrfsdrv, driver, walk_depth, report):
+    """Time read_write_disk_usage and update_layer_id_map on a chain of walk_depth directories."""
+    detail = f"chain of {walk_depth:,} directories"
+    driver.create("walked")
+    make_chain(driver.get("walked"), walk_depth)
+    shifted = [btrfsdrv.IDMap(0, 100_000, 65_536)]
+    remaps = itertools.cycle([(None, (shifted, shifted)), ((shifted, shifted), None)])
+
+    def remap():
+        to_container, to_host = next(remaps)
+        driver.update_layer_id_map("walked", to_container, to_host)
+
+    report("read_write_disk_usage (deep chain)", lambda: driver.read_write_disk_usage("walked"), detail,
+           levels=walk_depth)
+    report("update_layer_id_map (deep chain)", remap, detail, levels=walk_depth)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=3000, help="levels of the chain (default 3000)")
     parser.add_argument("--subvolumes", type=int, default=1000,
                         help="nested subvolumes of the remove and apply_diff layers (default 1000)")
+    parser.add_argument("--walk-depth", type=int, default=20000,
+                        help="levels of the chain that read_write_disk_usage and update_layer_id_map walk "
+                             "(default 20000)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each operation (default 3)")
     parser.add_argument("--module-dir", default=REPOSITORY,
                         help="directory whose btrfsdrv.py is measured (default: this checkout)")
@@ -239,7 +263,7 @@ def main():
     work = tempfile.mkdtemp(prefix="btrfsdrv-deep-")
     fs = LoopbackBtrfs(work, size=4 * 1024**3)
     try:
-        run(btrfsdrv, fs, args.depth, args.subvolumes, args.rounds)
+        run(btrfsdrv, fs, args.depth, args.subvolumes, args.walk_depth, args.rounds)
     finally:
         # Unmounting drops the deep trees, which shutil.rmtree could not remove.
         fs.teardown()
