@@ -849,7 +849,10 @@ def walk_tree(
         while True:
             if pending:
                 name = pending.pop()
-                child = _enter_directory(fd, name, top_mount, path, skip_mounts, repair_permissions)
+                try:
+                    child = _enter_directory(fd, name, top_mount, path, skip_mounts, repair_permissions)
+                except PermissionError as error:
+                    raise _with_full_path(error, path, relative, name) from None
                 if child is None:
                     continue
                 stack.append((os.fstat(fd), relative, pending, name))
@@ -2574,7 +2577,7 @@ class Driver:
             )
 
     def _remove_layer_directory(self, subvolumes_fd: int, name: bytes, path: str) -> None:
-        with _Fd(_open_directory(name, dir_fd=subvolumes_fd)) as layer_fd:
+        with _Fd(_open_layer_for_removal(subvolumes_fd, name, path)) as layer_fd:
             if not _is_subvolume_stat(os.fstat(layer_fd)):
                 if not _can_search_trees(layer_fd):
                     _check_contents_removable(layer_fd, path)
@@ -2586,6 +2589,10 @@ class Driver:
                 _check_layer_deletable(layer_fd, layer_subvolume_id, path)
                 nested = _find_nested_for_removal(layer_fd, layer_subvolume_id, path)
                 _clear_removal_flags(layer_fd, nested, path)
+                if nested:
+                    # The kernel charges deleting a nested subvolume's entry to
+                    # the layer's qgroup, which fails with EDQUOT when it is full.
+                    self._clear_limit(subvolumes_fd, layer_subvolume_id, path)
                 subvolume_ids = self._remove_nested(layer_fd, layer_subvolume_id, path, nested)
                 subvolume_ids.append(layer_subvolume_id)
                 _clear_read_only(layer_fd, path)
@@ -3328,6 +3335,22 @@ def _find_nested_for_removal(layer_fd: int, layer_id: int, path: Any) -> list[Ne
         raise _os_error(errno.EACCES, "list nested subvolumes", path, hint) from None
 
 
+def _open_layer_for_removal(subvolumes_fd: int, name: bytes, path: str) -> int:
+    """Open the layer directory name for a remove, first giving it owner rwx if the caller owns it but cannot open it.
+
+    A container whose root is mapped to the layer's owner can chmod the
+    layer's top directory to 0.
+    """
+    try:
+        return _open_directory(name, dir_fd=subvolumes_fd)
+    except PermissionError as error:
+        if not _make_owner_accessible(subvolumes_fd, name):
+            raise _os_error(error.errno, "open layer", path, "the layer's top directory denies this process "
+                            f"read or search permission; run chmod u+rwx {path} as its owner, or remove the "
+                            "layer as root") from None
+    return _open_directory(name, dir_fd=subvolumes_fd)
+
+
 def _make_own_directories_accessible(top_fd: int, path: Any) -> str | None:
     """Give every directory below top_fd that the caller owns owner rwx.
 
@@ -3339,8 +3362,8 @@ def _make_own_directories_accessible(top_fd: int, path: Any) -> str | None:
     effective = {"effective_ids": True} if os.access in os.supports_effective_ids else {}
     blocked: list[str] = []
 
-    def visit(fd: int, relative: bytes, entries: list[Any]) -> list[bytes]:
-        where = os.path.join(os.fsdecode(path), os.fsdecode(relative)) if relative else os.fsdecode(path)
+    def visit(fd: int, relative: _WalkPath, entries: list[Any]) -> list[bytes]:
+        where = _PathBelow(os.fsdecode(path), relative)
         st = os.fstat(fd)
         if st.st_uid == uid and st.st_mode & 0o700 != 0o700:
             # The caller may lack search permission here, which a lookup of
@@ -3353,7 +3376,7 @@ def _make_own_directories_accessible(top_fd: int, path: Any) -> str | None:
                 continue
             if (entry.stat(follow_symlinks=False).st_uid != uid
                     and not os.access(entry.name, os.R_OK | os.X_OK, dir_fd=fd, **effective)):
-                blocked.append(os.path.join(where, entry.name))
+                blocked.append(f"{where}/{entry.name}")
                 continue
             subdirectories.append(os.fsencode(entry.name))
         return subdirectories
@@ -5757,9 +5780,9 @@ def _bounded_tarinfo_class() -> Any:
                 pax_records = _pax_records_as_go_reads(_parse_pax_records(records[:self.size], records_offset))
                 if self.type == global_header_type:
                     # Go's archive/tar returns a global header as an entry of
-                    # its own, which containers/storage ignores, so the
-                    # extended headers in front of it apply to no entry.
-                    # tarfile would apply its records to every later entry.
+                    # its own, so the extended headers in front of it apply
+                    # to no entry. tarfile would apply its records to every
+                    # later entry.
                     self.offset_data = records_offset
                     tarfile.offset = records_offset + len(records)
                     _applied_extended_headers(self).add("global")
@@ -7608,7 +7631,12 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
                 break
             _forget_tar_members(tar)  # tarfile keeps every member read; memory must stay flat
             if member.type == tarfile.XGLTYPE:
-                continue  # a global PAX header, which containers/storage ignores
+                # NOTE: containers/storage's UnpackLayer acts on the name of a
+                # global header entry before it ignores the entry: it creates
+                # the parents, applies a whiteout name and removes what is at
+                # the path. The driver does none of that; the name is not a
+                # layer entry to any tar writer.
+                continue
             last_name = member.name
             try:
                 _check_entry_type(member)

@@ -1312,6 +1312,24 @@ def test_remove_with_concurrent_get_leaves_no_limit(fs, monkeypatch, moment):
         assert not os.path.exists(os.path.join(home, "quotas", "sized"))
 
 
+def test_remove_full_sized_layer_with_nested_subvolume(fs):
+    # The kernel charges deleting the nested subvolume's entry to the full layer.
+    with btrfsdrv.Driver(fs.path("home"), ["btrfs.min_space=1m"]) as driver:
+        driver.create_read_write("box", storage_opt={"size": "16m"})
+        root = driver.get("box")
+        btrfsdrv.create_subvolume(os.path.join(root, "nested"))
+        with pytest.raises(OSError) as raised:
+            with open(os.path.join(root, "fill"), "wb") as fill:
+                while True:
+                    fill.write(b"\1" * (1 << 20))
+        assert raised.value.errno == errno.EDQUOT
+
+        driver.remove("box")
+
+        assert not driver.exists("box")
+    assert_no_subvolumes(fs)
+
+
 def test_size_limit_enforced(fs):
     with btrfsdrv.Driver(fs.path("home"), ["btrfs.min_space=1m"]) as driver:
         driver.create("base")
@@ -1985,13 +2003,31 @@ def test_unprivileged_remove_of_unsearchable_directory(open_fs):
     assert run_as_user(scenario) == []
 
 
+def test_unprivileged_remove_of_unopenable_top(open_fs):
+    # A container whose root is mapped to the layer's owner can chmod 0 its root directory.
+    home = nobody_home(open_fs)
+
+    def scenario():
+        driver = btrfsdrv.Driver(home)
+        driver.create("closed")
+        root = driver.get("closed")
+        os.chmod(root, 0o755)
+        btrfsdrv.create_subvolume(os.path.join(root, "nested"))
+        os.chmod(root, 0)
+        driver.remove("closed")
+        return driver.list_layers()
+
+    assert run_as_user(scenario) == []
+
+
 def test_unprivileged_remove_names_foreign_unsearchable_directory(tmp_path):
     with loopback_btrfs(tmp_path, mount_options=("user_subvol_rm_allowed",)) as fs:
         home = nobody_home(fs)
         run_as_user(lambda: btrfsdrv.Driver(home).create("guarded"))
         root = os.path.join(home, "subvolumes", "guarded")
         os.chmod(root, 0o755)
-        foreign = os.path.join(root, "foreign")
+        os.mkdir(os.path.join(root, "etc"))
+        foreign = os.path.join(root, "etc", "foreign")
         os.mkdir(foreign, 0o700)
         btrfsdrv.create_subvolume(os.path.join(foreign, "nested"))
         subvolumes = subvolume_paths(fs)
