@@ -1104,7 +1104,11 @@ def _make_owner_accessible(dir_fd: int, name: str | bytes | None) -> bool:
             return False
         # fchmod rejects O_PATH descriptors, and the /proc link reaches the
         # opened inode itself, never a symlink swapped in since.
-        os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(st.st_mode) | 0o700)
+        try:
+            os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(st.st_mode) | 0o700)
+        except OSError as error:
+            where = os.path.join(_describe_fd(dir_fd), os.fsdecode(name)) if name is not None else _describe_fd(fd)
+            raise _permission_repair_error(error, where) from None
     log.debug("made %s accessible to its owner", os.fsdecode(name or b"."))
     return True
 
@@ -2577,41 +2581,59 @@ class Driver:
             )
 
     def _remove_layer_directory(self, subvolumes_fd: int, name: bytes, path: str) -> None:
-        with _Fd(_open_layer_for_removal(subvolumes_fd, name, path)) as layer_fd:
-            if not _is_subvolume_stat(os.fstat(layer_fd)):
-                if not _can_search_trees(layer_fd):
-                    _check_contents_removable(layer_fd, path)
-                _remove_contents(layer_fd, path)
-                subvolume_ids: list[int] = []
+        limit_cleared = False
+        try:
+            with _Fd(_open_layer_for_removal(subvolumes_fd, name, path)) as layer_fd:
+                if not _is_subvolume_stat(os.fstat(layer_fd)):
+                    if not _can_search_trees(layer_fd):
+                        _check_contents_removable(layer_fd, path)
+                    _remove_contents(layer_fd, path)
+                    subvolume_ids: list[int] = []
+                else:
+                    layer_subvolume_id = _subvolume_id_of_fd(layer_fd, path)
+                    _check_holder_not_flagged(subvolumes_fd, path)
+                    _check_layer_deletable(layer_fd, layer_subvolume_id, path)
+                    nested = _find_nested_for_removal(layer_fd, layer_subvolume_id, path)
+                    _clear_removal_flags(layer_fd, nested, path)
+                    if nested:
+                        # The kernel charges deleting a nested subvolume's entry
+                        # to the layer's qgroup, which fails with EDQUOT when full.
+                        limit_cleared = True
+                        self._clear_limit(subvolumes_fd, layer_subvolume_id, path)
+                    subvolume_ids = self._remove_nested(layer_fd, layer_subvolume_id, path, nested)
+                    subvolume_ids.append(layer_subvolume_id)
+                    _clear_read_only(layer_fd, path)
+            if subvolume_ids:
+                # The quota file is set aside before the limit is cleared, so a
+                # concurrent get finds none and does not set the limit again.
+                with _QuotaFileAside(self._quotas_dir, name, path):
+                    limit_cleared = True
+                    self._clear_limit(subvolumes_fd, subvolume_ids[-1], path)
+                    self._destroy_layer_subvolume(subvolumes_fd, name, path, subvolume_ids)
+                # A get that read the quota file before it was set aside can set
+                # the limit after the clear above, and turn quota on to do so, so
+                # the limit is cleared again. A get that sets it after this clear
+                # finds the layer gone and clears it itself (_check_layer_kept).
+                if self._clear_limit(subvolumes_fd, subvolume_ids[-1], path):
+                    self._destroy_qgroups(subvolumes_fd, subvolume_ids)
             else:
-                layer_subvolume_id = _subvolume_id_of_fd(layer_fd, path)
-                _check_holder_not_flagged(subvolumes_fd, path)
-                _check_layer_deletable(layer_fd, layer_subvolume_id, path)
-                nested = _find_nested_for_removal(layer_fd, layer_subvolume_id, path)
-                _clear_removal_flags(layer_fd, nested, path)
-                if nested:
-                    # The kernel charges deleting a nested subvolume's entry to
-                    # the layer's qgroup, which fails with EDQUOT when it is full.
-                    self._clear_limit(subvolumes_fd, layer_subvolume_id, path)
-                subvolume_ids = self._remove_nested(layer_fd, layer_subvolume_id, path, nested)
-                subvolume_ids.append(layer_subvolume_id)
-                _clear_read_only(layer_fd, path)
-        if subvolume_ids:
-            # The quota file is set aside before the limit is cleared, so a
-            # concurrent get finds none and does not set the limit again.
-            with _QuotaFileAside(self._quotas_dir, name, path):
-                self._clear_limit(subvolumes_fd, subvolume_ids[-1], path)
-                self._destroy_layer_subvolume(subvolumes_fd, name, path, subvolume_ids)
-            # A get that read the quota file before it was set aside can set
-            # the limit after the clear above, and turn quota on to do so, so
-            # the limit is cleared again. A get that sets it after this clear
-            # finds the layer gone and clears it itself (_check_layer_kept).
-            if self._clear_limit(subvolumes_fd, subvolume_ids[-1], path):
-                self._destroy_qgroups(subvolumes_fd, subvolume_ids)
-        else:
-            with _QuotaFileAside(self._quotas_dir, name, path):
-                _unlink_at(subvolumes_fd, name, is_dir=True)
-            log.debug("removed directory %s", path)
+                with _QuotaFileAside(self._quotas_dir, name, path):
+                    _unlink_at(subvolumes_fd, name, is_dir=True)
+                log.debug("removed directory %s", path)
+        except BaseException:
+            if limit_cleared:
+                self._restore_limit(os.fsdecode(name), path)
+            raise
+
+    def _restore_limit(self, layer_id: str, path: str) -> None:
+        """Set a layer's limit from its quota file again after a remove that cleared it failed; never raises."""
+        if not os.path.lexists(path):
+            return
+        try:
+            self._sync_limit(layer_id, path)
+        except Exception as error:
+            log.warning("could not set the limit of %s again after its remove failed: %s; get the layer to "
+                        "set it", path, error)
 
     def _destroy_layer_subvolume(self, subvolumes_fd: int, name: bytes, path: str, subvolume_ids: list[int]) -> None:
         """Destroy the layer's subvolume, first deleting nested subvolumes listed too early.
@@ -3351,6 +3373,15 @@ def _open_layer_for_removal(subvolumes_fd: int, name: bytes, path: str) -> int:
     return _open_directory(name, dir_fd=subvolumes_fd)
 
 
+def _permission_repair_error(error: OSError, where: str) -> OSError:
+    """Return the error for a failed chmod that was to give the owner access to the directory at where."""
+    hint = "give the owner read, write and search permission on it, or remove the layer as root"
+    if error.errno == errno.EROFS:
+        hint = ("it is in a read-only subvolume; run btrfs property set SUBVOLUME ro false on that subvolume "
+                "as its owner, or remove the layer as root")
+    return _os_error(error.errno, "give the owner access to the directory", where, hint)
+
+
 def _make_own_directories_accessible(top_fd: int, path: Any) -> str | None:
     """Give every directory below top_fd that the caller owns owner rwx.
 
@@ -3368,7 +3399,10 @@ def _make_own_directories_accessible(top_fd: int, path: Any) -> str | None:
         if st.st_uid == uid and st.st_mode & 0o700 != 0o700:
             # The caller may lack search permission here, which a lookup of
             # "." in _make_owner_accessible would need, so fchmod the open fd.
-            os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
+            try:
+                os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
+            except OSError as error:
+                raise _permission_repair_error(error, str(where)) from None
             log.debug("made %s accessible to its owner", where)
         subdirectories = []
         for entry in entries:
@@ -6637,6 +6671,9 @@ class _LayerApplier:
         self.linked_names: set[tuple[int, int, str]] = set()
         # Directories that an opaque whiteout emptied, as (st_dev, st_ino).
         self.emptied: set[tuple[int, int]] = set()
+        # Directories of the parent layer that this apply changed only by
+        # their entries (see from_parent_layer), as (st_dev, st_ino).
+        self.touched_directories: set[tuple[int, int]] = set()
         self.temporary_name = f"{_APPLY_TEMPORARY_PREFIX}apply-{os.urandom(8).hex()}"
         self.root_dev = os.fstat(root_fd).st_dev
         # Open top directories of the nested subvolumes that entries went
@@ -6842,8 +6879,12 @@ class _LayerApplier:
                 raise
             raise _placeholder_error(placeholder) from None
         assert fd is not None  # with create, missing directories are made
-        if _is_snapshot_placeholder(os.fstat(fd)):
+        st = os.fstat(fd)
+        if _is_snapshot_placeholder(st):
             raise _placeholder_error("/".join(parts[:-1]))
+        if st.st_ctime_ns < self.epoch_ns:
+            # The entry changes the parent layer's directory, and so its ctime.
+            self.touched_directories.add((st.st_dev, st.st_ino))
         return fd
 
     def remove_created_parents(self, path: str) -> None:
@@ -6948,7 +6989,12 @@ class _LayerApplier:
             return True
         if st.st_ctime_ns < self.epoch_ns:
             return True
-        if stat.S_ISDIR(st.st_mode) or (st.st_dev, st.st_ino) not in self.relinked:
+        if stat.S_ISDIR(st.st_mode):
+            # A directory of the parent layer that this apply only added
+            # entries to or whited out entries in stays the parent's, as
+            # containers/storage keeps only paths that were tar entries.
+            return (st.st_dev, st.st_ino) in self.touched_directories
+        if (st.st_dev, st.st_ino) not in self.relinked:
             return False
         return (dir_st.st_dev, dir_st.st_ino, name) not in self.linked_names
 
@@ -7088,6 +7134,8 @@ class _LayerApplier:
             try:
                 self.remove_unlisted_xattrs(fd, member, path)
                 self.set_fd_metadata(fd, member, path)
+                st = os.fstat(fd)
+                self.touched_directories.discard((st.st_dev, st.st_ino))
             finally:
                 os.close(fd)
         else:

@@ -1312,6 +1312,30 @@ def test_remove_with_concurrent_get_leaves_no_limit(fs, monkeypatch, moment):
         assert not os.path.exists(os.path.join(home, "quotas", "sized"))
 
 
+@pytest.mark.parametrize("step", ["clear read-only flag", "destroy layer"])
+def test_failed_remove_keeps_limit(fs, monkeypatch, step):
+    with btrfsdrv.Driver(fs.path("home"), ["btrfs.min_space=1m"]) as driver:
+        driver.create("sized", storage_opt={"size": "30m"})
+        root = driver.get("sized")
+        btrfsdrv.create_subvolume(os.path.join(root, "nested"))
+        layer = btrfsdrv.subvolume_id(root)
+
+        def fail(*args, **kwargs):
+            raise OSError(errno.EPERM, "injected: operation not permitted")
+
+        if step == "clear read-only flag":
+            monkeypatch.setattr(btrfsdrv, "_clear_read_only", fail)
+        else:
+            monkeypatch.setattr(btrfsdrv.Driver, "_destroy_layer_subvolume", fail)
+        with pytest.raises(OSError, match="injected"):
+            driver.remove("sized")
+        monkeypatch.undo()
+
+        assert driver.exists("sized")
+        assert qgroup_limits(fs)[layer] == 30 * 1024**2
+        assert driver.metadata("sized")["SizeLimit"] == str(30 * 1024**2)
+
+
 def test_remove_full_sized_layer_with_nested_subvolume(fs):
     # The kernel charges deleting the nested subvolume's entry to the full layer.
     with btrfsdrv.Driver(fs.path("home"), ["btrfs.min_space=1m"]) as driver:
@@ -2018,6 +2042,31 @@ def test_unprivileged_remove_of_unopenable_top(open_fs):
         return driver.list_layers()
 
     assert run_as_user(scenario) == []
+
+
+def test_unprivileged_remove_names_read_only_unopenable_top(open_fs):
+    home = nobody_home(open_fs)
+
+    def scenario():
+        driver = btrfsdrv.Driver(home)
+        driver.create("frozen")
+        root = driver.get("frozen")
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.chmod(root, 0)
+            btrfsdrv._set_subvolume_flags(fd, btrfsdrv.BTRFS_SUBVOL_RDONLY, root)
+        finally:
+            os.close(fd)
+        with pytest.raises(OSError) as raised:
+            driver.remove("frozen")
+        return raised.value.errno, str(raised.value)
+
+    error, message = run_as_user(scenario)
+
+    assert error == errno.EROFS
+    assert os.path.join(home, "subvolumes", "frozen") in message
+    assert "btrfs property set" in message
+    assert "/proc/self/fd" not in message
 
 
 def test_unprivileged_remove_names_foreign_unsearchable_directory(tmp_path):
@@ -4164,6 +4213,23 @@ def test_apply_opaque_directory_keeps_own_entries(tmp_path):
                     entry("d/.wh..wh..opq"), entry("d/later", data=b"l")])
     apply(layer, raw)
     assert sorted(os.listdir(layer + "/d")) == ["later", "new"]
+
+
+@pytest.mark.parametrize("entries, expected", [
+    pytest.param([entry("d/old/.wh.deep")], [], id="whiteout-inside"),
+    pytest.param([entry("d/old/new", data=b"n")], [], id="entry-added-inside"),
+    pytest.param([entry("d/old/new", data=b"n"), entry("d/old", tarfile.DIRTYPE, mode=0o755)], ["old"],
+                 id="directory-entry-after"),
+    pytest.param([entry("d/made/f", data=b"f")], ["made"], id="parent-made-by-apply"),
+])
+def test_apply_opaque_directory_hides_touched_parent_directories(tmp_path, entries, expected):
+    # containers/storage keeps only what the tar has entries for, and a
+    # whiteout or a new entry inside a parent layer's directory is none.
+    layer = str(tmp_path / "l")
+    write(layer + "/d/old/deep")
+    time.sleep(0.01)
+    apply(layer, make_tar(entries + [entry("d/.wh..wh..opq")]))
+    assert sorted(os.listdir(layer + "/d")) == expected
 
 
 def parent_layer_with_hard_links(tmp_path):
