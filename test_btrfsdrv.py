@@ -1989,12 +1989,7 @@ def test_unprivileged_remove_of_unwritable_top(tmp_path):
         limits = qgroup_limits(fs)
         assert flags["sub/read-only"] & ioctl_structs.BTRFS_SUBVOL_RDONLY
 
-        def scenario():
-            with pytest.raises(PermissionError) as raised:
-                btrfsdrv.Driver(home).remove("guarded")
-            return raised.value.errno, str(raised.value)
-
-        error, message = run_as_user(scenario)
+        error, message = remove_as_user_fails(home, "guarded")
 
         assert error == errno.EACCES
         assert root in message
@@ -2008,9 +2003,23 @@ def test_unprivileged_remove_of_unwritable_top(tmp_path):
         assert qgroup_limits(fs) == limits
 
 
-def test_unprivileged_remove_of_unsearchable_directory(open_fs):
+def remove_as_user_fails(home, layer_id):
+    """Remove layer_id as the unprivileged user of run_as_user, expect PermissionError, return its errno and text."""
+
+    def scenario():
+        with pytest.raises(PermissionError) as raised:
+            btrfsdrv.Driver(home).remove(layer_id)
+        return raised.value.errno, str(raised.value)
+
+    return run_as_user(scenario)
+
+
+@pytest.mark.parametrize("closed", ["d", ""], ids=["directory", "top"])
+def test_unprivileged_remove_of_unsearchable_directory(open_fs, closed):
     # The owner's mode-0 directory hides the nested subvolume from
-    # INO_LOOKUP_USER, which needs read and search permission on the path.
+    # INO_LOOKUP_USER, which needs read and search permission on the path. A
+    # container whose root is mapped to the layer's owner can chmod 0 its
+    # root directory, the layer's top.
     home = nobody_home(open_fs)
 
     def scenario():
@@ -2020,25 +2029,8 @@ def test_unprivileged_remove_of_unsearchable_directory(open_fs):
         os.chmod(root, 0o755)
         os.makedirs(os.path.join(root, "d", "e"))
         btrfsdrv.create_subvolume(os.path.join(root, "d", "e", "nested"))
-        os.chmod(os.path.join(root, "d"), 0)
+        os.chmod(os.path.join(root, closed), 0)
         driver.remove("locked")
-        return driver.list_layers()
-
-    assert run_as_user(scenario) == []
-
-
-def test_unprivileged_remove_of_unopenable_top(open_fs):
-    # A container whose root is mapped to the layer's owner can chmod 0 its root directory.
-    home = nobody_home(open_fs)
-
-    def scenario():
-        driver = btrfsdrv.Driver(home)
-        driver.create("closed")
-        root = driver.get("closed")
-        os.chmod(root, 0o755)
-        btrfsdrv.create_subvolume(os.path.join(root, "nested"))
-        os.chmod(root, 0)
-        driver.remove("closed")
         return driver.list_layers()
 
     assert run_as_user(scenario) == []
@@ -2082,12 +2074,7 @@ def test_unprivileged_remove_names_foreign_unsearchable_directory(tmp_path):
         subvolumes = subvolume_paths(fs)
         digest = tree_digest(root)
 
-        def scenario():
-            with pytest.raises(PermissionError) as raised:
-                btrfsdrv.Driver(home).remove("guarded")
-            return raised.value.errno, str(raised.value)
-
-        error, message = run_as_user(scenario)
+        error, message = remove_as_user_fails(home, "guarded")
 
         assert error == errno.EACCES
         assert foreign in message
