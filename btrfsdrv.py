@@ -2626,7 +2626,7 @@ class Driver:
             raise
 
     def _restore_limit(self, layer_id: str, path: str) -> None:
-        """Set a layer's limit from its quota file again after a remove that cleared it failed; never raises."""
+        """Set a layer's limit from its quota file again after a remove that cleared it failed, or log why not."""
         if not os.path.lexists(path):
             return
         try:
