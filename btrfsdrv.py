@@ -7233,6 +7233,10 @@ class _LayerApplier:
         # the top directory of each nested subvolume that it writes into.
         top_fd = _open_device_top(parent_fd)
         self.subvolume_tops[device] = top_fd
+        top = os.fstat(top_fd)
+        if top.st_ctime_ns < self.epoch_ns:
+            # Staging changes the ctime of the parent layer's directory.
+            self.touched_directories.add((top.st_dev, top.st_ino))
         return top_fd
 
     def copy_into_subvolume(self, source_fd: int, staging_fd: int, parent_fd: int, parts: list[str],

@@ -4219,6 +4219,18 @@ def test_apply_opaque_directory_hides_touched_parent_directories(tmp_path, entri
     assert sorted(os.listdir(layer + "/d")) == expected
 
 
+def test_apply_opaque_directory_hides_touched_nested_subvolume(driver):
+    # The entry's temporary is staged in the nested subvolume's top, which changes its ctime.
+    driver.create("layer")
+    root = driver.get("layer")
+    os.mkdir(os.path.join(root, "a"))
+    btrfsdrv.create_subvolume(os.path.join(root, "a", "sv"))
+    os.mkdir(os.path.join(root, "a", "sv", "d"))
+    time.sleep(0.01)
+    driver.apply_diff("layer", io.BytesIO(make_tar([entry("a/sv/d/f", data=b"new"), entry("a/.wh..wh..opq")])))
+    assert os.listdir(os.path.join(root, "a")) == []
+
+
 def parent_layer_with_hard_links(tmp_path):
     """A layer whose d/a and e/b are two names of one inode, all older than the apply."""
     layer = str(tmp_path / "l")
