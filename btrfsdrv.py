@@ -2583,47 +2583,48 @@ class Driver:
     def _remove_layer_directory(self, subvolumes_fd: int, name: bytes, path: str) -> None:
         limit_cleared = False
         try:
-            with _Fd(_open_layer_for_removal(subvolumes_fd, name, path)) as layer_fd:
-                if not _is_subvolume_stat(os.fstat(layer_fd)):
-                    if not _can_search_trees(layer_fd):
-                        _check_contents_removable(layer_fd, path)
-                    _remove_contents(layer_fd, path)
-                    subvolume_ids: list[int] = []
-                else:
-                    layer_subvolume_id = _subvolume_id_of_fd(layer_fd, path)
-                    _check_holder_not_flagged(subvolumes_fd, path)
-                    _check_layer_deletable(layer_fd, layer_subvolume_id, path)
-                    nested = _find_nested_for_removal(layer_fd, layer_subvolume_id, path)
-                    _clear_removal_flags(layer_fd, nested, path)
-                    if nested:
-                        # The kernel charges deleting a nested subvolume's entry
-                        # to the layer's qgroup, which fails with EDQUOT when full.
-                        limit_cleared = True
-                        self._clear_limit(subvolumes_fd, layer_subvolume_id, path)
-                    subvolume_ids = self._remove_nested(layer_fd, layer_subvolume_id, path, nested)
-                    subvolume_ids.append(layer_subvolume_id)
-                    _clear_read_only(layer_fd, path)
-            if subvolume_ids:
-                # The quota file is set aside before the limit is cleared, so a
-                # concurrent get finds none and does not set the limit again.
-                with _QuotaFileAside(self._quotas_dir, name, path):
-                    limit_cleared = True
-                    self._clear_limit(subvolumes_fd, subvolume_ids[-1], path)
-                    self._destroy_layer_subvolume(subvolumes_fd, name, path, subvolume_ids)
-                # A get that read the quota file before it was set aside can set
-                # the limit after the clear above, and turn quota on to do so, so
-                # the limit is cleared again. A get that sets it after this clear
-                # finds the layer gone and clears it itself (_check_layer_kept).
-                if self._clear_limit(subvolumes_fd, subvolume_ids[-1], path):
-                    self._destroy_qgroups(subvolumes_fd, subvolume_ids)
-            else:
-                with _QuotaFileAside(self._quotas_dir, name, path):
-                    _unlink_at(subvolumes_fd, name, is_dir=True)
-                log.debug("removed directory %s", path)
+            # The quota file is set aside first, so a concurrent get finds
+            # none and does not set the limit again once it is cleared.
+            with _QuotaFileAside(self._quotas_dir, name, path):
+                limit_cleared = True  # a get meanwhile clears the limit, finding no quota file
+                subvolume_ids = self._delete_layer(subvolumes_fd, name, path)
+            # A get that read the quota file before it was set aside can set
+            # the limit after the clear, and turn quota on to do so, so the
+            # limit is cleared again. A get that sets it after this clear
+            # finds the layer gone and clears it itself (_check_layer_kept).
+            if subvolume_ids and self._clear_limit(subvolumes_fd, subvolume_ids[-1], path):
+                self._destroy_qgroups(subvolumes_fd, subvolume_ids)
         except BaseException:
             if limit_cleared:
                 self._restore_limit(os.fsdecode(name), path)
             raise
+
+    def _delete_layer(self, subvolumes_fd: int, name: bytes, path: str) -> list[int]:
+        """Delete the layer directory name and return the ids of the subvolumes deleted, the layer's last."""
+        with _Fd(_open_layer_for_removal(subvolumes_fd, name, path)) as layer_fd:
+            if not _is_subvolume_stat(os.fstat(layer_fd)):
+                if not _can_search_trees(layer_fd):
+                    _check_contents_removable(layer_fd, path)
+                _remove_contents(layer_fd, path)
+                subvolume_ids: list[int] = []
+            else:
+                layer_subvolume_id = _subvolume_id_of_fd(layer_fd, path)
+                _check_holder_not_flagged(subvolumes_fd, path)
+                _check_layer_deletable(layer_fd, layer_subvolume_id, path)
+                nested = _find_nested_for_removal(layer_fd, layer_subvolume_id, path)
+                _clear_removal_flags(layer_fd, nested, path)
+                # The kernel charges deleting a nested subvolume's entry to the
+                # layer's qgroup, which fails with EDQUOT when it is full.
+                self._clear_limit(subvolumes_fd, layer_subvolume_id, path)
+                subvolume_ids = self._remove_nested(layer_fd, layer_subvolume_id, path, nested)
+                subvolume_ids.append(layer_subvolume_id)
+                _clear_read_only(layer_fd, path)
+        if subvolume_ids:
+            self._destroy_layer_subvolume(subvolumes_fd, name, path, subvolume_ids)
+        else:
+            _unlink_at(subvolumes_fd, name, is_dir=True)
+            log.debug("removed directory %s", path)
+        return subvolume_ids
 
     def _restore_limit(self, layer_id: str, path: str) -> None:
         """Set a layer's limit from its quota file again after a remove that cleared it failed, or log why not."""
@@ -6830,7 +6831,7 @@ class _LayerApplier:
     def apply_entry(self, member: tarfile.TarInfo, data_reader: _DataReader) -> None:
         path = member.name
         parts = _path_parts(path)
-        if parts and parts[0].startswith(WHITEOUT_META_PREFIX) and parts[-1] != WHITEOUT_OPAQUE_DIR:
+        if parts and parts[0].startswith(WHITEOUT_META_PREFIX) and parts != [WHITEOUT_OPAQUE_DIR]:
             return  # AUFS metadata (.wh..wh.plnk and the like) is not layer content
         if parts and parts[-1].startswith(WHITEOUT_PREFIX):
             self.apply_whiteout(parts, path)

@@ -1312,6 +1312,33 @@ def test_remove_with_concurrent_get_leaves_no_limit(fs, monkeypatch, moment):
         assert not os.path.exists(os.path.join(home, "quotas", "sized"))
 
 
+def test_remove_full_layer_with_nested_subvolume_during_get(fs, monkeypatch):
+    # A get between the limit's clear and the nested deletion must not set it again.
+    with btrfsdrv.Driver(fs.path("home"), ["btrfs.min_space=1m"]) as driver, \
+            btrfsdrv.Driver(fs.path("home"), ["btrfs.min_space=1m"]) as other:
+        driver.create("box", storage_opt={"size": "16m"})
+        root = driver.get("box")
+        btrfsdrv.create_subvolume(os.path.join(root, "nested"))
+        with pytest.raises(OSError):
+            with open(os.path.join(root, "fill"), "wb") as fill:
+                while True:
+                    fill.write(b"\1" * (1 << 20))
+        original = btrfsdrv.Driver._clear_limit
+        gets = []
+
+        def clear_then_get(self, *arguments):
+            quota_on = original(self, *arguments)
+            if not gets:
+                gets.append(other.get("box"))
+            return quota_on
+
+        monkeypatch.setattr(btrfsdrv.Driver, "_clear_limit", clear_then_get)
+        driver.remove("box")
+
+        assert gets == [root]
+        assert not driver.exists("box")
+
+
 @pytest.mark.parametrize("step", ["clear read-only flag", "destroy layer"])
 def test_failed_remove_keeps_limit(fs, monkeypatch, step):
     with btrfsdrv.Driver(fs.path("home"), ["btrfs.min_space=1m"]) as driver:
@@ -4217,6 +4244,15 @@ def test_apply_opaque_directory_hides_touched_parent_directories(tmp_path, entri
     time.sleep(0.01)
     apply(layer, make_tar(entries + [entry("d/.wh..wh..opq")]))
     assert sorted(os.listdir(layer + "/d")) == expected
+
+
+@pytest.mark.parametrize("marker", [".wh..wh.plnk/.wh..wh..opq", ".wh..wh.plnk/sub/.wh..wh..opq"])
+def test_apply_skips_opaque_markers_below_aufs_metadata(tmp_path, marker):
+    layer = tmp_path / "layer"
+    (layer / ".wh..wh.plnk" / "sub").mkdir(parents=True)
+    (layer / ".wh..wh.plnk" / "sub" / "keep").write_bytes(b"data")
+    apply(layer, make_tar([entry(marker)]))
+    assert (layer / ".wh..wh.plnk" / "sub" / "keep").read_bytes() == b"data"
 
 
 def test_apply_opaque_directory_hides_touched_nested_subvolume(driver):
