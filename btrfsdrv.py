@@ -2833,8 +2833,7 @@ class Driver:
             log.warning("could not undo the limit that a get set on qgroup 0/%d of %s, removed meanwhile: %s",
                         subvolume, path, error)
         if current is None:
-            raise FileNotFoundError(errno.ENOENT, f"layer {layer_id!r} not found; another process removed it",
-                                    path)
+            raise _removed_layer_error(layer_id, path)
 
     @staticmethod
     def _open_layer(layer_id: str, path: str) -> int:
@@ -2842,8 +2841,7 @@ class Driver:
         try:
             return _open_directory(path)
         except FileNotFoundError:
-            raise FileNotFoundError(
-                errno.ENOENT, f"layer {layer_id!r} not found; another process removed it", path) from None
+            raise _removed_layer_error(layer_id, path) from None
 
     def _require_layer(self, layer_id: str, path: str) -> os.stat_result:
         # Layer paths are strings that the callers and the kernel resolve
@@ -3151,8 +3149,8 @@ def _delete_nested_subvolume(directories: _DirectoryOpener, top_fd: int, holder_
     try:
         _delete_subvolume_or_contents(parent_fd, subvolume.path.rpartition(b"/")[2], display)
     except FileNotFoundError:
-        # Renamed away since the check; remove lists the subvolumes again.
-        # A FileNotFoundError must not escape: callers read it as "no such layer".
+        # Renamed away since the check, so remove lists the subvolumes again. A
+        # FileNotFoundError must not escape, because callers read it as "no such layer".
         return False
     return True
 
@@ -3381,6 +3379,11 @@ def _permission_repair_error(error: OSError, where: str) -> OSError:
         hint = ("it is in a read-only subvolume; run btrfs property set SUBVOLUME ro false on that subvolume "
                 "as its owner, or remove the layer as root")
     return _os_error(error.errno, "give the owner access to the directory", where, hint)
+
+
+def _removed_layer_error(layer_id: str, path: str) -> FileNotFoundError:
+    """Return the error for a layer that another process removed during an operation on it."""
+    return FileNotFoundError(errno.ENOENT, f"layer {layer_id!r} not found; another process removed it", path)
 
 
 def _make_own_directories_accessible(top_fd: int, path: Any) -> str | None:
@@ -3818,7 +3821,7 @@ def _open_path_component(dir_fd: int, dir_dev: int, parts: Sequence[str], index:
         if created is not None:
             created.append(index)
         child = open_directory(part, dir_fd)
-        # mkdir applied the process umask; containers/storage unpacks with umask 0.
+        # mkdir applied the process umask, and containers/storage unpacks with umask 0.
         os.fchmod(child, 0o755)
     except (NotADirectoryError, OSError) as error:
         if error.errno not in (errno.ENOTDIR, errno.ELOOP):
@@ -5200,7 +5203,7 @@ class _TarInput(io.RawIOBase):
         return bytes(self.tail[start:start + 512])
 
     def bytes_at(self, offset: int, size: int) -> bytes:
-        """Return the bytes read from offset on, at most size of them; offset must be within the kept tail."""
+        """Return at most size bytes read from offset on. The bytes at offset must still be kept."""
         start = offset - (self.position - len(self.tail))
         assert start >= 0, "the bytes at offset are no longer kept"
         return bytes(self.tail[start:start + size])
@@ -5623,7 +5626,7 @@ _DataReader = Callable[["tarfile.TarInfo", io.BufferedWriter], None]
 
 _TAR_ID_MAX = 2**32 - 2  # (uid_t)-1 means "unchanged" to chown(2)
 # Linux keeps 12 bits of a device's major number and 20 bits of its minor
-# number (MINORBITS in linux/kdev_t.h); mknod(2) rejects larger ones.
+# number (MINORBITS in linux/kdev_t.h), so mknod(2) rejects larger ones.
 _TAR_DEVICE_MAJOR_MAX = 2**12 - 1
 _TAR_DEVICE_MINOR_MAX = 2**20 - 1
 # NOTE: seconds whose nanoseconds fit in int64 (up to the year 2262), because
@@ -5768,8 +5771,8 @@ def _bounded_tarinfo_class() -> Any:
                 return next
 
             def _proc_sparse(self, tarfile: Any) -> Any:
-                # readOldGNUSparseMap of Go's archive/tar. fromtarfile read
-                # the header's part of the map; extension blocks of 21
+                # As readOldGNUSparseMap of Go's archive/tar: fromtarfile read
+                # the header's part of the map, and extension blocks of 21
                 # entries follow while their flag at byte 504 is set.
                 entries, is_extended, real_size = self._btrfsdrv_old_gnu_sparse  # type: ignore[attr-defined]
                 del self._sparse_structs  # type: ignore[attr-defined]  # tarfile's reading of the zeroed fields

@@ -135,7 +135,7 @@ def make_subvolume_chain(btrfsdrv, root, count):
 
 
 def median_seconds(function, rounds, setup=None):
-    """Return the median and all wall times of rounds calls of function; setup runs untimed before each."""
+    """Return the median and all wall times of rounds calls of function. setup runs untimed before each call."""
     samples = []
     for _ in range(rounds):
         if setup is not None:
