@@ -816,6 +816,7 @@ def walk_tree(
     path: Any = None,
     skip_mounts: bool = False,
     repair_permissions: bool = False,
+    cleared: _ReadOnlyCleared | None = None,
 ) -> None:
     """Walk the directories below top_fd depth-first, without following symlinks.
 
@@ -831,7 +832,8 @@ def walk_tree(
     another mount (a bind mount inside a layer) is skipped with skip_mounts,
     and otherwise raises EBUSY instead of being entered.  With
     repair_permissions, a directory the caller owns but may not enter gets
-    owner rwx (removal needs this without CAP_DAC_OVERRIDE).  An OSError from
+    owner rwx (removal needs this without CAP_DAC_OVERRIDE), and with
+    cleared a read-only flag in the way is cleared too.  An OSError from
     visit or leave names the full path of the entry it was about.
     NOTE: below a bind mount, such as the driver's home, an openat of ".."
     took time in proportion to the depth (137 µs at 20,000 levels on Linux
@@ -850,7 +852,8 @@ def walk_tree(
             if pending:
                 name = pending.pop()
                 try:
-                    child = _enter_directory(fd, name, top_mount, path, skip_mounts, repair_permissions)
+                    child = _enter_directory(fd, name, top_mount, path, skip_mounts,
+                                             _Repair(relative, cleared) if repair_permissions else None)
                 except PermissionError as error:
                     raise _with_full_path(error, path, relative, name) from None
                 if child is None:
@@ -900,8 +903,15 @@ def _with_full_path(error: OSError, path: Any, relative: _WalkPath, name: Any) -
     return OSError(error.errno, error.strerror, full)
 
 
+class _Repair(NamedTuple):
+    """How walk_tree gives the owner access to a directory: where the walk is, and the flags cleared so far."""
+
+    relative: _WalkPath
+    cleared: _ReadOnlyCleared | None
+
+
 def _enter_directory(
-    fd: int, name: bytes, top_mount: int | None, path: Any, skip_mounts: bool, repair_permissions: bool,
+    fd: int, name: bytes, top_mount: int | None, path: Any, skip_mounts: bool, repair: _Repair | None,
 ) -> int | None:
     """Open subdirectory name of fd; None when it is gone, no longer a directory or skipped."""
     try:
@@ -909,9 +919,13 @@ def _enter_directory(
     except (FileNotFoundError, NotADirectoryError):
         return None
     except PermissionError:
-        if not repair_permissions or not _make_owner_accessible(fd, name):
+        if repair is None:
             raise
-        return _enter_directory(fd, name, top_mount, path, skip_mounts, repair_permissions=False)
+        top = os.fsdecode(path if path is not None else ".")
+        where = _PathBelow(top, repair.relative.child(os.fsdecode(name)))
+        if not _make_owner_accessible(fd, name, repair.cleared, where):
+            raise
+        return _enter_directory(fd, name, top_mount, path, skip_mounts, None)
     except OSError as error:
         if error.errno == errno.ELOOP:  # replaced by a symlink since it was listed
             return None
@@ -1086,12 +1100,16 @@ def _flag_error_at(dir_fd: int, name: bytes, path: Any) -> _InodeFlagError | Non
     return None
 
 
-def _make_owner_accessible(dir_fd: int, name: str | bytes | None) -> bool:
+def _make_owner_accessible(
+    dir_fd: int, name: str | bytes | None, cleared: _ReadOnlyCleared | None = None, where: Any = None,
+) -> bool:
     """Add owner read, write and search permission to directory name (or dir_fd itself).
 
     Return True when the mode changed.  Only a directory that the caller owns
     and that lacks one of those bits is changed, so an unprivileged owner can
-    delete read-only and mode-0 directories, as root can without this.
+    delete read-only and mode-0 directories, as root can without this.  With
+    cleared, the read-only flag of a subvolume in the way is cleared (see
+    _ReadOnlyCleared).  where is the directory's path for messages.
     """
     flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
@@ -1102,15 +1120,92 @@ def _make_owner_accessible(dir_fd: int, name: str | bytes | None) -> bool:
         st = os.fstat(fd)
         if st.st_uid != os.geteuid() or st.st_mode & 0o700 == 0o700:
             return False
+        if where is None:
+            where = os.path.join(_describe_fd(dir_fd), os.fsdecode(name)) if name is not None else _describe_fd(fd)
+
         # fchmod rejects O_PATH descriptors, and the /proc link reaches the
         # opened inode itself, never a symlink swapped in since.
-        try:
+        def chmod() -> None:
             os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(st.st_mode) | 0o700)
-        except OSError as error:
-            where = os.path.join(_describe_fd(dir_fd), os.fsdecode(name)) if name is not None else _describe_fd(fd)
-            raise _permission_repair_error(error, where) from None
+
+        if name is None:
+            _chmod_for_owner(chmod, dir_fd, 0, where, cleared)
+        elif st.st_dev == os.fstat(dir_fd).st_dev:
+            _chmod_for_owner(chmod, dir_fd, 1, where, cleared)
+        else:
+            _chmod_subvolume_top_for_owner(chmod, fd, where, cleared)
     log.debug("made %s accessible to its owner", os.fsdecode(name or b"."))
     return True
+
+
+def _chmod_for_owner(
+    chmod: Callable[[], None], fd: int, depth: int, where: Any, cleared: _ReadOnlyCleared | None,
+) -> None:
+    """Run chmod, which gives the owner access to the directory at where; clear a read-only flag in its way.
+
+    fd is a directory in the same subvolume as that directory, depth levels
+    above it. chmod fails with EROFS in a read-only subvolume, and then, with
+    cleared, the subvolume's read-only flag is cleared and chmod runs again.
+    """
+    try:
+        chmod()
+        return
+    except OSError as error:
+        if error.errno != errno.EROFS:
+            raise _permission_repair_error(error, where) from None
+    _clear_read_only_for_owner(fd, depth, where, cleared)
+    try:
+        chmod()
+    except OSError as error:
+        raise _permission_repair_error(error, where) from None
+
+
+def _chmod_subvolume_top_for_owner(
+    chmod: Callable[[], None], path_fd: int, where: Any, cleared: _ReadOnlyCleared | None,
+) -> None:
+    """Run chmod for the top directory of a subvolume, open at the O_PATH descriptor path_fd, as _chmod_for_owner.
+
+    Clearing the read-only flag needs a descriptor that the ioctl accepts,
+    which only read permission on the directory gives.
+    """
+    try:
+        chmod()
+        return
+    except OSError as error:
+        if error.errno != errno.EROFS:
+            raise _permission_repair_error(error, where) from None
+    try:
+        top_fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except PermissionError:
+        raise _os_error(errno.EROFS, "give the owner access to the directory", where,
+                        "it is the top directory of a read-only subvolume and denies its owner read permission, "
+                        "so only root can change its mode or its read-only flag; remove the layer as root") from None
+    with _Fd(top_fd):
+        _chmod_for_owner(chmod, top_fd, 0, where, cleared)
+
+
+def _clear_read_only_for_owner(fd: int, depth: int, where: Any, cleared: _ReadOnlyCleared | None) -> None:
+    """Clear the read-only flag of the subvolume holding fd, which is depth levels above the directory at where.
+
+    Raise the error for a failed chmod of that directory when the subvolume
+    is not read-only (the mount is), when cleared is None, or when the flag
+    does not clear.
+    """
+    top_fd, levels = _open_device_top_and_depth(fd)
+    with _Fd(top_fd):
+        subvolume = str(where).rsplit("/", depth + levels)[0] if depth + levels else str(where)
+        operation = "give the owner access to the directory"
+        if not _subvolume_flags(top_fd, subvolume) & BTRFS_SUBVOL_RDONLY:
+            raise _os_error(errno.EROFS, operation, where,
+                            "the filesystem is mounted read-only; remount it read-write, then remove again")
+        hint = (f"it is in the read-only subvolume {subvolume}; run btrfs property set {shlex.quote(subvolume)} "
+                "ro false as its owner, or remove the layer as root")
+        if cleared is None:
+            raise _os_error(errno.EROFS, operation, where, hint)
+        try:
+            cleared.clear(top_fd, subvolume)
+        except OSError as error:
+            raise _os_error(error.errno, operation, where, hint) from None
 
 
 def _unlink_at(dir_fd: int, name: str | bytes, is_dir: bool) -> None:
@@ -2601,18 +2696,21 @@ class Driver:
 
     def _delete_layer(self, subvolumes_fd: int, name: bytes, path: str) -> list[int]:
         """Delete the layer directory name and return the ids of the subvolumes deleted, the layer's last."""
-        with _Fd(_open_layer_for_removal(subvolumes_fd, name, path)) as layer_fd:
+        with _ReadOnlyCleared() as cleared, \
+                _Fd(_open_layer_for_removal(subvolumes_fd, name, path, cleared)) as layer_fd:
             if not _is_subvolume_stat(os.fstat(layer_fd)):
                 if not _can_search_trees(layer_fd):
-                    _check_contents_removable(layer_fd, path)
+                    _check_contents_removable(layer_fd, path, cleared)
+                cleared.keep()
                 _remove_contents(layer_fd, path)
                 subvolume_ids: list[int] = []
             else:
                 layer_subvolume_id = _subvolume_id_of_fd(layer_fd, path)
                 _check_holder_not_flagged(subvolumes_fd, path)
-                _check_layer_deletable(layer_fd, layer_subvolume_id, path)
-                nested = _find_nested_for_removal(layer_fd, layer_subvolume_id, path)
+                _check_layer_deletable(layer_fd, layer_subvolume_id, path, cleared)
+                nested = _find_nested_for_removal(layer_fd, layer_subvolume_id, path, cleared)
                 _clear_removal_flags(layer_fd, nested, path)
+                cleared.keep()
                 # The kernel charges deleting a nested subvolume's entry to the
                 # layer's qgroup, which fails with EDQUOT when it is full.
                 self._clear_limit(subvolumes_fd, layer_subvolume_id, path)
@@ -3272,6 +3370,57 @@ def _clear_blocking_flags(directory: _FlaggedDirectory, made_writable: list[tupl
     clear()
 
 
+class _ReadOnlyCleared:
+    """The read-only subvolumes that a removal without CAP_SYS_ADMIN made writable.
+
+    Giving the owner access to a directory fails with EROFS in a read-only
+    subvolume. The subvolume's owner may clear its read-only flag, which the
+    removal does anyway before it deletes the subvolume. Used as a context
+    manager, it sets the flags again when the block raises before keep() was
+    called, so a refused removal leaves them as they were.
+    """
+
+    def __init__(self) -> None:
+        self.subvolumes: list[tuple[int, str]] = []
+        self._kept = False
+
+    def __enter__(self) -> _ReadOnlyCleared:
+        return self
+
+    def __exit__(self, kind: Any, value: Any, traceback: Any) -> None:
+        if kind is not None and not self._kept:
+            _set_read_only_again(self.subvolumes)
+        for fd, _ in self.subvolumes:
+            os.close(fd)
+        self.subvolumes.clear()
+
+    def keep(self) -> None:
+        """Keep the flags cleared from now on, because the removal has started deleting."""
+        self._kept = True
+
+    def clear(self, top_fd: int, where: str) -> bool:
+        """Clear the read-only flag of the subvolume whose top directory is top_fd; return whether it was set."""
+        flags = _subvolume_flags(top_fd, where)
+        if not flags & BTRFS_SUBVOL_RDONLY:
+            return False
+        kept_fd = os.dup(top_fd)
+        try:
+            _set_subvolume_flags(top_fd, flags & ~BTRFS_SUBVOL_RDONLY, where)
+        except BaseException:
+            os.close(kept_fd)
+            raise
+        self.subvolumes.append((kept_fd, where))
+        log.debug("cleared the read-only flag of %s to give its owner access to its directories", where)
+        return True
+
+    def clear_if_owner(self, top_fd: int, where: str) -> bool:
+        """Clear the read-only flag as clear() does; return False when this process may not clear it."""
+        try:
+            return self.clear(top_fd, where)
+        except PermissionError:
+            return False
+
+
 def _set_read_only_again(made_writable: list[tuple[int, str]]) -> None:
     """Make the subvolumes that _clear_blocking_flags made writable read-only again, logging each failure."""
     for fd, where in made_writable:
@@ -3291,15 +3440,17 @@ def _set_flags_again(cleared: list[_FlaggedDirectory]) -> None:
             log.warning("could not set the flags of %s again: %s", directory.where, error)
 
 
-def _check_layer_deletable(layer_fd: int, subvolume_id: int, path: Any) -> None:
+def _check_layer_deletable(layer_fd: int, subvolume_id: int, path: Any, cleared: _ReadOnlyCleared) -> None:
     """Raise, before anything is deleted, when the kernel will refuse to delete the layer's subvolume.
 
     Its nested subvolumes are deleted first, so a refusal found only at the
     end would leave the layer without them. With CAP_SYS_ADMIN the check
     covers the filesystem's default subvolume. Without it, the kernel
     deletes the layer only with the user_subvol_rm_allowed mount option and
-    write access to the layer's top directory. Otherwise the layer is
-    emptied file by file, so every entry must be removable by the caller.
+    write access to the layer's top directory, which a read-only layer's
+    owner gets by clearing the flag (recorded in cleared). Otherwise the
+    layer is emptied file by file, so every entry must be removable by the
+    caller.
     """
     if _can_search_trees(layer_fd):
         default = _default_subvolume_id(layer_fd, path)
@@ -3315,17 +3466,22 @@ def _check_layer_deletable(layer_fd: int, subvolume_id: int, path: Any) -> None:
                                 f"its nested subvolume {os.fsdecode(nested.path)} is the filesystem's default "
                                 "subvolume; set another one with btrfs subvolume set-default, then remove again")
         return
-    if _mount_has_option(layer_fd, b"user_subvol_rm_allowed") and _may_write_and_search(layer_fd):
-        return
+    if _mount_has_option(layer_fd, b"user_subvol_rm_allowed"):
+        if not _may_write_and_search(layer_fd):
+            cleared.clear_if_owner(layer_fd, path)
+        if _may_write_and_search(layer_fd):
+            return
     try:
-        _check_contents_removable(layer_fd, path)
+        _check_contents_removable(layer_fd, path, cleared)
     except _InodeFlagError:
         raise
     except PermissionError as error:
         raise _removal_permission_error(error, path) from None
 
 
-def _find_nested_for_removal(layer_fd: int, layer_id: int, path: Any) -> list[NestedSubvolume]:
+def _find_nested_for_removal(
+    layer_fd: int, layer_id: int, path: Any, cleared: _ReadOnlyCleared | None = None,
+) -> list[NestedSubvolume]:
     """Return the subvolumes below a layer that is being removed, giving the caller's directories rwx when needed.
 
     Without CAP_SYS_ADMIN the listing fails with EACCES when a directory
@@ -3333,6 +3489,7 @@ def _find_nested_for_removal(layer_fd: int, layer_id: int, path: Any) -> list[Ne
     The removal gives the caller's own directories owner rwx anyway, so they
     get it here and the listing runs again. The first listing runs without
     that repair, because the repair reads every directory of the layer.
+    With cleared, read-only flags in the way of the repair are cleared.
     """
     try:
         return find_nested_subvolumes(layer_fd, layer_id, path)
@@ -3341,7 +3498,7 @@ def _find_nested_for_removal(layer_fd: int, layer_id: int, path: Any) -> list[Ne
             raise
         log.debug("cannot list the nested subvolumes of %s (%s); giving the caller's directories in it owner rwx",
                   os.fsdecode(path), error)
-    blocked = _make_own_directories_accessible(layer_fd, path)
+    blocked = _make_own_directories_accessible(layer_fd, path, cleared)
     try:
         return find_nested_subvolumes(layer_fd, layer_id, path)
     except PermissionError as error:
@@ -3356,7 +3513,7 @@ def _find_nested_for_removal(layer_fd: int, layer_id: int, path: Any) -> list[Ne
         raise _os_error(errno.EACCES, "list nested subvolumes", path, hint) from None
 
 
-def _open_layer_for_removal(subvolumes_fd: int, name: bytes, path: str) -> int:
+def _open_layer_for_removal(subvolumes_fd: int, name: bytes, path: str, cleared: _ReadOnlyCleared) -> int:
     """Open the layer directory name for a remove, first giving it owner rwx if the caller owns it but cannot open it.
 
     A container whose root is mapped to the layer's owner can chmod the
@@ -3365,20 +3522,17 @@ def _open_layer_for_removal(subvolumes_fd: int, name: bytes, path: str) -> int:
     try:
         return _open_directory(name, dir_fd=subvolumes_fd)
     except PermissionError as error:
-        if not _make_owner_accessible(subvolumes_fd, name):
+        if not _make_owner_accessible(subvolumes_fd, name, cleared, path):
             raise _os_error(error.errno, "open layer", path, "the layer's top directory denies this process "
                             f"read or search permission; run chmod u+rwx {path} as its owner, or remove the "
                             "layer as root") from None
     return _open_directory(name, dir_fd=subvolumes_fd)
 
 
-def _permission_repair_error(error: OSError, where: str) -> OSError:
+def _permission_repair_error(error: OSError, where: Any) -> OSError:
     """Return the error for a failed chmod that was to give the owner access to the directory at where."""
-    hint = "give the owner read, write and search permission on it, or remove the layer as root"
-    if error.errno == errno.EROFS:
-        hint = ("it is in a read-only subvolume; run btrfs property set SUBVOLUME ro false on that subvolume "
-                "as its owner, or remove the layer as root")
-    return _os_error(error.errno, "give the owner access to the directory", where, hint)
+    return _os_error(error.errno, "give the owner access to the directory", where,
+                     "give the owner read, write and search permission on it, or remove the layer as root")
 
 
 def _removed_layer_error(layer_id: str, path: str) -> FileNotFoundError:
@@ -3386,8 +3540,8 @@ def _removed_layer_error(layer_id: str, path: str) -> FileNotFoundError:
     return FileNotFoundError(errno.ENOENT, f"layer {layer_id!r} not found; another process removed it", path)
 
 
-def _make_own_directories_accessible(top_fd: int, path: Any) -> str | None:
-    """Give every directory below top_fd that the caller owns owner rwx.
+def _make_own_directories_accessible(top_fd: int, path: Any, cleared: _ReadOnlyCleared | None) -> str | None:
+    """Give every directory below top_fd that the caller owns owner rwx, clearing read-only flags with cleared.
 
     Returns the path of the first directory of another user that the caller
     may not read or search, or None. The walk does not enter such a
@@ -3403,10 +3557,7 @@ def _make_own_directories_accessible(top_fd: int, path: Any) -> str | None:
         if st.st_uid == uid and st.st_mode & 0o700 != 0o700:
             # The caller may lack search permission here, which a lookup of
             # "." in _make_owner_accessible would need, so fchmod the open fd.
-            try:
-                os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
-            except OSError as error:
-                raise _permission_repair_error(error, str(where)) from None
+            _chmod_for_owner(lambda: os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700), fd, 0, where, cleared)
             log.debug("made %s accessible to its owner", where)
         subdirectories = []
         for entry in entries:
@@ -3419,7 +3570,7 @@ def _make_own_directories_accessible(top_fd: int, path: Any) -> str | None:
             subdirectories.append(os.fsencode(entry.name))
         return subdirectories
 
-    walk_tree(top_fd, visit, path=path, repair_permissions=True)
+    walk_tree(top_fd, visit, path=path, repair_permissions=True, cleared=cleared)
     return blocked[0] if blocked else None
 
 
@@ -3469,15 +3620,16 @@ def _mount_has_option(fd: int, option: bytes) -> bool:
     return False
 
 
-def _check_contents_removable(top_fd: int, path: Any) -> None:
+def _check_contents_removable(top_fd: int, path: Any, cleared: _ReadOnlyCleared | None = None) -> None:
     """Raise PermissionError, before anything is deleted, when this caller could not empty top_fd.
 
     Without CAP_SYS_ADMIN a layer is emptied file by file, and a directory
     that the caller neither owns nor may write into, or a sticky directory
     holding another user's file, would stop that halfway. Directories the
     caller owns but may not enter get owner rwx, as the removal would give
-    them. Without CAP_LINUX_IMMUTABLE, an immutable or append-only directory
-    or regular file raises _InodeFlagError.
+    them, clearing read-only flags in the way with cleared. Without
+    CAP_LINUX_IMMUTABLE, an immutable or append-only directory or regular
+    file raises _InodeFlagError.
     NOTE: the flags of symlinks and special files are not read, because
     FS_IOC_GETFLAGS needs an open descriptor of the inode.
     """
@@ -3502,7 +3654,7 @@ def _check_contents_removable(top_fd: int, path: Any) -> None:
                                           os.path.join(where, entry.name))
         return [os.fsencode(entry.name) for entry in entries if entry.is_dir(follow_symlinks=False)]
 
-    walk_tree(top_fd, visit, path=path, repair_permissions=True)
+    walk_tree(top_fd, visit, path=path, repair_permissions=True, cleared=cleared)
 
 
 def _check_no_blocking_flags(fd: int, entries: list[Any], where: Any) -> None:
@@ -5558,13 +5710,19 @@ def _remove_subvolume_apply_temporaries(directories: _DirectoryOpener, root_fd: 
 
 
 def _open_device_top(fd: int) -> int:
-    """Open the top directory of the subvolume or filesystem that contains the directory fd.
+    """Open the top directory of the subvolume or filesystem that contains the directory fd."""
+    return _open_device_top_and_depth(fd)[0]
+
+
+def _open_device_top_and_depth(fd: int) -> tuple[int, int]:
+    """Open the top directory of the subvolume or filesystem that contains the directory fd, and count its levels.
 
     It is the highest directory that ".." reaches from fd without a change
     of st_dev, because the ".." of a subvolume's top directory is in the
-    subvolume that contains it.
+    subvolume that contains it. The count is how many ".." led there.
     """
     top = os.dup(fd)
+    levels = 0
     try:
         top_st = os.fstat(top)
         while True:
@@ -5572,9 +5730,10 @@ def _open_device_top(fd: int) -> int:
             parent_st = os.fstat(parent)
             if parent_st.st_dev != top_st.st_dev or parent_st.st_ino == top_st.st_ino:
                 os.close(parent)
-                return top
+                return top, levels
             os.close(top)
             top, top_st = parent, parent_st
+            levels += 1
     except BaseException:
         os.close(top)
         raise

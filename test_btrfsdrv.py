@@ -2078,14 +2078,129 @@ def test_unprivileged_remove_names_read_only_unopenable_top(open_fs):
             os.close(fd)
         with pytest.raises(OSError) as raised:
             driver.remove("frozen")
+        # The flag cannot be cleared either: the ioctl needs an open
+        # descriptor of the directory, which mode 0 denies its owner.
+        with pytest.raises(PermissionError):
+            os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         return raised.value.errno, str(raised.value)
 
     error, message = run_as_user(scenario)
 
     assert error == errno.EROFS
     assert os.path.join(home, "subvolumes", "frozen") in message
-    assert "btrfs property set" in message
+    assert "remove the layer as root" in message
     assert "/proc/self/fd" not in message
+    assert _subvolume_flags(os.path.join(home, "subvolumes", "frozen")) & ioctl_structs.BTRFS_SUBVOL_RDONLY
+
+
+def make_read_only(*paths):
+    """Set the read-only flag of the subvolumes at paths, which this process must be able to open."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            btrfsdrv._set_subvolume_flags(fd, btrfsdrv.BTRFS_SUBVOL_RDONLY, path)
+        finally:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("mode", [0, 0o100, 0o300, 0o500])
+def test_unprivileged_remove_of_read_only_layer_with_closed_directories(open_fs, mode):
+    # The owner gives its directories owner rwx before deleting them, which
+    # fails with EROFS in a read-only subvolume. The owner may clear a
+    # subvolume's read-only flag, and the remove does so.
+    home = nobody_home(open_fs)
+
+    def scenario():
+        driver = btrfsdrv.Driver(home)
+        driver.create("frozen")
+        root = driver.get("frozen")
+        os.chmod(root, 0o755)
+        outer = os.path.join(root, "x", "y", "sv1")
+        inner = os.path.join(outer, "sv2")
+        os.makedirs(os.path.dirname(outer))
+        btrfsdrv.create_subvolume(outer)
+        btrfsdrv.create_subvolume(inner)
+        write(os.path.join(inner, "q", "r", "file"))
+        write(os.path.join(root, "d", "e", "file"))
+        os.chmod(os.path.join(inner, "q"), mode)
+        make_read_only(inner, outer)
+        os.chmod(os.path.join(root, "d"), mode)
+        os.chmod(os.path.join(root, "x", "y"), mode)
+        make_read_only(root)
+        driver.remove("frozen")
+        return driver.list_layers(), os.listdir(os.path.join(home, "subvolumes"))
+
+    assert run_as_user(scenario) == ([], [])
+    sync_subvolumes(open_fs)
+    assert subvolume_paths(open_fs) == []
+
+
+@pytest.mark.parametrize("mode", [0o500, 0o100])
+def test_unprivileged_remove_of_closed_read_only_nested_top(open_fs, mode):
+    # The read-only flag of a subvolume can only be cleared through a
+    # descriptor of its top directory, which opening for reading gives.
+    home = nobody_home(open_fs)
+
+    def scenario():
+        driver = btrfsdrv.Driver(home)
+        driver.create("frozen")
+        root = driver.get("frozen")
+        os.chmod(root, 0o755)
+        nested = os.path.join(root, "d", "nested")
+        os.mkdir(os.path.dirname(nested))
+        btrfsdrv.create_subvolume(nested)
+        write(os.path.join(nested, "e", "file"))
+        fd = os.open(nested, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.chmod(nested, mode)
+            btrfsdrv._set_subvolume_flags(fd, btrfsdrv.BTRFS_SUBVOL_RDONLY, nested)
+        finally:
+            os.close(fd)
+        try:
+            driver.remove("frozen")
+        except OSError as error:
+            return error.errno, str(error)
+        return driver.list_layers()
+
+    result = run_as_user(scenario)
+
+    if mode & 0o400:
+        assert result == []
+    else:
+        error, message = result
+        nested = os.path.join(home, "subvolumes", "frozen", "d", "nested")
+        assert error == errno.EROFS
+        assert nested in message
+        assert "remove the layer as root" in message
+        assert _subvolume_flags(nested) & ioctl_structs.BTRFS_SUBVOL_RDONLY
+
+
+def test_unprivileged_refused_remove_keeps_read_only_flags(fs):
+    # Without user_subvol_rm_allowed the owner empties the layer file by
+    # file. Its mode-0 directories in read-only subvolumes need the flag
+    # cleared before the check finds root's directory in the way; the
+    # refused remove sets the flag again.
+    home = nobody_home(fs)
+    run_as_user(lambda: btrfsdrv.Driver(home).create("frozen"))
+    root = os.path.join(home, "subvolumes", "frozen")
+    nested = os.path.join(root, "own", "nested")
+    os.makedirs(os.path.dirname(nested))
+    btrfsdrv.create_subvolume(nested)
+    os.makedirs(os.path.join(nested, "q", "root's"))
+    for path in (root, os.path.join(root, "own"), nested, os.path.join(nested, "q")):
+        os.chown(path, 65534, 65534)
+    for path in (os.path.join(root, "own"), os.path.join(nested, "q")):
+        os.chmod(path, 0)
+    make_read_only(nested, root)
+    subvolumes = subvolume_paths(fs)
+
+    error, message = remove_as_user_fails(home, "frozen")
+
+    assert error == errno.EACCES
+    assert os.path.join(nested, "q", "root's") in message
+    assert subvolume_paths(fs) == subvolumes
+    for path in (root, nested):
+        assert _subvolume_flags(path) & ioctl_structs.BTRFS_SUBVOL_RDONLY, path
 
 
 def test_unprivileged_remove_names_foreign_unsearchable_directory(tmp_path):
