@@ -121,7 +121,7 @@ crosscheck: test-deps
 # Static checks, run by hand: ruff, mypy --strict, and vermin for Python 3.8,
 # the oldest supported version. vermin evaluates annotations only in files
 # without "from __future__ import annotations", where Python evaluates them.
-LINT_FILES = btrfsdrv.py ioctl_structs.py tools/*.py
+LINT_FILES = btrfsdrv.py ioctl_structs.py tools/*.py test_btrfsdrv.py bench/*.py
 VERMIN = $(PYTHON) -c 'import sys, vermin; sys.exit(vermin.main())'
 lint: vendor
 	@for tool in ruff mypy vermin; do \

@@ -48,7 +48,7 @@ def bench_package(driver, fs, deb, work):
 
     def apply_layer():
         runs["n"] += 1
-        layer_id = "%s-%d" % (name, runs["n"])
+        layer_id = f"{name}-{runs['n']}"
         driver.create(layer_id)
         with open(layer_tar, "rb") as stream:
             driver.apply_diff(layer_id, stream)
@@ -57,7 +57,7 @@ def bench_package(driver, fs, deb, work):
 
     def gnu_tar():
         runs["n"] += 1
-        target = fs.path("tar-%s-%d" % (name, runs["n"]))
+        target = fs.path(f"tar-{name}-{runs['n']}")
         os.mkdir(target)
         subprocess.run(["tar", "-x", "--xattrs", "-f", layer_tar, "-C", target], check=True)
         os.sync()
@@ -82,15 +82,15 @@ def bench_few_changes(driver, files, changed):
     driver.create("big")
     root = driver.get("big")
     for index in range(files):
-        directory = os.path.join(root, "d%03d" % (index // 1000))
+        directory = os.path.join(root, f"d{index // 1000:03d}")
         if index % 1000 == 0:
             os.mkdir(directory)
-        with open(os.path.join(directory, "f%d" % index), "wb") as out:
+        with open(os.path.join(directory, f"f{index}"), "wb") as out:
             out.write(b"x")
     driver.create("big-upper", "big")
     upper = driver.get("big-upper")
     for index in range(changed):
-        with open(os.path.join(upper, "d%03d" % index, "f%d" % (index * 1000)), "ab") as out:
+        with open(os.path.join(upper, f"d{index:03d}", f"f{index * 1000}"), "ab") as out:
             out.write(b"changed")
     os.sync()
     walk_seconds, walk = timed(lambda: btrfsdrv.layer_changes(upper, root))
@@ -109,18 +109,18 @@ def bench_memory(driver, work, counts=(10000, 100000)):
 
     rows = []
     for count in counts:
-        path = os.path.join(work, "flat-%d.tar" % count)
+        path = os.path.join(work, f"flat-{count}.tar")
         with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
             for index in range(count):
                 if index % 100 == 0:
-                    directory = tarfile.TarInfo("d%d" % (index // 100))
+                    directory = tarfile.TarInfo(f"d{index // 100}")
                     directory.type = tarfile.DIRTYPE
                     directory.mode = 0o755
                     tar.addfile(directory)
-                info = tarfile.TarInfo("d%d/f%d" % (index // 100, index))
+                info = tarfile.TarInfo(f"d{index // 100}/f{index}")
                 info.size = 1
                 tar.addfile(info, io.BytesIO(b"x"))
-        layer, upper = "flat-%d" % count, "flat-upper-%d" % count
+        layer, upper = f"flat-{count}", f"flat-upper-{count}"
         driver.create(layer)
         row = {"entries": count}
         tracemalloc.start()
