@@ -904,7 +904,7 @@ def _with_full_path(error: OSError, path: Any, relative: _WalkPath, name: Any) -
 
 
 class _Repair(NamedTuple):
-    """How walk_tree gives the owner access to a directory: where the walk is, and the flags cleared so far."""
+    """The state that walk_tree passes to _make_owner_accessible: the walk's position and the flags cleared so far."""
 
     relative: _WalkPath
     cleared: _ReadOnlyCleared | None
@@ -1141,10 +1141,10 @@ def _make_owner_accessible(
 def _chmod_for_owner(
     chmod: Callable[[], None], fd: int, depth: int, where: Any, cleared: _ReadOnlyCleared | None,
 ) -> None:
-    """Run chmod, which gives the owner access to the directory at where; clear a read-only flag in its way.
+    """Run chmod, which gives the owner access to the directory at where, clearing a read-only flag in its way.
 
     fd is a directory in the same subvolume as that directory, depth levels
-    above it. chmod fails with EROFS in a read-only subvolume, and then, with
+    above it. chmod fails with EROFS in a read-only subvolume. Then, with
     cleared, the subvolume's read-only flag is cleared and chmod runs again.
     """
     try:
@@ -3382,13 +3382,13 @@ class _ReadOnlyCleared:
 
     def __init__(self) -> None:
         self.subvolumes: list[tuple[int, str]] = []
-        self._kept = False
+        self._keep_cleared = False
 
     def __enter__(self) -> _ReadOnlyCleared:
         return self
 
     def __exit__(self, kind: Any, value: Any, traceback: Any) -> None:
-        if kind is not None and not self._kept:
+        if kind is not None and not self._keep_cleared:
             _set_read_only_again(self.subvolumes)
         for fd, _ in self.subvolumes:
             os.close(fd)
@@ -3396,7 +3396,7 @@ class _ReadOnlyCleared:
 
     def keep(self) -> None:
         """Keep the flags cleared from now on, because the removal has started deleting."""
-        self._kept = True
+        self._keep_cleared = True
 
     def clear(self, top_fd: int, where: str) -> bool:
         """Clear the read-only flag of the subvolume whose top directory is top_fd; return whether it was set."""
