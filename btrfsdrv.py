@@ -358,8 +358,10 @@ def _is_snapshot_placeholder(st: os.stat_result) -> bool:
 
     A snapshot does not contain the nested subvolumes of its source. The
     kernel shows an empty directory with inode number 2 in place of each one,
-    owned by 0:0, and a chown of it changes nothing. Other btrfs inode
-    numbers start at 256. The root directory of an ext4 mount has inode
+    and a chown of it changes nothing. Linux 6.18 gives it the owner that
+    the directory holding it had when the kernel loaded the placeholder,
+    while kernels whose new_simple_dir() sets no owner show 0:0. Other btrfs
+    inode numbers start at 256. The root directory of an ext4 mount has inode
     number 2 too, so callers check for mounts, as every layer walk does.
     """
     return stat.S_ISDIR(st.st_mode) and st.st_ino == BTRFS_EMPTY_SUBVOL_DIR_OBJECTID
@@ -4995,6 +4997,19 @@ class _TarEntryWriter:
         self.gid_maps = gid_maps
         self.link_names: dict[tuple[int, int], str] = {}
 
+    def container_owner(self, st: os.stat_result, path: str) -> tuple[int, int]:
+        """Return the owner of the entry st in the container, through the layer's ID maps.
+
+        A snapshot placeholder's owner cannot be changed, so a remap never
+        maps it. Its owner maps when it can, and is 0:0 otherwise.
+        """
+        try:
+            return _map_owner(self.uid_maps, self.gid_maps, st.st_uid, st.st_gid, False, path)
+        except ValueError:
+            if not _is_snapshot_placeholder(st):
+                raise
+            return 0, 0
+
     def add(self, archive_name: str, path: str, dir_fd: int, name: str, st: os.stat_result) -> None:
         import tarfile
 
@@ -5002,12 +5017,7 @@ class _TarEntryWriter:
             _check_diff_path(path)  # the entry can appear after layer_diff checked the names
         info = tarfile.TarInfo(archive_name)
         info.mode = stat.S_IMODE(st.st_mode)
-        if _is_snapshot_placeholder(st):
-            # The kernel shows a placeholder as 0:0 whatever the layer's ID maps
-            # are, so it is exported as owned by container root, not mapped.
-            info.uid, info.gid = 0, 0
-        else:
-            info.uid, info.gid = _map_owner(self.uid_maps, self.gid_maps, st.st_uid, st.st_gid, False, path)
+        info.uid, info.gid = self.container_owner(st, path)
         info.mtime = st.st_mtime_ns // _NS_PER_SECOND
         mode = st.st_mode
         data = None

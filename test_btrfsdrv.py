@@ -2944,7 +2944,29 @@ def test_remap_skips_snapshot_placeholders(driver):
     assert os.lstat(child + "/nested").st_uid == 0
 
 
-def test_diff_exports_snapshot_placeholder_as_root(driver):
+def test_diff_exports_snapshot_placeholder_owner(driver):
+    # The placeholder has the owner that the kernel shows, as for any entry.
+    driver.create("P")
+    parent = driver.get("P")
+    os.mkdir(parent + "/users")
+    os.chown(parent + "/users", 1000, 1000)
+    btrfsdrv.create_subvolume(parent + "/users/nested")
+    os.chown(parent + "/users/nested", 1000, 1000)
+    write(parent + "/users/nested/inside", b"x")
+    driver.create_read_write("C", "P")
+    placeholder = os.lstat(driver.get("C") + "/users/nested")
+    assert placeholder.st_ino == ioctl_structs.BTRFS_EMPTY_SUBVOL_DIR_OBJECTID
+
+    changed = members(read_diff(driver.get("C"), parent))
+
+    assert changed["users/nested"].isdir()
+    assert changed["users/nested"].uid == placeholder.st_uid
+    assert changed["users/nested"].gid == placeholder.st_gid
+
+
+def test_diff_exports_unmapped_snapshot_placeholder_as_root(driver):
+    # A remap changes no placeholder, so one that the kernel loaded before
+    # the remap can show an owner that the maps do not cover.
     driver.create("P")
     parent = driver.get("P")
     btrfsdrv.create_subvolume(parent + "/nested")
