@@ -7029,6 +7029,7 @@ class _LayerApplier:
         # Reject a bad entry before its parent directories are created.
         if member.islnk():
             self.link_target(member, path)
+            _check_link_outside_entry(parts, member, path)
         elif not (member.isdir() or member.issym() or member.ischr() or member.isblk() or member.isfifo()):
             raise ValueError(f"unsupported tar entry type {member.type!r}")
         parent_fd = self.entry_parent(parts, path)
@@ -7502,6 +7503,18 @@ class _LayerApplier:
             return False
         self.relinked.add((st.st_dev, st.st_ino))
         return True
+
+
+def _check_link_outside_entry(parts: list[str], member: tarfile.TarInfo, path: str) -> None:
+    """Raise ValueError when the target of the hard link entry member lies inside the directory it replaces.
+
+    containers/storage deletes the directory first, so its link fails
+    because the target is gone.
+    """
+    target_parts = _path_parts(member.linkname)
+    if len(target_parts) > len(parts) and target_parts[:len(parts)] == parts:
+        raise ValueError(f"hard link {path!r}: target {member.linkname!r} is inside the directory it replaces, "
+                         "which is deleted before the link is made; link to a file outside it")
 
 
 def _invalid_tar_header(error: BaseException, offset: int, last_name: str | None) -> ValueError:

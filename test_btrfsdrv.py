@@ -4877,6 +4877,20 @@ def test_hostile_hard_link_to_directory(trees):
     assert_sentinel_intact(sentinel, digest)
 
 
+@pytest.mark.parametrize("name, target", [("d", "d/f"), ("d", "d/e/f"), ("./d/", "d/./f")])
+def test_hostile_hard_link_into_replaced_directory(trees, name, target):
+    # containers/storage deletes the directory the entry replaces before it
+    # links, so the link's target is gone and the layer is rejected.
+    layer, sentinel, digest = trees
+    write(str(layer / "d" / "f"), b"data")
+    write(str(layer / "d" / "e" / "f"), b"data")
+    with pytest.raises(ValueError, match="inside the directory it replaces"):
+        apply(layer, make_tar([entry(name, tarfile.LNKTYPE, linkname=target)]))
+    assert (layer / "d" / "f").read_bytes() == b"data"
+    assert (layer / "d" / "e" / "f").read_bytes() == b"data"
+    assert_sentinel_intact(sentinel, digest)
+
+
 def test_hostile_hard_link_through_symlinked_dir(trees):
     layer, sentinel, digest = trees
     raw = make_tar([entry("s", tarfile.SYMTYPE, linkname=str(sentinel)),
