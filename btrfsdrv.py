@@ -7529,7 +7529,14 @@ def _invalid_tar_header(error: BaseException, offset: int, last_name: str | None
     detail = str(error)
     if not isinstance(error, (tarfile.TarError, EOFError, _CorruptStream)):
         detail = f"malformed header: {error}"
-    return ValueError(f"invalid layer tar at offset {offset} (after entry {last_name!r}): {detail}")
+    return ValueError(f"invalid layer tar {_tar_position(offset, last_name)}: {detail}")
+
+
+def _tar_position(offset: int, last_name: str | None) -> str:
+    """Describe a place in a layer tar for messages: its offset and the entry before it."""
+    if last_name is None:
+        return f"at offset {offset} (before the first entry)"
+    return f"at offset {offset} (after entry {last_name!r})"
 
 
 def _skip_to_next_header(tar: tarfile.TarFile) -> None:
@@ -7779,7 +7786,7 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
     """
     import tarfile
 
-    if not hasattr(diff, "read"):
+    if not hasattr(diff, "read") or isinstance(diff, io.TextIOBase):
         raise TypeError(f"apply_diff needs a readable binary file object, not {type(diff).__name__}; "
                         "open the tar with open(path, 'rb')")
     counting = _CountingReader(diff)
@@ -7899,7 +7906,7 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
             report()
         end = tar_input.block_at(tar.offset)
         if end is None or end.count(0) != len(end):
-            raise ValueError(f"invalid layer tar at offset {tar.offset} (after entry {last_name!r}): "
+            raise ValueError(f"invalid layer tar {_tar_position(tar.offset, last_name)}: "
                              "truncated or corrupt, no end-of-archive block")
         try:
             _check_block_after_end(tar_input, tar.offset + tarfile.BLOCKSIZE)
@@ -8246,6 +8253,7 @@ def _command_get(driver: Driver, args: Any) -> Any:
 
 
 def _command_exists(driver: Driver, args: Any) -> Any:
+    validate_layer_id(args.id)  # Driver.exists returns False for an invalid id, as containers/storage does
     return driver.exists(args.id)
 
 
@@ -8502,6 +8510,8 @@ def _print_result(command: str, result: Any, as_json: bool) -> None:
         _print_line("true" if result else "false")
     elif isinstance(result, dict):
         for key, value in result.items():
+            if key == "id":
+                value = _escape_layer_id(value)  # a newline in an id would start a line of its own
             _print_line(f"{key}: {value}")
     elif isinstance(result, list):
         for item in result:

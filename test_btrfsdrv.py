@@ -1715,6 +1715,16 @@ def test_cli_output_to_closed_pipe(driver):
     assert "Traceback" not in result.stderr
 
 
+def test_cli_escapes_newline_in_id(fs):
+    home = fs.path("home")
+    created = run_cli(home, "create", "two\nlines")
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.splitlines()[0] == "id: two\\nlines"
+    assert run_cli(home, "list").stdout.splitlines() == ["two\\nlines"]
+    removed = run_cli(home, "remove", "two\nlines")
+    assert removed.stdout.splitlines() == ["id: two\\nlines", "removed: True"]
+
+
 def test_cli_create_list_remove(fs):
     home = fs.path("home")
     assert run_cli(home, "create", "base").returncode == 0
@@ -1722,6 +1732,9 @@ def test_cli_create_list_remove(fs):
     assert run_cli(home, "list").stdout.split() == ["base", "child"]
     assert run_cli(home, "exists", "child").returncode == 0
     assert run_cli(home, "exists", "nothing").returncode == 1
+    invalid = run_cli(home, "exists", "../child")
+    assert invalid.returncode == btrfsdrv.EXIT_USAGE
+    assert "invalid layer id '../child'" in invalid.stderr
     assert run_cli(home, "get", "child").stdout.strip() == os.path.join(home, "subvolumes", "child")
     assert "SizeLimit: 8388608" in run_cli(home, "metadata", "child").stdout
     assert run_cli(home, "remove", "child").returncode == 0
@@ -2662,6 +2675,12 @@ def test_apply_diff_rejects_a_path(driver):
     driver.create("layer")
     with pytest.raises(TypeError, match="readable binary file object"):
         driver.apply_diff("layer", "/tmp/layer.tar")
+
+
+def test_apply_diff_rejects_a_text_stream(driver):
+    driver.create("layer")
+    with pytest.raises(TypeError, match=r"open the tar with open\(path, 'rb'\)"):
+        driver.apply_diff("layer", io.StringIO("hello"))
 
 
 @pytest.mark.parametrize("xattr, value", [("user.big", "A" * 20000)])
@@ -5851,7 +5870,7 @@ def test_apply_bounds_sparse_1_0_map(tmp_path):
 
 def test_apply_names_offset_of_malformed_first_header(tmp_path):
     raw = pax_header_tar(SPARSE_0_1 + [(b"GNU.sparse.size", b"x")], b"12345678")[1024:]
-    with pytest.raises(ValueError, match=r"^invalid layer tar at offset 0 \(after entry None\): malformed"):
+    with pytest.raises(ValueError, match=r"^invalid layer tar at offset 0 \(before the first entry\): malformed"):
         apply(tmp_path, raw)
 
 
@@ -8911,7 +8930,10 @@ def test_unprivileged_store(open_fs, how):
     sync_subvolumes(open_fs)
     listed = open_fs.btrfs("subvolume", "list", open_fs.mountpoint)
     assert [os.path.basename(line.split()[-1]) for line in listed.splitlines() if line] == expected
-    assert qgroup_limits(open_fs).get(limited_id) is None
+    # Without CAP_SYS_ADMIN the remove can neither clear the limit nor destroy
+    # the qgroup. Linux 6.18 deletes the qgroup of a dropped subvolume itself,
+    # but only when its accounting has reached zero by then.
+    assert qgroup_limits(open_fs).get(limited_id) in (None, 8 * 1024**2)
     assert _mounts_below(home) == []
 
 
