@@ -902,7 +902,8 @@ def _with_full_path(error: OSError, path: Any, relative: _WalkPath, name: Any) -
     if isinstance(name, (str, bytes)) and name and not os.fsencode(name).startswith(b"/"):
         parts.append(os.fsencode(name))
     full = os.fsdecode(b"/".join(parts))
-    return OSError(error.errno, error.strerror, full)
+    # The class is kept, so callers still tell _InodeFlagError from other errors.
+    return type(error)(error.errno, error.strerror, full)
 
 
 class _Repair(NamedTuple):

@@ -2189,6 +2189,34 @@ def test_unprivileged_remove_of_closed_read_only_nested_top(open_fs, mode):
         assert _subvolume_flags(nested) & ioctl_structs.BTRFS_SUBVOL_RDONLY
 
 
+def test_unprivileged_remove_names_immutable_file(fs):
+    # Without user_subvol_rm_allowed the owner empties the layer file by
+    # file, which an immutable file stops.
+    home = nobody_home(fs)
+    run_as_user(lambda: btrfsdrv.Driver(home).create("frozen"))
+    root = os.path.join(home, "subvolumes", "frozen")
+    os.chmod(root, 0o755)
+    write(os.path.join(root, "d", "file"))
+    for path in (os.path.join(root, "d"), os.path.join(root, "d", "file")):
+        os.chown(path, 65534, 65534)
+    chattr("+i", os.path.join(root, "d", "file"))
+    try:
+        def scenario():
+            with pytest.raises(PermissionError) as raised:
+                btrfsdrv.Driver(home).remove("frozen")
+            return type(raised.value).__name__, raised.value.errno, str(raised.value)
+
+        kind, error, message = run_as_user(scenario)
+    finally:
+        chattr("-i", os.path.join(root, "d", "file"))
+
+    assert kind == "_InodeFlagError"
+    assert error == errno.EPERM
+    assert message.count("failed") == 1, message
+    assert f"chattr -i {os.path.join(root, 'd', 'file')}" in message
+    assert "CAP_SYS_ADMIN" not in message
+
+
 def test_unprivileged_refused_remove_keeps_read_only_flags(fs):
     # Without user_subvol_rm_allowed the owner empties the layer file by
     # file. Its mode-0 directories in read-only subvolumes need the flag
@@ -9166,6 +9194,7 @@ def test_unprivileged_remove_rejects_flags(open_fs, how, case):
         name = "immutable" if flag == "+i" else "append-only"
         assert name in outcome["message"]
         assert f"chattr -{flag[1]} {target}" in outcome["message"]
+        assert outcome["message"].count("failed") == 1, outcome["message"]
         assert subvolume_paths(open_fs) == subvolumes
         assert tree_digest(root) == digest
         assert _flag_state(root) == flags
