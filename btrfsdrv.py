@@ -2710,8 +2710,8 @@ class Driver:
             else:
                 layer_subvolume_id = _subvolume_id_of_fd(layer_fd, path)
                 _check_holder_not_flagged(subvolumes_fd, path)
-                _check_layer_deletable(layer_fd, layer_subvolume_id, path, cleared)
                 nested = _find_nested_for_removal(layer_fd, layer_subvolume_id, path, cleared)
+                _check_layer_deletable(layer_fd, layer_subvolume_id, nested, path, cleared)
                 _clear_removal_flags(layer_fd, nested, path)
                 cleared.keep()
                 # The kernel charges deleting a nested subvolume's entry to the
@@ -3443,17 +3443,19 @@ def _set_flags_again(cleared: list[_FlaggedDirectory]) -> None:
             log.warning("could not set the flags of %s again: %s", directory.where, error)
 
 
-def _check_layer_deletable(layer_fd: int, subvolume_id: int, path: Any, cleared: _ReadOnlyCleared) -> None:
-    """Raise, before anything is deleted, when the kernel will refuse to delete the layer's subvolume.
+def _check_layer_deletable(layer_fd: int, subvolume_id: int, nested: list[NestedSubvolume], path: Any,
+                           cleared: _ReadOnlyCleared) -> None:
+    """Raise, before anything is deleted, when the kernel will refuse to delete the layer or its nested subvolumes.
 
-    Its nested subvolumes are deleted first, so a refusal found only at the
+    The nested subvolumes are deleted first, so a refusal found only at the
     end would leave the layer without them. With CAP_SYS_ADMIN the check
     covers the filesystem's default subvolume. Without it, the kernel
-    deletes the layer only with the user_subvol_rm_allowed mount option and
-    write access to the layer's top directory, which a read-only layer's
-    owner gets by clearing the flag (recorded in cleared). Otherwise the
-    layer is emptied file by file, so every entry must be removable by the
-    caller.
+    deletes a subvolume only with the user_subvol_rm_allowed mount option
+    and write access to its top directory, which a read-only layer's owner
+    gets by clearing the flag (recorded in cleared). That is checked for the
+    layer, and for nested subvolumes the caller owns in directories it owns.
+    Otherwise the layer is emptied file by file, so every entry must be
+    removable by the caller.
     """
     if _can_search_trees(layer_fd):
         default = _default_subvolume_id(layer_fd, path)
@@ -3463,16 +3465,16 @@ def _check_layer_deletable(layer_fd: int, subvolume_id: int, path: Any, cleared:
             raise _os_error(errno.EPERM, "delete subvolume", path,
                             "it is the filesystem's default subvolume; set another one with "
                             "btrfs subvolume set-default, then remove again")
-        for nested in find_nested_subvolumes(layer_fd, subvolume_id, path):
-            if nested.id == default:
+        for subvolume in nested:
+            if subvolume.id == default:
                 raise _os_error(errno.EPERM, "delete subvolume", path,
-                                f"its nested subvolume {os.fsdecode(nested.path)} is the filesystem's default "
+                                f"its nested subvolume {os.fsdecode(subvolume.path)} is the filesystem's default "
                                 "subvolume; set another one with btrfs subvolume set-default, then remove again")
         return
     if _mount_has_option(layer_fd, b"user_subvol_rm_allowed"):
         if not _may_write_and_search(layer_fd):
             cleared.clear_if_owner(layer_fd, path)
-        if _may_write_and_search(layer_fd):
+        if _may_write_and_search(layer_fd) and _owns_nested_subvolumes(layer_fd, nested):
             return
     try:
         _check_contents_removable(layer_fd, path, cleared)
@@ -3480,6 +3482,30 @@ def _check_layer_deletable(layer_fd: int, subvolume_id: int, path: Any, cleared:
         raise
     except PermissionError as error:
         raise _removal_permission_error(error, path) from None
+
+
+def _owns_nested_subvolumes(layer_fd: int, nested: list[NestedSubvolume]) -> bool:
+    """Return whether this process owns every subvolume in nested and the directory holding each.
+
+    Such a subvolume its owner can delete with SNAP_DESTROY, making it
+    writable first. Another user's may need emptying file by file, which
+    only a check of every entry can promise. A subvolume gone since it was
+    listed counts as owned, because the deletion skips it.
+    """
+    uid = os.geteuid()
+    with _DirectoryOpener(layer_fd) as directories:
+        for subvolume in _in_tree_order(nested):
+            try:
+                opened = _open_nested_top(directories, subvolume.path)
+            except PermissionError:
+                return False
+            if opened is None:
+                continue
+            parent_fd, top_fd = opened
+            with _Fd(top_fd):
+                if os.fstat(parent_fd).st_uid != uid or os.fstat(top_fd).st_uid != uid:
+                    return False
+    return True
 
 
 def _find_nested_for_removal(

@@ -2189,6 +2189,44 @@ def test_unprivileged_remove_of_closed_read_only_nested_top(open_fs, mode):
         assert _subvolume_flags(nested) & ioctl_structs.BTRFS_SUBVOL_RDONLY
 
 
+@pytest.mark.parametrize("read_only", [False, True], ids=["writable", "read-only"])
+def test_unprivileged_remove_refuses_foreign_nested_subvolume(tmp_path, read_only):
+    # With user_subvol_rm_allowed the owner deletes its own nested subvolumes
+    # with SNAP_DESTROY, but not root's, so the remove must refuse before it
+    # deletes the owner's.
+    with loopback_btrfs(tmp_path, mount_options=("user_subvol_rm_allowed",)) as fs:
+        home = nobody_home(fs)
+
+        def scenario():
+            driver = btrfsdrv.Driver(home)
+            driver.create("mixed")
+            root = driver.get("mixed")
+            os.chmod(root, 0o755)
+            # Children are deleted in reverse path order, so "zone" goes first.
+            btrfsdrv.create_subvolume(os.path.join(root, "zone"))
+            write(os.path.join(root, "zone", "precious"))
+            os.mkdir(os.path.join(root, "shared"))
+            os.chmod(os.path.join(root, "shared"), 0o777)
+
+        run_as_user(scenario)
+        root = os.path.join(home, "subvolumes", "mixed")
+        foreign = os.path.join(root, "shared", "root's")
+        btrfsdrv.create_subvolume(foreign)
+        write(os.path.join(foreign, "file"))
+        if read_only:
+            make_read_only(foreign, root)
+        subvolumes = subvolume_paths(fs)
+        digest = tree_digest(root)
+
+        error, message = remove_as_user_fails(home, "mixed")
+
+        assert error == errno.EACCES
+        assert foreign in message
+        assert subvolume_paths(fs) == subvolumes
+        assert tree_digest(root) == digest
+        assert bool(_subvolume_flags(root) & ioctl_structs.BTRFS_SUBVOL_RDONLY) == read_only
+
+
 def test_unprivileged_remove_names_immutable_file(fs):
     # Without user_subvol_rm_allowed the owner empties the layer file by
     # file, which an immutable file stops.
