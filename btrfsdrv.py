@@ -818,7 +818,7 @@ def walk_tree(
     path: Any = None,
     skip_mounts: bool = False,
     repair_permissions: bool = False,
-    cleared: _ReadOnlyCleared | None = None,
+    repairs: _RemovalRepairs | None = None,
 ) -> None:
     """Walk the directories below top_fd depth-first, without following symlinks.
 
@@ -835,7 +835,8 @@ def walk_tree(
     and otherwise raises EBUSY instead of being entered.  With
     repair_permissions, a directory the caller owns but may not enter gets
     owner rwx (removal needs this without CAP_DAC_OVERRIDE), and with
-    cleared a read-only flag in the way is cleared too.  An OSError from
+    repairs a read-only flag in the way is cleared too, both recorded there.
+    An OSError from
     visit or leave names the full path of the entry it was about.
     NOTE: below a bind mount, such as the driver's home, an openat of ".."
     took time in proportion to the depth (137 µs at 20,000 levels on Linux
@@ -855,7 +856,7 @@ def walk_tree(
                 name = pending.pop()
                 try:
                     child = _enter_directory(fd, name, top_mount, path, skip_mounts,
-                                             _Repair(relative, cleared) if repair_permissions else None)
+                                             _Repair(relative, repairs) if repair_permissions else None)
                 except PermissionError as error:
                     raise _with_full_path(error, path, relative, name) from None
                 if child is None:
@@ -907,10 +908,10 @@ def _with_full_path(error: OSError, path: Any, relative: _WalkPath, name: Any) -
 
 
 class _Repair(NamedTuple):
-    """The state that walk_tree passes to _make_owner_accessible: the walk's position and the flags cleared so far."""
+    """The state that walk_tree passes to _make_owner_accessible: the walk's position and the removal's repairs."""
 
     relative: _WalkPath
-    cleared: _ReadOnlyCleared | None
+    repairs: _RemovalRepairs | None
 
 
 def _enter_directory(
@@ -926,7 +927,7 @@ def _enter_directory(
             raise
         top = os.fsdecode(path if path is not None else ".")
         where = _PathBelow(top, repair.relative.child(os.fsdecode(name)))
-        if not _make_owner_accessible(fd, name, repair.cleared, where):
+        if not _make_owner_accessible(fd, name, repair.repairs, where, repair.relative.child(os.fsdecode(name))):
             raise
         return _enter_directory(fd, name, top_mount, path, skip_mounts, None)
     except OSError as error:
@@ -1104,15 +1105,17 @@ def _flag_error_at(dir_fd: int, name: bytes, path: Any) -> _InodeFlagError | Non
 
 
 def _make_owner_accessible(
-    dir_fd: int, name: str | bytes | None, cleared: _ReadOnlyCleared | None = None, where: Any = None,
+    dir_fd: int, name: str | bytes | None, repairs: _RemovalRepairs | None = None, where: Any = None,
+    walked: _WalkPath | None = None,
 ) -> bool:
     """Add owner read, write and search permission to directory name (or dir_fd itself).
 
     Return True when the mode changed.  Only a directory that the caller owns
     and that lacks one of those bits is changed, so an unprivileged owner can
     delete read-only and mode-0 directories, as root can without this.  With
-    cleared, the read-only flag of a subvolume in the way is cleared (see
-    _ReadOnlyCleared).  where is the directory's path for messages.
+    repairs, the read-only flag of a subvolume in the way is cleared, and the
+    old mode is recorded with walked, the directory's path below the layer's
+    top (see _RemovalRepairs).  where is the directory's path for messages.
     """
     flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
@@ -1132,23 +1135,25 @@ def _make_owner_accessible(
             os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(st.st_mode) | 0o700)
 
         if name is None:
-            _chmod_for_owner(chmod, dir_fd, 0, where, cleared)
+            _chmod_for_owner(chmod, dir_fd, 0, where, repairs)
         elif st.st_dev == os.fstat(dir_fd).st_dev:
-            _chmod_for_owner(chmod, dir_fd, 1, where, cleared)
+            _chmod_for_owner(chmod, dir_fd, 1, where, repairs)
         else:
-            _chmod_subvolume_top_for_owner(chmod, fd, where, cleared)
+            _chmod_subvolume_top_for_owner(chmod, fd, where, repairs)
+        if repairs is not None and walked is not None:
+            repairs.record_mode(walked, st)
     log.debug("made %s accessible to its owner", os.fsdecode(name or b"."))
     return True
 
 
 def _chmod_for_owner(
-    chmod: Callable[[], None], fd: int, depth: int, where: Any, cleared: _ReadOnlyCleared | None,
+    chmod: Callable[[], None], fd: int, depth: int, where: Any, repairs: _RemovalRepairs | None,
 ) -> None:
     """Run chmod, which gives the owner access to the directory at where, clearing a read-only flag in its way.
 
     fd is a directory in the same subvolume as that directory, depth levels
     above it. chmod fails with EROFS in a read-only subvolume. Then, with
-    cleared, the subvolume's read-only flag is cleared and chmod runs again.
+    repairs, the subvolume's read-only flag is cleared and chmod runs again.
     """
     try:
         chmod()
@@ -1156,7 +1161,7 @@ def _chmod_for_owner(
     except OSError as error:
         if error.errno != errno.EROFS:
             raise _permission_repair_error(error, where) from None
-    _clear_read_only_for_owner(fd, depth, where, cleared)
+    _clear_read_only_for_owner(fd, depth, where, repairs)
     try:
         chmod()
     except OSError as error:
@@ -1164,7 +1169,7 @@ def _chmod_for_owner(
 
 
 def _chmod_subvolume_top_for_owner(
-    chmod: Callable[[], None], path_fd: int, where: Any, cleared: _ReadOnlyCleared | None,
+    chmod: Callable[[], None], path_fd: int, where: Any, repairs: _RemovalRepairs | None,
 ) -> None:
     """Run chmod for the top directory of a subvolume, open at the O_PATH descriptor path_fd, as _chmod_for_owner.
 
@@ -1184,14 +1189,14 @@ def _chmod_subvolume_top_for_owner(
                         "it is the top directory of a read-only subvolume and denies its owner read permission, "
                         "so only root can change its mode or its read-only flag; remove the layer as root") from None
     with _Fd(top_fd):
-        _chmod_for_owner(chmod, top_fd, 0, where, cleared)
+        _chmod_for_owner(chmod, top_fd, 0, where, repairs)
 
 
-def _clear_read_only_for_owner(fd: int, depth: int, where: Any, cleared: _ReadOnlyCleared | None) -> None:
+def _clear_read_only_for_owner(fd: int, depth: int, where: Any, repairs: _RemovalRepairs | None) -> None:
     """Clear the read-only flag of the subvolume holding fd, which is depth levels above the directory at where.
 
     Raise the error for a failed chmod of that directory when the subvolume
-    is not read-only (the mount is), when cleared is None, or when the flag
+    is not read-only (the mount is), when repairs is None, or when the flag
     does not clear.
     """
     top_fd, levels = _open_device_top_and_depth(fd)
@@ -1203,10 +1208,10 @@ def _clear_read_only_for_owner(fd: int, depth: int, where: Any, cleared: _ReadOn
                             "the filesystem is mounted read-only; remount it read-write, then remove again")
         hint = (f"it is in the read-only subvolume {subvolume}; run btrfs property set {shlex.quote(subvolume)} "
                 "ro false as its owner, or remove the layer as root")
-        if cleared is None:
+        if repairs is None:
             raise _os_error(errno.EROFS, operation, where, hint)
         try:
-            cleared.clear(top_fd, subvolume)
+            repairs.clear(top_fd, subvolume)
         except OSError as error:
             raise _os_error(error.errno, operation, where, hint) from None
 
@@ -2699,21 +2704,22 @@ class Driver:
 
     def _delete_layer(self, subvolumes_fd: int, name: bytes, path: str) -> list[int]:
         """Delete the layer directory name and return the ids of the subvolumes deleted, the layer's last."""
-        with _ReadOnlyCleared() as cleared, \
-                _Fd(_open_layer_for_removal(subvolumes_fd, name, path, cleared)) as layer_fd:
+        with _RemovalRepairs() as repairs, \
+                _Fd(_open_layer_for_removal(subvolumes_fd, name, path, repairs)) as layer_fd:
+            repairs.set_top(layer_fd, path)
             if not _is_subvolume_stat(os.fstat(layer_fd)):
                 if not _can_search_trees(layer_fd):
-                    _check_contents_removable(layer_fd, path, cleared)
-                cleared.keep()
+                    _check_contents_removable(layer_fd, path, repairs)
+                repairs.keep()
                 _remove_contents(layer_fd, path)
                 subvolume_ids: list[int] = []
             else:
                 layer_subvolume_id = _subvolume_id_of_fd(layer_fd, path)
                 _check_holder_not_flagged(subvolumes_fd, path)
-                nested = _find_nested_for_removal(layer_fd, layer_subvolume_id, path, cleared)
-                _check_layer_deletable(layer_fd, layer_subvolume_id, nested, path, cleared)
+                nested = _find_nested_for_removal(layer_fd, layer_subvolume_id, path, repairs)
+                _check_layer_deletable(layer_fd, layer_subvolume_id, nested, path, repairs)
                 _clear_removal_flags(layer_fd, nested, path)
-                cleared.keep()
+                repairs.keep()
                 # The kernel charges deleting a nested subvolume's entry to the
                 # layer's qgroup, which fails with EDQUOT when it is full.
                 self._clear_limit(subvolumes_fd, layer_subvolume_id, path)
@@ -3373,33 +3379,76 @@ def _clear_blocking_flags(directory: _FlaggedDirectory, made_writable: list[tupl
     clear()
 
 
-class _ReadOnlyCleared:
-    """The read-only subvolumes that a removal without CAP_SYS_ADMIN made writable.
+class _ModeChange(NamedTuple):
+    """A directory of a layer whose mode a removal changed: its path below the layer's top, identity and old mode."""
 
-    Giving the owner access to a directory fails with EROFS in a read-only
-    subvolume. The subvolume's owner may clear its read-only flag, which the
-    removal does anyway before it deletes the subvolume. Used as a context
-    manager, it sets the flags again when the block raises before keep() was
-    called, so a refused removal leaves them as they were.
+    walked: _WalkPath
+    device: int
+    inode: int
+    mode: int
+
+
+class _RemovalRepairs:
+    """The modes and read-only flags that a removal without CAP_SYS_ADMIN changed before it deletes anything.
+
+    The caller's directories get owner rwx, so that it can read and delete
+    them. That fails with EROFS in a read-only subvolume, whose owner may
+    clear its read-only flag, as the removal does anyway before it deletes
+    the subvolume. Used as a context manager, it sets the modes and flags
+    back when the block raises before keep() was called, so a refused
+    removal leaves the layer as it was, except for the ctimes.
     """
 
     def __init__(self) -> None:
         self.subvolumes: list[tuple[int, str]] = []
-        self._keep_cleared = False
+        self.modes: list[_ModeChange] = []
+        self.top_fd: int | None = None
+        self.top_path = ""
+        self._keep = False
 
-    def __enter__(self) -> _ReadOnlyCleared:
+    def __enter__(self) -> _RemovalRepairs:
         return self
 
     def __exit__(self, kind: Any, value: Any, traceback: Any) -> None:
-        if kind is not None and not self._keep_cleared:
-            _set_read_only_again(self.subvolumes)
-        for fd, _ in self.subvolumes:
-            os.close(fd)
-        self.subvolumes.clear()
+        try:
+            if kind is not None and not self._keep:
+                self._restore_modes()
+                _set_read_only_again(self.subvolumes)
+        finally:
+            for fd, _ in self.subvolumes:
+                os.close(fd)
+            self.subvolumes.clear()
+            if self.top_fd is not None:
+                os.close(self.top_fd)
+                self.top_fd = None
 
     def keep(self) -> None:
-        """Keep the flags cleared from now on, because the removal has started deleting."""
-        self._keep_cleared = True
+        """Keep the modes and flags changed from now on, because the removal has started deleting."""
+        self._keep = True
+
+    def set_top(self, layer_fd: int, path: str) -> None:
+        """Record the layer's top directory, which the paths of mode changes start from."""
+        self.top_fd = os.dup(layer_fd)
+        self.top_path = path
+
+    def record_mode(self, walked: _WalkPath, st: os.stat_result) -> None:
+        """Record that the directory at walked below the layer's top had st's mode before a repair."""
+        self.modes.append(_ModeChange(walked, st.st_dev, st.st_ino, stat.S_IMODE(st.st_mode)))
+
+    def _restore_modes(self) -> None:
+        """Set the recorded modes again, deepest changes first, logging each failure."""
+        if self.top_fd is None:
+            if self.modes:
+                log.warning("could not set the modes of %d directories back, because the layer did not open",
+                            len(self.modes))
+            return
+        with _DirectoryOpener(self.top_fd) as directories:
+            for change in reversed(self.modes):
+                where = _PathBelow(self.top_path, change.walked)
+                try:
+                    _restore_mode(directories, self.top_fd, change)
+                except (OSError, ValueError) as error:
+                    log.warning("could not set the mode of %s back to %o: %s", where, change.mode, error)
 
     def clear(self, top_fd: int, where: str) -> bool:
         """Clear the read-only flag of the subvolume whose top directory is top_fd; return whether it was set."""
@@ -3424,6 +3473,28 @@ class _ReadOnlyCleared:
             return False
 
 
+def _restore_mode(directories: _DirectoryOpener, top_fd: int, change: _ModeChange) -> None:
+    """Set the mode of the directory that change names back, unless another inode is there now."""
+    parts = str(change.walked).split("/")[1:]
+    if parts:
+        parent_fd = directories.open(parts[:-1], str(change.walked))
+        if parent_fd is None:
+            return
+        flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(parts[-1], flags, dir_fd=parent_fd)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+    else:
+        fd = os.dup(top_fd)
+    with _Fd(fd):
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (change.device, change.inode):
+            return
+        os.chmod(f"/proc/self/fd/{fd}", change.mode)
+    log.debug("set the mode of %s back to %o", change.walked, change.mode)
+
+
 def _set_read_only_again(made_writable: list[tuple[int, str]]) -> None:
     """Make the subvolumes that _clear_blocking_flags made writable read-only again, logging each failure."""
     for fd, where in made_writable:
@@ -3444,7 +3515,7 @@ def _set_flags_again(cleared: list[_FlaggedDirectory]) -> None:
 
 
 def _check_layer_deletable(layer_fd: int, subvolume_id: int, nested: list[NestedSubvolume], path: Any,
-                           cleared: _ReadOnlyCleared) -> None:
+                           repairs: _RemovalRepairs) -> None:
     """Raise, before anything is deleted, when the kernel will refuse to delete the layer or its nested subvolumes.
 
     The nested subvolumes are deleted first, so a refusal found only at the
@@ -3452,7 +3523,7 @@ def _check_layer_deletable(layer_fd: int, subvolume_id: int, nested: list[Nested
     covers the filesystem's default subvolume. Without it, the kernel
     deletes a subvolume only with the user_subvol_rm_allowed mount option
     and write access to its top directory, which a read-only layer's owner
-    gets by clearing the flag (recorded in cleared). That is checked for the
+    gets by clearing the flag (recorded in repairs). That is checked for the
     layer, and for nested subvolumes the caller owns in directories it owns.
     Otherwise the layer is emptied file by file, so every entry must be
     removable by the caller.
@@ -3473,11 +3544,11 @@ def _check_layer_deletable(layer_fd: int, subvolume_id: int, nested: list[Nested
         return
     if _mount_has_option(layer_fd, b"user_subvol_rm_allowed"):
         if not _may_write_and_search(layer_fd):
-            cleared.clear_if_owner(layer_fd, path)
+            repairs.clear_if_owner(layer_fd, path)
         if _may_write_and_search(layer_fd) and _owns_nested_subvolumes(layer_fd, nested):
             return
     try:
-        _check_contents_removable(layer_fd, path, cleared)
+        _check_contents_removable(layer_fd, path, repairs)
     except _InodeFlagError:
         raise
     except PermissionError as error:
@@ -3509,7 +3580,7 @@ def _owns_nested_subvolumes(layer_fd: int, nested: list[NestedSubvolume]) -> boo
 
 
 def _find_nested_for_removal(
-    layer_fd: int, layer_id: int, path: Any, cleared: _ReadOnlyCleared | None = None,
+    layer_fd: int, layer_id: int, path: Any, repairs: _RemovalRepairs | None = None,
 ) -> list[NestedSubvolume]:
     """Return the subvolumes below a layer that is being removed, giving the caller's directories rwx when needed.
 
@@ -3518,7 +3589,7 @@ def _find_nested_for_removal(
     The removal gives the caller's own directories owner rwx anyway, so they
     get it here and the listing runs again. The first listing runs without
     that repair, because the repair reads every directory of the layer.
-    With cleared, read-only flags in the way of the repair are cleared.
+    With repairs, read-only flags in the way of the repair are cleared.
     """
     try:
         return find_nested_subvolumes(layer_fd, layer_id, path)
@@ -3527,7 +3598,7 @@ def _find_nested_for_removal(
             raise
         log.debug("cannot list the nested subvolumes of %s (%s); giving the caller's directories in it owner rwx",
                   os.fsdecode(path), error)
-    blocked = _make_own_directories_accessible(layer_fd, path, cleared)
+    blocked = _make_own_directories_accessible(layer_fd, path, repairs)
     try:
         return find_nested_subvolumes(layer_fd, layer_id, path)
     except PermissionError as error:
@@ -3542,7 +3613,7 @@ def _find_nested_for_removal(
         raise _os_error(errno.EACCES, "list nested subvolumes", path, hint) from None
 
 
-def _open_layer_for_removal(subvolumes_fd: int, name: bytes, path: str, cleared: _ReadOnlyCleared) -> int:
+def _open_layer_for_removal(subvolumes_fd: int, name: bytes, path: str, repairs: _RemovalRepairs) -> int:
     """Open the layer directory name for a remove, first giving it owner rwx if the caller owns it but cannot open it.
 
     A container whose root is mapped to the layer's owner can chmod the
@@ -3551,7 +3622,7 @@ def _open_layer_for_removal(subvolumes_fd: int, name: bytes, path: str, cleared:
     try:
         return _open_directory(name, dir_fd=subvolumes_fd)
     except PermissionError as error:
-        if not _make_owner_accessible(subvolumes_fd, name, cleared, path):
+        if not _make_owner_accessible(subvolumes_fd, name, repairs, path, _WalkPath(None, "")):
             raise _os_error(error.errno, "open layer", path, "the layer's top directory denies this process "
                             f"read or search permission; run chmod u+rwx {path} as its owner, or remove the "
                             "layer as root") from None
@@ -3569,8 +3640,8 @@ def _removed_layer_error(layer_id: str, path: str) -> FileNotFoundError:
     return FileNotFoundError(errno.ENOENT, f"layer {layer_id!r} not found; another process removed it", path)
 
 
-def _make_own_directories_accessible(top_fd: int, path: Any, cleared: _ReadOnlyCleared | None) -> str | None:
-    """Give every directory below top_fd that the caller owns owner rwx, clearing read-only flags with cleared.
+def _make_own_directories_accessible(top_fd: int, path: Any, repairs: _RemovalRepairs | None) -> str | None:
+    """Give every directory below top_fd that the caller owns owner rwx, clearing read-only flags with repairs.
 
     Returns the path of the first directory of another user that the caller
     may not read or search, or None. The walk does not enter such a
@@ -3586,7 +3657,9 @@ def _make_own_directories_accessible(top_fd: int, path: Any, cleared: _ReadOnlyC
         if st.st_uid == uid and st.st_mode & 0o700 != 0o700:
             # The caller may lack search permission here, which a lookup of
             # "." in _make_owner_accessible would need, so fchmod the open fd.
-            _chmod_for_owner(lambda: os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700), fd, 0, where, cleared)
+            _chmod_for_owner(lambda: os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700), fd, 0, where, repairs)
+            if repairs is not None:
+                repairs.record_mode(relative, st)
             log.debug("made %s accessible to its owner", where)
         subdirectories = []
         for entry in entries:
@@ -3599,7 +3672,7 @@ def _make_own_directories_accessible(top_fd: int, path: Any, cleared: _ReadOnlyC
             subdirectories.append(os.fsencode(entry.name))
         return subdirectories
 
-    walk_tree(top_fd, visit, path=path, repair_permissions=True, cleared=cleared)
+    walk_tree(top_fd, visit, path=path, repair_permissions=True, repairs=repairs)
     return blocked[0] if blocked else None
 
 
@@ -3649,14 +3722,14 @@ def _mount_has_option(fd: int, option: bytes) -> bool:
     return False
 
 
-def _check_contents_removable(top_fd: int, path: Any, cleared: _ReadOnlyCleared | None = None) -> None:
+def _check_contents_removable(top_fd: int, path: Any, repairs: _RemovalRepairs | None = None) -> None:
     """Raise PermissionError, before anything is deleted, when this caller could not empty top_fd.
 
     Without CAP_SYS_ADMIN a layer is emptied file by file, and a directory
     that the caller neither owns nor may write into, or a sticky directory
     holding another user's file, would stop that halfway. Directories the
     caller owns but may not enter get owner rwx, as the removal would give
-    them, clearing read-only flags in the way with cleared. Without
+    them, clearing read-only flags in the way with repairs. Without
     CAP_LINUX_IMMUTABLE, an immutable or append-only directory or regular
     file raises _InodeFlagError.
     NOTE: the flags of symlinks and special files are not read, because
@@ -3683,7 +3756,7 @@ def _check_contents_removable(top_fd: int, path: Any, cleared: _ReadOnlyCleared 
                                           os.path.join(where, entry.name))
         return [os.fsencode(entry.name) for entry in entries if entry.is_dir(follow_symlinks=False)]
 
-    walk_tree(top_fd, visit, path=path, repair_permissions=True, cleared=cleared)
+    walk_tree(top_fd, visit, path=path, repair_permissions=True, repairs=repairs)
 
 
 def _check_no_blocking_flags(fd: int, entries: list[Any], where: Any) -> None:

@@ -2227,6 +2227,35 @@ def test_unprivileged_remove_refuses_foreign_nested_subvolume(tmp_path, read_onl
         assert bool(_subvolume_flags(root) & ioctl_structs.BTRFS_SUBVOL_RDONLY) == read_only
 
 
+def test_unprivileged_refused_remove_keeps_modes(open_fs):
+    # The owner's closed directories get owner rwx while the remove checks
+    # the layer and lists its nested subvolumes. The refusal at root's
+    # subvolume sets their modes back.
+    home = nobody_home(open_fs)
+    run_as_user(lambda: btrfsdrv.Driver(home).create("mixed"))
+    root = os.path.join(home, "subvolumes", "mixed")
+    os.chmod(root, 0o755)
+    os.makedirs(os.path.join(root, "a", "deeper"))
+    btrfsdrv.create_subvolume(os.path.join(root, "a", "deeper", "own"))
+    write(os.path.join(root, "b", "file"))
+    os.mkdir(os.path.join(root, "c"))
+    for directory, dirnames, filenames in os.walk(root):
+        for name in [""] + dirnames + filenames:
+            os.chown(os.path.join(directory, name), 65534, 65534)
+    btrfsdrv.create_subvolume(os.path.join(root, "c", "root's"))
+    for name, mode in (("a/deeper", 0o100), ("a", 0), ("b", 0o300)):
+        os.chmod(os.path.join(root, name), mode)
+    subvolumes = subvolume_paths(open_fs)
+    digest = tree_digest(root)
+
+    error, message = remove_as_user_fails(home, "mixed")
+
+    assert error == errno.EACCES
+    assert os.path.join(root, "c", "root's") in message
+    assert subvolume_paths(open_fs) == subvolumes
+    assert tree_digest(root) == digest
+
+
 def test_unprivileged_remove_names_immutable_file(fs):
     # Without user_subvol_rm_allowed the owner empties the layer file by
     # file, which an immutable file stops.
@@ -2281,6 +2310,8 @@ def test_unprivileged_refused_remove_keeps_read_only_flags(fs):
     assert subvolume_paths(fs) == subvolumes
     for path in (root, nested):
         assert _subvolume_flags(path) & ioctl_structs.BTRFS_SUBVOL_RDONLY, path
+    for path in (os.path.join(root, "own"), os.path.join(nested, "q")):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0, path
 
 
 def test_unprivileged_remove_names_foreign_unsearchable_directory(tmp_path):
