@@ -3556,12 +3556,15 @@ def _check_layer_deletable(layer_fd: int, subvolume_id: int, nested: list[Nested
 
 
 def _owns_nested_subvolumes(layer_fd: int, nested: list[NestedSubvolume]) -> bool:
-    """Return whether this process owns every subvolume in nested and the directory holding each.
+    """Return whether SNAP_DESTROY will delete every subvolume in nested for this process.
 
-    Such a subvolume its owner can delete with SNAP_DESTROY, making it
-    writable first. Another user's may need emptying file by file, which
-    only a check of every entry can promise. A subvolume gone since it was
-    listed counts as owned, because the deletion skips it.
+    Without CAP_SYS_ADMIN it needs write and search permission on the
+    subvolume's top directory and on the directory holding it. The deletion
+    makes a read-only subvolume writable first, which only its owner may,
+    so both directories must be the caller's, with owner write and search
+    bits. Any other subvolume may need emptying file by file, which only a
+    check of every entry can promise. A subvolume gone since it was listed
+    passes, because the deletion skips it.
     """
     uid = os.geteuid()
     with _DirectoryOpener(layer_fd) as directories:
@@ -3574,8 +3577,9 @@ def _owns_nested_subvolumes(layer_fd: int, nested: list[NestedSubvolume]) -> boo
                 continue
             parent_fd, top_fd = opened
             with _Fd(top_fd):
-                if os.fstat(parent_fd).st_uid != uid or os.fstat(top_fd).st_uid != uid:
-                    return False
+                for st in (os.fstat(parent_fd), os.fstat(top_fd)):
+                    if st.st_uid != uid or st.st_mode & 0o300 != 0o300:
+                        return False
     return True
 
 

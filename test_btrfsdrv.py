@@ -2256,6 +2256,40 @@ def test_unprivileged_refused_remove_keeps_modes(open_fs):
     assert tree_digest(root) == digest
 
 
+@pytest.mark.parametrize("closed", ["a", "a/own"])
+def test_unprivileged_remove_refuses_unwritable_nested_top(tmp_path, closed):
+    # SNAP_DESTROY needs write access to the subvolume's top and to the
+    # directory holding it, so this subvolume would be emptied file by file,
+    # which root's directory in it stops. The remove must refuse before it
+    # deletes "zone".
+    with loopback_btrfs(tmp_path, mount_options=("user_subvol_rm_allowed",)) as fs:
+        home = nobody_home(fs)
+
+        def scenario():
+            driver = btrfsdrv.Driver(home)
+            driver.create("mixed")
+            root = driver.get("mixed")
+            os.chmod(root, 0o755)
+            os.mkdir(os.path.join(root, "a"))
+            btrfsdrv.create_subvolume(os.path.join(root, "a", "own"))
+            btrfsdrv.create_subvolume(os.path.join(root, "zone"))
+            write(os.path.join(root, "zone", "precious"))
+
+        run_as_user(scenario)
+        root = os.path.join(home, "subvolumes", "mixed")
+        write(os.path.join(root, "a", "own", "root's", "file"))
+        os.chmod(os.path.join(root, closed), 0o555)
+        subvolumes = subvolume_paths(fs)
+        digest = tree_digest(root)
+
+        error, message = remove_as_user_fails(home, "mixed")
+
+        assert error == errno.EACCES
+        assert os.path.join(root, "a", "own", "root's") in message
+        assert subvolume_paths(fs) == subvolumes
+        assert tree_digest(root) == digest
+
+
 def test_unprivileged_remove_names_immutable_file(fs):
     # Without user_subvol_rm_allowed the owner empties the layer file by
     # file, which an immutable file stops.
