@@ -1195,17 +1195,19 @@ def _chmod_subvolume_top_for_owner(
 def _clear_read_only_for_owner(fd: int, depth: int, where: Any, repairs: _RemovalRepairs | None) -> None:
     """Clear the read-only flag of the subvolume holding fd, which is depth levels above the directory at where.
 
-    Raise the error for a failed chmod of that directory when the subvolume
-    is not read-only (the mount is), when repairs is None, or when the flag
-    does not clear.
+    Raise the error for a failed chmod of that directory when the mount is
+    read-only, when repairs is None, or when the flag does not clear. A flag
+    that is clear already (another process cleared it) is left as it is.
     """
+    operation = "give the owner access to the directory"
+    if os.fstatvfs(fd).f_flag & os.ST_RDONLY:
+        raise _os_error(errno.EROFS, operation, where,
+                        "the filesystem is mounted read-only; remount it read-write, then remove again")
     top_fd, levels = _open_device_top_and_depth(fd)
     with _Fd(top_fd):
         subvolume = str(where).rsplit("/", depth + levels)[0] if depth + levels else str(where)
-        operation = "give the owner access to the directory"
         if not _subvolume_flags(top_fd, subvolume) & BTRFS_SUBVOL_RDONLY:
-            raise _os_error(errno.EROFS, operation, where,
-                            "the filesystem is mounted read-only; remount it read-write, then remove again")
+            return
         hint = (f"it is in the read-only subvolume {subvolume}; run btrfs property set {shlex.quote(subvolume)} "
                 "ro false as its owner, or remove the layer as root")
         if repairs is None:
@@ -3396,7 +3398,8 @@ class _RemovalRepairs:
     clear its read-only flag, as the removal does anyway before it deletes
     the subvolume. Used as a context manager, it sets the modes and flags
     back when the block raises before keep() was called, so a refused
-    removal leaves the layer as it was, except for the ctimes.
+    removal leaves the layer as it was, except for the ctimes and a setgid
+    bit, which chmod drops outside the caller's groups (logged as a warning).
     """
 
     def __init__(self) -> None:
@@ -3492,6 +3495,12 @@ def _restore_mode(directories: _DirectoryOpener, top_fd: int, change: _ModeChang
         if (st.st_dev, st.st_ino) != (change.device, change.inode):
             return
         os.chmod(f"/proc/self/fd/{fd}", change.mode)
+        restored = stat.S_IMODE(os.fstat(fd).st_mode)
+    if restored != change.mode:
+        # chmod by a process outside the directory's group, without
+        # CAP_FSETID, drops the setgid bit, in the repair and here alike.
+        raise OSError(errno.EPERM, f"the kernel set mode {restored:o}, because this process may not set the "
+                      "setgid bit outside the directory's group")
     log.debug("set the mode of %s back to %o", change.walked, change.mode)
 
 
@@ -3791,6 +3800,14 @@ def _can_search_trees(fd: int) -> bool:
     return True
 
 
+# The kernel charges removing a subvolume's directory entry to the qgroup of
+# the subvolume holding it. A remove with CAP_SYS_ADMIN clears the layer's
+# limit first.
+_DELETE_OVER_LIMIT_HINT = ("the subvolume holding it is at its qgroup size limit, and the kernel charges the "
+                           "deletion to it; delete some files from the layer, or remove it with CAP_SYS_ADMIN, "
+                           "which clears the limit first")
+
+
 def _delete_subvolume_or_contents(dir_fd: int, name: bytes, path: Any) -> None:
     """Destroy subvolume name; without the privilege to, empty it and rmdir it.
 
@@ -3801,6 +3818,8 @@ def _delete_subvolume_or_contents(dir_fd: int, name: bytes, path: Any) -> None:
         _subvolume_destroy_at(dir_fd, name, path)
         return
     except OSError as error:
+        if error.errno == errno.EDQUOT:
+            raise _os_error(error.errno, "delete subvolume", path, _DELETE_OVER_LIMIT_HINT) from None
         if error.errno not in (errno.EPERM, errno.EACCES):
             raise
         if error.errno == errno.EPERM and _can_search_trees(dir_fd):
@@ -3829,11 +3848,11 @@ def _delete_subvolume_or_contents(dir_fd: int, name: bytes, path: Any) -> None:
         flag_error = _flag_error_at(dir_fd, name, path) if error.errno == errno.EPERM else None
         if flag_error is not None:
             raise flag_error from None
-        raise _os_error(
-            error.errno, "delete subvolume", path,
-            "deleting a subvolume needs CAP_SYS_ADMIN, the user_subvol_rm_allowed mount option, "
-            "or Linux 4.18 or newer and ownership of the subvolume",
-        ) from None
+        hint = ("deleting a subvolume needs CAP_SYS_ADMIN, the user_subvol_rm_allowed mount option, "
+                "or Linux 4.18 or newer and ownership of the subvolume")
+        if error.errno == errno.EDQUOT:
+            hint = _DELETE_OVER_LIMIT_HINT
+        raise _os_error(error.errno, "delete subvolume", path, hint) from None
     log.debug("removed subvolume %s by emptying it", os.fsdecode(path))
 
 

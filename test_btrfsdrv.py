@@ -14,6 +14,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import platform
 import re
@@ -2288,6 +2289,63 @@ def test_unprivileged_remove_refuses_unwritable_nested_top(tmp_path, closed):
         assert os.path.join(root, "a", "own", "root's") in message
         assert subvolume_paths(fs) == subvolumes
         assert tree_digest(root) == digest
+
+
+def test_unprivileged_remove_of_full_layer_names_limit(open_fs):
+    # Without CAP_SYS_ADMIN the remove cannot clear the limit, and the kernel
+    # charges deleting a nested subvolume's entry to the full layer.
+    home = open_fs.path("home")
+    with btrfsdrv.Driver(home, ["btrfs.min_space=1m"], uid_maps=[(0, NOBODY, 1)],
+                         gid_maps=[(0, NOBODY, 1)]) as driver:
+        driver.create("limited", storage_opt={"size": "8m"})
+    for path in (home, os.path.join(home, "quotas"), os.path.join(home, "quotas", "limited")):
+        os.chown(path, NOBODY, NOBODY)
+    make_traversable(home)
+
+    def scenario():
+        root = btrfsdrv.Driver(home).get("limited")
+        os.chmod(root, 0o755)
+        for index in range(3):
+            btrfsdrv.create_subvolume(os.path.join(root, f"n{index}"))
+        return write_until_error(os.path.join(root, "fill"))
+
+    assert run_as_user(scenario) == errno.EDQUOT
+
+    def remove():
+        with pytest.raises(OSError) as raised:
+            btrfsdrv.Driver(home).remove("limited")
+        return raised.value.errno, str(raised.value)
+
+    error, message = run_as_user(remove)
+
+    assert error == errno.EDQUOT
+    assert "qgroup size limit" in message
+    assert "delete some files from the layer" in message
+
+
+def test_unprivileged_refused_remove_warns_of_lost_setgid(fs):
+    # chmod drops the setgid bit of a directory outside the caller's groups,
+    # so the refusal cannot set that mode back, and says so.
+    home = nobody_home(fs)
+    run_as_user(lambda: btrfsdrv.Driver(home).create("mixed"))
+    root = os.path.join(home, "subvolumes", "mixed")
+    os.chmod(root, 0o755)
+    os.makedirs(os.path.join(root, "g", "root's"))
+    os.chown(os.path.join(root, "g"), NOBODY, 100)
+    os.chmod(os.path.join(root, "g"), 0o2000)
+
+    def scenario():
+        warnings = []
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = lambda record: warnings.append(record.getMessage())
+        logging.getLogger("btrfsdrv").addHandler(handler)
+        with pytest.raises(PermissionError):
+            btrfsdrv.Driver(home).remove("mixed")
+        return warnings
+
+    warnings = run_as_user(scenario)
+
+    assert any(os.path.join(root, "g") in warning and "setgid" in warning for warning in warnings), warnings
 
 
 def test_unprivileged_remove_names_immutable_file(fs):
