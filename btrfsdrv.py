@@ -2706,28 +2706,40 @@ class Driver:
 
     def _delete_layer(self, subvolumes_fd: int, name: bytes, path: str) -> list[int]:
         """Delete the layer directory name and return the ids of the subvolumes deleted, the layer's last."""
-        with _RemovalRepairs() as repairs, \
-                _Fd(_open_layer_for_removal(subvolumes_fd, name, path, repairs)) as layer_fd:
-            repairs.set_top(layer_fd, path)
-            if not _is_subvolume_stat(os.fstat(layer_fd)):
-                if not _can_search_trees(layer_fd):
-                    _check_contents_removable(layer_fd, path, repairs)
-                repairs.keep()
-                _remove_contents(layer_fd, path)
-                subvolume_ids: list[int] = []
-            else:
-                layer_subvolume_id = _subvolume_id_of_fd(layer_fd, path)
-                _check_holder_not_flagged(subvolumes_fd, path)
-                nested = _find_nested_for_removal(layer_fd, layer_subvolume_id, path, repairs)
-                _check_layer_deletable(layer_fd, layer_subvolume_id, nested, path, repairs)
-                _clear_removal_flags(layer_fd, nested, path)
-                repairs.keep()
-                # The kernel charges deleting a nested subvolume's entry to the
-                # layer's qgroup, which fails with EDQUOT when it is full.
-                self._clear_limit(subvolumes_fd, layer_subvolume_id, path)
-                subvolume_ids = self._remove_nested(layer_fd, layer_subvolume_id, path, nested)
-                subvolume_ids.append(layer_subvolume_id)
-                _clear_read_only(layer_fd, path)
+        with _RemovalRepairs() as repairs:
+            layer_fd = _open_layer_for_removal(subvolumes_fd, name, path, repairs)
+            _lock_layer_for_removal(layer_fd, subvolumes_fd, name, path)
+            try:
+                repairs.set_top(layer_fd, path)
+                return self._delete_locked_layer(subvolumes_fd, name, path, layer_fd, repairs)
+            except BaseException:
+                repairs.restore()  # before the next remove or apply may start
+                raise
+            finally:
+                _unlock_and_close_layer(layer_fd)
+
+    def _delete_locked_layer(self, subvolumes_fd: int, name: bytes, path: str, layer_fd: int,
+                             repairs: _RemovalRepairs) -> list[int]:
+        """Delete the layer directory name, open and locked at layer_fd, as _delete_layer does."""
+        if not _is_subvolume_stat(os.fstat(layer_fd)):
+            if not _can_search_trees(layer_fd):
+                _check_contents_removable(layer_fd, path, repairs)
+            repairs.keep()
+            _remove_contents(layer_fd, path)
+            subvolume_ids: list[int] = []
+        else:
+            layer_subvolume_id = _subvolume_id_of_fd(layer_fd, path)
+            _check_holder_not_flagged(subvolumes_fd, path)
+            nested = _find_nested_for_removal(layer_fd, layer_subvolume_id, path, repairs)
+            _check_layer_deletable(layer_fd, layer_subvolume_id, nested, path, repairs)
+            _clear_removal_flags(layer_fd, nested, path)
+            repairs.keep()
+            # The kernel charges deleting a nested subvolume's entry to the
+            # layer's qgroup, which fails with EDQUOT when it is full.
+            self._clear_limit(subvolumes_fd, layer_subvolume_id, path)
+            subvolume_ids = self._remove_nested(layer_fd, layer_subvolume_id, path, nested)
+            subvolume_ids.append(layer_subvolume_id)
+            _clear_read_only(layer_fd, path)
         if subvolume_ids:
             self._destroy_layer_subvolume(subvolumes_fd, name, path, subvolume_ids)
         else:
@@ -3414,9 +3426,8 @@ class _RemovalRepairs:
 
     def __exit__(self, kind: Any, value: Any, traceback: Any) -> None:
         try:
-            if kind is not None and not self._keep:
-                self._restore_modes()
-                _set_read_only_again(self.subvolumes)
+            if kind is not None:
+                self.restore()
         finally:
             for fd, _ in self.subvolumes:
                 os.close(fd)
@@ -3428,6 +3439,14 @@ class _RemovalRepairs:
     def keep(self) -> None:
         """Keep the modes and flags changed from now on, because the removal has started deleting."""
         self._keep = True
+
+    def restore(self) -> None:
+        """Set the modes and flags back, unless keep() was called; only the first call acts."""
+        if self._keep:
+            return
+        self._keep = True
+        self._restore_modes()
+        _set_read_only_again(self.subvolumes)
 
     def set_top(self, layer_fd: int, path: str) -> None:
         """Record the layer's top directory, which the paths of mode changes start from."""
@@ -3640,6 +3659,30 @@ def _open_layer_for_removal(subvolumes_fd: int, name: bytes, path: str, repairs:
                             f"read or search permission; run chmod u+rwx {path} as its owner, or remove the "
                             "layer as root") from None
     return _open_directory(name, dir_fd=subvolumes_fd)
+
+
+def _lock_layer_for_removal(layer_fd: int, subvolumes_fd: int, name: bytes, path: str) -> None:
+    """Take the layer's exclusive flock for a remove, then check that the layer is still at name.
+
+    It is the lock of apply_diff and update_layer_id_map, so a remove waits
+    for them, and for another remove of the layer, as they wait for each
+    other (see _open_layer_for_writing). A remove that waited for another
+    one finds the layer gone and raises FileNotFoundError. On failure
+    layer_fd is closed.
+    """
+    with _apply_lock_fds_guard:
+        _apply_lock_fds.add(layer_fd)
+    try:
+        _flock_with_retries(layer_fd, path, "remove layer")
+        try:
+            st = os.stat(name, dir_fd=subvolumes_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is None or not os.path.samestat(st, os.fstat(layer_fd)):
+            raise _removed_layer_error(os.fsdecode(name), path)
+    except BaseException:
+        _unlock_and_close_layer(layer_fd)
+        raise
 
 
 def _permission_repair_error(error: OSError, where: Any) -> OSError:
@@ -7866,8 +7909,9 @@ def _flock_with_retries(root_fd: int, layer_dir: PathArg, operation: str) -> Non
             pass
         if time.monotonic() >= deadline:
             raise _os_error(errno.EBUSY, operation, layer_dir,
-                            "another apply_diff or update_layer_id_map is writing to this layer, or another "
-                            "process holds a flock on its top directory; retry when it finishes")
+                            "another apply_diff or update_layer_id_map is writing to this layer, another "
+                            "remove is deleting it, or another process holds a flock on its top directory; "
+                            "retry when it finishes")
         time.sleep(_APPLY_LOCK_RETRY_INTERVAL)
 
 
@@ -7905,7 +7949,7 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
     container locking its "/") makes applies fail the same way. The lock
     ends with the apply or with its process. A child that os.fork() makes
     during an apply does not share the lock. It does not keep out other
-    writers, such as a container or a remove of the layer.
+    writers, such as a container, but Driver.remove takes the same lock.
     """
     import tarfile
 

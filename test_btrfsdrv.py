@@ -7989,7 +7989,8 @@ def test_apply_names_layer_removed_during_apply(driver, monkeypatch):
 
     def remove_layer_first(root_fd, layer_dir):
         original(root_fd, layer_dir)
-        driver.remove("layer")
+        # Another tool: Driver.remove would wait for the apply's lock.
+        btrfsdrv.delete_subvolume(path)
 
     monkeypatch.setattr(btrfsdrv, "_remove_apply_temporaries", remove_layer_first)
     with pytest.raises(FileNotFoundError, match="apply layer diff failed.*removed during the apply") as raised:
@@ -8769,6 +8770,67 @@ def _apply_with_pause(layer, raw, pause_at, connection):
         connection.send(("failed", repr(error)))
         return
     connection.send(("applied", size))
+
+
+def test_remove_waits_for_apply_lock(driver):
+    driver.create("layer", storage_opt={"size": "16m"})
+    path = driver.get("layer")
+    quota_file = os.path.join(driver.home, "quotas", "layer")
+    locked = btrfsdrv._open_layer_for_writing(path)
+    try:
+        with pytest.raises(OSError, match="another remove is deleting it") as raised:
+            driver.remove("layer")
+        assert raised.value.errno == errno.EBUSY
+        assert driver.exists("layer")
+        assert os.path.exists(quota_file)
+    finally:
+        btrfsdrv._unlock_and_close_layer(locked)
+    driver.remove("layer")
+    assert not driver.exists("layer")
+
+
+def test_concurrent_removes_of_one_layer(driver, monkeypatch):
+    # The second remove waits for the first, then finds the layer gone,
+    # instead of repairing and checking the layer while it is deleted.
+    import threading
+
+    driver.create("layer")
+    btrfsdrv.create_subvolume(os.path.join(driver.get("layer"), "nested"))
+    paused, resume = threading.Event(), threading.Event()
+    clear_removal_flags = btrfsdrv._clear_removal_flags
+
+    def pause_first(*args):
+        if threading.current_thread().name == "first":
+            paused.set()
+            resume.wait(30)
+        return clear_removal_flags(*args)
+
+    monkeypatch.setattr(btrfsdrv, "_clear_removal_flags", pause_first)
+    outcomes = {}
+
+    def remove():
+        try:
+            driver.remove("layer")
+            outcomes[threading.current_thread().name] = "removed"
+        except OSError as error:
+            outcomes[threading.current_thread().name] = error
+
+    first = threading.Thread(target=remove, name="first")
+    second = threading.Thread(target=remove, name="second")
+    first.start()
+    try:
+        assert paused.wait(30)
+        second.start()
+        second.join(0.5)  # the second remove waits for the lock meanwhile
+    finally:
+        resume.set()
+        first.join()
+    second.join()
+
+    assert outcomes["first"] == "removed"
+    assert isinstance(outcomes["second"], FileNotFoundError), outcomes["second"]
+    assert "another process removed it" in str(outcomes["second"])
+    assert driver.list_layers() == []
 
 
 @pytest.mark.parametrize("first_apply", ["resumed", "killed"])
