@@ -5707,6 +5707,59 @@ class _ZstdReader(io.RawIOBase):
         super().close()
 
 
+# Go's compress/gzip reads the file name and the comment of a gzip header
+# into a 512-byte buffer, NUL included, and rejects longer ones (ErrHeader).
+_GZIP_STRING_MAX = 511
+# The longest gzip header that Go reads: 10 fixed bytes, an extra field of
+# up to 2 + 65,535 bytes, then a file name and a comment.
+_GZIP_HEADER_MAX = 10 + 2 + 65535 + 2 * (_GZIP_STRING_MAX + 1)
+
+
+class _PrefixedReader:
+    """A binary stream that returns prefix, then what rest returns."""
+
+    def __init__(self, prefix: bytes, rest: IO[bytes]) -> None:
+        self.prefix = prefix
+        self.rest = rest
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.prefix:
+            return self.rest.read(size)
+        if size < 0:
+            data, self.prefix = self.prefix + self.rest.read(), b""
+            return data
+        data, self.prefix = self.prefix[:size], self.prefix[size:]
+        return data
+
+
+def _check_gzip_header(header: bytes) -> None:
+    """Raise ValueError for a gzip header whose file name or comment Go's compress/gzip rejects as too long.
+
+    header holds the stream's first bytes. Python's gzip module reads a name
+    or comment of any length.
+    NOTE: only the first member's header is checked.
+    """
+    if len(header) < 10:
+        return  # gzip reports the truncated header
+    flags = header[3]
+    offset = 10
+    if flags & 0x04:  # FEXTRA: a 2-byte length, then that many bytes
+        if len(header) < 12:
+            return
+        offset += 2 + int.from_bytes(header[10:12], "little")
+    for bit, field in ((0x08, "file name"), (0x10, "comment")):
+        if not flags & bit:
+            continue
+        end = header.find(b"\0", offset, offset + _GZIP_STRING_MAX + 1)
+        if end < 0:
+            if len(header) <= offset + _GZIP_STRING_MAX:
+                return  # not enough input to tell
+            raise ValueError(f"invalid gzip layer: the {field} in its header is longer than {_GZIP_STRING_MAX} "
+                             "bytes, which containers/storage (Go's compress/gzip) rejects; compress the tar "
+                             "without storing the name (gzip -n)")
+        offset = end + 1
+
+
 def _decompressed(counting: _CountingReader) -> _TarInput:
     """Detect the compression of a layer stream by its magic bytes and undo it."""
     magic = counting.peek_magic(6)
@@ -5715,7 +5768,11 @@ def _decompressed(counting: _CountingReader) -> _TarInput:
         import gzip
         import zlib
 
-        return _TarInput(gzip.GzipFile(fileobj=raw, mode="rb"), "gzip", (EOFError, OSError, zlib.error))
+        header = raw.read(_GZIP_HEADER_MAX)
+        _check_gzip_header(header)
+        source = _PrefixedReader(header, raw)
+        return _TarInput(gzip.GzipFile(fileobj=source, mode="rb"), "gzip",  # type: ignore[call-overload]
+                         (EOFError, OSError, zlib.error))
     if magic.startswith(b"BZh"):
         import bz2
 

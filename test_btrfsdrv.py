@@ -2866,6 +2866,27 @@ def test_apply_diff_rejects_a_path(driver):
         driver.apply_diff("layer", "/tmp/layer.tar")
 
 
+def gzip_with_name(raw, name=b"", comment=b""):
+    """Compress raw as one gzip member whose header carries a file name and a comment."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    body = compressor.compress(raw) + compressor.flush()
+    flags = (0x08 if name else 0) | (0x10 if comment else 0)
+    header = b"\x1f\x8b\x08" + bytes([flags]) + b"\0\0\0\0\0\xff"
+    for field in (name, comment):
+        if field:
+            header += field + b"\0"
+    return header + body + struct.pack("<II", zlib.crc32(raw), len(raw))
+
+
+@pytest.mark.parametrize("field", ["name", "comment"])
+def test_apply_rejects_long_gzip_header_strings(tmp_path, field):
+    # Go's compress/gzip takes 511 bytes of name or comment and rejects more.
+    raw = make_tar([entry("file", data=b"data")])
+    assert apply(tmp_path, gzip_with_name(raw, **{field: b"n" * 511})) == 4
+    with pytest.raises(ValueError, match=f"the {'file name' if field == 'name' else 'comment'} in its header"):
+        apply(tmp_path, gzip_with_name(raw, **{field: b"n" * 512}))
+
+
 def test_apply_diff_rejects_a_text_stream(driver):
     driver.create("layer")
     with pytest.raises(TypeError, match=r"open the tar with open\(path, 'rb'\)"):
