@@ -1155,17 +1155,10 @@ def _chmod_for_owner(
     above it. chmod fails with EROFS in a read-only subvolume. Then, with
     repairs, the subvolume's read-only flag is cleared and chmod runs again.
     """
-    try:
-        chmod()
+    if _chmod_unless_read_only(chmod, where):
         return
-    except OSError as error:
-        if error.errno != errno.EROFS:
-            raise _permission_repair_error(error, where) from None
     _clear_read_only_for_owner(fd, depth, where, repairs)
-    try:
-        chmod()
-    except OSError as error:
-        raise _permission_repair_error(error, where) from None
+    _chmod_again(chmod, where)
 
 
 def _chmod_subvolume_top_for_owner(
@@ -1176,12 +1169,8 @@ def _chmod_subvolume_top_for_owner(
     Clearing the read-only flag needs a descriptor that the ioctl accepts,
     which only read permission on the directory gives.
     """
-    try:
-        chmod()
+    if _chmod_unless_read_only(chmod, where):
         return
-    except OSError as error:
-        if error.errno != errno.EROFS:
-            raise _permission_repair_error(error, where) from None
     try:
         top_fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except PermissionError:
@@ -1189,7 +1178,27 @@ def _chmod_subvolume_top_for_owner(
                         "it is the top directory of a read-only subvolume and denies its owner read permission, "
                         "so only root can change its mode or its read-only flag; remove the layer as root") from None
     with _Fd(top_fd):
-        _chmod_for_owner(chmod, top_fd, 0, where, repairs)
+        _clear_read_only_for_owner(top_fd, 0, where, repairs)
+    _chmod_again(chmod, where)
+
+
+def _chmod_unless_read_only(chmod: Callable[[], None], where: Any) -> bool:
+    """Run chmod and return True; return False when it fails with EROFS, and raise for other failures."""
+    try:
+        chmod()
+    except OSError as error:
+        if error.errno != errno.EROFS:
+            raise _permission_repair_error(error, where) from None
+        return False
+    return True
+
+
+def _chmod_again(chmod: Callable[[], None], where: Any) -> None:
+    """Run chmod after a read-only flag in its way was cleared."""
+    try:
+        chmod()
+    except OSError as error:
+        raise _permission_repair_error(error, where) from None
 
 
 def _clear_read_only_for_owner(fd: int, depth: int, where: Any, repairs: _RemovalRepairs | None) -> None:
