@@ -2190,6 +2190,26 @@ def test_unprivileged_remove_of_closed_read_only_nested_top(open_fs, mode):
         assert _subvolume_flags(nested) & ioctl_structs.BTRFS_SUBVOL_RDONLY
 
 
+def make_layer_with_zone(home, fill):
+    """Create layer "mixed" as uid 65534 with its nested subvolume "zone" holding a file, then fill(root).
+
+    Children are deleted in reverse path order, so "zone" goes first.
+    Return the layer's path.
+    """
+
+    def scenario():
+        driver = btrfsdrv.Driver(home)
+        driver.create("mixed")
+        root = driver.get("mixed")
+        os.chmod(root, 0o755)
+        btrfsdrv.create_subvolume(os.path.join(root, "zone"))
+        write(os.path.join(root, "zone", "precious"))
+        fill(root)
+
+    run_as_user(scenario)
+    return os.path.join(home, "subvolumes", "mixed")
+
+
 @pytest.mark.parametrize("read_only", [False, True], ids=["writable", "read-only"])
 def test_unprivileged_remove_refuses_foreign_nested_subvolume(tmp_path, read_only):
     # With user_subvol_rm_allowed the owner deletes its own nested subvolumes
@@ -2198,19 +2218,11 @@ def test_unprivileged_remove_refuses_foreign_nested_subvolume(tmp_path, read_onl
     with loopback_btrfs(tmp_path, mount_options=("user_subvol_rm_allowed",)) as fs:
         home = nobody_home(fs)
 
-        def scenario():
-            driver = btrfsdrv.Driver(home)
-            driver.create("mixed")
-            root = driver.get("mixed")
-            os.chmod(root, 0o755)
-            # Children are deleted in reverse path order, so "zone" goes first.
-            btrfsdrv.create_subvolume(os.path.join(root, "zone"))
-            write(os.path.join(root, "zone", "precious"))
+        def shared_directory(root):
             os.mkdir(os.path.join(root, "shared"))
             os.chmod(os.path.join(root, "shared"), 0o777)
 
-        run_as_user(scenario)
-        root = os.path.join(home, "subvolumes", "mixed")
+        root = make_layer_with_zone(home, shared_directory)
         foreign = os.path.join(root, "shared", "root's")
         btrfsdrv.create_subvolume(foreign)
         write(os.path.join(foreign, "file"))
@@ -2266,18 +2278,11 @@ def test_unprivileged_remove_refuses_unwritable_nested_top(tmp_path, closed):
     with loopback_btrfs(tmp_path, mount_options=("user_subvol_rm_allowed",)) as fs:
         home = nobody_home(fs)
 
-        def scenario():
-            driver = btrfsdrv.Driver(home)
-            driver.create("mixed")
-            root = driver.get("mixed")
-            os.chmod(root, 0o755)
+        def own_subvolume(root):
             os.mkdir(os.path.join(root, "a"))
             btrfsdrv.create_subvolume(os.path.join(root, "a", "own"))
-            btrfsdrv.create_subvolume(os.path.join(root, "zone"))
-            write(os.path.join(root, "zone", "precious"))
 
-        run_as_user(scenario)
-        root = os.path.join(home, "subvolumes", "mixed")
+        root = make_layer_with_zone(home, own_subvolume)
         write(os.path.join(root, "a", "own", "root's", "file"))
         os.chmod(os.path.join(root, closed), 0o555)
         subvolumes = subvolume_paths(fs)
