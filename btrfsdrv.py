@@ -2695,13 +2695,34 @@ class Driver:
             )
 
     def _remove_layer_directory(self, subvolumes_fd: int, name: bytes, path: str) -> None:
+        """Remove the layer directory name, holding the layer's lock (see _lock_layer_for_removal)."""
+        with _RemovalRepairs() as repairs:
+            layer_fd = _open_layer_for_removal(subvolumes_fd, name, path, repairs)
+            try:
+                lock_fd = _lock_layer_for_removal(layer_fd, subvolumes_fd, name, path)
+                try:
+                    repairs.set_top(layer_fd, path)
+                    self._remove_locked_layer(subvolumes_fd, name, path, layer_fd, repairs)
+                except BaseException:
+                    repairs.restore()  # before the next remove or apply may start
+                    raise
+                finally:
+                    _unlock_layer(lock_fd)
+            finally:
+                os.close(layer_fd)
+
+    def _remove_locked_layer(self, subvolumes_fd: int, name: bytes, path: str, layer_fd: int,
+                             repairs: _RemovalRepairs) -> None:
+        """Remove the layer directory name, open and locked at layer_fd, with its quota file and qgroups."""
         limit_cleared = False
         try:
             # The quota file is set aside first, so a concurrent get finds
-            # none and does not set the limit again once it is cleared.
+            # none and does not set the limit again once it is cleared. That
+            # happens only once this remove holds the layer's lock, so the
+            # limit holds for an apply that the remove waits for.
             with _QuotaFileAside(self._quotas_dir, name, path):
                 limit_cleared = True  # a get meanwhile clears the limit, finding no quota file
-                subvolume_ids = self._delete_layer(subvolumes_fd, name, path)
+                subvolume_ids = self._delete_locked_layer(subvolumes_fd, name, path, layer_fd, repairs)
             # A get that read the quota file before it was set aside can set
             # the limit after the clear, and turn quota on to do so, so the
             # limit is cleared again. A get that sets it after this clear
@@ -2713,23 +2734,9 @@ class Driver:
                 self._restore_limit(os.fsdecode(name), path)
             raise
 
-    def _delete_layer(self, subvolumes_fd: int, name: bytes, path: str) -> list[int]:
-        """Delete the layer directory name and return the ids of the subvolumes deleted, the layer's last."""
-        with _RemovalRepairs() as repairs:
-            layer_fd = _open_layer_for_removal(subvolumes_fd, name, path, repairs)
-            _lock_layer_for_removal(layer_fd, subvolumes_fd, name, path)
-            try:
-                repairs.set_top(layer_fd, path)
-                return self._delete_locked_layer(subvolumes_fd, name, path, layer_fd, repairs)
-            except BaseException:
-                repairs.restore()  # before the next remove or apply may start
-                raise
-            finally:
-                _unlock_and_close_layer(layer_fd)
-
     def _delete_locked_layer(self, subvolumes_fd: int, name: bytes, path: str, layer_fd: int,
                              repairs: _RemovalRepairs) -> list[int]:
-        """Delete the layer directory name, open and locked at layer_fd, as _delete_layer does."""
+        """Delete the layer directory name, open and locked at layer_fd; return the subvolume ids deleted, its last."""
         if not _is_subvolume_stat(os.fstat(layer_fd)):
             if not _can_search_trees(layer_fd):
                 _check_contents_removable(layer_fd, path, repairs)
@@ -3421,6 +3428,8 @@ class _RemovalRepairs:
     back when the block raises before keep() was called, so a refused
     removal leaves the layer as it was, except for the ctimes and a setgid
     bit, which chmod drops outside the caller's groups (logged as a warning).
+    NOTE: a removal killed after a repair leaves the changed modes and
+    cleared flags, and a later removal takes them for the originals.
     """
 
     def __init__(self) -> None:
@@ -3441,9 +3450,7 @@ class _RemovalRepairs:
             for fd, _ in self.subvolumes:
                 os.close(fd)
             self.subvolumes.clear()
-            if self.top_fd is not None:
-                os.close(self.top_fd)
-                self.top_fd = None
+            self.top_fd = None
 
     def keep(self) -> None:
         """Keep the modes and flags changed from now on, because the removal has started deleting."""
@@ -3458,8 +3465,8 @@ class _RemovalRepairs:
         _set_read_only_again(self.subvolumes)
 
     def set_top(self, layer_fd: int, path: str) -> None:
-        """Record the layer's top directory, which the paths of mode changes start from."""
-        self.top_fd = os.dup(layer_fd)
+        """Record the layer's top directory, which the paths of mode changes start from; the caller closes it."""
+        self.top_fd = layer_fd
         self.top_path = path
 
     def record_mode(self, walked: _WalkPath, st: os.stat_result) -> None:
@@ -3662,6 +3669,8 @@ def _open_layer_for_removal(subvolumes_fd: int, name: bytes, path: str, repairs:
     """
     try:
         return _open_directory(name, dir_fd=subvolumes_fd)
+    except FileNotFoundError:
+        raise _removed_layer_error(os.fsdecode(name), path) from None
     except PermissionError as error:
         if not _make_owner_accessible(subvolumes_fd, name, repairs, path, _WalkPath(None, "")):
             raise _os_error(error.errno, "open layer", path, "the layer's top directory denies this process "
@@ -3670,19 +3679,17 @@ def _open_layer_for_removal(subvolumes_fd: int, name: bytes, path: str, repairs:
     return _open_directory(name, dir_fd=subvolumes_fd)
 
 
-def _lock_layer_for_removal(layer_fd: int, subvolumes_fd: int, name: bytes, path: str) -> None:
-    """Take the layer's exclusive flock for a remove, then check that the layer is still at name.
+def _lock_layer_for_removal(layer_fd: int, subvolumes_fd: int, name: bytes, path: str) -> int:
+    """Take the layer's lock for a remove, check that the layer is still at name, and return the lock's fd.
 
-    It is the lock of apply_diff and update_layer_id_map, so a remove waits
-    for them, and for another remove of the layer, as they wait for each
-    other (see _open_layer_for_writing). A remove that waited for another
-    one finds the layer gone and raises FileNotFoundError. On failure
-    layer_fd is closed.
+    It is the lock of apply_diff and update_layer_id_map (see
+    _lock_directory), so a remove waits for them, and for another remove of
+    the layer, as they wait for each other. A remove that waited for
+    another one finds the layer gone and raises FileNotFoundError. Release
+    the lock with _unlock_layer.
     """
-    with _apply_lock_fds_guard:
-        _apply_lock_fds.add(layer_fd)
+    lock_fd = _lock_directory(layer_fd, path, "remove layer")
     try:
-        _flock_with_retries(layer_fd, path, "remove layer")
         try:
             st = os.stat(name, dir_fd=subvolumes_fd, follow_symlinks=False)
         except FileNotFoundError:
@@ -3690,8 +3697,9 @@ def _lock_layer_for_removal(layer_fd: int, subvolumes_fd: int, name: bytes, path
         if st is None or not os.path.samestat(st, os.fstat(layer_fd)):
             raise _removed_layer_error(os.fsdecode(name), path)
     except BaseException:
-        _unlock_and_close_layer(layer_fd)
+        _unlock_layer(lock_fd)
         raise
+    return lock_fd
 
 
 def _permission_repair_error(error: OSError, where: Any) -> OSError:
@@ -7941,28 +7949,75 @@ os.register_at_fork(before=_acquire_apply_lock_fds_for_fork, after_in_parent=_re
                     after_in_child=_close_apply_locks_in_child)
 
 
+# The layers locked by _open_layer_for_writing: each returned fd, with the fd
+# that holds its lock.
+_layer_lock_fds: dict[int, int] = {}
+
+
 def _open_layer_for_writing(layer_dir: PathArg, operation: str = "apply layer diff") -> int:
     """Open a layer's top directory and lock the layer for one apply or remap; return the fd.
 
-    The lock is an exclusive flock on the fd's open file description, so
-    closing the fd or the death of the process releases it. While another
-    description has it, which includes another thread's apply in this
-    process, the call retries for _APPLY_LOCK_WAIT seconds and then raises
-    OSError with EBUSY. Release the lock with _unlock_and_close_layer.
+    Raises FileNotFoundError when another process removed the layer while
+    this one waited for the lock (see _lock_directory). Release the lock
+    and close the fd with _unlock_and_close_layer.
+    """
+    root_fd = _open_directory(layer_dir)
+    try:
+        lock_fd = _lock_directory(root_fd, layer_dir, operation)
+        try:
+            _check_layer_still_linked(root_fd, layer_dir, operation)
+        except BaseException:
+            _unlock_layer(lock_fd)
+            raise
+    except BaseException:
+        os.close(root_fd)
+        raise
+    _layer_lock_fds[root_fd] = lock_fd
+    return root_fd
+
+
+def _check_layer_still_linked(root_fd: int, layer_dir: PathArg, operation: str) -> None:
+    """Raise FileNotFoundError when the layer open at root_fd is no longer at layer_dir."""
+    try:
+        st = os.stat(layer_dir, follow_symlinks=False)
+    except FileNotFoundError:
+        st = None
+    if st is None or not os.path.samestat(st, os.fstat(root_fd)):
+        raise FileNotFoundError(errno.ENOENT, f"{operation} failed: another process removed the layer while "
+                                "this one waited for it", os.fsdecode(layer_dir))
+
+
+def _lock_directory(dir_fd: int, path: PathArg, operation: str) -> int:
+    """Take the layer lock on the directory dir_fd through a descriptor of its own, and return that descriptor.
+
+    The lock is an exclusive flock on an open file description that no
+    other descriptor shares, so an os.dup of dir_fd never holds it, and a
+    forked child closes its copy (_close_apply_locks_in_child). Closing it,
+    or the death of the process, releases the lock. While another
+    description has it, which includes another thread's in this process,
+    the call retries for _APPLY_LOCK_WAIT seconds and then raises OSError
+    with EBUSY. Release it with _unlock_layer.
     """
     # Opened under the guard, so a fork in another thread never copies the
     # fd before it is in the set that the child closes.
     with _apply_lock_fds_guard:
-        root_fd = _open_directory(layer_dir)
-        _apply_lock_fds.add(root_fd)
+        lock_fd = _reopen_directory(dir_fd)
+        _apply_lock_fds.add(lock_fd)
     try:
-        _flock_with_retries(root_fd, layer_dir, operation)
+        _flock_with_retries(lock_fd, path, operation)
     except BaseException:
-        with _apply_lock_fds_guard:
-            _apply_lock_fds.discard(root_fd)
-        os.close(root_fd)
+        _unlock_layer(lock_fd)
         raise
-    return root_fd
+    return lock_fd
+
+
+def _reopen_directory(fd: int) -> int:
+    """Open the directory fd again, as a new open file description."""
+    try:
+        return _open_directory(".", dir_fd=fd)
+    except PermissionError:
+        # "." needs search permission, the /proc link only read permission.
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 def _flock_with_retries(root_fd: int, layer_dir: PathArg, operation: str) -> None:
@@ -7982,13 +8037,19 @@ def _flock_with_retries(root_fd: int, layer_dir: PathArg, operation: str) -> Non
 
 
 def _unlock_and_close_layer(root_fd: int) -> None:
-    """Release the apply lock on root_fd and close root_fd."""
-    # Unlocking first releases the lock for every copy of the description,
-    # also one that a fork copies before root_fd leaves the set.
-    fcntl.flock(root_fd, fcntl.LOCK_UN)
-    with _apply_lock_fds_guard:
-        _apply_lock_fds.discard(root_fd)
+    """Release the lock that _open_layer_for_writing took, and close root_fd."""
+    _unlock_layer(_layer_lock_fds.pop(root_fd))
     os.close(root_fd)
+
+
+def _unlock_layer(lock_fd: int) -> None:
+    """Release the layer lock held through lock_fd, and close lock_fd."""
+    # Unlocking first releases the lock for every copy of the description,
+    # also one that a fork copies before lock_fd leaves the set.
+    fcntl.flock(lock_fd, fcntl.LOCK_UN)
+    with _apply_lock_fds_guard:
+        _apply_lock_fds.discard(lock_fd)
+    os.close(lock_fd)
 
 
 def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDMap] | None = (),

@@ -2353,6 +2353,28 @@ def test_unprivileged_refused_remove_warns_of_lost_setgid(fs):
     assert any(os.path.join(root, "g") in warning and "setgid" in warning for warning in warnings), warnings
 
 
+def test_unprivileged_refused_remove_of_closed_top_warns_nothing(fs):
+    # The refusal sets the top's mode 0 back only after it has set the
+    # layer's limit again, which opens the layer.
+    home = nobody_home(fs)
+    run_as_user(lambda: btrfsdrv.Driver(home).create("mixed"))
+    root = os.path.join(home, "subvolumes", "mixed")
+    btrfsdrv.create_subvolume(os.path.join(root, "root's"))
+    os.chmod(root, 0)
+
+    def scenario():
+        warnings = []
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = lambda record: warnings.append(record.getMessage())
+        logging.getLogger("btrfsdrv").addHandler(handler)
+        with pytest.raises(PermissionError):
+            btrfsdrv.Driver(home).remove("mixed")
+        return warnings
+
+    assert run_as_user(scenario) == []
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0
+
+
 def test_unprivileged_remove_names_immutable_file(fs):
     # Without user_subvol_rm_allowed the owner empties the layer file by
     # file, which an immutable file stops.
@@ -8798,21 +8820,109 @@ def _apply_with_pause(layer, raw, pause_at, connection):
     connection.send(("applied", size))
 
 
-def test_remove_waits_for_apply_lock(driver):
+def test_remove_waits_for_apply_lock(driver, fs):
+    import threading
+
     driver.create("layer", storage_opt={"size": "16m"})
     path = driver.get("layer")
+    layer_id = btrfsdrv.subvolume_id(path)
     quota_file = os.path.join(driver.home, "quotas", "layer")
+    outcome = []
+
+    def remove():
+        try:
+            driver.remove("layer")
+        except OSError as error:
+            outcome.append(error)
+
     locked = btrfsdrv._open_layer_for_writing(path)
     try:
-        with pytest.raises(OSError, match="another remove is deleting it") as raised:
-            driver.remove("layer")
-        assert raised.value.errno == errno.EBUSY
-        assert driver.exists("layer")
+        waiting = threading.Thread(target=remove)
+        waiting.start()
+        waiting.join(0.5)
+        # The limit holds while the remove waits: the quota file stays, and
+        # a get finds it.
         assert os.path.exists(quota_file)
+        driver.get("layer")
+        assert qgroup_limits(fs)[layer_id] == 16 * 1024**2
+        waiting.join()
     finally:
         btrfsdrv._unlock_and_close_layer(locked)
+
+    [error] = outcome
+    assert error.errno == errno.EBUSY
+    assert "another remove is deleting it" in str(error)
+    assert driver.exists("layer")
+    assert os.path.exists(quota_file)
     driver.remove("layer")
     assert not driver.exists("layer")
+
+
+def test_forked_copy_of_layer_fd_holds_no_lock(driver):
+    # A child forked without exec keeps copies of the parent's descriptors.
+    # Only the lock's own descriptor holds the lock, and the child closes it.
+    driver.create("layer")
+    path = driver.get("layer")
+    ready_read, ready_write = os.pipe()
+    release_read, release_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(ready_read)
+            root_fd = btrfsdrv._open_layer_for_writing(path)
+            os.dup(root_fd)  # as a walk makes
+            if os.fork() == 0:
+                os.close(release_write)
+                os.read(release_read, 1)  # until the test closes its end
+                os._exit(0)
+            os.write(ready_write, b"locked")
+            time.sleep(60)
+        finally:
+            os._exit(1)
+    os.close(ready_write)
+    os.close(release_read)
+    try:
+        assert os.read(ready_read, 6) == b"locked"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(ready_read)
+    try:
+        root_fd = btrfsdrv._open_layer_for_writing(path)
+        btrfsdrv._unlock_and_close_layer(root_fd)
+    finally:
+        os.close(release_write)  # the grandchild exits
+
+
+def test_remap_names_layer_removed_while_waiting(driver, monkeypatch):
+    driver.create("layer")
+    path = driver.get("layer")
+    flock_with_retries = btrfsdrv._flock_with_retries
+
+    def remove_first(*args):
+        btrfsdrv.delete_subvolume(path)  # as a remove that held the lock would
+        return flock_with_retries(*args)
+
+    monkeypatch.setattr(btrfsdrv, "_flock_with_retries", remove_first)
+    maps = [btrfsdrv.IDMap(0, 100000, 65536)]
+    with pytest.raises(FileNotFoundError, match="another process removed the layer") as raised:
+        driver.update_layer_id_map("layer", None, (maps, maps))
+    assert raised.value.filename == path
+
+
+def test_remove_names_layer_removed_before_open(driver, monkeypatch):
+    driver.create("layer")
+    path = driver.get("layer")
+    check_no_mounts = driver._check_no_mounts
+
+    def remove_first(layer_path):
+        check_no_mounts(layer_path)
+        btrfsdrv.delete_subvolume(path)
+
+    monkeypatch.setattr(driver, "_check_no_mounts", remove_first)
+    with pytest.raises(FileNotFoundError, match="another process removed it") as raised:
+        driver.remove("layer")
+    assert raised.value.filename == path
 
 
 def test_concurrent_removes_of_one_layer(driver, monkeypatch):
