@@ -5638,6 +5638,12 @@ class _XzReader(io.RawIOBase):
                 "dictionary of at most 64 MiB (xz -9 or a lower preset)") from None
 
 
+# ZSTD_d_windowLogMax of zstd.h, and the largest window that the zstd
+# decoder of containers/storage (klauspost/compress, MaxWindowSize) accepts.
+_ZSTD_D_WINDOW_LOG_MAX = 100
+_ZSTD_WINDOW_LOG_MAX = 29
+
+
 class _ZstdReader(io.RawIOBase):
     """Decompresses a zstd stream with the system's libzstd through ctypes."""
 
@@ -5675,6 +5681,7 @@ class _ZstdReader(io.RawIOBase):
         if not self._stream:
             raise MemoryError("ZSTD_createDStream failed")
         self._check(lib.ZSTD_initDStream(self._stream))
+        self._set_window_log_max(lib)
         self._input = ctypes.create_string_buffer(0)
         self._in = Buffer(ctypes.addressof(self._input), 0, 0)
         self._frame_complete = True
@@ -5682,10 +5689,30 @@ class _ZstdReader(io.RawIOBase):
         # that the decoder may hold bytes it can return without more input.
         self._output_pending = False
 
+    def _set_window_log_max(self, lib: Any) -> None:
+        """Accept frames with windows up to 2**_ZSTD_WINDOW_LOG_MAX bytes, as containers/storage does.
+
+        libzstd accepts 2**27 (128 MiB) by default, less than `zstd --long`
+        may write. ZSTD_DCtx_setParameter is stable since zstd 1.4.0, and a
+        ZSTD_DStream is a ZSTD_DCtx.
+        NOTE: an older libzstd keeps its default, and rejects such frames.
+        """
+        set_parameter = getattr(lib, "ZSTD_DCtx_setParameter", None)
+        if set_parameter is None:
+            return
+        set_parameter.argtypes = [self._ctypes.c_void_p, self._ctypes.c_int, self._ctypes.c_int]
+        set_parameter.restype = self._ctypes.c_size_t
+        self._check(set_parameter(self._stream, _ZSTD_D_WINDOW_LOG_MAX, _ZSTD_WINDOW_LOG_MAX))
+
     def _check(self, result: int) -> int:
         if self._lib.ZSTD_isError(result):
-            raise _CorruptStream("truncated or corrupt zstd stream: "
-                                 + self._lib.ZSTD_getErrorName(result).decode())
+            name = self._lib.ZSTD_getErrorName(result).decode()
+            if name == "Frame requires too much memory for decoding":
+                raise _CorruptStream(
+                    f"zstd frame needs a window larger than {2 ** _ZSTD_WINDOW_LOG_MAX // 2 ** 20} MiB, which "
+                    f"containers/storage rejects too; recompress the layer with zstd --long={_ZSTD_WINDOW_LOG_MAX} "
+                    "or less")
+            raise _CorruptStream(f"truncated or corrupt zstd stream: {name}")
         return result
 
     def readable(self) -> bool:
@@ -5728,8 +5755,8 @@ class _ZstdReader(io.RawIOBase):
 # into a 512-byte buffer, NUL included, and rejects longer ones (ErrHeader).
 _GZIP_STRING_MAX = 511
 # The longest gzip header that Go reads: 10 fixed bytes, an extra field of
-# up to 2 + 65,535 bytes, then a file name and a comment.
-_GZIP_HEADER_MAX = 10 + 2 + 65535 + 2 * (_GZIP_STRING_MAX + 1)
+# up to 2 + 65,535 bytes, a file name, a comment and a 2-byte header CRC.
+_GZIP_HEADER_MAX = 10 + 2 + 65535 + 2 * (_GZIP_STRING_MAX + 1) + 2
 
 
 class _PrefixedReader:
@@ -5750,10 +5777,10 @@ class _PrefixedReader:
 
 
 def _check_gzip_header(header: bytes) -> None:
-    """Raise ValueError for a gzip header whose file name or comment Go's compress/gzip rejects as too long.
+    """Raise ValueError for a gzip header that Go's compress/gzip rejects and Python's gzip module reads.
 
     header holds the stream's first bytes. Python's gzip module reads a name
-    or comment of any length.
+    or comment of any length and ignores the header CRC.
     NOTE: only the first member's header is checked.
     """
     if len(header) < 10:
@@ -5775,6 +5802,12 @@ def _check_gzip_header(header: bytes) -> None:
                              "bytes, which containers/storage (Go's compress/gzip) rejects; compress the tar "
                              "without storing the name (gzip -n)")
         offset = end + 1
+    if flags & 0x02 and len(header) >= offset + 2:  # FHCRC: the low 16 bits of the CRC-32 of what precedes it
+        import zlib
+
+        if zlib.crc32(header[:offset]) & 0xFFFF != int.from_bytes(header[offset:offset + 2], "little"):
+            raise ValueError("invalid gzip layer: the CRC of its header does not match the header, which "
+                             "containers/storage (Go's compress/gzip) rejects; compress the tar again")
 
 
 def _decompressed(counting: _CountingReader) -> _TarInput:
@@ -7214,7 +7247,7 @@ class _LayerApplier:
         # security.capability last, because chown removes it too.
         xattrs = self.host_xattrs(member)
         for name, value in sorted(xattrs.items(), key=lambda item: item[0] == "security.capability"):
-            os.setxattr(fd, name, value)
+            _set_xattr(fd, name, value, path)
         if not member.isdir():
             os.utime(fd, ns=(_mtime_ns(member),) * 2)
 
@@ -7226,7 +7259,7 @@ class _LayerApplier:
         if not member.issym():
             os.chmod(name, member.mode & 0o7777, dir_fd=dir_fd)
             for key, value in self.host_xattrs(member).items():
-                os.setxattr(_fd_path(dir_fd, name), key, value, follow_symlinks=False)
+                _set_xattr(_fd_path(dir_fd, name), key, value, path, follow_symlinks=False)
         os.utime(name, ns=(_mtime_ns(member),) * 2, dir_fd=dir_fd, follow_symlinks=False)
 
     # Entries ------------------------------------------------------------
@@ -7755,6 +7788,20 @@ def _check_link_outside_entry(parts: list[str], member: tarfile.TarInfo, path: s
     if len(target_parts) > len(parts) and target_parts[:len(parts)] == parts:
         raise ValueError(f"hard link {path!r}: target {member.linkname!r} is inside the directory it replaces, "
                          "which is deleted before the link is made; link to a file outside it")
+
+
+def _set_xattr(target: int | bytes, name: str, value: bytes, path: str, follow_symlinks: bool = True) -> None:
+    """Set the extended attribute name of target, an fd or a path; errors name the attribute and its size."""
+    try:
+        os.setxattr(target, name, value, follow_symlinks=follow_symlinks)
+    except OSError as error:
+        hint = ""
+        if error.errno == errno.ENOSPC:
+            # btrfs keeps an attribute's name and value in one item of a
+            # metadata node, and reports a larger one as ENOSPC.
+            hint = ("the filesystem is full, or the attribute is larger than btrfs stores in one metadata "
+                    "node (about 16 KiB with the default node size); shorten the value")
+        raise _os_error(error.errno, f"set extended attribute {name} ({len(value)} bytes)", path, hint) from None
 
 
 def _invalid_tar_header(error: BaseException, offset: int, last_name: str | None) -> ValueError:

@@ -2914,6 +2914,36 @@ def test_apply_rejects_long_gzip_header_strings(tmp_path, field):
         apply(tmp_path, gzip_with_name(raw, **{field: b"n" * 512}))
 
 
+def gzip_with_header_crc(raw, crc=None, name=b""):
+    """Compress raw as one gzip member with a header CRC (FHCRC), by default the right one."""
+    header = b"\x1f\x8b\x08" + bytes([0x02 | (0x08 if name else 0)]) + b"\0\0\0\0\0\x03"
+    if name:
+        header += name + b"\0"
+    if crc is None:
+        crc = zlib.crc32(header) & 0xFFFF
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    body = compressor.compress(raw) + compressor.flush()
+    return header + struct.pack("<H", crc) + body + struct.pack("<II", zlib.crc32(raw), len(raw))
+
+
+def test_apply_checks_gzip_header_crc(tmp_path):
+    raw = make_tar([entry("file", data=b"data")])
+    assert apply(tmp_path, gzip_with_header_crc(raw, name=b"layer.tar")) == 4
+    with pytest.raises(ValueError, match="the CRC of its header does not match"):
+        apply(tmp_path, gzip_with_header_crc(raw, crc=0x1234))
+
+
+def test_apply_names_xattr_too_large_for_btrfs(driver):
+    driver.create("layer")
+    info, data = entry("file", data=b"x")
+    info.pax_headers = {"SCHILY.xattr.user.big": "v" * 16300}
+    with pytest.raises(OSError, match=r"set extended attribute user\.big \(16300 bytes\) failed") as raised:
+        driver.apply_diff("layer", io.BytesIO(make_tar([(info, data)])))
+    assert raised.value.errno == errno.ENOSPC
+    assert "metadata node" in str(raised.value)
+    assert not os.path.lexists(os.path.join(driver.get("layer"), "file"))
+
+
 def test_apply_diff_rejects_a_text_stream(driver):
     driver.create("layer")
     with pytest.raises(TypeError, match=r"open the tar with open\(path, 'rb'\)"):
@@ -4494,6 +4524,19 @@ def test_apply_accepts_compressed_streams(tmp_path, compress):
     packed = subprocess.run([compress, "-c"], input=raw, stdout=subprocess.PIPE, check=True).stdout
     assert apply(layer, packed) == 5
     assert (layer / "dir" / "file").read_bytes() == b"hello"
+
+
+@pytest.mark.parametrize("window_log", [28, 29, 30])
+def test_apply_zstd_long_windows(tmp_path, window_log):
+    # containers/storage's zstd decoder takes windows up to 512 MiB (2**29).
+    raw = make_tar([entry("file", data=b"hello")])
+    packed = compress_with(["zstd", "-c", f"--long={window_log}"], raw)
+    if window_log <= 29:
+        assert apply(tmp_path, packed) == 5
+        assert (tmp_path / "file").read_bytes() == b"hello"
+    else:
+        with pytest.raises(ValueError, match="zstd frame needs a window larger than 512 MiB"):
+            apply(tmp_path, packed)
 
 
 @pytest.mark.parametrize("read_size", [7, 4096, 1 << 20])
