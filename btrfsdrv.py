@@ -5779,7 +5779,7 @@ class _PrefixedReader:
 def _check_gzip_header(header: bytes) -> None:
     """Raise ValueError for a gzip header that Go's compress/gzip rejects and Python's gzip module reads.
 
-    header holds the stream's first bytes. Python's gzip module reads a name
+    header contains the stream's first bytes. Python's gzip module reads a name
     or comment of any length and ignores the header CRC.
     NOTE: only the first member's header is checked.
     """
