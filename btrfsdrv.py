@@ -7497,6 +7497,8 @@ class _LayerApplier:
             os.rmdir(name, dir_fd=parent_fd)
             existing = None
         if existing is not None and (new_is_dir or stat.S_ISDIR(existing.st_mode)):
+            if not stat.S_ISDIR(existing.st_mode):
+                self.note_replaced(existing)  # before the rename aside changes its ctime
             aside = self.move_aside(parent_fd, parts, existing)
             existing = None
         saved = [_SavedInodeFlags.of_fd(parent_fd)]

@@ -4733,6 +4733,23 @@ def test_opaque_hides_relinked_parent_files(tmp_path, first):
     assert os.listdir(layer + "/d") == []
 
 
+def test_opaque_hides_parent_link_of_name_replaced_by_directory(driver):
+    # x, another name of the parent layer's inode behind d/g, becomes a
+    # directory; d/g stays a parent-layer name, which the opaque d hides.
+    driver.create("lower")
+    driver.apply_diff("lower", io.BytesIO(make_tar([
+        entry("f", data=b"lower"), entry("d", tarfile.DIRTYPE, mode=0o755),
+        entry("d/g", tarfile.LNKTYPE, linkname="f"), entry("x", tarfile.LNKTYPE, linkname="f")])))
+    driver.create("upper", "lower")
+    driver.apply_diff("upper", io.BytesIO(make_tar([
+        entry("x", tarfile.DIRTYPE, mode=0o755), entry("d", tarfile.DIRTYPE, mode=0o755),
+        entry("d/.wh..wh..opq", data=b"")])))
+    upper = driver.get("upper")
+    assert os.listdir(os.path.join(upper, "d")) == []
+    assert os.path.isdir(os.path.join(upper, "x"))
+    assert open(os.path.join(upper, "f"), "rb").read() == b"lower"
+
+
 def test_opaque_keeps_own_links(tmp_path):
     layer = parent_layer_with_hard_links(tmp_path)
     raw = make_tar([entry("d/own", tarfile.LNKTYPE, linkname="e/b"), entry("d/.wh..wh..opq"),
