@@ -27,6 +27,7 @@ import ctypes
 import enum
 import errno
 import fcntl
+import functools
 import io
 import os
 import re
@@ -7108,6 +7109,9 @@ class _LayerApplier:
         self.uid_maps = uid_maps
         self.gid_maps = gid_maps
         self.ignore_chown_errors = ignore_chown_errors
+        # Missing parent directories are made owned by the host ids of
+        # container root, as containers/storage makes them.
+        self.parent_owner = _container_root_owner(uid_maps, gid_maps)
         self.dir_times = _PendingDirTimes()
         self.epoch_ns = _layer_epoch(root_fd, layer_dir)
         # Inodes of the parent layer whose ctime this apply changed by adding
@@ -7326,6 +7330,8 @@ class _LayerApplier:
                 raise
             raise _placeholder_error(placeholder) from None
         assert fd is not None  # with create, missing directories are made
+        if self.created_parents[1] and self.parent_owner is not None:
+            self.chown_created_parents(fd, len(self.created_parents[1]), path)
         st = os.fstat(fd)
         if _is_snapshot_placeholder(st):
             raise _placeholder_error("/".join(parts[:-1]))
@@ -7333,6 +7339,21 @@ class _LayerApplier:
             # The entry changes the parent layer's directory, and so its ctime.
             self.touched_directories.add((st.st_dev, st.st_ino))
         return fd
+
+    def chown_created_parents(self, fd: int, count: int, path: str) -> None:
+        """Give the count directories that entry_parent made, fd and the ones above it, the parent owner."""
+        assert self.parent_owner is not None
+        owner = self.parent_owner
+        directory = os.dup(fd)
+        try:
+            for level in range(count):
+                self.chown(functools.partial(os.fchown, directory, *owner), owner, path)
+                if level + 1 < count:
+                    parent = _open_directory("..", directory)
+                    os.close(directory)
+                    directory = parent
+        finally:
+            os.close(directory)
 
     def remove_created_parents(self, path: str) -> None:
         """Remove the directories that entry_parent made for the failed entry path, deepest first.
@@ -7778,6 +7799,18 @@ class _LayerApplier:
             return False
         self.relinked.add((st.st_dev, st.st_ino))
         return True
+
+
+def _container_root_owner(uid_maps: Sequence[IDMap] | None,
+                          gid_maps: Sequence[IDMap] | None) -> tuple[int, int] | None:
+    """Return the host uid and gid of container root under the ID maps, or None without maps or mapping."""
+    if not uid_maps and not gid_maps:
+        return None
+    uid = _map_id(uid_maps, 0, True)
+    gid = _map_id(gid_maps, 0, True)
+    if uid is None or gid is None:
+        return None
+    return uid, gid
 
 
 def _check_link_outside_entry(parts: list[str], member: tarfile.TarInfo, path: str) -> None:

@@ -2944,6 +2944,23 @@ def test_apply_names_xattr_too_large_for_btrfs(driver):
     assert not os.path.lexists(os.path.join(driver.get("layer"), "file"))
 
 
+@pytest.mark.parametrize("name", ["x/y/file", "x/y/.wh.gone", "x/y/.wh..wh..opq"])
+def test_apply_makes_parents_owned_by_container_root(fs, name):
+    # containers/storage makes missing parents owned by the host ids of
+    # container root, so a diff of the layer maps them back to 0:0.
+    maps = [btrfsdrv.IDMap(0, 100000, 65536)]
+    with btrfsdrv.Driver(fs.path("home"), uid_maps=maps, gid_maps=maps) as driver:
+        driver.create("layer")
+        driver.apply_diff("layer", io.BytesIO(make_tar([entry(name, data=b"data")])))
+        root = driver.get("layer")
+        for directory in ("x", "x/y"):
+            st = os.stat(os.path.join(root, directory))
+            assert (st.st_uid, st.st_gid) == (100000, 100000), directory
+            assert stat.S_IMODE(st.st_mode) == 0o755
+        exported = members(read_diff(root, uid_maps=maps, gid_maps=maps))
+        assert (exported["x"].uid, exported["x"].gid) == (0, 0)
+
+
 def test_apply_diff_rejects_a_text_stream(driver):
     driver.create("layer")
     with pytest.raises(TypeError, match=r"open the tar with open\(path, 'rb'\)"):
