@@ -5643,6 +5643,9 @@ class _XzReader(io.RawIOBase):
 # decoder of containers/storage (klauspost/compress, MaxWindowSize) accepts.
 _ZSTD_D_WINDOW_LOG_MAX = 100
 _ZSTD_WINDOW_LOG_MAX = 29
+# The first bytes of a zstd frame; skippable frames start with 0x184D2A5?,
+# both little-endian.
+_ZSTD_FRAME_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 class _ZstdReader(io.RawIOBase):
@@ -5737,13 +5740,39 @@ class _ZstdReader(io.RawIOBase):
                         raise _CorruptStream("truncated or corrupt zstd stream: "
                                              "the input ends inside a frame")
                     return 0
-                self._input = ctypes.create_string_buffer(data, len(data))
-                self._in = self._buffer_type(ctypes.addressof(self._input), len(data), 0)
+                self._set_input(data)
+            if self._frame_complete:
+                self._check_frame_magic()
             result = self._check(self._lib.ZSTD_decompressStream(self._stream, ctypes.byref(out),
                                                                  ctypes.byref(self._in)))
             self._frame_complete = result == 0
             self._output_pending = result != 0 and out.pos == out.size
         return int(out.pos)
+
+    def _set_input(self, data: bytes) -> None:
+        self._input = self._ctypes.create_string_buffer(data, len(data))
+        self._in = self._buffer_type(self._ctypes.addressof(self._input), len(data), 0)
+
+    def _check_frame_magic(self) -> None:
+        """Raise _CorruptStream unless the input at a frame boundary starts a zstd or skippable frame.
+
+        libzstd also decodes the frames of zstd 0.5 to 0.7 there, which the
+        decoder of containers/storage rejects. Fewer than 4 bytes left at the
+        end of the input are left to the decoder, which finds them truncated.
+        """
+        unread = self._input.raw[self._in.pos:self._in.size]
+        if len(unread) < 4:
+            more = self._source.read(_COPY_CHUNK)
+            if not more:
+                return
+            unread += more
+            self._set_input(unread)
+        magic = unread[:4]
+        if magic == _ZSTD_FRAME_MAGIC or (magic[0] & 0xF0 == 0x50 and magic[1:] == b"\x2a\x4d\x18"):
+            return
+        raise _CorruptStream(f"invalid zstd stream: a frame starts with magic number {magic.hex()}, "
+                             "which is not that of a zstd frame (28b52ffd); containers/storage rejects it, "
+                             "so recompress the layer with a current zstd")
 
     def close(self) -> None:
         if not self.closed and self._stream is not None:
@@ -8270,8 +8299,11 @@ def apply_layer_diff(layer_dir: PathArg, diff: IO[bytes], uid_maps: Sequence[IDM
                 raise ValueError(f"entry {member.name!r} at offset {member.offset}: "
                                  f"a value is out of range: {error}") from None
             except OSError as error:
-                raise OSError(error.errno, f"apply entry {member.name!r} at offset {member.offset} failed: "
-                              f"{error.strerror}", os.fsdecode(layer_dir)) from None
+                message = f"apply entry {member.name!r} at offset {member.offset} failed: {error.strerror}"
+                if error.errno == errno.EDQUOT:
+                    message += ("; the layer reached its size limit, so apply the tar to a layer created with "
+                                "a larger size (storage option size, or btrfs.size)")
+                raise OSError(error.errno, message, os.fsdecode(layer_dir)) from None
             try:
                 _skip_to_next_header(tar)
             except header_errors as error:

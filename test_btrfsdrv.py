@@ -2961,6 +2961,16 @@ def test_apply_makes_parents_owned_by_container_root(fs, name):
         assert (exported["x"].uid, exported["x"].gid) == (0, 0)
 
 
+def test_apply_over_limit_names_it(fs):
+    with btrfsdrv.Driver(fs.path("home"), ["btrfs.min_space=1m"]) as driver:
+        driver.create("small", storage_opt={"size": "8m"})
+        raw = make_tar([entry(f"f{index}", data=b"\1" * (1 << 20)) for index in range(16)])
+        with pytest.raises(OSError, match="the layer reached its size limit") as raised:
+            driver.apply_diff("small", io.BytesIO(raw))
+        assert raised.value.errno == errno.EDQUOT
+        assert raised.value.filename == driver.get("small")
+
+
 def test_apply_diff_rejects_a_text_stream(driver):
     driver.create("layer")
     with pytest.raises(TypeError, match=r"open the tar with open\(path, 'rb'\)"):
@@ -4554,6 +4564,32 @@ def test_apply_zstd_long_windows(tmp_path, window_log):
     else:
         with pytest.raises(ValueError, match="zstd frame needs a window larger than 512 MiB"):
             apply(tmp_path, packed)
+
+
+def zstd_v07_frame(data):
+    """Return data in a frame of zstd 0.7 (magic FD2FB527) of raw blocks, which libzstd still decodes."""
+    frame = bytearray((0xFD2FB527).to_bytes(4, "little")) + bytes([0, 7 << 3])
+    for start in range(0, len(data), 65536):
+        block = data[start:start + 65536]
+        frame += bytes([0x40 | (len(block) >> 16 & 7), len(block) >> 8 & 255, len(block) & 255]) + block
+    return bytes(frame + b"\xc0\0\0")
+
+
+def test_apply_rejects_legacy_zstd_frames(tmp_path):
+    # libzstd decodes a zstd 0.7 frame after a current one, and the zstd
+    # decoder of containers/storage rejects it.
+    raw = make_tar([entry("file", data=b"hello")])
+    empty = compress_with(["zstd", "-q", "-c"], b"")
+    with pytest.raises(ValueError, match="magic number 27b52ffd"):
+        apply(tmp_path, empty + zstd_v07_frame(raw))
+    assert not (tmp_path / "file").exists()
+
+
+def test_apply_accepts_concatenated_zstd_frames(tmp_path):
+    raw = make_tar([entry("file", data=b"hello")])
+    half = len(raw) // 2
+    packed = compress_with(["zstd", "-q", "-c"], raw[:half]) + compress_with(["zstd", "-q", "-c"], raw[half:])
+    assert apply(tmp_path, packed) == 5
 
 
 @pytest.mark.parametrize("read_size", [7, 4096, 1 << 20])
