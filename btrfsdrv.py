@@ -1213,7 +1213,11 @@ def _clear_read_only_for_owner(fd: int, depth: int, where: Any, repairs: _Remova
     if os.fstatvfs(fd).f_flag & os.ST_RDONLY:
         raise _os_error(errno.EROFS, operation, where,
                         "the filesystem is mounted read-only; remount it read-write, then remove again")
-    top_fd, levels = _open_device_top_and_depth(fd)
+    if _is_subvolume_stat(os.fstat(fd)):
+        # fd is the subvolume's top, and ".." would need search permission on it.
+        top_fd, levels = os.dup(fd), 0
+    else:
+        top_fd, levels = _open_device_top_and_depth(fd)
     with _Fd(top_fd):
         subvolume = str(where).rsplit("/", depth + levels)[0] if depth + levels else str(where)
         if not _subvolume_flags(top_fd, subvolume) & BTRFS_SUBVOL_RDONLY:
@@ -2700,9 +2704,13 @@ class Driver:
         with _RemovalRepairs() as repairs:
             layer_fd = _open_layer_for_removal(subvolumes_fd, name, path, repairs)
             try:
-                lock_fd = _lock_layer_for_removal(layer_fd, subvolumes_fd, name, path)
+                repairs.set_top(layer_fd, path)
                 try:
-                    repairs.set_top(layer_fd, path)
+                    lock_fd = _lock_layer_for_removal(layer_fd, subvolumes_fd, name, path)
+                except BaseException:
+                    repairs.restore()  # the top's mode, which the open may have repaired
+                    raise
+                try:
                     self._remove_locked_layer(subvolumes_fd, name, path, layer_fd, repairs)
                 except BaseException:
                     repairs.restore()  # before the next remove or apply may start
@@ -2977,7 +2985,7 @@ class Driver:
     def _open_layer(layer_id: str, path: str) -> int:
         """Open a layer's directory; a layer removed meanwhile raises FileNotFoundError naming it."""
         try:
-            return _open_directory(path)
+            return _open_layer_top(path)
         except FileNotFoundError:
             raise _removed_layer_error(layer_id, path) from None
 
@@ -3039,7 +3047,7 @@ class Driver:
         path = self._layer_dir(layer_id)
         self._require_layer(layer_id, path)
         result = {"Path": path}
-        with _Fd(_open_directory(path)) as fd:
+        with _Fd(_open_layer_top(path)) as fd:
             if _is_subvolume_stat(os.fstat(fd)):
                 info = _subvolume_info(fd, path)
                 result["SubvolumeID"] = str(info.treeid)
@@ -3078,7 +3086,7 @@ class Driver:
                     total[0] += entry_st.st_size
             return subdirectories
 
-        with _Fd(_open_directory(path)) as layer_fd:
+        with _Fd(_open_layer_top(path)) as layer_fd:
             walk_tree(layer_fd, visit, path=path, skip_mounts=True)
         return DiskUsage(total[0], len(seen))
 
@@ -3663,20 +3671,41 @@ def _find_nested_for_removal(
 
 
 def _open_layer_for_removal(subvolumes_fd: int, name: bytes, path: str, repairs: _RemovalRepairs) -> int:
-    """Open the layer directory name for a remove, first giving it owner rwx if the caller owns it but cannot open it.
+    """Open the layer directory name for a remove, giving it owner rwx if the caller owns it but may not use it.
 
     A container whose root is mapped to the layer's owner can chmod the
-    layer's top directory to 0.
+    layer's top directory to 0, or to a mode that lets it be opened but not
+    searched or written. The mode change is recorded in repairs.
     """
     try:
-        return _open_directory(name, dir_fd=subvolumes_fd)
+        fd = _open_directory(name, dir_fd=subvolumes_fd)
     except FileNotFoundError:
         raise _removed_layer_error(os.fsdecode(name), path) from None
     except PermissionError as error:
-        if not _make_owner_accessible(subvolumes_fd, name, repairs, path, _WalkPath(None, "")):
-            raise _os_error(error.errno, "open layer", path, "the layer's top directory denies this process "
-                            f"read or search permission; run chmod u+rwx {path} as its owner, or remove the "
-                            "layer as root") from None
+        fd = _open_closed_layer_for_removal(subvolumes_fd, name, path, repairs, error)
+    try:
+        st = os.fstat(fd)
+        # Root, also in a user namespace, may search and write its own
+        # directories whatever their mode. The flags are reported later.
+        uid = os.geteuid()
+        if (uid != 0 and st.st_uid == uid and st.st_mode & 0o300 != 0o300
+                and not _blocking_inode_flags(fd)):
+            _chmod_for_owner(lambda: os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700), fd, 0, path, repairs)
+            repairs.record_mode(_WalkPath(None, ""), st)
+            log.debug("made %s accessible to its owner", path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_closed_layer_for_removal(subvolumes_fd: int, name: bytes, path: str, repairs: _RemovalRepairs,
+                                   error: OSError) -> int:
+    """Open the layer directory name, whose open failed with error, after giving it owner rwx if the caller owns it."""
+    if not _make_owner_accessible(subvolumes_fd, name, repairs, path, _WalkPath(None, "")):
+        raise _os_error(error.errno, "open layer", path, "the layer's top directory denies this process "
+                        f"read or search permission; run chmod u+rwx {path} as its owner, or remove the "
+                        "layer as root") from None
     return _open_directory(name, dir_fd=subvolumes_fd)
 
 
@@ -4016,6 +4045,17 @@ _COPY_CHUNK = 1024 * 1024
 _PROGRESS_INTERVAL = 0.5  # seconds; progress must be reported at least once a second
 
 
+def _open_layer_top(layer_dir: PathArg, opener: Callable[[PathArg], int] = _open_directory) -> int:
+    """Open a layer's top directory with opener; a PermissionError names the layer and the fix."""
+    try:
+        return opener(layer_dir)
+    except PermissionError as error:
+        raise _os_error(error.errno, "open layer", layer_dir,
+                        "the layer's top directory denies this process read or search permission, which a "
+                        "container mapped to its owner can do; run chmod u+rwx on it as its owner, or use the "
+                        "layer as root") from None
+
+
 def _open_for_reading(name: PathArg, flags: int, dir_fd: int | None = None) -> int:
     """Open with O_NOATIME where allowed, so that reading a layer does not change it.
 
@@ -4086,6 +4126,14 @@ def _lstat_walked(dir_fd: int, name: str, path: str | _WalkPath) -> os.stat_resu
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         raise _walk_changed_error(dir_fd, name, path, "was removed or renamed") from None
+    except PermissionError as error:
+        try:
+            filename = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), name)
+        except OSError:
+            filename = str(path)
+        raise _os_error(error.errno, "read entry", filename,
+                        "the directory holding it denies this process search permission; give the owner "
+                        "read and search permission on it, or run the operation as root") from None
 
 
 def _walk_changed_error(dir_fd: int, name: str, path: str | _WalkPath, change: str) -> OSError:
@@ -4818,7 +4866,7 @@ def _change_sort_key(change: Change) -> bytes:
 
 def layer_changes(layer_dir: PathArg, parent_dir: PathArg | None = None) -> list[Change]:
     """Return the changes of a layer directory against its parent, sorted by path."""
-    layer_fd = _open_directory_for_reading(layer_dir)
+    layer_fd = _open_layer_top(layer_dir, _open_directory_for_reading)
     parent_fd = None
     try:
         _check_no_mounts_below(layer_fd, "list layer changes", layer_dir)
@@ -4841,7 +4889,7 @@ def layer_diff_size(layer_dir: PathArg, parent_dir: PathArg | None = None) -> in
     with several links counts once. Raises ValueError where layer_diff would,
     for a name starting with .wh..
     """
-    layer_fd = _open_directory_for_reading(layer_dir)
+    layer_fd = _open_layer_top(layer_dir, _open_directory_for_reading)
     parent_fd = None
     try:
         _check_no_mounts_below(layer_fd, "measure layer diff", layer_dir)
@@ -4886,7 +4934,7 @@ def _sum_sizes(stats: Iterable[os.stat_result]) -> int:
 def _changes_size(layer_dir: str, changes: list[Change]) -> int:
     """Sum the sizes of the non-directories that changes add or modify, as layer_diff_size does."""
     _check_change_names(changes)
-    layer_fd = _open_directory_for_reading(layer_dir)
+    layer_fd = _open_layer_top(layer_dir, _open_directory_for_reading)
     try:
         return _sum_sizes(_lstat_changes(layer_fd, changes))
     finally:
@@ -5041,7 +5089,7 @@ def _snapshot_changes(layer_dir: str, parent_dir: str) -> list[Change] | None:
     snapshot of parent_dir, or the kernel rejects the search (it needs
     CAP_SYS_ADMIN). The result equals layer_changes(layer_dir, parent_dir).
     """
-    layer_fd = _open_directory_for_reading(layer_dir)
+    layer_fd = _open_layer_top(layer_dir, _open_directory_for_reading)
     parent_fd = None
     try:
         parent_fd = _open_directory_for_reading(parent_dir)
@@ -5430,7 +5478,7 @@ def layer_diff(layer_dir: PathArg, parent_dir: PathArg | None = None, uid_maps: 
     carry. Errors of the writer, for example a .wh.* name created while the
     tar is written, are raised by the read that reaches the end of the stream.
     """
-    layer_fd = _open_directory_for_reading(layer_dir)
+    layer_fd = _open_layer_top(layer_dir, _open_directory_for_reading)
     try:
         _check_no_mounts_below(layer_fd, "write layer diff", layer_dir)
         # Names are checked before the writer starts, so that a diff the
@@ -8072,7 +8120,7 @@ def _open_layer_for_writing(layer_dir: PathArg, operation: str = "apply layer di
     this one waited for the lock (see _lock_directory). Release the lock
     and close the fd with _unlock_and_close_layer.
     """
-    root_fd = _open_directory(layer_dir)
+    root_fd = _open_layer_top(layer_dir)
     try:
         lock_fd = _lock_directory(root_fd, layer_dir, operation)
         try:

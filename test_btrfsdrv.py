@@ -2375,6 +2375,88 @@ def test_unprivileged_refused_remove_of_closed_top_warns_nothing(fs):
     assert stat.S_IMODE(os.stat(root).st_mode) == 0
 
 
+def test_unprivileged_busy_remove_keeps_top_mode(open_fs):
+    # The remove gives the mode-0 top owner rwx to open it, then waits for
+    # the lock in vain; the mode goes back.
+    home = nobody_home(open_fs)
+    run_as_user(lambda: btrfsdrv.Driver(home).create("busy"))
+    root = os.path.join(home, "subvolumes", "busy")
+    os.chmod(root, 0)
+
+    def scenario():
+        warnings = []
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = lambda record: warnings.append(record.getMessage())
+        logging.getLogger("btrfsdrv").addHandler(handler)
+        with pytest.raises(OSError) as raised:
+            btrfsdrv.Driver(home).remove("busy")
+        return raised.value.errno, warnings
+
+    locked = btrfsdrv._open_layer_for_writing(root)
+    try:
+        error, warnings = run_as_user(scenario)
+    finally:
+        btrfsdrv._unlock_and_close_layer(locked)
+
+    assert error == errno.EBUSY
+    assert warnings == []
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0
+
+
+@pytest.mark.parametrize("mode", [0o400, 0o600, 0o444])
+def test_unprivileged_remove_of_unsearchable_top(open_fs, mode):
+    home = nobody_home(open_fs)
+
+    def scenario():
+        driver = btrfsdrv.Driver(home)
+        driver.create("closed")
+        root = driver.get("closed")
+        os.chmod(root, 0o755)
+        write(os.path.join(root, "a", "b", "file"))
+        os.chmod(root, mode)
+        driver.remove("closed")
+        return driver.list_layers()
+
+    assert run_as_user(scenario) == []
+
+
+def test_unprivileged_changes_name_unsearchable_directory(fs):
+    home = nobody_home(fs)
+
+    def scenario():
+        driver = btrfsdrv.Driver(home)
+        driver.create("layer")
+        root = driver.get("layer")
+        os.chmod(root, 0o755)
+        write(os.path.join(root, "a", "b"))
+        os.chmod(os.path.join(root, "a"), 0o600)
+        with pytest.raises(PermissionError) as raised:
+            driver.changes("layer")
+        return raised.value.filename, str(raised.value)
+
+    filename, message = run_as_user(scenario)
+
+    assert filename == os.path.join(home, "subvolumes", "layer", "a", "b")
+    assert "search permission" in message
+
+
+def test_unprivileged_get_names_closed_top(fs):
+    home = nobody_home(fs)
+
+    def scenario():
+        driver = btrfsdrv.Driver(home)
+        driver.create("layer")
+        os.chmod(driver.get("layer"), 0)
+        with pytest.raises(PermissionError) as raised:
+            driver.get("layer")
+        return raised.value.filename, str(raised.value)
+
+    filename, message = run_as_user(scenario)
+
+    assert filename == os.path.join(home, "subvolumes", "layer")
+    assert "run chmod u+rwx on it as its owner" in message
+
+
 def test_unprivileged_remove_names_immutable_file(fs):
     # Without user_subvol_rm_allowed the owner empties the layer file by
     # file, which an immutable file stops.
