@@ -924,11 +924,7 @@ def _enter_directory(
     except (FileNotFoundError, NotADirectoryError):
         return None
     except PermissionError:
-        if repair is None:
-            raise
-        top = os.fsdecode(path if path is not None else ".")
-        where = _PathBelow(top, repair.relative.child(os.fsdecode(name)))
-        if not _make_owner_accessible(fd, name, repair.repairs, where, repair.relative.child(os.fsdecode(name))):
+        if repair is None or not _repair_owner_access(fd, name, path, repair):
             raise
         return _enter_directory(fd, name, top_mount, path, skip_mounts, None)
     except OSError as error:
@@ -941,7 +937,34 @@ def _enter_directory(
             return None
         raise _os_error(errno.EBUSY, "walk layer", path,
                         f"{os.fsdecode(name)} is a mount point inside the layer; unmount it first")
+    if repair is not None and _lacks_owner_access(child):
+        # It opened, but without search or write permission the walk could
+        # neither enter it nor delete its entries.
+        os.close(child)
+        _repair_owner_access(fd, name, path, repair)
+        return _enter_directory(fd, name, top_mount, path, skip_mounts, None)
     return child
+
+
+def _repair_owner_access(fd: int, name: bytes, path: Any, repair: _Repair) -> bool:
+    """Give the caller's subdirectory name of fd owner rwx for a walk (see _make_owner_accessible)."""
+    walked = repair.relative.child(os.fsdecode(name))
+    where = _PathBelow(os.fsdecode(path if path is not None else "."), walked)
+    return _make_owner_accessible(fd, name, repair.repairs, where, walked)
+
+
+def _lacks_owner_access(fd: int) -> bool:
+    """Return whether the directory fd is the caller's, lacks owner write or search permission, and may get them.
+
+    Root, also in a user namespace, searches and writes its own directories
+    whatever their mode. An immutable or append-only directory keeps its
+    mode, and the removal reports its flags.
+    """
+    uid = os.geteuid()
+    if uid == 0:
+        return False
+    st = os.fstat(fd)
+    return st.st_uid == uid and st.st_mode & 0o300 != 0o300 and not _blocking_inode_flags(fd)
 
 
 # -- File-by-file removal -----------------------------------------------------
@@ -2502,8 +2525,11 @@ class Driver:
                 errno.ENOENT, f"parent layer {os.fsdecode(parent)!r} not found; create it first",
                 parent_path) from None
         except OSError as error:
-            raise _os_error(error.errno, f"open parent layer {os.fsdecode(parent)!r}", parent_path,
-                            "the parent must be a layer directory") from None
+            hint = "the parent must be a layer directory"
+            if error.errno == errno.EACCES:
+                hint = ("the parent layer's top directory denies this process read or search permission; run "
+                        "chmod u+rwx on it as its owner, or create the layer as root")
+            raise _os_error(error.errno, f"open parent layer {os.fsdecode(parent)!r}", parent_path, hint) from None
         with _Fd(parent_fd):
             # A snapshot copies the inode flags of the parent's top directory,
             # and an immutable or append-only top would stop _finish_layer and
@@ -3685,11 +3711,7 @@ def _open_layer_for_removal(subvolumes_fd: int, name: bytes, path: str, repairs:
         fd = _open_closed_layer_for_removal(subvolumes_fd, name, path, repairs, error)
     try:
         st = os.fstat(fd)
-        # Root, also in a user namespace, may search and write its own
-        # directories whatever their mode. The flags are reported later.
-        uid = os.geteuid()
-        if (uid != 0 and st.st_uid == uid and st.st_mode & 0o300 != 0o300
-                and not _blocking_inode_flags(fd)):
+        if _lacks_owner_access(fd):
             _chmod_for_owner(lambda: os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700), fd, 0, path, repairs)
             repairs.record_mode(_WalkPath(None, ""), st)
             log.debug("made %s accessible to its owner", path)
@@ -4127,13 +4149,18 @@ def _lstat_walked(dir_fd: int, name: str, path: str | _WalkPath) -> os.stat_resu
     except FileNotFoundError:
         raise _walk_changed_error(dir_fd, name, path, "was removed or renamed") from None
     except PermissionError as error:
-        try:
-            filename = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), name)
-        except OSError:
-            filename = str(path)
-        raise _os_error(error.errno, "read entry", filename,
-                        "the directory holding it denies this process search permission; give the owner "
-                        "read and search permission on it, or run the operation as root") from None
+        raise _walk_permission_error(error, dir_fd, name, path) from None
+
+
+def _walk_permission_error(error: OSError, dir_fd: int, name: str, path: str | _WalkPath) -> OSError:
+    """Build the error for an entry of a walked layer that this process may not read, naming its host path."""
+    try:
+        filename = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), name)
+    except OSError:
+        filename = str(path)
+    return _os_error(error.errno, "read entry", filename,
+                     "this process lacks read or search permission on it or on the directory holding it; "
+                     "give the owner read and search permission, or run the operation as root")
 
 
 def _walk_changed_error(dir_fd: int, name: str, path: str | _WalkPath, change: str) -> OSError:
@@ -4157,6 +4184,8 @@ def _open_listed_dir(dir_fd: int, name: str, listed: os.stat_result, path: str |
     """
     try:
         fd = _open_directory_for_reading(name, dir_fd)
+    except PermissionError as error:
+        raise _walk_permission_error(error, dir_fd, name, path) from None
     except OSError as error:
         # A FileNotFoundError must not escape: callers read it as "no such layer".
         if error.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
@@ -4871,7 +4900,7 @@ def layer_changes(layer_dir: PathArg, parent_dir: PathArg | None = None) -> list
     try:
         _check_no_mounts_below(layer_fd, "list layer changes", layer_dir)
         if parent_dir is not None:
-            parent_fd = _open_directory_for_reading(parent_dir)
+            parent_fd = _open_layer_top(parent_dir, _open_directory_for_reading)
             _check_no_mounts_below(parent_fd, "list layer changes", parent_dir)
         changes = [Change(item.path, item.kind) for item in _walk_changes(layer_fd, parent_fd)]
     finally:
@@ -4894,7 +4923,7 @@ def layer_diff_size(layer_dir: PathArg, parent_dir: PathArg | None = None) -> in
     try:
         _check_no_mounts_below(layer_fd, "measure layer diff", layer_dir)
         if parent_dir is not None:
-            parent_fd = _open_directory_for_reading(parent_dir)
+            parent_fd = _open_layer_top(parent_dir, _open_directory_for_reading)
             _check_no_mounts_below(parent_fd, "measure layer diff", parent_dir)
         return _sum_sizes(_carried_stats(_walk_changes(layer_fd, parent_fd)))
     finally:
@@ -5092,7 +5121,7 @@ def _snapshot_changes(layer_dir: str, parent_dir: str) -> list[Change] | None:
     layer_fd = _open_layer_top(layer_dir, _open_directory_for_reading)
     parent_fd = None
     try:
-        parent_fd = _open_directory_for_reading(parent_dir)
+        parent_fd = _open_layer_top(parent_dir, _open_directory_for_reading)
         _check_no_mounts_below(layer_fd, "list layer changes", layer_dir)
         _check_no_mounts_below(parent_fd, "list layer changes", parent_dir)
         if not (_is_subvolume_stat(os.fstat(layer_fd)) and _is_subvolume_stat(os.fstat(parent_fd))):

@@ -2420,6 +2420,58 @@ def test_unprivileged_remove_of_unsearchable_top(open_fs, mode):
     assert run_as_user(scenario) == []
 
 
+@pytest.mark.parametrize("mode", [0o400, 0o600, 0o444])
+@pytest.mark.parametrize("closed", ["d", "nest"])
+def test_unprivileged_remove_of_unsearchable_inner_directory(open_fs, mode, closed):
+    # The owner may open such a directory but not search or write it.
+    home = nobody_home(open_fs)
+
+    def scenario():
+        driver = btrfsdrv.Driver(home)
+        driver.create("closed")
+        root = driver.get("closed")
+        os.chmod(root, 0o755)
+        btrfsdrv.create_subvolume(os.path.join(root, "nest"))
+        for directory in ("d", "nest"):
+            write(os.path.join(root, directory, "sub", "file"))
+            write(os.path.join(root, directory, "file"))
+        os.chmod(os.path.join(root, closed), mode)
+        driver.remove("closed")
+        return driver.list_layers()
+
+    assert run_as_user(scenario) == []
+
+
+def test_unprivileged_changes_name_closed_directory_and_parent(fs):
+    home = nobody_home(fs)
+
+    def scenario():
+        driver = btrfsdrv.Driver(home)
+        driver.create("p")
+        os.chmod(driver.get("p"), 0o755)
+        write(os.path.join(driver.get("p"), "a", "b", "f"))
+        driver.create("c", "p")
+        os.chmod(os.path.join(driver.get("c"), "a", "b"), 0)
+        with pytest.raises(PermissionError) as closed_directory:
+            driver.changes("c", "p")
+        os.chmod(os.path.join(driver.get("c"), "a", "b"), 0o755)
+        os.chmod(driver.get("p"), 0)
+        with pytest.raises(PermissionError) as closed_parent:
+            driver.changes("c", "p")
+        with pytest.raises(PermissionError) as closed_create:
+            driver.create("c2", "p")
+        return [(error.value.filename, str(error.value)) for error in (closed_directory, closed_parent, closed_create)]
+
+    (directory, message), (parent, parent_message), (created, create_message) = run_as_user(scenario)
+
+    assert directory == os.path.join(home, "subvolumes", "c", "a", "b")
+    assert "read or search permission" in message
+    assert parent == os.path.join(home, "subvolumes", "p")
+    assert "run chmod u+rwx on it as its owner" in parent_message
+    assert created == os.path.join(home, "subvolumes", "p")
+    assert "chmod u+rwx" in create_message
+
+
 def test_unprivileged_changes_name_unsearchable_directory(fs):
     home = nobody_home(fs)
 
@@ -8730,14 +8782,22 @@ def test_failed_init_unmounts_its_bind_mount(fs, monkeypatch):
 
 
 def test_init_and_cleanup_1000_times(fs):
+    # Only mounts at or below the test's filesystem count, because other
+    # processes on the machine may mount and unmount meanwhile.
     home = fs.path("home")
-    with open("/proc/self/mountinfo", "rb") as mountinfo:
-        before = mountinfo.read()
+    top = os.fsencode(fs.mountpoint)
+
+    def own_mounts():
+        with open("/proc/self/mountinfo", "rb") as mountinfo:
+            return [line for line in mountinfo
+                    if line.split()[4] == top or line.split()[4].startswith(top + b"/")]
+
+    before = own_mounts()
+    assert before
     for _ in range(1000):
         driver = btrfsdrv.Driver(home)
         driver.cleanup()
-    with open("/proc/self/mountinfo", "rb") as mountinfo:
-        assert mountinfo.read() == before
+    assert own_mounts() == before
 
 
 def test_cli_cleanup_removes_leftover_bind_mount(fs):
