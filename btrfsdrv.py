@@ -4218,13 +4218,16 @@ def _path_parts(path: str) -> list[str]:
 
 def _open_path_component(dir_fd: int, dir_dev: int, parts: Sequence[str], index: int, path: str,
                          open_directory: Callable[[str, int], int], create: bool = False,
-                         created: list[int] | None = None) -> tuple[int, os.stat_result] | None:
+                         created: list[int] | None = None,
+                         on_create: Callable[[int], None] | None = None) -> tuple[int, os.stat_result] | None:
     """Open directory parts[index] inside dir_fd, whose st_dev is dir_dev; return its fd and stat.
 
     open_directory must not follow a symlink. Returns None when the entry is
     missing and create is false. With create, a missing directory is made
-    with mode 0755 and index is appended to created. Raises ValueError when
-    the entry is not a directory, and EBUSY when it is on another mount.
+    with mode 0755, plus the setgid bit that a setgid dir_fd passes on, index
+    is appended to created, and on_create is called with its fd. Raises
+    ValueError when the entry is not a directory, and EBUSY when it is on
+    another mount.
     """
     part = parts[index]
     try:
@@ -4236,8 +4239,14 @@ def _open_path_component(dir_fd: int, dir_dev: int, parts: Sequence[str], index:
         if created is not None:
             created.append(index)
         child = open_directory(part, dir_fd)
-        # mkdir applied the process umask, and containers/storage unpacks with umask 0.
-        os.fchmod(child, 0o755)
+        try:
+            # mkdir applied the process umask, and containers/storage unpacks with umask 0.
+            os.fchmod(child, 0o755 | (os.fstat(child).st_mode & stat.S_ISGID))
+            if on_create is not None:
+                on_create(child)
+        except BaseException:
+            os.close(child)
+            raise
     except (NotADirectoryError, OSError) as error:
         if error.errno not in (errno.ENOTDIR, errno.ELOOP):
             raise
@@ -4350,20 +4359,20 @@ class _DirectoryOpener:
         self.forget(())
 
     def open(self, parts: Sequence[str], path: str, create: bool = False,
-             created: list[int] | None = None) -> int | None:
+             created: list[int] | None = None, on_create: Callable[[int], None] | None = None) -> int | None:
         """Return an fd of the directory at parts below the root; None when a component is missing.
 
         create, created and the ValueError for a component that is not a
         directory work as in _open_entry_parent, with path naming the entry
-        in messages. The fd belongs to the opener and stays open until its
-        next call.
+        in messages, and on_create as in _open_path_component. The fd belongs
+        to the opener and stays open until its next call.
         """
         key = _path_key(parts)
         cursor, common = self.start_cursor(parts, key)
         try:
             for index in range(common, len(parts)):
                 opened = _open_path_component(cursor.fd, cursor.ids[-1][0], parts, index, path,
-                                              self.open_directory, create, created)
+                                              self.open_directory, create, created, on_create)
                 if opened is None:
                     return None
                 child, st = opened
@@ -7216,7 +7225,9 @@ class _LayerApplier:
         self.gid_maps = gid_maps
         self.ignore_chown_errors = ignore_chown_errors
         # Missing parent directories are made owned by the host ids of
-        # container root, as containers/storage makes them.
+        # container root, as containers/storage's Unpack makes them. Its
+        # UnpackLayer leaves them to the applying process, whose ids the maps
+        # need not cover, and a diff of the layer then fails.
         self.parent_owner = _container_root_owner(uid_maps, gid_maps)
         self.dir_times = _PendingDirTimes()
         self.epoch_ns = _layer_epoch(root_fd, layer_dir)
@@ -7429,15 +7440,17 @@ class _LayerApplier:
         """
         self.created_parents = (parts, [])
         try:
-            fd = self.parents.open(parts[:-1], path, create=True, created=self.created_parents[1])
+            on_create = None
+            if self.parent_owner is not None:
+                on_create = functools.partial(self.own_created_parent, path=path)
+            fd = self.parents.open(parts[:-1], path, create=True, created=self.created_parents[1],
+                                   on_create=on_create)
         except PermissionError:
             placeholder = _placeholder_on_path(self.root_fd, parts[:-1])
             if placeholder is None:
                 raise
             raise _placeholder_error(placeholder) from None
         assert fd is not None  # with create, missing directories are made
-        if self.created_parents[1] and self.parent_owner is not None:
-            self.chown_created_parents(fd, len(self.created_parents[1]), path)
         st = os.fstat(fd)
         if _is_snapshot_placeholder(st):
             raise _placeholder_error("/".join(parts[:-1]))
@@ -7446,20 +7459,14 @@ class _LayerApplier:
             self.touched_directories.add((st.st_dev, st.st_ino))
         return fd
 
-    def chown_created_parents(self, fd: int, count: int, path: str) -> None:
-        """Give the count directories that entry_parent made, fd and the ones above it, the parent owner."""
+    def own_created_parent(self, fd: int, path: str) -> None:
+        """Give a directory that entry_parent made the parent owner, keeping a group that a setgid parent passed on."""
         assert self.parent_owner is not None
-        owner = self.parent_owner
-        directory = os.dup(fd)
-        try:
-            for level in range(count):
-                self.chown(functools.partial(os.fchown, directory, *owner), owner, path)
-                if level + 1 < count:
-                    parent = _open_directory("..", directory)
-                    os.close(directory)
-                    directory = parent
-        finally:
-            os.close(directory)
+        uid, gid = self.parent_owner
+        st = os.fstat(fd)
+        if st.st_mode & stat.S_ISGID:
+            gid = st.st_gid
+        self.chown(functools.partial(os.fchown, fd, uid, gid), (uid, gid), path)
 
     def remove_created_parents(self, path: str) -> None:
         """Remove the directories that entry_parent made for the failed entry path, deepest first.

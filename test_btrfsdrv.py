@@ -3105,6 +3105,44 @@ def test_apply_over_limit_names_it(fs):
         assert raised.value.filename == driver.get("small")
 
 
+@pytest.mark.parametrize("mapped", [False, True], ids=["no-maps", "maps"])
+def test_apply_parents_inherit_setgid(fs, mapped):
+    # mkdir in a setgid directory passes on the bit and the group, as it
+    # does for containers/storage.
+    maps = [btrfsdrv.IDMap(0, 100000, 65536)] if mapped else None
+    with btrfsdrv.Driver(fs.path("home"), uid_maps=maps, gid_maps=maps) as driver:
+        driver.create("layer")
+        info, _ = entry("s", tarfile.DIRTYPE, mode=0o2755)
+        info.gid = 100
+        driver.apply_diff("layer", io.BytesIO(make_tar([(info, None), entry("s/new/f", data=b"x")])))
+        root = driver.get("layer")
+        parent = os.stat(os.path.join(root, "s"))
+        created = os.stat(os.path.join(root, "s", "new"))
+        assert stat.S_IMODE(created.st_mode) == 0o2755
+        assert created.st_gid == parent.st_gid
+        assert created.st_uid == (100000 if mapped else 0)
+
+
+def test_apply_deep_parents_under_maps_climb_nothing(fs, monkeypatch):
+    # Owning each parent as it is made keeps a deep entry linear in depth.
+    maps = [btrfsdrv.IDMap(0, 100000, 65536)]
+    climbs = []
+    open_directory = btrfsdrv._open_directory
+
+    def counting(path, dir_fd=None):
+        if path in ("..", b".."):
+            climbs.append(path)
+        return open_directory(path, dir_fd)
+
+    with btrfsdrv.Driver(fs.path("home"), uid_maps=maps, gid_maps=maps) as driver:
+        driver.create("layer")
+        monkeypatch.setattr(btrfsdrv, "_open_directory", counting)
+        driver.apply_diff("layer", io.BytesIO(make_tar([entry("a/" * 200 + "f", data=b"x")])))
+        monkeypatch.undo()
+        assert os.stat(os.path.join(driver.get("layer"), *(["a"] * 200))).st_uid == 100000
+    assert len(climbs) < 10
+
+
 def test_apply_diff_rejects_a_text_stream(driver):
     driver.create("layer")
     with pytest.raises(TypeError, match=r"open the tar with open\(path, 'rb'\)"):
