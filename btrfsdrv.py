@@ -1252,6 +1252,10 @@ def _clear_read_only_for_owner(fd: int, depth: int, where: Any, repairs: _Remova
         try:
             repairs.clear(top_fd, subvolume)
         except OSError as error:
+            if error.errno == errno.EMFILE:
+                hint = ("the remove keeps a descriptor of each read-only subvolume that it makes writable, and "
+                        "this process reached its open-file limit; raise it (ulimit -n), or remove the layer "
+                        "as root")
             raise _os_error(error.errno, operation, where, hint) from None
 
 
@@ -3524,7 +3528,13 @@ class _RemovalRepairs:
                     log.warning("could not set the mode of %s back to %o: %s", where, change.mode, error)
 
     def clear(self, top_fd: int, where: str) -> bool:
-        """Clear the read-only flag of the subvolume whose top directory is top_fd; return whether it was set."""
+        """Clear the read-only flag of the subvolume whose top directory is top_fd; return whether it was set.
+
+        NOTE: a descriptor of each such subvolume stays open until the
+        removal ends, so that a refusal can set the flag again, and so a
+        layer with more read-only subvolumes than the open-file limit allows
+        cannot be removed without CAP_SYS_ADMIN.
+        """
         flags = _subvolume_flags(top_fd, where)
         if not flags & BTRFS_SUBVOL_RDONLY:
             return False
@@ -3624,7 +3634,7 @@ def _check_layer_deletable(layer_fd: int, subvolume_id: int, nested: list[Nested
     if _mount_has_option(layer_fd, b"user_subvol_rm_allowed"):
         if not _may_write_and_search(layer_fd):
             repairs.clear_if_owner(layer_fd, path)
-        if _may_write_and_search(layer_fd) and _owns_nested_subvolumes(layer_fd, nested):
+        if _may_write_and_search(layer_fd) and _owns_nested_subvolumes(layer_fd, nested, path, repairs):
             return
     try:
         _check_contents_removable(layer_fd, path, repairs)
@@ -3634,16 +3644,18 @@ def _check_layer_deletable(layer_fd: int, subvolume_id: int, nested: list[Nested
         raise _removal_permission_error(error, path) from None
 
 
-def _owns_nested_subvolumes(layer_fd: int, nested: list[NestedSubvolume]) -> bool:
+def _owns_nested_subvolumes(layer_fd: int, nested: list[NestedSubvolume], path: Any,
+                            repairs: _RemovalRepairs) -> bool:
     """Return whether SNAP_DESTROY will delete every subvolume in nested for this process.
 
     Without CAP_SYS_ADMIN it needs write and search permission on the
     subvolume's top directory and on the directory holding it. The deletion
     makes a read-only subvolume writable first, which only its owner may,
-    so both directories must be the caller's, with owner write and search
-    bits. Any other subvolume may need emptying file by file, which only a
-    check of every entry can promise. A subvolume gone since it was listed
-    passes, because the deletion skips it.
+    so both directories must be the caller's. Those that lack owner write
+    or search permission get owner rwx here (recorded in repairs). Any other
+    subvolume may need emptying file by file, which only a check of every
+    entry can promise. A subvolume gone since it was listed passes, because
+    the deletion skips it.
     """
     uid = os.geteuid()
     with _DirectoryOpener(layer_fd) as directories:
@@ -3655,10 +3667,39 @@ def _owns_nested_subvolumes(layer_fd: int, nested: list[NestedSubvolume]) -> boo
             if opened is None:
                 continue
             parent_fd, top_fd = opened
+            top_walked = _WalkPath(None, "")
+            for part in _nested_parts(subvolume.path):
+                top_walked = top_walked.child(part)
+            holder_walked = top_walked.parent
+            assert holder_walked is not None  # a nested subvolume's path has a component
             with _Fd(top_fd):
-                for st in (os.fstat(parent_fd), os.fstat(top_fd)):
-                    if st.st_uid != uid or st.st_mode & 0o300 != 0o300:
+                for fd, walked in ((parent_fd, holder_walked), (top_fd, top_walked)):
+                    if not _owned_with_write_and_search(fd, uid, _PathBelow(os.fsdecode(path), walked), walked,
+                                                        repairs):
                         return False
+    return True
+
+
+def _owned_with_write_and_search(fd: int, uid: int, where: Any, walked: _WalkPath, repairs: _RemovalRepairs) -> bool:
+    """Return whether uid owns the directory fd, giving it owner rwx when it lacks write or search permission.
+
+    False when the directory is another user's, or when the repair fails:
+    the full check of every entry then repairs or reports it.
+    """
+    st = os.fstat(fd)
+    if st.st_uid != uid:
+        return False
+    if st.st_mode & 0o300 == 0o300:
+        return True
+    if _blocking_inode_flags(fd):
+        return False
+    try:
+        _chmod_for_owner(functools.partial(os.fchmod, fd, stat.S_IMODE(st.st_mode) | 0o700), fd, 0, where, repairs)
+    except OSError as error:
+        log.debug("cannot give %s owner rwx (%s); checking every entry of the layer", where, error)
+        return False
+    repairs.record_mode(walked, st)
+    log.debug("made %s accessible to its owner", where)
     return True
 
 

@@ -2270,11 +2270,11 @@ def test_unprivileged_refused_remove_keeps_modes(open_fs):
 
 
 @pytest.mark.parametrize("closed", ["a", "a/own"])
-def test_unprivileged_remove_refuses_unwritable_nested_top(tmp_path, closed):
+def test_unprivileged_remove_repairs_unwritable_nested_top(tmp_path, closed):
     # SNAP_DESTROY needs write access to the subvolume's top and to the
-    # directory holding it, so this subvolume would be emptied file by file,
-    # which root's directory in it stops. The remove must refuse before it
-    # deletes "zone".
+    # directory holding it. The owner gives both owner rwx, and the kernel
+    # then deletes the subvolume with root's directory in it, as it deletes
+    # the layer's own subvolume with root's directory beside it.
     with loopback_btrfs(tmp_path, mount_options=("user_subvol_rm_allowed",)) as fs:
         home = nobody_home(fs)
 
@@ -2284,16 +2284,47 @@ def test_unprivileged_remove_refuses_unwritable_nested_top(tmp_path, closed):
 
         root = make_layer_with_zone(home, own_subvolume)
         write(os.path.join(root, "a", "own", "root's", "file"))
-        os.chmod(os.path.join(root, closed), 0o555)
-        subvolumes = subvolume_paths(fs)
-        digest = tree_digest(root)
+        write(os.path.join(root, "root's", "file"))
+        os.chmod(os.path.join(root, closed), 0o500)
 
-        error, message = remove_as_user_fails(home, "mixed")
+        assert run_as_user(lambda: btrfsdrv.Driver(home).remove("mixed")) is None
 
-        assert error == errno.EACCES
-        assert os.path.join(root, "a", "own", "root's") in message
-        assert subvolume_paths(fs) == subvolumes
-        assert tree_digest(root) == digest
+        assert not os.path.lexists(root)
+        sync_subvolumes(fs)
+        assert subvolume_paths(fs) == []
+
+
+def test_unprivileged_remove_names_open_file_limit(fs):
+    # Each read-only subvolume that the remove makes writable keeps a
+    # descriptor open until the remove ends.
+    import resource
+
+    home = nobody_home(fs)
+
+    def scenario():
+        driver = btrfsdrv.Driver(home)
+        driver.create("many")
+        root = driver.get("many")
+        os.chmod(root, 0o755)
+        for index in range(80):
+            nested = os.path.join(root, f"s{index}")
+            btrfsdrv.create_subvolume(nested)
+            os.mkdir(os.path.join(nested, "d"))
+            fd = os.open(nested, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.chmod(nested, 0o500)
+                btrfsdrv._set_subvolume_flags(fd, btrfsdrv.BTRFS_SUBVOL_RDONLY, nested)
+            finally:
+                os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        with pytest.raises(OSError) as raised:
+            driver.remove("many")
+        return raised.value.errno, str(raised.value)
+
+    error, message = run_as_user(scenario)
+
+    assert error == errno.EMFILE
+    assert "open-file limit" in message
 
 
 def test_unprivileged_remove_of_full_layer_names_limit(open_fs):
