@@ -2490,7 +2490,8 @@ class Driver:
             # remove and create put in its place (st_dev can be reused).
             created = self._subvolume_id_at(subvolumes_fd, name, path)
             try:
-                self._finish_layer(subvolumes_fd, name, path, created, size, mount_label)
+                self._finish_layer(subvolumes_fd, name, path, created, size, mount_label,
+                                   snapshot=parent_name is not None)
             except BaseException:
                 self._roll_back(subvolumes_fd, name, path, created)
                 raise
@@ -2555,12 +2556,15 @@ class Driver:
                     "the create; create the parent again", parent_path) from None
 
     def _finish_layer(self, subvolumes_fd: int, name: bytes, path: str, created: int | None, size: int | None,
-                      mount_label: str) -> None:
+                      mount_label: str, snapshot: bool) -> None:
         """Set owner, mode, quota and label of a new layer; its creator rolls back on error.
 
         created is the subvolume id the create recorded.  When another
         process removed the layer and created one with the same id since,
-        this raises ESTALE and leaves that layer alone.
+        this raises ESTALE and leaves that layer alone.  A snapshot keeps
+        its parent's root mode and owner, which the parent's tar may have
+        set, except that a remapped container root owns it, as in
+        containers/storage.
         """
         try:
             layer_fd = _open_directory(name, dir_fd=subvolumes_fd)
@@ -2570,11 +2574,10 @@ class Driver:
         with _Fd(layer_fd):
             self._check_created_subvolume(layer_fd, path, created)
             st = os.fstat(layer_fd)
-            # A btrfs directory's size is twice the length of its entries'
-            # names, so 0 means empty without reading the directory.
-            if st.st_ino == BTRFS_FIRST_FREE_OBJECTID and st.st_size == 0:
+            if not snapshot:
                 os.fchmod(layer_fd, 0o555)
-            if (st.st_uid, st.st_gid) != (self.root_uid, self.root_gid):
+            owner_wanted = not snapshot or (self.root_uid, self.root_gid) != (0, 0)
+            if owner_wanted and (st.st_uid, st.st_gid) != (self.root_uid, self.root_gid):
                 try:
                     os.fchown(layer_fd, self.root_uid, self.root_gid)
                 except OSError as error:

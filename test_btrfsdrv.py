@@ -5000,6 +5000,21 @@ def test_opaque_hides_parent_link_of_name_replaced_by_directory(driver):
     assert open(os.path.join(upper, "f"), "rb").read() == b"lower"
 
 
+@pytest.mark.parametrize("contents", [[], [entry("g", data=b"x")]], ids=["empty", "with-file"])
+def test_snapshot_keeps_root_set_by_parent_tar(driver, contents):
+    # containers/storage leaves a snapshot's root as the parent's tar set it.
+    root_entry, _ = entry("./", tarfile.DIRTYPE, mode=0o750)
+    root_entry.uid, root_entry.gid = 5, 555
+    driver.create("parent")
+    driver.apply_diff("parent", io.BytesIO(make_tar([(root_entry, None)] + contents)))
+    driver.create("child", "parent")
+    driver.create_read_write("box", "parent")
+    for layer_id in ("parent", "child", "box"):
+        st = os.stat(driver.get(layer_id))
+        assert stat.S_IMODE(st.st_mode) == 0o750, layer_id
+        assert (st.st_uid, st.st_gid) == (5, 555), layer_id
+
+
 def test_opaque_keeps_own_links(tmp_path):
     layer = parent_layer_with_hard_links(tmp_path)
     raw = make_tar([entry("d/own", tarfile.LNKTYPE, linkname="e/b"), entry("d/.wh..wh..opq"),
