@@ -3697,13 +3697,24 @@ def _owned_with_write_and_search(fd: int, uid: int, where: Any, walked: _WalkPat
     if _blocking_inode_flags(fd):
         return False
     try:
-        _chmod_for_owner(functools.partial(os.fchmod, fd, stat.S_IMODE(st.st_mode) | 0o700), fd, 0, where, repairs)
+        _give_open_directory_owner_rwx(fd, st, where, walked, repairs)
     except OSError as error:
         log.debug("cannot give %s owner rwx (%s); checking every entry of the layer", where, error)
         return False
-    repairs.record_mode(walked, st)
-    log.debug("made %s accessible to its owner", where)
     return True
+
+
+def _give_open_directory_owner_rwx(fd: int, st: os.stat_result, where: Any, walked: _WalkPath,
+                                   repairs: _RemovalRepairs | None) -> None:
+    """Add owner rwx to the mode st of the open directory fd, recording the old mode in repairs.
+
+    fchmod on the fd needs no search permission on the directory, which a
+    chmod through a path or an O_PATH descriptor of it would need.
+    """
+    _chmod_for_owner(functools.partial(os.fchmod, fd, stat.S_IMODE(st.st_mode) | 0o700), fd, 0, where, repairs)
+    if repairs is not None:
+        repairs.record_mode(walked, st)
+    log.debug("made %s accessible to its owner", where)
 
 
 def _find_nested_for_removal(
@@ -3754,11 +3765,8 @@ def _open_layer_for_removal(subvolumes_fd: int, name: bytes, path: str, repairs:
     except PermissionError as error:
         fd = _open_closed_layer_for_removal(subvolumes_fd, name, path, repairs, error)
     try:
-        st = os.fstat(fd)
         if _lacks_owner_access(fd):
-            _chmod_for_owner(lambda: os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700), fd, 0, path, repairs)
-            repairs.record_mode(_WalkPath(None, ""), st)
-            log.debug("made %s accessible to its owner", path)
+            _give_open_directory_owner_rwx(fd, os.fstat(fd), path, _WalkPath(None, ""), repairs)
     except BaseException:
         os.close(fd)
         raise
@@ -3824,12 +3832,7 @@ def _make_own_directories_accessible(top_fd: int, path: Any, repairs: _RemovalRe
         where = _PathBelow(os.fsdecode(path), relative)
         st = os.fstat(fd)
         if st.st_uid == uid and st.st_mode & 0o700 != 0o700:
-            # The caller may lack search permission here, which a lookup of
-            # "." in _make_owner_accessible would need, so fchmod the open fd.
-            _chmod_for_owner(lambda: os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700), fd, 0, where, repairs)
-            if repairs is not None:
-                repairs.record_mode(relative, st)
-            log.debug("made %s accessible to its owner", where)
+            _give_open_directory_owner_rwx(fd, st, where, relative, repairs)
         subdirectories = []
         for entry in entries:
             if not entry.is_dir(follow_symlinks=False):
