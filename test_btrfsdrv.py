@@ -1192,9 +1192,7 @@ def test_remove_unknown_layer_removes_leftover_quota_file(driver):
 
 
 def test_remove_deletes_nested_subvolumes(driver, fs):
-    driver.create("outer")
-    root = driver.get("outer")
-    os.chmod(root, 0o755)
+    root = create_open_layer(driver, "outer")
     btrfsdrv.create_subvolume(os.path.join(root, "direct"))
     os.makedirs(os.path.join(root, "a", "b", "c"))
     btrfsdrv.create_subvolume(os.path.join(root, "a", "b", "c", "deep"))
@@ -1220,9 +1218,7 @@ def test_remove_deletes_plain_directory_layer(driver):
 
 
 def test_remove_refuses_layer_with_mount_inside(driver, tmp_path):
-    driver.create("busy")
-    root = driver.get("busy")
-    os.chmod(root, 0o755)
+    root = create_open_layer(driver, "busy")
     target = os.path.join(root, "mnt")
     os.mkdir(target)
     host_dir = tmp_path / "host"
@@ -1521,9 +1517,7 @@ def test_metadata(driver, fs):
 
 
 def test_read_write_disk_usage_counts_inodes_once(driver):
-    driver.create("layer")
-    root = driver.get("layer")
-    os.chmod(root, 0o755)
+    root = create_open_layer(driver, "layer")
     os.mkdir(os.path.join(root, "dir"))
     with open(os.path.join(root, "dir", "data"), "wb") as output:
         output.write(b"x" * 1000)
@@ -1900,9 +1894,7 @@ def test_home_through_symlink(fs):
 
 
 def test_remove_nested_subvolume_beyond_ino_lookup_limit(driver, fs):
-    driver.create("deep")
-    root = driver.get("deep")
-    os.chmod(root, 0o755)
+    root = create_open_layer(driver, "deep")
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for _ in range(25):  # 25 * 201 bytes: beyond the 4080 bytes INO_LOOKUP returns
@@ -1939,14 +1931,20 @@ def nobody_home(fs):
     return home
 
 
+def create_open_layer(driver, layer_id):
+    """Create an empty layer, give its root mode 0755 so that its owner can fill it, and return the root."""
+    driver.create(layer_id)
+    root = driver.get(layer_id)
+    os.chmod(root, 0o755)
+    return root
+
+
 def test_unprivileged_remove_of_read_only_directories(fs):
     home = nobody_home(fs)
 
     def scenario():
         driver = btrfsdrv.Driver(home)
-        driver.create("base")
-        root = driver.get("base")
-        os.chmod(root, 0o755)
+        root = create_open_layer(driver, "base")
         os.makedirs(os.path.join(root, "usr", "lib"))
         with open(os.path.join(root, "usr", "lib", "file"), "w") as output:
             output.write("x")
@@ -2066,9 +2064,7 @@ def test_unprivileged_remove_of_unsearchable_directory(open_fs, closed):
 
     def scenario():
         driver = btrfsdrv.Driver(home)
-        driver.create("locked")
-        root = driver.get("locked")
-        os.chmod(root, 0o755)
+        root = create_open_layer(driver, "locked")
         os.makedirs(os.path.join(root, "d", "e"))
         btrfsdrv.create_subvolume(os.path.join(root, "d", "e", "nested"))
         os.chmod(os.path.join(root, closed), 0)
@@ -2127,9 +2123,7 @@ def test_unprivileged_remove_of_read_only_layer_with_closed_directories(open_fs,
 
     def scenario():
         driver = btrfsdrv.Driver(home)
-        driver.create("frozen")
-        root = driver.get("frozen")
-        os.chmod(root, 0o755)
+        root = create_open_layer(driver, "frozen")
         outer = os.path.join(root, "x", "y", "sv1")
         inner = os.path.join(outer, "sv2")
         os.makedirs(os.path.dirname(outer))
@@ -2158,9 +2152,7 @@ def test_unprivileged_remove_of_closed_read_only_nested_top(open_fs, mode):
 
     def scenario():
         driver = btrfsdrv.Driver(home)
-        driver.create("frozen")
-        root = driver.get("frozen")
-        os.chmod(root, 0o755)
+        root = create_open_layer(driver, "frozen")
         nested = os.path.join(root, "d", "nested")
         os.mkdir(os.path.dirname(nested))
         btrfsdrv.create_subvolume(nested)
@@ -2199,9 +2191,7 @@ def make_layer_with_zone(home, fill):
 
     def scenario():
         driver = btrfsdrv.Driver(home)
-        driver.create("mixed")
-        root = driver.get("mixed")
-        os.chmod(root, 0o755)
+        root = create_open_layer(driver, "mixed")
         btrfsdrv.create_subvolume(os.path.join(root, "zone"))
         write(os.path.join(root, "zone", "precious"))
         fill(root)
@@ -2303,9 +2293,7 @@ def test_unprivileged_remove_names_open_file_limit(fs):
 
     def scenario():
         driver = btrfsdrv.Driver(home)
-        driver.create("many")
-        root = driver.get("many")
-        os.chmod(root, 0o755)
+        root = create_open_layer(driver, "many")
         for index in range(80):
             nested = os.path.join(root, f"s{index}")
             btrfsdrv.create_subvolume(nested)
@@ -2434,9 +2422,7 @@ def test_unprivileged_remove_of_unsearchable_top(open_fs, mode):
 
     def scenario():
         driver = btrfsdrv.Driver(home)
-        driver.create("closed")
-        root = driver.get("closed")
-        os.chmod(root, 0o755)
+        root = create_open_layer(driver, "closed")
         write(os.path.join(root, "a", "b", "file"))
         os.chmod(root, mode)
         driver.remove("closed")
@@ -2453,9 +2439,7 @@ def test_unprivileged_remove_of_unsearchable_inner_directory(open_fs, mode, clos
 
     def scenario():
         driver = btrfsdrv.Driver(home)
-        driver.create("closed")
-        root = driver.get("closed")
-        os.chmod(root, 0o755)
+        root = create_open_layer(driver, "closed")
         btrfsdrv.create_subvolume(os.path.join(root, "nest"))
         for directory in ("d", "nest"):
             write(os.path.join(root, directory, "sub", "file"))
@@ -2502,9 +2486,7 @@ def test_unprivileged_changes_name_unsearchable_directory(fs):
 
     def scenario():
         driver = btrfsdrv.Driver(home)
-        driver.create("layer")
-        root = driver.get("layer")
-        os.chmod(root, 0o755)
+        root = create_open_layer(driver, "layer")
         write(os.path.join(root, "a", "b"))
         os.chmod(os.path.join(root, "a"), 0o600)
         with pytest.raises(PermissionError) as raised:
@@ -2825,9 +2807,7 @@ def test_fifo_quota_file_does_not_block_get(fs):
 
 
 def test_usage_skips_mounts_inside_layer(driver, tmp_path):
-    driver.create("layer")
-    root = driver.get("layer")
-    os.chmod(root, 0o755)
+    root = create_open_layer(driver, "layer")
     os.mkdir(os.path.join(root, "mnt"))
     host = tmp_path / "host"
     host.mkdir()
@@ -2863,9 +2843,7 @@ def test_remap_refuses_entry_swapped_for_symlink(driver, tmp_path):
     outside = tmp_path / "outside"
     outside.write_text("host file")
     os.chmod(outside, 0o600)
-    driver.create("layer")
-    root = driver.get("layer")
-    os.chmod(root, 0o755)
+    root = create_open_layer(driver, "layer")
     setuid_file = os.path.join(root, "tool")
     with open(setuid_file, "w") as output:
         output.write("binary")
@@ -2939,9 +2917,7 @@ def test_failed_directory_entry_keeps_existing_file(driver):
 def test_apply_removes_leftover_temporaries(driver):
     import io
     import tarfile
-    driver.create("layer")
-    root = driver.get("layer")
-    os.chmod(root, 0o755)
+    root = create_open_layer(driver, "layer")
     leftover = os.path.join(root, ".btrfsdrv-apply-0123456789abcdef")
     with open(leftover, "w") as output:
         output.write("from a killed apply")
@@ -2961,9 +2937,7 @@ def test_apply_removes_leftover_temporaries(driver):
 def test_apply_removes_leftovers_in_nested_subvolumes(driver, monkeypatch, caplog, search):
     import io
     import tarfile
-    driver.create("layer")
-    root = driver.get("layer")
-    os.chmod(root, 0o755)
+    root = create_open_layer(driver, "layer")
     btrfsdrv.create_subvolume(os.path.join(root, "sv"))
     os.mkdir(os.path.join(root, "sv", "d"))
     btrfsdrv.create_subvolume(os.path.join(root, "sv", "d", "inner"))
@@ -3178,9 +3152,7 @@ def test_apply_diff_rejects_a_text_stream(driver):
 def test_directory_entry_failing_in_kernel_keeps_file(driver, xattr, value):
     import io
     import tarfile
-    driver.create("layer")
-    root = driver.get("layer")
-    os.chmod(root, 0o755)
+    root = create_open_layer(driver, "layer")
     with open(os.path.join(root, "victim"), "w") as output:
         output.write("important data")
     entry = tarfile.TarInfo("victim")
@@ -3203,9 +3175,7 @@ def test_id_maps_reject_ids_beyond_32_bits(fs, mapping):
 def test_apply_inside_nested_subvolume(driver):
     import io
     import tarfile
-    driver.create("layer")
-    root = driver.get("layer")
-    os.chmod(root, 0o755)
+    root = create_open_layer(driver, "layer")
     btrfsdrv.create_subvolume(os.path.join(root, "sv"))
     for name in ("old", "f2", "f3"):
         with open(os.path.join(root, "sv", name), "w") as output:
@@ -3516,9 +3486,7 @@ def test_remap_error_names_layer_path(driver, monkeypatch):
 
 def test_diff_skips_non_utf8_xattr_name(driver, caplog):
     import tarfile
-    driver.create("layer")
-    root = driver.get("layer")
-    os.chmod(root, 0o755)
+    root = create_open_layer(driver, "layer")
     with open(os.path.join(root, "x"), "w") as output:
         output.write("x")
     os.setxattr(os.path.join(root, "x"), b"user.\xff\xfe", b"v")
@@ -3603,9 +3571,7 @@ def set_many_xattrs(path, count=300):
 
 @pytest.mark.parametrize("kind", ["file", "directory"])
 def test_diff_names_entry_with_huge_xattr_list(driver, kind):
-    driver.create("layer")
-    root = driver.get("layer")
-    os.chmod(root, 0o755)
+    root = create_open_layer(driver, "layer")
     if kind == "file":
         write(root + "/d/big", b"x")
     else:
@@ -8094,9 +8060,7 @@ def make_nested_subvolumes(root, sentinel):
 def test_remove_nested_subvolumes_and_placeholders(driver, fs, tmp_path, monkeypatch, kind):
     sentinel = str(tmp_path / "sentinel")
     digest = make_sentinel(sentinel)
-    driver.create("base")
-    root = driver.get("base")
-    os.chmod(root, 0o755)
+    root = create_open_layer(driver, "base")
     make_nested_subvolumes(root, sentinel)
     driver.create("child", "base")
     child = driver.get("child")
@@ -8132,9 +8096,7 @@ def _after_discovery(monkeypatch, action):
 
 @pytest.mark.parametrize("kind", ["subvolume", "fallback"])
 def test_remove_nested_deleted_during_remove(driver, fs, tmp_path, monkeypatch, kind):
-    driver.create("layer")
-    root = driver.get("layer")
-    os.chmod(root, 0o755)
+    root = create_open_layer(driver, "layer")
     nested = make_nested_subvolumes(root, str(tmp_path))
     chattr("-i", os.path.join(nested[2], "frozen"))
     # nested[2] lies inside nested[1]; the btrfs CLI deletes the deepest first.
@@ -8150,9 +8112,7 @@ def test_remove_nested_deleted_during_remove(driver, fs, tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("kind", ["subvolume", "fallback"])
 def test_remove_nested_renamed_during_remove(driver, fs, tmp_path, monkeypatch, kind):
-    driver.create("layer")
-    root = driver.get("layer")
-    os.chmod(root, 0o755)
+    root = create_open_layer(driver, "layer")
     nested = make_nested_subvolumes(root, str(tmp_path))
     _after_discovery(monkeypatch, lambda: os.rename(nested[0], os.path.join(root, "a", "moved")))
     if kind == "fallback":
@@ -8165,9 +8125,7 @@ def test_remove_nested_renamed_during_remove(driver, fs, tmp_path, monkeypatch, 
 
 
 def test_remove_keeps_nested_moved_out(driver, fs, tmp_path, monkeypatch):
-    driver.create("layer")
-    root = driver.get("layer")
-    os.chmod(root, 0o755)
+    root = create_open_layer(driver, "layer")
     nested = make_nested_subvolumes(root, str(tmp_path))
     escaped = os.path.join(driver.home, "escaped")
     _after_discovery(monkeypatch, lambda: os.rename(nested[1], escaped))
@@ -8182,9 +8140,7 @@ def test_remove_keeps_nested_moved_out(driver, fs, tmp_path, monkeypatch):
 
 
 def test_remove_never_destroys_swapped_in_subvolume(driver, fs, tmp_path, monkeypatch):
-    driver.create("layer")
-    root = driver.get("layer")
-    os.chmod(root, 0o755)
+    root = create_open_layer(driver, "layer")
     nested = make_nested_subvolumes(root, str(tmp_path))
     foreign = os.path.join(driver.home, "foreign")
     btrfsdrv.create_subvolume(foreign)
@@ -8693,9 +8649,7 @@ def check_nested_entry(root, kind, directory):
 def test_apply_after_kill_in_nested_subvolume(fs, kind, directory):
     home = fs.path("home")
     with btrfsdrv.Driver(home) as driver:
-        driver.create("victim")
-        root = driver.get("victim")
-        os.chmod(root, 0o755)
+        root = create_open_layer(driver, "victim")
         btrfsdrv.create_subvolume(os.path.join(root, "sv"))
         btrfsdrv.create_subvolume(os.path.join(root, "sv", "inner"))
         write(os.path.join(root, directory, "old"), b"old")
@@ -9306,9 +9260,7 @@ def test_concurrent_removes_of_one_layer(driver, monkeypatch):
 def test_concurrent_apply_on_one_layer(driver, first_apply):
     import multiprocessing.connection
 
-    driver.create("layer")
-    root = driver.get("layer")
-    os.chmod(root, 0o755)
+    root = create_open_layer(driver, "layer")
     big = os.urandom(4 * 1024**2)
     raw = make_tar([entry("d", tarfile.DIRTYPE, mode=0o755), entry("d/first", data=b"first"),
                     entry("d/big", data=big), entry("d/last", data=b"last")])
@@ -9697,9 +9649,7 @@ def test_remove_clears_blocking_flags(driver, fs, case):
 def test_remove_clears_flags_in_read_only_subvolumes(driver, fs, flag, flagged):
     # The flags of a read-only subvolume's inodes cannot change (EROFS)
     # until the subvolume is writable again.
-    driver.create("layer")
-    root = driver.get("layer")
-    os.chmod(root, 0o755)
+    root = create_open_layer(driver, "layer")
     btrfsdrv.create_subvolume(os.path.join(root, "n1"))
     os.mkdir(os.path.join(root, "n1", "dir"))
     btrfsdrv.create_subvolume(os.path.join(root, "n1", "dir", "n2"))
@@ -9716,9 +9666,7 @@ def test_remove_clears_flags_in_read_only_subvolumes(driver, fs, flag, flagged):
 
 @pytest.mark.parametrize("read_only", ["layer", "A", "layer and A"])
 def test_remove_nested_in_read_only_subvolumes(driver, fs, read_only):
-    driver.create("layer")
-    root = driver.get("layer")
-    os.chmod(root, 0o755)
+    root = create_open_layer(driver, "layer")
     btrfsdrv.create_subvolume(os.path.join(root, "A"))
     btrfsdrv.create_subvolume(os.path.join(root, "A", "B"))
     btrfsdrv.create_subvolume(os.path.join(root, "C"))
@@ -10927,9 +10875,7 @@ def make_nested_layout(root, layout):
 
 @pytest.mark.parametrize("layout", sorted(NESTED_LAYOUTS))
 def test_remove_nested_opens_linear(driver, fs, monkeypatch, layout):
-    driver.create("layer")
-    root = driver.get("layer")
-    os.chmod(root, 0o755)
+    root = create_open_layer(driver, "layer")
     size = make_nested_layout(root, layout)
 
     opens = count_calls(monkeypatch, os, "open")
@@ -10960,9 +10906,7 @@ def test_delete_subvolume_recursive_opens_linear(fs, monkeypatch, layout):
 
 @pytest.mark.parametrize("layout", sorted(NESTED_LAYOUTS))
 def test_apply_nested_opens_linear(driver, monkeypatch, layout):
-    driver.create("layer")
-    root = driver.get("layer")
-    os.chmod(root, 0o755)
+    root = create_open_layer(driver, "layer")
     size = make_nested_layout(root, layout)
 
     opens = count_calls(monkeypatch, os, "open")
